@@ -1,0 +1,224 @@
+"""Reading and writing model weights.
+
+* Original files (``vqvae.pth.tar``, ``prior_level_{0,1,2}.pth.tar``): a ``torch.save`` dict whose
+  ``model`` entry is the state dict (keys possibly prefixed ``module.``), loaded with
+  ``weights_only=True``. The one non-tensor class such files may hold, the original's
+  hyperparameter dict subclass, is read as a plain dict; anything else is refused.
+* Our format: a directory per component with ``config.json`` and ``model.safetensors``.
+
+Models are built on the meta device and the weights assigned, so a 5B prior never allocates a
+random copy of itself first.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import PRESETS, PriorConfig, VQVAEConfig, resolve_config
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with the reason."""
+
+
+class _OriginalHyperparams(dict):
+    """Stand-in for the original's hyperparameter class: a dict, nothing more."""
+
+
+def _is_ours(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG_NAME).exists()
+
+
+def read_original(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """State dict (``module.`` prefix removed) and the stored hyperparameters, if any."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with torch.serialization.safe_globals([(_OriginalHyperparams, "jukebox.hparams.Hyperparams")]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=_zip(path))
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "Weights only load failed" in msg or "Unsupported global" in msg:
+            detail = next((l.strip() for l in msg.splitlines() if "Unsupported" in l or "GLOBAL" in l), msg[:200])
+            raise CheckpointError(f"{path}: holds objects other than plain tensors and containers; refusing to "
+                                  f"unpickle it ({detail})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt): {msg[:200]}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt): {str(e)[:200]}") from None
+    if isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt["model"], dict):
+        sd, hps = ckpt["model"], ckpt.get("hps")
+    elif isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        sd, hps = ckpt, None
+    else:
+        raise CheckpointError(f"{path}: expected a dict with a 'model' state dict, got "
+                              f"{type(ckpt).__name__} with keys {list(ckpt)[:5] if isinstance(ckpt, dict) else '-'}")
+    bad = [k for k, v in sd.items() if not torch.is_tensor(v)]
+    if bad:
+        raise CheckpointError(f"{path}: state dict entries that are not tensors: {bad[:5]}")
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return sd, (dict(hps) if isinstance(hps, dict) else None)
+
+
+def _zip(path: Path) -> bool:
+    # mmap only works for the zip-based format; legacy files are read whole.
+    return zipfile.is_zipfile(path)
+
+
+def _model_class(kind: str):
+    from .prior import Prior
+    from .vqvae import VQVAE
+    return VQVAE if kind == "vqvae" else Prior
+
+
+def _meta_model(kind: str, config):
+    with torch.device("meta"):
+        return _model_class(kind)(config)
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], source: str,
+                     what: str = "this architecture") -> None:
+    """Raise CheckpointError listing the first missing, unexpected and mis-shaped keys."""
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} mis-shaped (first: {'; '.join(shapes[:3])})")
+        raise CheckpointError(f"{source} does not match {what}: " + "; ".join(parts)
+                              + ". Is it a checkpoint of another architecture? Pass the right hps/preset.")
+
+
+def infer_preset(sd: dict[str, torch.Tensor], kind: str) -> str | None:
+    """Name of the released architecture whose keys and shapes match ``sd`` exactly."""
+    for name, cfg in PRESETS.items():
+        if isinstance(cfg, VQVAEConfig) != (kind == "vqvae"):
+            continue
+        expected = _meta_model(kind, cfg).state_dict()
+        if expected.keys() == sd.keys() and all(tuple(expected[k].shape) == tuple(sd[k].shape) for k in sd):
+            return name
+    return None
+
+
+def _config_for_original(sd, hps_arg, stored_hps, kind: str, source: str):
+    hps = hps_arg if hps_arg is not None else stored_hps
+    if hps is None:
+        name = infer_preset(sd, kind)
+        if name is None:
+            raise CheckpointError(f"{source} has no hyperparameters and matches no released {kind} "
+                                  f"architecture; pass hps= (a preset name, a dict or a JSON file)")
+        return PRESETS[name]
+    cfg = resolve_config(hps, kind)
+    named = isinstance(hps, (VQVAEConfig, PriorConfig)) or (isinstance(hps, str) and hps in PRESETS)
+    if kind == "prior" and not named and "prior.x_emb.weight" in sd:
+        # The original's prior hyperparameters do not say the codebook size (it belongs to the
+        # VQ-VAE's); read it off the token embedding.
+        l_bins = sd["prior.x_emb.weight"].shape[0] - (cfg.n_vocab if cfg.lyrics == "merged" else 0)
+        if l_bins != cfg.l_bins:
+            cfg = cfg.replace(l_bins=l_bins)
+    return cfg
+
+
+def _assign(model_cfg, kind: str, sd: dict[str, torch.Tensor], source: str, dtype, device):
+    meta = _meta_model(kind, model_cfg)
+    expected = meta.state_dict()
+    tied = kind == "prior" and meta.prior.tied
+    if tied and "prior.x_out.weight" not in sd and "prior.x_emb.weight" in sd:
+        sd = {**sd, "prior.x_out.weight": sd["prior.x_emb.weight"]}
+    check_state_dict(expected, sd, source)
+    if tied and not torch.equal(sd["prior.x_out.weight"].float(), sd["prior.x_emb.weight"].float()):
+        raise CheckpointError(f"{source}: prior.x_out.weight should equal prior.x_emb.weight (tied) but differs")
+    dtype = dtype or torch.float32
+    sd = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in sd.items()}
+    meta.load_state_dict(sd, strict=True, assign=True)
+    if tied:
+        meta.prior.x_out.weight = meta.prior.x_emb.weight
+    return meta.eval()
+
+
+def load_component(path, kind: str, hps=None, *, dtype: torch.dtype | None = None,
+                   device: torch.device | str = "cpu"):
+    """A VQVAE (``kind="vqvae"``) or Prior from an original file or one of our directories."""
+    path = Path(path)
+    if _is_ours(path):
+        cfg = read_config(path, kind) if hps is None else resolve_config(hps, kind)
+        return _assign(cfg, kind, read_weights(path), str(path), dtype, device)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a directory without {CONFIG_NAME}; expected one of our component "
+                              f"directories or an original .pth.tar file")
+    sd, stored = read_original(path)
+    cfg = _config_for_original(sd, hps, stored, kind, str(path))
+    return _assign(cfg, kind, sd, str(path), dtype, device)
+
+
+def read_config(directory: Path, kind: str):
+    try:
+        with open(directory / CONFIG_NAME, encoding="utf-8") as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: invalid JSON ({e})") from None
+    if d.get("kind") != kind:
+        raise CheckpointError(f"{directory} holds a {d.get('kind')!r} component, expected {kind!r}")
+    d.pop("format", None)
+    return (VQVAEConfig if kind == "vqvae" else PriorConfig).from_dict(d)
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    f = directory / WEIGHTS_NAME
+    if not f.exists():
+        raise CheckpointError(f"{directory}: {WEIGHTS_NAME} is missing")
+    try:
+        return load_file(f)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: not a readable safetensors file (truncated or corrupt): {e}") from None
+
+
+def save_component(model, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (tied weights stored once), atomically."""
+    from safetensors.torch import save_file
+    from .vqvae import VQVAE
+    directory = Path(directory)
+    kind = "vqvae" if isinstance(model, VQVAE) else "prior"
+    sd = model.state_dict()
+    if kind == "prior" and model.prior.tied:
+        sd.pop("prior.x_out.weight")
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+          for k, v in sd.items()}
+    tmp = directory.with_name(directory.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(sd, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+    with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
+        json.dump({"kind": kind, "format": FORMAT_VERSION, **model.config.to_dict()}, f, indent=1)
+    if directory.exists():
+        for p in (directory / WEIGHTS_NAME, directory / CONFIG_NAME):
+            if p.exists():
+                p.unlink()
+        directory.rmdir()
+    os.replace(tmp, directory)
+    return directory
+
+
+def save_original(model, path: str | os.PathLike) -> Path:
+    """Write the weights in the original file layout ``{"model": state_dict}``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": {k: v.detach().cpu() for k, v in model.original_state_dict().items()}}, tmp)
+    os.replace(tmp, path)
+    return path
