@@ -84,3 +84,24 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str, bloc
            causal: bool = True, prime_len: int | None = None) -> torch.Tensor:
     """Factored attention, ``[B, T, H, D]`` in and out (see the reference for the patterns)."""
     return _choose(q)(q, k, v, pattern, block_len=block_len, causal=causal, prime_len=prime_len)
+
+
+_DECODE_BACKENDS: dict[str, tuple[AttentionFn, Callable[[torch.Tensor], bool]]] = {}
+
+
+def register_decode_backend(name: str, fn: AttentionFn, supports: Callable[[torch.Tensor], bool]) -> None:
+    """Like ``register_backend``, for ``decode_attention_reference``'s signature."""
+    _DECODE_BACKENDS[name] = (fn, supports)
+
+
+def attend_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pattern: str, pos: int,
+                  block_len: int, prime_len: int | None = None) -> torch.Tensor:
+    """Queries at ``[pos, pos + T)`` (one block) against a layer's static cache."""
+    from kernels.decode_attention.reference import decode_attention_reference
+    name = _forced or os.environ.get("FASTJUKEBOX_ATTENTION", "auto")
+    fn = decode_attention_reference
+    if name == "auto":
+        fn = next((f for f, ok in _DECODE_BACKENDS.values() if ok(q)), fn)
+    elif name != "reference" and name in _DECODE_BACKENDS:
+        fn = _DECODE_BACKENDS[name][0]
+    return fn(q, k_cache, v_cache, pattern, pos, block_len, prime_len)

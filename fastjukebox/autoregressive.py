@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .attention import attend_cached
 from .transformer import Transformer
 
 
@@ -81,3 +82,39 @@ class TokenTransformer(nn.Module):
         if self.only_encode:
             return h
         return self.head(h, None if x_cond is None else x_cond[:, :T])
+
+    # --- cached decoding (used through ``fastjukebox.decoding.WindowDecoder``) --------------
+    def inputs_at(self, tokens: torch.Tensor, pos: int, n: int, start: torch.Tensor | None,
+                  x_cond: torch.Tensor | None) -> torch.Tensor:
+        """Inputs of positions ``[pos, pos + n)`` read from the window's token buffer (N, seq_len)."""
+        N = tokens.shape[0]
+        lo = max(pos - 1, 0)
+        x = self.x_emb(tokens[:, lo:pos + n - 1])
+        if pos == 0:
+            x = torch.cat([self.start_embedding(N, start).to(x.dtype), x], dim=1)
+        x = x + self.pos_emb()[pos:pos + n]
+        if x_cond is not None:
+            x = x + x_cond[:, pos:pos + n]
+        return x
+
+    def set_cross_cache(self, cache, encoder_kv: torch.Tensor) -> None:
+        """Project the lyric encoder's states once per window into the cross layers' cache."""
+        for i, layer in enumerate(self.transformer._attn_mods):
+            if layer.attn.pattern == "cross":
+                k, v = layer.attn.c_enc_kv(encoder_kv.to(self.x_emb.weight.dtype)).chunk(2, dim=-1)
+                cache.set_cross(i, layer.attn._heads(k), layer.attn._heads(v))
+
+    def forward_cached(self, x: torch.Tensor, pos: int, cache) -> torch.Tensor:
+        """Inputs ``x: (N, T, W)`` at positions ``[pos, pos + T)`` inside one block: write their
+        keys/values to ``cache`` and return the final activations (N, T, W)."""
+        for i, layer in enumerate(self.transformer._attn_mods):
+            attn = layer.attn
+            h = layer.ln_0(x)
+            if attn.pattern == "cross":
+                q = attn._heads(attn.c_attn(h))
+            else:
+                q, k, v = attn.project_qkv(h)
+                cache.write(i, k, v, pos)
+            a = attend_cached(q, cache.k[i], cache.v[i], attn.pattern, pos, attn.block_len, attn.prime_len)
+            x = layer.residual(x, attn.project_out(a))
+        return x

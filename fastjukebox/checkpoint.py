@@ -48,7 +48,9 @@ def read_original(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=_zip(path))
     except pickle.UnpicklingError as e:
         msg = str(e)
-        if "Weights only load failed" in msg or "Unsupported global" in msg:
+        # Only a disallowed class/function is a refusal; other unpickler errors (e.g.
+        # "Unsupported operand") mean the bytes are not a pickle at all.
+        if any(s in msg for s in ("Unsupported global", "unsupported class", "unrecognized function")):
             detail = next((l.strip() for l in msg.splitlines() if "Unsupported" in l or "GLOBAL" in l), msg[:200])
             raise CheckpointError(f"{path}: holds objects other than plain tensors and containers; refusing to "
                                   f"unpickle it ({detail})") from None

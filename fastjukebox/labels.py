@@ -14,7 +14,8 @@ import difflib
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ _NOT_ALNUM = re.compile(r"[^a-z0-9]+")
 
 
 def normalise_v2_name(name: str) -> str:
-    """v2 key of a name: lowercase, runs of characters outside ``[a-z0-9]`` -> one ``_``, stripped."""
+    """v2 key of a name: lowercased, each run of chars outside [a-z0-9] -> '_', stripped."""
     return _NOT_ALNUM.sub("_", name.lower()).strip("_")
 
 
@@ -35,13 +36,16 @@ class UnknownLabelError(ValueError):
     """An artist or genre name that is not in the id file."""
 
     def __init__(self, kind: str, name: str, key: str, path: str, known: Iterable[str],
-                 detail: str = ""):
+                 missing: str | None = None):
+        """``key``: the normalised name; ``missing``: the absent word of a v2 genre bag."""
         self.kind, self.name, self.key, self.path = kind, name, key, path
-        self.suggestions = difflib.get_close_matches(key, list(known), n=5)
-        hint = (f"; close matches: {', '.join(map(repr, self.suggestions))}" if self.suggestions
-                else "; no close matches")
-        super().__init__(f"{kind} {name!r} (normalised to {key!r}{detail}) is not in {path}{hint}. "
-                         f"Numeric ids can be passed instead of names.")
+        self.missing = missing or key
+        self.suggestions = difflib.get_close_matches(self.missing, list(known), n=5)
+        what = "" if missing is None else f": the word {missing!r}"
+        hint = (f"close matches: {', '.join(map(repr, self.suggestions))}" if self.suggestions
+                else "no close matches")
+        super().__init__(f"{kind} {name!r} (normalised: {key!r}){what} is not in {path} "
+                         f"({hint}); numeric ids can be passed instead of names")
 
 
 def _read_id_file(path: str) -> dict[str, int]:
@@ -112,8 +116,8 @@ class LabelIds:
         keys = self.genre_keys(name)
         for key in keys:
             if key not in self.genres:
-                detail = f", word {key!r} of {keys}" if len(keys) > 1 else ""
-                raise UnknownLabelError("genre", name, key, self.genre_file, self.genres, detail)
+                raise UnknownLabelError("genre", name, "_".join(keys), self.genre_file,
+                                        self.genres, key if len(keys) > 1 else None)
         return [self.genres[k] for k in keys]
 
     def artist_name(self, artist_id: int) -> str:
@@ -178,10 +182,12 @@ class Labels:
         if self.y.dim() == 1:
             self.y = self.y.unsqueeze(0)
         if self.y.dim() != 2 or self.y.shape[1] < 4 + self.n_tokens:
-            raise ValueError(f"label y must be (N, 4 + G + {self.n_tokens}), got {tuple(self.y.shape)}")
+            raise ValueError(f"label y must be (N, 4 + G + {self.n_tokens}), "
+                             f"got {tuple(self.y.shape)}")
         self.full_tokens = [list(map(int, t)) for t in self.full_tokens]
         if len(self.full_tokens) != self.y.shape[0]:
-            raise ValueError(f"{len(self.full_tokens)} full_tokens lists for {self.y.shape[0]} rows")
+            raise ValueError(f"{len(self.full_tokens)} full_tokens lists for "
+                             f"{self.y.shape[0]} rows")
         if self.info and len(self.info) != self.y.shape[0]:
             raise ValueError(f"{len(self.info)} info entries for {self.y.shape[0]} rows")
 
@@ -288,7 +294,8 @@ class Labeller:
         info = dict(artist=artist, genre=genre, lyrics=text)
         return Labels(torch.tensor([row], dtype=torch.int64), [full_tokens], self.n_tokens, [info])
 
-    def label_batch(self, metas: Sequence[Mapping[str, Any]], ids: LabelIds | None = None) -> Labels:
+    def label_batch(self, metas: Sequence[Mapping[str, Any]],
+                    ids: LabelIds | None = None) -> Labels:
         """Stack :meth:`label` over dicts with keys artist, genre, lyrics, total_length, offset."""
         return Labels.stack([self.label(**dict(m), ids=ids) for m in metas])
 

@@ -14,7 +14,7 @@ text. Characters outside the vocabulary are dropped.
 from __future__ import annotations
 
 import unicodedata
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 __all__ = ["TextProcessor", "VOCAB_V2", "VOCAB_V3", "normalise_version", "to_ascii",
            "fallback_to_ascii"]
@@ -87,7 +87,8 @@ def normalise_version(version: str | int) -> str:
 class TextProcessor:
     """Lyric cleaner and character tokeniser for vocabulary ``v2`` (80 ids) or ``v3`` (79 ids)."""
 
-    def __init__(self, version: str | int = "v2", transliterate: Callable[[str], str] | None = None):
+    def __init__(self, version: str | int = "v2",
+                 transliterate: Callable[[str], str] | None = None):
         """``transliterate`` overrides the ASCII conversion (default: unidecode if installed)."""
         self.version = normalise_version(version)
         self.chars = VOCAB_V3 if self.version == "v3" else VOCAB_V2

@@ -1,0 +1,123 @@
+"""``fastjukebox`` command line: ``convert``, ``info`` (and the sampling commands)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+def _dtype(name: str | None):
+    if name is None:
+        return None
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; one of {', '.join(DTYPES)}") from None
+
+
+def _kind_of(path: Path, hps) -> str:
+    """vqvae or prior, from the file name, our config, or the hyperparameters."""
+    from .checkpoint import CONFIG_NAME
+    import json
+    if path.is_dir() and (path / CONFIG_NAME).exists():
+        return json.loads((path / CONFIG_NAME).read_text())["kind"]
+    if isinstance(hps, str) and hps == "vqvae":
+        return "vqvae"
+    return "vqvae" if path.name.startswith("vqvae") else "prior"
+
+
+def cmd_convert(args) -> int:
+    """SRC -> DST between the original ``.pth.tar`` layout and our directories.
+
+    * file -> directory: one component;  * release directory -> bundle directory;
+    * component directory -> ``.pth.tar``: back to the original layout.
+    """
+    from .bundle import load
+    from .checkpoint import load_component, save_component, save_original
+    src, dst = Path(args.src), Path(args.dst)
+    dtype = _dtype(args.dtype)
+    if src.is_dir() and not (src / "config.json").exists():
+        load(src).save(dst, dtype)
+        print(f"wrote bundle {dst}")
+        return 0
+    kind = _kind_of(src, args.hps)
+    model = load_component(src, kind, args.hps)
+    if dst.name.endswith((".pth.tar", ".pt", ".pth")):
+        save_original(model, dst)
+    else:
+        save_component(model, dst, dtype)
+    print(f"wrote {kind} {dst}")
+    return 0
+
+
+def _describe(model) -> list[str]:
+    from .vqvae import VQVAE
+    n = sum(p.numel() for p in model.parameters())
+    c = model.config
+    if isinstance(model, VQVAE):
+        return [f"VQ-VAE: {c.levels} levels, hop lengths {c.hop_lengths}, {c.l_bins} codes x {c.emb_width}",
+                f"  parameters: {n:,}"]
+    from .kv_cache import cache_bytes_per_sample
+    lines = [f"prior level {c.level}: n_ctx {c.n_ctx}" + (f" (+{c.n_lyric_prefix} lyric)" if c.n_lyric_prefix else "")
+             + f", width {c.width}, depth {c.depth}, heads {c.heads} (head dim {c.head_dim}), "
+             f"blocks {c.blocks} (block len {c.block_len}), attn_order {c.attn_order}",
+             f"  lyrics: {c.lyrics or 'none'}; labels: {'yes' if c.labels else 'no'}; parameters: {n:,}"]
+    for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        b = cache_bytes_per_sample(c, dt)
+        lines.append(f"  KV cache per sample ({name}): {b:,} bytes ({b / 2**30:.3f} GiB)")
+    return lines
+
+
+def cmd_info(args) -> int:
+    from .bundle import load
+    from .checkpoint import load_component
+    from .config import PRESETS
+    from .prior import Prior
+    from .vqvae import VQVAE
+    target = args.model
+    if target in PRESETS:
+        with torch.device("meta"):
+            models = [VQVAE.from_preset(target) if target == "vqvae" else Prior.from_preset(target)]
+    else:
+        p = Path(target)
+        if p.is_dir() and not (p / "config.json").exists() or not p.exists():
+            jb = load(target)
+            models = [jb.vqvae] + [jb.prior(l) for l in reversed(jb.levels)]
+        else:
+            models = [load_component(p, _kind_of(p, None))]
+    for m in models:
+        print("\n".join(_describe(m)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fastjukebox", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="convert between original .pth.tar files and fastjukebox directories")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--hps", help="preset name or hyperparameter JSON (when the checkpoint has none)")
+    c.add_argument("--dtype", choices=sorted(DTYPES), help="store weights in this dtype")
+    c.set_defaults(func=cmd_convert)
+    i = sub.add_parser("info", help="architecture, parameters and KV-cache size of a model or preset")
+    i.add_argument("model", help="preset name (e.g. prior_5b), component, model directory or 'demo'")
+    i.set_defaults(func=cmd_info)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fastjukebox {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

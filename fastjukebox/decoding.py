@@ -1,0 +1,127 @@
+"""The step interface between samplers and a prior: one window, decoded with a static cache.
+
+A ``WindowDecoder`` owns the prior's key/value cache and the window's token buffer, allocated
+once for a batch size and reused for every window::
+
+    dec = WindowDecoder(prior, batch=4)
+    dec.begin(upper, labels)           # conditioning of this window
+    dec.prime(known_codes, chunk_size) # known tokens fill the cache, no logits
+    for _ in range(n_new):
+        logits = dec.step()            # (N, bins) for the next position
+        dec.push(ids)                  # the chosen ids become the next input
+    codes = dec.codes()                # (N, position) music codes
+
+Positions are counted in music tokens. For merged-lyric (1b-style) priors the lyric prefix is
+primed by ``begin``; ``step`` scores the merged vocabulary, ``push`` takes merged ids (as the
+original feeds them back) and ``codes`` maps them to music codes, lyric ids becoming code 0.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kv_cache import KVCache
+from .prior import Prior
+
+
+class WindowDecoder:
+    def __init__(self, prior: Prior, batch: int, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
+        w = prior.prior.x_emb.weight
+        self.prior, self.config = prior, prior.config
+        self.batch = batch
+        self.dtype, self.device = dtype or w.dtype, device or w.device
+        self._cache = KVCache(self.config, batch, self.dtype, self.device)
+        self._tokens = torch.zeros(batch, self.config.seq_len, dtype=torch.long, device=self.device)
+        self.n = 0
+        self._pos = 0          # sequence positions whose keys are cached
+        self._cond = None
+
+    @property
+    def offset(self) -> int:
+        """Lyric positions in front of the music (merged-lyric priors)."""
+        return self.config.n_lyric_prefix
+
+    @property
+    def position(self) -> int:
+        """Music tokens known or sampled so far in this window."""
+        return self._pos - self.offset
+
+    @property
+    def cache(self) -> KVCache:
+        return self._cache
+
+    @torch.no_grad()
+    def begin(self, upper=None, labels=None, n: int | None = None) -> None:
+        """Start a window: conditioning from ``upper`` codes / ``labels``, empty cache."""
+        cond = self.prior.condition(upper, labels)
+        first = next((t for t in (cond.start, cond.x_cond, cond.lyric_tokens) if t is not None), None)
+        n = n if n is not None else (first.shape[0] if first is not None else self.batch)
+        if n > self.batch:
+            raise ValueError(f"window batch {n} exceeds the decoder's batch {self.batch}")
+        self.n, self._pos, self._cond = n, 0, cond
+        self._view = self._cache if n == self.batch else self._cache.narrow(n)
+        if cond.encoder_kv is not None:
+            self.prior.prior.set_cross_cache(self._view, cond.encoder_kv)
+        if self.offset:
+            self._tokens[:n, : self.offset] = cond.lyric_tokens
+            self._run(self.offset, chunk_size=self.offset, logits=False)
+
+    def _run(self, count: int, chunk_size: int, logits: bool):
+        """Forward ``count`` positions from the current one, in chunks that never cross a block
+        boundary (the static cache keeps one block for block layers)."""
+        tm, C, cond = self.prior.prior, self.config.block_len, self._cond
+        tokens = self._tokens[: self.n]
+        end, h = self._pos + count, None
+        while self._pos < end:
+            p = self._pos
+            T = min(end - p, chunk_size, C - p % C)
+            x = tm.inputs_at(tokens, p, T, cond.start, cond.x_cond)
+            h = tm.forward_cached(x, p, self._view)
+            self._pos += T
+        if logits:
+            xc = None if cond.x_cond is None else cond.x_cond[:, self._pos - 1:self._pos]
+            return tm.head(h[:, -1:], xc)[:, 0]
+        return None
+
+    @torch.no_grad()
+    def prime(self, codes: torch.Tensor, chunk_size: int = 32) -> None:
+        """Feed known music codes (N, K) at the current position (their keys fill the cache)."""
+        c = self.config
+        codes = torch.as_tensor(codes, device=self.device).long()
+        K = codes.shape[1]
+        if K == 0:
+            return
+        if codes.shape[0] != self.n:
+            raise ValueError(f"codes have batch {codes.shape[0]}, the window {self.n}")
+        if self._pos + K > c.seq_len:
+            raise ValueError(f"{K} codes do not fit: window has {c.n_ctx - self.position} positions left")
+        if codes.min() < 0 or codes.max() >= c.l_bins:
+            raise ValueError(f"codes must be in [0, {c.l_bins})")
+        shift = c.n_vocab if c.lyrics == "merged" else 0
+        self._tokens[: self.n, self._pos:self._pos + K] = codes + shift
+        self._run(K, chunk_size, logits=False)
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """Pre-temperature logits (N, bins) of the next position; its input (the previous token)
+        enters the cache. Follow with ``push``."""
+        if self._pos >= self.config.seq_len:
+            raise ValueError("the window is full")
+        return self._run(1, 1, logits=True)
+
+    def push(self, ids: torch.Tensor) -> None:
+        """The ids (N,) chosen for the position ``step`` just scored."""
+        if self._pos <= self.offset:
+            raise ValueError("push before step")
+        self._tokens[: self.n, self._pos - 1] = ids.view(-1)
+
+    def tokens(self) -> torch.Tensor:
+        """Raw ids of the window so far, (N, position) (merged ids for 1b-style priors)."""
+        return self._tokens[: self.n, self.offset:self._pos]
+
+    def codes(self) -> torch.Tensor:
+        """Music codes of the window so far, (N, position)."""
+        raw = self.tokens()
+        if self.config.lyrics == "merged":
+            return (raw - self.config.n_vocab).clamp(min=0)
+        return raw.clone()

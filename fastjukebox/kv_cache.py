@@ -1,0 +1,81 @@
+"""Static key/value caches for cached decoding (filled in by the sampler)."""
+from __future__ import annotations
+
+import torch
+
+from .attention import layer_patterns
+from .config import PriorConfig
+
+
+def cache_positions(pattern: str, config: PriorConfig, seq_len: int | None = None) -> int:
+    """Key/value slots one layer keeps per sample: one block for block layers, two for
+    previous-block layers (a ring), the lyric-visible keys for prime layers, the encoder length
+    for cross layers and the whole context for dense and transpose layers."""
+    L = config.seq_len if seq_len is None else seq_len
+    C = config.block_len
+    return {"block": C, "prev_block": 2 * C, "transpose": L, "dense": L, "prime": config.prime_len or 0,
+            "cross": config.encoder_len, "summary": config.blocks}[pattern]
+
+
+def cache_bytes_per_sample(config: PriorConfig, dtype: torch.dtype) -> int:
+    """Bytes of keys + values one sample's window needs across all layers."""
+    item = torch.empty((), dtype=dtype).element_size()
+    slots = sum(cache_positions(p, config) for p in layer_patterns(config.attn_order, config.depth))
+    return 2 * slots * config.n_state * item
+
+
+class KVCache:
+    """Per-layer key/value buffers of one prior for a batch, allocated once and reused across
+    windows. Layouts are those of ``kernels.decode_attention`` (transpose layers store
+    ``[N, C, blocks, H, D]`` so one step reads a contiguous column)."""
+
+    def __init__(self, config: PriorConfig, batch: int, dtype: torch.dtype, device: torch.device | str):
+        self.config, self.batch = config, batch
+        self.patterns = layer_patterns(config.attn_order, config.depth)
+        H, D, C = config.heads, config.head_dim, config.block_len
+        nb = config.seq_len // C
+        shapes = {"block": (C,), "prev_block": (2, C), "transpose": (C, nb), "dense": (config.seq_len,),
+                  "prime": (config.prime_len or 0,), "cross": (config.encoder_len,)}
+        self.k, self.v = [], []
+        for p in self.patterns:
+            if p not in shapes:
+                raise ValueError(f"cached decoding does not support {p!r} attention layers")
+            shape = (batch, *shapes[p], H, D)
+            self.k.append(torch.zeros(shape, dtype=dtype, device=device))
+            self.v.append(torch.zeros(shape, dtype=dtype, device=device))
+
+    def narrow(self, n: int) -> "KVCache":
+        """A view on the first ``n`` samples (no copy)."""
+        if n > self.batch:
+            raise ValueError(f"cache holds {self.batch} samples, asked for {n}")
+        view = object.__new__(KVCache)
+        view.config, view.batch, view.patterns = self.config, n, self.patterns
+        view.k = [k[:n] for k in self.k]
+        view.v = [v[:n] for v in self.v]
+        return view
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
+        """Store keys/values ``[N, T, H, D]`` of positions ``[pos, pos + T)`` (inside one block)."""
+        p, C = self.patterns[layer], self.config.block_len
+        T, b, s0 = k.shape[1], pos // C, pos % C
+        kc, vc = self.k[layer], self.v[layer]
+        if p == "block":
+            kc[:, s0:s0 + T], vc[:, s0:s0 + T] = k, v
+        elif p == "prev_block":
+            kc[:, b % 2, s0:s0 + T], vc[:, b % 2, s0:s0 + T] = k, v
+        elif p == "transpose":
+            kc[:, s0:s0 + T, b], vc[:, s0:s0 + T, b] = k, v
+        elif p == "dense":
+            kc[:, pos:pos + T], vc[:, pos:pos + T] = k, v
+        elif p == "prime":
+            end = min(pos + T, kc.shape[1])
+            if end > pos:
+                kc[:, pos:end], vc[:, pos:end] = k[:, : end - pos], v[:, : end - pos]
+
+    def set_cross(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keys/values ``[N, S, H, D]`` of a cross-attention layer, once per window."""
+        self.k[layer].copy_(k)
+        self.v[layer].copy_(v)

@@ -1,0 +1,206 @@
+"""Ancestral sampling over windows and levels, as the original samples (same distribution).
+
+``sample_levels`` is the original's level loop: top level first, each level in hopped windows of
+``n_ctx`` tokens; tokens already known in a window are primed, the rest sampled one by one;
+upsamplers read the codes of the level above under their window; labels are re-made per window.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .decoding import WindowDecoder
+from .labels import Labels, get_starts, window_labels
+from .prior import Prior
+from .vqvae import VQVAE
+
+PerLevel = float | int | Sequence | Mapping
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top ``k`` and/or outside the smallest set whose
+    probability exceeds ``top_p`` (the first token past the threshold is kept). (N, V) -> (N, V)."""
+    if top_k:
+        k = min(int(top_k), logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        remove = cum > top_p
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        logits = logits.masked_fill(torch.zeros_like(remove).scatter(-1, idx, remove), float("-inf"))
+    return logits
+
+
+def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Categorical draw from ``softmax(filter(logits / temperature))``, (N, V) -> (N,).
+
+    Uses ``argmax(p / E)`` with ``E ~ Exp(1)``, an exact categorical sample that needs no host
+    round trip (unlike ``torch.multinomial`` on some devices)."""
+    probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    e = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / e).argmax(dim=-1)
+
+
+def _per_level(value: PerLevel, level: int, name: str):
+    if isinstance(value, Mapping):
+        if level not in value:
+            raise ValueError(f"{name} has no entry for level {level}")
+        return value[level]
+    if isinstance(value, (list, tuple)):
+        return value[level]
+    return value
+
+
+def _labels_for(labels, level: int, prior: Prior) -> Labels | None:
+    if not prior.config.labels:
+        return None
+    if labels is None or (isinstance(labels, Mapping) and level not in labels):
+        raise ValueError(f"the level-{level} prior needs labels")
+    lab = labels[level] if isinstance(labels, Mapping) else labels
+    if not isinstance(lab, Labels):
+        lab = Labels.from_y(torch.as_tensor(lab).long(), n_tokens=prior.config.n_tokens)
+    if lab.y.shape[1] != prior.config.label_len:
+        raise ValueError(f"labels for level {level} have {lab.y.shape[1]} columns, the prior needs "
+                         f"{prior.config.label_len}")
+    return lab
+
+
+def sample_window(decoder: WindowDecoder, known: torch.Tensor, n_new: int, upper=None, labels=None, *,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0, chunk_size: int = 32,
+                  generator: torch.Generator | None = None,
+                  on_token: Callable[[], None] | None = None) -> torch.Tensor:
+    """Prime ``known`` (N, K) codes, sample ``n_new`` more; returns the window's (N, K + n_new) codes."""
+    decoder.begin(upper, labels, n=known.shape[0])
+    decoder.prime(known, chunk_size)
+    for _ in range(n_new):
+        ids = sample_logits(decoder.step(), temperature, top_k, top_p, generator)
+        decoder.push(ids)
+        if on_token is not None:
+            on_token()
+    return decoder.codes()
+
+
+def level_windows(total: int, n_ctx: int, hop: int, have: int) -> list[tuple[int, int, int]]:
+    """(start, known, new) per window that has something to sample, as the original walks them.
+
+    A level shorter than ``n_ctx`` is one partial window."""
+    out = []
+    if total < n_ctx:
+        if have < total:
+            out.append((0, have, total - have))
+        return out
+    for start in get_starts(total, n_ctx, hop):
+        known = max(0, min(have, start + n_ctx) - start)
+        if known < n_ctx:
+            out.append((start, known, n_ctx - known))
+            have = start + n_ctx
+    return out
+
+
+def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, sample_length: int, *,
+                  codes: Sequence[torch.Tensor | None] | None = None, levels: Sequence[int] = (2, 1, 0),
+                  hop_fraction: Sequence[float] = (0.5, 0.5, 0.125), chunk_size: PerLevel = 32,
+                  temperature: PerLevel = 0.99, top_k: PerLevel = 0, top_p: PerLevel = 0.0,
+                  max_batch_size: int = 16, seed: int | None = None, progress: bool = True,
+                  decoders: dict | None = None) -> list[torch.Tensor]:
+    """Sample ``levels`` (top first) of ``sample_length`` audio samples.
+
+    Args:
+        vqvae: only used for its geometry checks (may be None).
+        priors: level -> Prior.
+        labels: level -> ``Labels`` or initial label rows (N, label_len), as before the per-window
+            adjustment; one value is used for every level.
+        codes: known codes per level, level 0 first (None or (N, 0) for nothing), to continue from.
+        hop_fraction, chunk_size, temperature, top_k, top_p: per level (indexed by level) or one
+            value for all.
+        max_batch_size: samples decoded together; larger batches are split.
+        seed: makes the run reproducible.
+        decoders: optional cache of ``WindowDecoder`` keyed by (level, batch), reused across calls.
+    Returns:
+        codes per level, level 0 first (levels not sampled are returned as given, or None).
+    """
+    n_levels = max(priors) + 1 if vqvae is None else vqvae.config.levels
+    zs: list[torch.Tensor | None] = list(codes) if codes is not None else [None] * n_levels
+    if len(zs) != n_levels:
+        raise ValueError(f"codes must list {n_levels} levels (level 0 first), got {len(zs)}")
+    n = _batch_size(zs, labels, priors)
+    first = priors[levels[0]] if levels else None
+    device = first.prior.x_emb.weight.device if first is not None else torch.device("cpu")
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else torch.seed())
+    decoders = {} if decoders is None else decoders
+    for level in sorted(levels, reverse=True):
+        if level not in priors:
+            raise ValueError(f"no prior for level {level}")
+        prior = priors[level]
+        c = prior.config
+        if sample_length % c.raw_to_tokens:
+            raise ValueError(f"sample_length {sample_length} must be a multiple of {c.raw_to_tokens} "
+                             f"(level {level}'s samples per code)")
+        total = sample_length // c.raw_to_tokens
+        if not c.is_top:
+            if total < c.n_ctx:
+                raise ValueError(f"sample_length {sample_length} is too short for the level-{level} upsampler: "
+                                 f"it needs at least {c.sample_length} samples ({c.sample_length / c.sr:.2f} s)")
+            up = zs[level + 1]
+            need = total // c.cond_downsample
+            if up is None or up.shape[1] < need:
+                raise ValueError(f"level {level} needs {need} level-{level + 1} codes; have "
+                                 f"{0 if up is None else up.shape[1]}")
+        z = zs[level]
+        z = torch.zeros(n, 0, dtype=torch.long, device=device) if z is None else torch.as_tensor(z).long().to(device)
+        if z.shape[0] != n:
+            raise ValueError(f"level-{level} codes have batch {z.shape[0]}, expected {n}")
+        if z.shape[1] > total:
+            raise ValueError(f"level-{level} codes are longer ({z.shape[1]}) than the sample ({total})")
+        lab = _labels_for(labels, level, prior)
+        hop = int(_per_level(hop_fraction, level, "hop_fraction") * c.n_ctx)
+        windows = level_windows(total, c.n_ctx, hop, z.shape[1])
+        knobs = dict(temperature=_per_level(temperature, level, "temperature"),
+                     top_k=_per_level(top_k, level, "top_k"), top_p=_per_level(top_p, level, "top_p"),
+                     chunk_size=_per_level(chunk_size, level, "chunk_size"), generator=gen)
+        bar = tqdm(total=sum(w[2] for w in windows) * n, unit="tok", desc=f"level {level}",
+                   disable=not progress or not windows, leave=False)
+        bs = min(n, max_batch_size)
+        key = (level, bs)
+        if key not in decoders:
+            decoders[key] = WindowDecoder(prior, bs, device=device)
+        dec = decoders[key]
+        for w, (start, known, new) in enumerate(windows):
+            bar.set_postfix_str(f"window {w + 1}/{len(windows)}")
+            end = start + c.n_ctx
+            y = None if lab is None else window_labels(lab, start, c.raw_to_tokens, c.sample_length).to(device)
+            upper = None if c.is_top else zs[level + 1][:, start // c.cond_downsample:end // c.cond_downsample]
+            parts = []
+            for i in range(0, n, bs):
+                sl = slice(i, i + bs)
+                parts.append(sample_window(
+                    dec, z[sl, start:start + known], new,
+                    None if upper is None else upper[sl].to(device), None if y is None else y[sl],
+                    on_token=lambda: bar.update(min(bs, n - i)), **knobs))
+            window = torch.cat(parts, dim=0)
+            z = torch.cat([z, window[:, known:]], dim=1)
+        bar.close()
+        zs[level] = z
+    return zs
+
+
+def _batch_size(zs, labels, priors) -> int:
+    for z in zs:
+        if z is not None:
+            return torch.as_tensor(z).shape[0]
+    lab = labels
+    if isinstance(labels, Mapping):
+        lab = next(iter(labels.values()), None) if labels else None
+    if isinstance(lab, Labels):
+        return lab.y.shape[0]
+    if lab is not None:
+        return torch.as_tensor(lab).shape[0]
+    raise ValueError("cannot tell the number of samples: pass labels or codes")

@@ -1,0 +1,73 @@
+"""Cached decoding attention over the static cache layouts, in plain PyTorch.
+
+A call covers queries at positions ``[pos, pos + T)`` that lie inside one block of length ``C``
+(block ``b = pos // C``); their keys/values have already been written to the cache. Cache
+layouts (``[N, ..., H, D]``) per pattern:
+
+=============  ====================  ==================================================
+pattern        cache shape           what the queries read
+=============  ====================  ==================================================
+``block``      ``[N, C, H, D]``      slots ``0 .. pos % C + r`` (this block so far)
+``prev_block`` ``[N, 2, C, H, D]``   ring slot ``(b - 1) % 2``: all of the previous block;
+                                     block 0 gives exactly 0
+``transpose``  ``[N, C, nb, H, D]``  row ``(pos + r) % C``, blocks ``0 .. b``: contiguous
+``dense``      ``[N, L, H, D]``      ``0 .. pos + r``
+``prime``      ``[N, P, H, D]``      ``0 .. min(pos + r, P - 1)``
+``cross``      ``[N, S, H, D]``      all encoder keys
+=============  ====================  ==================================================
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _attend(q, k, v, allowed, scale):
+    """q: [N, T, H, D]; k, v: [N, S, H, D]; allowed: [T, S] bool or None -> [N, T, H, D]."""
+    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    s = torch.einsum("nthd,nshd->nhts", q.to(compute), k.to(compute)) * scale
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return torch.einsum("nhts,nshd->nthd", p, v.to(compute)).to(q.dtype)
+
+
+def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pattern: str,
+                               pos: int, block_len: int, prime_len: int | None = None,
+                               scale: float | None = None) -> torch.Tensor:
+    """Queries ``q: [N, T, H, D]`` at positions ``[pos, pos + T)`` (one block) -> ``[N, T, H, D]``."""
+    N, T, H, D = q.shape
+    C = block_len
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if T and (pos // C) != ((pos + T - 1) // C) and pattern != "cross":
+        raise ValueError(f"queries [{pos}, {pos + T}) cross a block boundary (block length {C})")
+    b, s0 = pos // C, pos % C
+    dev = q.device
+    r = torch.arange(T, device=dev)[:, None]
+    if pattern == "cross":
+        return _attend(q, k_cache, v_cache, None, scale)
+    if pattern == "block":
+        S = s0 + T
+        allowed = torch.arange(S, device=dev)[None, :] <= s0 + r
+        return _attend(q, k_cache[:, :S], v_cache[:, :S], allowed, scale)
+    if pattern == "prev_block":
+        if b == 0:
+            return torch.zeros_like(q)
+        return _attend(q, k_cache[:, (b - 1) % 2], v_cache[:, (b - 1) % 2], None, scale)
+    if pattern == "transpose":
+        # Each query reads its own column: [N, T, b+1, H, D], all at or before it.
+        k, v = k_cache[:, s0:s0 + T, : b + 1], v_cache[:, s0:s0 + T, : b + 1]
+        compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        s = torch.einsum("nthd,ntbhd->nhtb", q.to(compute), k.to(compute)) * scale
+        p = torch.softmax(s, dim=-1)
+        return torch.einsum("nhtb,ntbhd->nthd", p, v.to(compute)).to(q.dtype)
+    if pattern in ("dense", "prime"):
+        S = pos + T
+        if pattern == "prime":
+            if prime_len is None:
+                raise ValueError("prime attention needs prime_len")
+            S = min(S, prime_len)
+        allowed = torch.arange(S, device=dev)[None, :] <= pos + r
+        return _attend(q, k_cache[:, :S], v_cache[:, :S], allowed, scale)
+    raise ValueError(f"cached decoding does not support the {pattern!r} pattern")
