@@ -49,6 +49,90 @@ class Jukebox(nn.Module):
     def sr(self) -> int:
         return self.vqvae.config.sr
 
+    # --- sampling -----------------------------------------------------------------------------
+    def _labels_kw(self, artist, genre, lyrics, n_samples, total_seconds, offset_seconds, ids) -> dict:
+        kw = dict(artist=artist, genre=genre, lyrics=lyrics, n_samples=n_samples,
+                  offset=int(offset_seconds * self.sr), ids=ids)
+        if total_seconds is not None:
+            kw["total_length"] = int(total_seconds * self.sr)
+        return kw
+
+    def _check_codes(self, codes, level: int, n: int | None = None) -> torch.Tensor:
+        z = torch.as_tensor(codes)
+        if z.dim() == 1:
+            z = z[None]
+        if z.dim() != 2 or z.is_floating_point():
+            raise ValueError(f"level-{level} codes must be integers (N, T); got {z.dtype} {tuple(z.shape)}")
+        l_bins = self.vqvae.config.l_bins
+        if z.numel() and (z.min() < 0 or z.max() >= l_bins):
+            raise ValueError(f"level-{level} codes must be in [0, {l_bins})")
+        if n is not None and z.shape[0] != n:
+            raise ValueError(f"level-{level} codes have {z.shape[0]} samples, expected {n}")
+        return z.long()
+
+    def sample(self, artist=0, genre=0, lyrics: str = "", *, seconds: float = 10.0, n_samples: int = 1,
+               total_seconds: float | None = None, offset_seconds: float = 0.0, levels=None, prompt=None,
+               ids=None, **sampling):
+        """Sample ``n_samples`` pieces of ``seconds`` audio, top level down.
+
+        artist, genre: names (with ``ids``: the original id files as ``LabelIds``) or numeric ids.
+        prompt: audio (T,) or (N, T) at ``sr``; it is encoded at every level and continued
+            (the original's primed mode).
+        sampling: temperature, top_k, top_p (one value or per level), chunk_size, hop_fraction,
+            max_batch_size, seed, sampler ({level: "ar"}), progress.
+        Returns a ``SampleResult`` (codes per level, level 0 first; audio (N, T) in [-1, 1]).
+        """
+        from .generate import run, seconds_to_length
+        levels = tuple(sorted(self.levels, reverse=True)) if levels is None else tuple(levels)
+        length = seconds_to_length(self, seconds)
+        codes = None
+        if prompt is not None:
+            audio = torch.as_tensor(prompt, dtype=torch.float32)
+            audio = audio[None] if audio.dim() == 1 else audio
+            if audio.shape[0] == 1 and n_samples > 1:
+                audio = audio.expand(n_samples, -1)
+            hop = self.vqvae.hop_lengths[-1]
+            keep = min(audio.shape[1] // hop * hop, length)
+            if keep == 0:
+                raise ValueError(f"the prompt is shorter than one top-level code ({hop} samples)")
+            codes = self.vqvae.encode(audio[:, :keep])
+        return run(self, codes=codes, levels=levels, sample_length=length,
+                   labels_kw=self._labels_kw(artist, genre, lyrics, n_samples, total_seconds, offset_seconds, ids),
+                   **sampling)
+
+    def upsample(self, top_codes, artist=0, genre=0, lyrics: str = "", *, total_seconds=None,
+                 offset_seconds: float = 0.0, ids=None, **sampling):
+        """Sample the levels below the top from given top-level codes (N, T_top)."""
+        from .generate import run
+        top = self.vqvae.config.levels - 1
+        z = self._check_codes(top_codes, top)
+        codes = [None] * top + [z]
+        levels = tuple(l for l in sorted(self.levels, reverse=True) if l < top)
+        return run(self, codes=codes, levels=levels, sample_length=z.shape[1] * self.vqvae.hop_lengths[-1],
+                   labels_kw=self._labels_kw(artist, genre, lyrics, z.shape[0], total_seconds, offset_seconds, ids),
+                   **sampling)
+
+    def continue_(self, codes, artist=0, genre=0, lyrics: str = "", *, seconds: float, total_seconds=None,
+                  offset_seconds: float = 0.0, levels=None, ids=None, **sampling):
+        """Continue saved codes (per level, level 0 first; None for none) to ``seconds`` in total."""
+        from .generate import run, seconds_to_length
+        if len(codes) != self.vqvae.config.levels:
+            raise ValueError(f"codes must list {self.vqvae.config.levels} levels, level 0 first; got {len(codes)}")
+        n = next((torch.as_tensor(z).reshape(-1, torch.as_tensor(z).shape[-1]).shape[0]
+                  for z in codes if z is not None), None)
+        if n is None:
+            raise ValueError("no codes given to continue from")
+        zs = [None if z is None else self._check_codes(z, l, n) for l, z in enumerate(codes)]
+        length = seconds_to_length(self, seconds)
+        for l, z in enumerate(zs):
+            if z is not None and z.shape[1] > length // self.vqvae.hop_lengths[l]:
+                raise ValueError(f"level-{l} codes ({z.shape[1]}) already exceed {seconds} s "
+                                 f"({length // self.vqvae.hop_lengths[l]} codes)")
+        levels = tuple(sorted(self.levels, reverse=True)) if levels is None else tuple(levels)
+        return run(self, codes=zs, levels=levels, sample_length=length,
+                   labels_kw=self._labels_kw(artist, genre, lyrics, n, total_seconds, offset_seconds, ids),
+                   **sampling)
+
     def save(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

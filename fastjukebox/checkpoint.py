@@ -50,11 +50,13 @@ def read_original(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
         msg = str(e)
         # Only a disallowed class/function is a refusal; other unpickler errors (e.g.
         # "Unsupported operand") mean the bytes are not a pickle at all.
+        detail = next((l.strip() for l in msg.splitlines()
+                       if "Unsupported" in l or "GLOBAL" in l or "unsupported" in l or "unrecognized" in l),
+                      msg[:200])
         if any(s in msg for s in ("Unsupported global", "unsupported class", "unrecognized function")):
-            detail = next((l.strip() for l in msg.splitlines() if "Unsupported" in l or "GLOBAL" in l), msg[:200])
             raise CheckpointError(f"{path}: holds objects other than plain tensors and containers; refusing to "
                                   f"unpickle it ({detail})") from None
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt): {msg[:200]}") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt): {detail}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, IndexError) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt): {str(e)[:200]}") from None
     if isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt["model"], dict):

@@ -1,0 +1,97 @@
+"""High-level sampling for a ``Jukebox`` bundle: labels from names, seconds to tokens, audio out.
+
+``Jukebox.sample`` / ``upsample`` / ``continue_`` are thin wrappers over these functions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from .labels import LabelIds, Labeller, Labels
+from .sampling import sample_levels
+
+# Level samplers; "ar" is exact autoregressive sampling. Other samplers register here.
+SAMPLERS = {"ar"}
+
+
+@dataclass
+class SampleResult:
+    """codes: per level, level 0 first (None where nothing was sampled or given);
+    audio: (N, T) float in [-1, 1] decoded from the lowest level present; sr: its sample rate."""
+
+    codes: list[torch.Tensor | None]
+    audio: torch.Tensor
+    sr: int
+
+
+def _per_sample(value, n: int, name: str) -> list:
+    if isinstance(value, (list, tuple)) and not (name == "genre" and value and isinstance(value[0], int)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries for {n} samples")
+        return list(value)
+    return [value] * n
+
+
+def make_labels(jb, *, artist, genre, lyrics: str | Sequence[str], n_samples: int, total_length: int,
+                offset: int = 0, ids: Mapping[str, LabelIds] | LabelIds | None = None) -> dict[int, Labels]:
+    """Initial labels per level (before the per-window adjustment).
+
+    ``artist``/``genre``: names (resolved through ``ids``, the original id files) or numeric ids;
+    one value for all samples or a list per sample. ``ids``: a ``LabelIds`` or {"v2": .., "v3": ..}.
+    """
+    artists = _per_sample(artist, n_samples, "artist")
+    genres = _per_sample(genre, n_samples, "genre")
+    texts = _per_sample(lyrics, n_samples, "lyrics")
+    out = {}
+    for level in jb.levels:
+        c = jb.prior(level).config
+        if not c.labels:
+            continue
+        version = "v3" if c.labels_v3 else "v2"
+        table = ids.get(version) if isinstance(ids, Mapping) else ids
+        labeller = Labeller(c.max_bow_genre_size, c.n_tokens, c.sample_length, version)
+        rows = [labeller.label(a, g, t, total_length, offset, ids=table) for a, g, t in zip(artists, genres, texts)]
+        out[level] = Labels.stack(rows)
+    return out
+
+
+def _check_samplers(jb, sampler, levels) -> None:
+    for level in levels:
+        name = sampler.get(level, "ar") if isinstance(sampler, Mapping) else (sampler or "ar")
+        if name not in SAMPLERS:
+            raise ValueError(f"unknown sampler {name!r} for level {level}; available: {', '.join(sorted(SAMPLERS))}")
+
+
+def seconds_to_length(jb, seconds: float) -> int:
+    """Audio samples for ``seconds``, rounded down to whole codes of the top level."""
+    hop = jb.vqvae.hop_lengths[-1]
+    n = int(seconds * jb.sr) // hop * hop
+    if n <= 0:
+        raise ValueError(f"{seconds} s is shorter than one top-level code ({hop / jb.sr * 1000:.1f} ms)")
+    return n
+
+
+def _finish(jb, codes, decode_level: int | None) -> SampleResult:
+    level = decode_level if decode_level is not None else min(l for l, z in enumerate(codes) if z is not None)
+    audio = jb.vqvae.decode(codes[level], level).clamp(-1.0, 1.0)
+    return SampleResult(codes, audio, jb.sr)
+
+
+def run(jb, *, codes, levels, labels_kw: dict, sample_length: int, sampler=None, temperature=0.99,
+        top_k=0, top_p=0.0, chunk_size=32, hop_fraction=(0.5, 0.5, 0.125), max_batch_size=16, seed=None,
+        progress=True) -> SampleResult:
+    _check_samplers(jb, sampler, levels)
+    top = jb.prior(max(levels)).config
+    total = labels_kw.pop("total_length", None)
+    if total is None:
+        min_len = math.ceil((top.min_duration or 0) * top.sr) if top.time_signal else 0
+        total = max(sample_length, min_len)
+    labels = make_labels(jb, total_length=total, **labels_kw)
+    priors = {l: jb.prior(l) for l in levels}
+    zs = sample_levels(jb.vqvae, priors, labels, sample_length, codes=codes, levels=levels,
+                       hop_fraction=hop_fraction, chunk_size=chunk_size, temperature=temperature,
+                       top_k=top_k, top_p=top_p, max_batch_size=max_batch_size, seed=seed, progress=progress)
+    return _finish(jb, zs, min(levels))
