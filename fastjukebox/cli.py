@@ -28,6 +28,11 @@ def _kind_of(path: Path, hps) -> str:
         return json.loads((path / CONFIG_NAME).read_text())["kind"]
     if isinstance(hps, str) and hps == "vqvae":
         return "vqvae"
+    if path.is_file():
+        # An original file says what it holds through its keys, whatever it is called.
+        from .checkpoint import read_original
+        sd, _ = read_original(path)
+        return "vqvae" if any(k.startswith(("encoders.", "decoders.", "bottleneck.")) for k in sd) else "prior"
     return "vqvae" if path.name.startswith("vqvae") else "prior"
 
 
@@ -107,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="architecture, parameters and KV-cache size of a model or preset")
     i.add_argument("model", help="preset name (e.g. prior_5b), component, model directory or 'demo'")
     i.set_defaults(func=cmd_info)
+    from . import cli_sample
+    cli_sample.add_commands(sub)
     return ap
 
 

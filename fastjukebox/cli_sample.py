@@ -1,0 +1,516 @@
+"""Sampling commands of the ``fastjukebox`` command line.
+
+* ``sample``: sample new audio (optionally continuing a ``--prompt`` audio file);
+* ``upsample``: sample the lower levels from the top-level codes of a saved run;
+* ``continue``: extend the codes of a saved run to ``--seconds`` in total;
+* ``encode`` / ``decode``: audio file <-> codes file with the VQ-VAE.
+
+Every run that samples writes its audio (``OUT.wav`` or ``OUT.flac``; with several samples
+``OUT_0.wav``, ``OUT_1.wav``, ...) and ``OUT.npz`` beside it, holding the codes of every level
+present (``codes_level0`` .. ``codes_level2``, each an int64 array (N, T_level)) and ``settings``,
+a JSON string with the run's labels and sampling settings. ``upsample`` and ``continue`` read such
+a file (``--codes``); the labels they use default to those stored in it (artist, genre, lyrics, id
+files, total and offset seconds), and options given on the command line take precedence.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+CODES_KEY = "codes_level{}"
+_CODES_RE = re.compile(r"^codes_level(\d+)$")
+_LABEL_KEYS = ("artist", "genre", "lyrics", "artist_ids", "genre_ids", "ids_dir", "total_seconds",
+               "offset_seconds")
+_SAMPLING_DEFAULTS = {"temperature": 0.99, "top_k": 0, "top_p": 0.0, "chunk_size": 32}
+
+
+# --------------------------------------------------------------------------------------------
+# argument types
+# --------------------------------------------------------------------------------------------
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _per_level(convert: Callable[[str], Any], check: Callable[[Any], bool], what: str):
+    """A value for all levels (``0.99``) or per level (``2=0.98,1=0.99,0=0.99``)."""
+
+    def parse(text: str):
+        def one(s: str):
+            try:
+                v = convert(s.strip())
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{s.strip()!r} is not {what}") from None
+            if not check(v):
+                raise argparse.ArgumentTypeError(f"{s.strip()!r} is not {what}")
+            return v
+
+        if "=" not in text:
+            return one(text)
+        out = {}
+        for part in text.split(","):
+            level, sep, value = part.partition("=")
+            if not sep or not level.strip().isdigit():
+                raise argparse.ArgumentTypeError(
+                    f"expected one value or LEVEL=VALUE pairs such as '2=..,1=..,0=..', got {text!r}")
+            out[int(level)] = one(value)
+        return out
+
+    return parse
+
+
+def _sampler(text: str):
+    """``ar`` for all levels or ``LEVEL=NAME`` pairs (``1=ar,0=ar``)."""
+    if "=" not in text:
+        if not text.strip():
+            raise argparse.ArgumentTypeError("empty sampler name")
+        return text.strip()
+    out = {}
+    for part in text.split(","):
+        level, sep, name = part.partition("=")
+        if not sep or not level.strip().isdigit() or not name.strip():
+            raise argparse.ArgumentTypeError(f"expected a sampler name or LEVEL=NAME pairs such as "
+                                             f"'1=ar,0=ar', got {text!r}")
+        out[int(level)] = name.strip()
+    return out
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected levels such as '2,1,0', got {text!r}") from None
+    if not levels or any(l < 0 for l in levels) or len(set(levels)) != len(levels):
+        raise argparse.ArgumentTypeError(f"expected distinct levels >= 0 such as '2,1,0', got {text!r}")
+    return tuple(sorted(levels, reverse=True))
+
+
+def _label(text: str) -> int | str:
+    """A numeric id or a name (names need the id files)."""
+    return int(text) if text.strip().isdigit() else text
+
+
+def _genre(text: str) -> int | list[int] | str:
+    """A numeric id, several ids ``3,7`` (a v2 bag of genre words) or a name."""
+    if re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", text):
+        ids = [int(p) for p in text.split(",")]
+        return ids[0] if len(ids) == 1 else ids
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# codes files
+# --------------------------------------------------------------------------------------------
+
+def read_codes(path: str | os.PathLike) -> tuple[list[np.ndarray | None], dict]:
+    """Codes per level (level 0 first, None where absent) and the settings of a codes file."""
+    name = os.fspath(path)
+    if not os.path.exists(name):
+        raise ValueError(f"cannot read codes file '{name}': no such file")
+    if os.path.isdir(name):
+        raise ValueError(f"cannot read codes file '{name}': it is a directory")
+    try:
+        if not zipfile.is_zipfile(name):
+            raise ValueError("not a zip archive")
+        with np.load(name, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise ValueError(f"cannot read codes file '{name}': not a valid .npz file ({exc})") from None
+    found = {int(m.group(1)): v for k, v in arrays.items() if (m := _CODES_RE.match(k))}
+    if not found:
+        raise ValueError(f"codes file '{name}' has no codes arrays (codes_level0, codes_level1, ...); "
+                         f"it holds: {', '.join(sorted(arrays)) or 'nothing'}")
+    codes: list[np.ndarray | None] = [None] * (max(found) + 1)
+    n = None
+    for level, z in sorted(found.items()):
+        if z.dtype.kind not in "iu" or z.ndim not in (1, 2):
+            raise ValueError(f"codes file '{name}': {CODES_KEY.format(level)} must be integer codes "
+                             f"(N, T); got {z.dtype} shape {z.shape}")
+        z = z[None] if z.ndim == 1 else z
+        if n is not None and z.shape[0] != n:
+            raise ValueError(f"codes file '{name}': the levels have different numbers of samples")
+        n = z.shape[0]
+        codes[level] = z.astype(np.int64)
+    settings: dict = {}
+    if "settings" in arrays:
+        try:
+            settings = json.loads(str(arrays["settings"]))
+        except ValueError:
+            raise ValueError(f"codes file '{name}': its settings are not valid JSON") from None
+        if not isinstance(settings, dict):
+            settings = {}
+    return codes, settings
+
+
+def write_codes(path: str | os.PathLike, codes, settings: dict) -> Path:
+    """Write the codes present (level 0 first) and ``settings`` (JSON) to ``path``, atomically."""
+    target = Path(path)
+    arrays = {CODES_KEY.format(l): torch.as_tensor(z).cpu().numpy().astype(np.int64)
+              for l, z in enumerate(codes) if z is not None}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, settings=np.array(json.dumps(settings)), **arrays)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------------------------
+
+def _check_out(out: str) -> Path:
+    from .audio import SUPPORTED_SUFFIXES
+    path = Path(out)
+    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise ValueError(f"--out {out!r}: the audio file must end in "
+                         f"{' or '.join(SUPPORTED_SUFFIXES)}")
+    return path
+
+
+def _device(name: str | None) -> str:
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def _load_model(args):
+    from .bundle import load
+    from .cli import _dtype
+    return load(args.model, dtype=_dtype(args.dtype), device=_device(args.device))
+
+
+def _label_settings(args, stored: dict | None = None) -> dict:
+    """Label options: the command line first, then ``stored`` (a parent run's), then defaults."""
+    stored = stored or {}
+    out = {}
+    for key in _LABEL_KEYS:
+        value = getattr(args, key, None)
+        out[key] = stored.get(key) if value is None else value
+    if args.lyrics_file is not None:
+        try:
+            out["lyrics"] = Path(args.lyrics_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read lyrics file '{args.lyrics_file}': {exc}") from None
+    if (out["artist_ids"] is None) != (out["genre_ids"] is None):
+        raise ValueError("--artist-ids and --genre-ids go together")
+    return out
+
+
+def _ids(labels: dict):
+    """{"v2": LabelIds, "v3": LabelIds} from the id files (each read in both versions), or None."""
+    from .labels import LabelIds
+    if labels["artist_ids"] is not None and labels["ids_dir"] is not None:
+        raise ValueError("give either --ids-dir or --artist-ids/--genre-ids, not both")
+    try:
+        if labels["artist_ids"] is not None:
+            return {v: LabelIds.from_files(labels["artist_ids"], labels["genre_ids"], v) for v in ("v2", "v3")}
+        if labels["ids_dir"] is not None:
+            d = Path(labels["ids_dir"])
+            found = {v: LabelIds.from_dir(d, v) for v in ("v2", "v3") if (d / f"{v}_artist_ids.txt").exists()
+                     and (d / f"{v}_genre_ids.txt").exists()}
+            if not found:
+                raise ValueError(f"--ids-dir {d}: no v2_/v3_artist_ids.txt and genre_ids.txt files")
+            return found
+    except OSError as exc:
+        raise ValueError(f"cannot read id file: {exc}") from None
+    return None
+
+
+def _label_kw(labels: dict) -> dict:
+    return dict(artist=0 if labels["artist"] is None else labels["artist"],
+                genre=0 if labels["genre"] is None else labels["genre"],
+                lyrics=labels["lyrics"] or "", total_seconds=labels["total_seconds"],
+                offset_seconds=labels["offset_seconds"] or 0.0, ids=_ids(labels))
+
+
+def _fill(value, default, jb, what: str):
+    """A per-level mapping completed with ``default`` for the levels it leaves out."""
+    if not isinstance(value, dict):
+        return value
+    n = jb.vqvae.config.levels
+    bad = sorted(l for l in value if l >= n)
+    if bad:
+        raise ValueError(f"{what}: this model has levels 0..{n - 1}, not {', '.join(map(str, bad))}")
+    return {l: value.get(l, default) for l in range(n)}
+
+
+def _sampling_kw(args, jb) -> dict:
+    kw = {k: _fill(getattr(args, k), d, jb, "--" + k.replace("_", "-")) for k, d in _SAMPLING_DEFAULTS.items()}
+    kw.update(sampler=args.sampler, max_batch_size=args.max_batch_size,
+              seed=args.seed if args.seed is not None else secrets.randbelow(2**31),
+              progress=not args.quiet)
+    return kw
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _write(args, jb, result, settings: dict) -> int:
+    from .audio import save_audio
+    out = Path(args.out)
+    paths = save_audio(out, result.audio.float().cpu(), result.sr)
+    paths = paths if isinstance(paths, list) else [paths]
+    top = max(l for l, z in enumerate(result.codes) if z is not None)
+    settings = dict(settings, sr=result.sr,
+                    seconds=result.codes[top].shape[1] * jb.vqvae.hop_lengths[top] / result.sr,
+                    n_samples=int(result.audio.shape[0]),
+                    levels_present=[l for l, z in enumerate(result.codes) if z is not None])
+    npz = write_codes(out.with_suffix(".npz"), result.codes, _jsonable(settings))
+    for p in paths:
+        print(p)
+    print(npz)
+    return 0
+
+
+def _run_settings(command: str, args, labels: dict, sampling: dict) -> dict:
+    s = {"command": command, "model": str(args.model)}
+    s.update(labels)
+    s.update({k: v for k, v in sampling.items() if k != "progress"})
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------------
+
+def cmd_sample(args) -> int:
+    _check_out(args.out)
+    labels = _label_settings(args)
+    prompt = None
+    if args.prompt is not None:
+        from .audio import load_audio
+        load_audio(args.prompt, duration=0.01)  # fail early, before loading the model
+    jb = _load_model(args)
+    if args.prompt is not None:
+        prompt = load_audio(args.prompt, sr=jb.sr, duration=args.seconds)
+    sampling = _sampling_kw(args, jb)
+    with torch.inference_mode():
+        result = jb.sample(seconds=args.seconds, n_samples=args.n_samples, levels=args.levels, prompt=prompt,
+                           **_label_kw(labels), **sampling)
+    settings = _run_settings("sample", args, labels, sampling)
+    settings.update(prompt=args.prompt, sampled_levels=list(args.levels) if args.levels else jb.levels[::-1])
+    return _write(args, jb, result, settings)
+
+
+def cmd_upsample(args) -> int:
+    _check_out(args.out)
+    codes, stored = read_codes(args.codes)
+    labels = _label_settings(args, stored)
+    jb = _load_model(args)
+    top = jb.vqvae.config.levels - 1
+    if len(codes) <= top or codes[top] is None:
+        present = [l for l, z in enumerate(codes) if z is not None]
+        raise ValueError(f"codes file '{args.codes}' has no top-level codes ({CODES_KEY.format(top)}); "
+                         f"it has level(s) {', '.join(map(str, present))}")
+    sampling = _sampling_kw(args, jb)
+    with torch.inference_mode():
+        result = jb.upsample(torch.from_numpy(codes[top]), **_label_kw(labels), **sampling)
+    settings = _run_settings("upsample", args, labels, sampling)
+    settings.update(parent=str(args.codes))
+    return _write(args, jb, result, settings)
+
+
+def cmd_continue(args) -> int:
+    _check_out(args.out)
+    codes, stored = read_codes(args.codes)
+    labels = _label_settings(args, stored)
+    jb = _load_model(args)
+    n = jb.vqvae.config.levels
+    if len(codes) > n:
+        raise ValueError(f"codes file '{args.codes}' has level-{len(codes) - 1} codes; this model has "
+                         f"levels 0..{n - 1}")
+    codes = codes + [None] * (n - len(codes))
+    levels = args.levels
+    if levels is None:
+        levels = tuple(l for l in range(n - 1, -1, -1) if codes[l] is not None and l in jb.levels)
+        if not levels:
+            raise ValueError(f"this model has no prior for the levels in '{args.codes}'")
+    sampling = _sampling_kw(args, jb)
+    with torch.inference_mode():
+        result = jb.continue_([None if z is None else torch.from_numpy(z) for z in codes], seconds=args.seconds,
+                              levels=levels, **_label_kw(labels), **sampling)
+    settings = _run_settings("continue", args, labels, sampling)
+    settings.update(parent=str(args.codes), sampled_levels=list(levels))
+    return _write(args, jb, result, settings)
+
+
+def cmd_encode(args) -> int:
+    from .audio import load_audio
+    if Path(args.out).suffix.lower() != ".npz":
+        raise ValueError(f"--out {args.out!r}: the codes file must end in .npz")
+    jb = _load_model(args)
+    audio = load_audio(args.audio, sr=jb.sr, duration=args.seconds, offset=args.offset)
+    hop = jb.vqvae.hop_lengths[-1]
+    keep = audio.shape[0] // hop * hop
+    if keep == 0:
+        raise ValueError(f"'{args.audio}' is shorter than one top-level code ({hop} samples at {jb.sr} Hz)")
+    with torch.inference_mode():
+        codes = jb.vqvae.encode(audio[None, :keep])
+    settings = {"command": "encode", "model": str(args.model), "source": str(args.audio), "sr": jb.sr,
+                "offset": args.offset, "seconds": keep / jb.sr, "n_samples": 1,
+                "levels_present": list(range(len(codes)))}
+    print(write_codes(args.out, codes, settings))
+    return 0
+
+
+def cmd_decode(args) -> int:
+    from .audio import save_audio
+    _check_out(args.out)
+    codes, _ = read_codes(args.codes)
+    present = [l for l, z in enumerate(codes) if z is not None]
+    level = args.level if args.level is not None else min(present)
+    if level >= len(codes) or codes[level] is None:
+        raise ValueError(f"codes file '{args.codes}' has no level-{level} codes; it has level(s) "
+                         f"{', '.join(map(str, present))}")
+    jb = _load_model(args)
+    with torch.inference_mode():
+        audio = jb.vqvae.decode(torch.from_numpy(codes[level]), level).clamp(-1.0, 1.0)
+    paths = save_audio(args.out, audio.float().cpu(), jb.sr)
+    for p in paths if isinstance(paths, list) else [paths]:
+        print(p)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# parsers
+# --------------------------------------------------------------------------------------------
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    from .cli import DTYPES
+    p.add_argument("--model", required=True, help="model directory or bundled model name (e.g. tiny)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="compute in this dtype (default: as stored)")
+
+
+def _label_options(p: argparse.ArgumentParser, stored: bool) -> None:
+    note = " (default: the codes file's, else %s)" if stored else " (default: %s)"
+    p.add_argument("--artist", type=_label, help="artist id or name (names need the id files)" + note % "0")
+    p.add_argument("--genre", type=_genre, help="genre id, ids '3,7', or name (names need the id files)"
+                   + note % "0")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--lyrics", help="lyrics text" + note % "none")
+    g.add_argument("--lyrics-file", help="read the lyrics from this utf-8 file")
+    p.add_argument("--artist-ids", help="original artist id file ('name;id' lines)")
+    p.add_argument("--genre-ids", help="original genre id file ('name;id' lines)")
+    p.add_argument("--ids-dir", help="directory with v2_/v3_artist_ids.txt and genre_ids.txt")
+    p.add_argument("--total-seconds", type=_positive_float,
+                   help="length of the whole song for the labels" + note % "the sampled length")
+    p.add_argument("--offset-seconds", type=_nonneg_float,
+                   help="where the sampled audio starts in the song, for the labels" + note % "0")
+
+
+def _sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", default=0.99, metavar="T",
+                   type=_per_level(float, lambda v: 0 < v < float("inf"), "a positive number"),
+                   help="one value or per level, e.g. '2=0.98,1=0.99,0=0.99' (default: 0.99)")
+    p.add_argument("--top-k", default=0, metavar="K", type=_per_level(int, lambda v: v >= 0, "an integer >= 0"),
+                   help="keep the K most likely codes; 0: all (one value or per level)")
+    p.add_argument("--top-p", default=0.0, metavar="P",
+                   type=_per_level(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+                   help="nucleus sampling; 0: off (one value or per level)")
+    p.add_argument("--sampler", type=_sampler, help="sampler per level, e.g. 'ar' or '1=ar,0=ar' (default: ar)")
+    p.add_argument("--chunk-size", default=32, metavar="C", type=_per_level(int, lambda v: v >= 1, "an integer >= 1"),
+                   help="tokens primed per step (one value or per level; default: 32)")
+    p.add_argument("--max-batch-size", type=_positive_int, default=16, help="samples decoded together (default: 16)")
+    p.add_argument("--seed", type=int, help="random seed (default: a random one, stored in the codes file)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def add_commands(sub) -> None:
+    """Add ``sample``, ``upsample``, ``continue``, ``encode`` and ``decode`` to ``sub``."""
+    p = sub.add_parser("sample", help="sample new audio; writes OUT.wav/.flac and OUT.npz (codes + settings)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_options(p)
+    p.add_argument("--seconds", type=_positive_float, default=10.0, help="length to sample (default: 10)")
+    p.add_argument("--n-samples", type=_positive_int, default=1, help="number of samples (default: 1)")
+    _label_options(p, stored=False)
+    _sampling_options(p)
+    p.add_argument("--prompt", help="audio file to continue (encoded at every level)")
+    p.add_argument("--levels", type=_levels, help="levels to sample, top first (default: all, e.g. 2,1,0)")
+    p.add_argument("--out", default="sample.wav", help="audio file, .wav or .flac (default: sample.wav)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("upsample", help="sample the lower levels from the top-level codes of a codes file",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_options(p)
+    p.add_argument("--codes", required=True, help="codes file (.npz) of an earlier run")
+    _label_options(p, stored=True)
+    _sampling_options(p)
+    p.add_argument("--out", default="upsampled.wav", help="audio file, .wav or .flac (default: upsampled.wav)")
+    p.set_defaults(func=cmd_upsample)
+
+    p = sub.add_parser("continue", help="extend the codes of a codes file to --seconds in total",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_options(p)
+    p.add_argument("--codes", required=True, help="codes file (.npz) of an earlier run")
+    p.add_argument("--seconds", type=_positive_float, required=True, help="total length after continuing")
+    _label_options(p, stored=True)
+    _sampling_options(p)
+    p.add_argument("--levels", type=_levels, help="levels to sample, top first (default: the levels in the file)")
+    p.add_argument("--out", default="continued.wav", help="audio file, .wav or .flac (default: continued.wav)")
+    p.set_defaults(func=cmd_continue)
+
+    p = sub.add_parser("encode", help="encode an audio file into codes at every level (.npz)")
+    _model_options(p)
+    p.add_argument("audio", help="audio file (resampled to the model's rate, mixed down to mono)")
+    p.add_argument("--seconds", type=_positive_float, help="encode at most this many seconds")
+    p.add_argument("--offset", type=_nonneg_float, default=0.0, help="start this many seconds in (default: 0)")
+    p.add_argument("--out", default="codes.npz", help="codes file (default: codes.npz)")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("decode", help="decode one level of a codes file to audio")
+    _model_options(p)
+    p.add_argument("--codes", required=True, help="codes file (.npz)")
+    p.add_argument("--level", type=int, help="level to decode (default: the lowest in the file)")
+    p.add_argument("--out", default="decoded.wav", help="audio file, .wav or .flac (default: decoded.wav)")
+    p.set_defaults(func=cmd_decode)
