@@ -2,8 +2,8 @@
 
 * Original files (``vqvae.pth.tar``, ``prior_level_{0,1,2}.pth.tar``): a ``torch.save`` dict whose
   ``model`` entry is the state dict (keys possibly prefixed ``module.``), loaded with
-  ``weights_only=True``. The one non-tensor class such files may hold, the original's
-  hyperparameter dict subclass, is read as a plain dict; anything else is refused.
+  ``weights_only=True``. The original writes its hyperparameters (``hps``) as a plain dict; any
+  pickled class is refused.
 * Our format: a directory per component with ``config.json`` and ``model.safetensors``.
 
 Models are built on the meta device and the weights assigned, so a 5B prior never allocates a
@@ -30,10 +30,6 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with the reason."""
 
 
-class _OriginalHyperparams(dict):
-    """Stand-in for the original's hyperparameter class: a dict, nothing more."""
-
-
 def _is_ours(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG_NAME).exists()
 
@@ -44,15 +40,14 @@ def read_original(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        with torch.serialization.safe_globals([(_OriginalHyperparams, "jukebox.hparams.Hyperparams")]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=_zip(path))
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=_zip(path))
     except pickle.UnpicklingError as e:
         msg = str(e)
-        # Only a disallowed class/function is a refusal; other unpickler errors (e.g.
-        # "Unsupported operand") mean the bytes are not a pickle at all.
-        detail = next((l.strip() for l in msg.splitlines()
-                       if "Unsupported" in l or "GLOBAL" in l or "unsupported" in l or "unrecognized" in l),
-                      msg[:200])
+        # torch wraps the unpickler's reason in boilerplate; keep the reason only. Only a
+        # disallowed class/function is a refusal; other unpickler errors (e.g. "Unsupported
+        # operand") mean the bytes are not a pickle at all.
+        reason = msg.split("WeightsUnpickler error:", 1)[-1]
+        detail = next((l.strip() for l in reason.splitlines() if l.strip()), msg[:200])[:300]
         if any(s in msg for s in ("Unsupported global", "unsupported class", "unrecognized function")):
             raise CheckpointError(f"{path}: holds objects other than plain tensors and containers; refusing to "
                                   f"unpickle it ({detail})") from None
@@ -127,7 +122,13 @@ def _config_for_original(sd, hps_arg, stored_hps, kind: str, source: str):
             raise CheckpointError(f"{source} has no hyperparameters and matches no released {kind} "
                                   f"architecture; pass hps= (a preset name, a dict or a JSON file)")
         return PRESETS[name]
-    cfg = resolve_config(hps, kind)
+    try:
+        cfg = resolve_config(hps, kind)
+    except (KeyError, TypeError) as e:
+        # e.g. a VQ-VAE's hyperparameters (prior entries None) read as a prior's
+        raise CheckpointError(f"{source}: the hyperparameters do not describe a {kind} "
+                              f"({type(e).__name__}: {e}); is this a checkpoint of another kind? "
+                              f"Pass hps= (a preset name, a dict or a JSON file)") from None
     named = isinstance(hps, (VQVAEConfig, PriorConfig)) or (isinstance(hps, str) and hps in PRESETS)
     if kind == "prior" and not named and "prior.x_emb.weight" in sd:
         # The original's prior hyperparameters do not say the codebook size (it belongs to the

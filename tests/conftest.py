@@ -9,6 +9,7 @@ import os
 
 os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported: the suite runs on small CI boxes
 
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,6 +18,10 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # a plain ``pytest`` run from a checkout that is not installed
+    sys.path.insert(0, str(ROOT))
 
 DATA = Path(__file__).resolve().parent / "data"
 KEYS = DATA / "keys"

@@ -11,7 +11,12 @@ from fastjukebox.sampling import filter_logits, level_windows, sample_levels, sa
 
 from conftest import DATA
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 FIXTURE_PRIORS = ["tiny_upsampler_level_0", "tiny_upsampler_level_1", "tiny_prior_5b",
                   "tiny_prior_5b_lyrics", "tiny_prior_1b_lyrics"]
