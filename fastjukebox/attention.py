@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from kernels.decode_attention.reference import decode_attention_reference
 from kernels.factored_attention.reference import factored_attention_reference
 
 __all__ = ["ATTN_FUNC_PATTERNS", "layer_patterns", "attend", "register_backend", "set_backend"]
@@ -97,11 +98,11 @@ def register_decode_backend(name: str, fn: AttentionFn, supports: Callable[[torc
 def attend_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pattern: str, pos: int,
                   block_len: int, prime_len: int | None = None) -> torch.Tensor:
     """Queries at ``[pos, pos + T)`` (one block) against a layer's static cache."""
-    from kernels.decode_attention.reference import decode_attention_reference
-    name = _forced or os.environ.get("FASTJUKEBOX_ATTENTION", "auto")
     fn = decode_attention_reference
-    if name == "auto":
-        fn = next((f for f, ok in _DECODE_BACKENDS.values() if ok(q)), fn)
-    elif name != "reference" and name in _DECODE_BACKENDS:
-        fn = _DECODE_BACKENDS[name][0]
+    if _DECODE_BACKENDS or _forced:
+        name = _forced or os.environ.get("FASTJUKEBOX_ATTENTION", "auto")
+        if name == "auto":
+            fn = next((f for f, ok in _DECODE_BACKENDS.values() if ok(q)), fn)
+        elif name != "reference" and name in _DECODE_BACKENDS:
+            fn = _DECODE_BACKENDS[name][0]
     return fn(q, k_cache, v_cache, pattern, pos, block_len, prime_len)

@@ -26,11 +26,18 @@ import torch
 def _attend(q, k, v, allowed, scale):
     """q: [N, T, H, D]; k, v: [N, S, H, D]; allowed: [T, S] bool or None -> [N, T, H, D]."""
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    s = torch.einsum("nthd,nshd->nhts", q.to(compute), k.to(compute)) * scale
+    qh, kh, vh = (x.to(compute).transpose(1, 2) for x in (q, k, v))   # [N, H, *, D]
+    s = torch.matmul(qh, kh.transpose(-1, -2)) * scale
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    return torch.einsum("nhts,nshd->nthd", p, v.to(compute)).to(q.dtype)
+    return torch.matmul(torch.softmax(s, dim=-1), vh).transpose(1, 2).to(q.dtype)
+
+
+def _causal(S: int, first: int, T: int, device) -> torch.Tensor | None:
+    """[T, S] mask ``j <= first + r``; None for a single query (its keys are all visible)."""
+    if T == 1:
+        return None
+    return torch.arange(S, device=device)[None, :] <= first + torch.arange(T, device=device)[:, None]
 
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pattern: str,
@@ -43,14 +50,11 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     if T and (pos // C) != ((pos + T - 1) // C) and pattern != "cross":
         raise ValueError(f"queries [{pos}, {pos + T}) cross a block boundary (block length {C})")
     b, s0 = pos // C, pos % C
-    dev = q.device
-    r = torch.arange(T, device=dev)[:, None]
     if pattern == "cross":
         return _attend(q, k_cache, v_cache, None, scale)
     if pattern == "block":
         S = s0 + T
-        allowed = torch.arange(S, device=dev)[None, :] <= s0 + r
-        return _attend(q, k_cache[:, :S], v_cache[:, :S], allowed, scale)
+        return _attend(q, k_cache[:, :S], v_cache[:, :S], _causal(S, s0, T, q.device), scale)
     if pattern == "prev_block":
         if b == 0:
             return torch.zeros_like(q)
@@ -59,15 +63,14 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         # Each query reads its own column: [N, T, b+1, H, D], all at or before it.
         k, v = k_cache[:, s0:s0 + T, : b + 1], v_cache[:, s0:s0 + T, : b + 1]
         compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        s = torch.einsum("nthd,ntbhd->nhtb", q.to(compute), k.to(compute)) * scale
-        p = torch.softmax(s, dim=-1)
-        return torch.einsum("nhtb,ntbhd->nthd", p, v.to(compute)).to(q.dtype)
+        kh, vh = (x.to(compute).transpose(2, 3) for x in (k, v))          # [N, T, H, b+1, D]
+        s = torch.matmul(q.to(compute).unsqueeze(-2), kh.transpose(-1, -2)) * scale   # [N, T, H, 1, b+1]
+        return torch.matmul(torch.softmax(s, dim=-1), vh).squeeze(-2).to(q.dtype)
     if pattern in ("dense", "prime"):
         S = pos + T
         if pattern == "prime":
             if prime_len is None:
                 raise ValueError("prime attention needs prime_len")
             S = min(S, prime_len)
-        allowed = torch.arange(S, device=dev)[None, :] <= pos + r
-        return _attend(q, k_cache[:, :S], v_cache[:, :S], allowed, scale)
+        return _attend(q, k_cache[:, :S], v_cache[:, :S], _causal(S, pos, T, q.device), scale)
     raise ValueError(f"cached decoding does not support the {pattern!r} pattern")
