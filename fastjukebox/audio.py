@@ -44,13 +44,14 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .atomic import atomic_path
 
 __all__ = ["AudioError", "SUPPORTED_SUFFIXES", "load_audio", "resample", "save_audio"]
 
@@ -315,20 +316,12 @@ def _as_array(audio: Any) -> np.ndarray:
 
 def _write_atomic(sf: Any, target: Path, data: np.ndarray, sr: int, fmt: str, subtype: str) -> None:
     """Write to a fresh temporary file beside ``target``, sync it, then rename it over."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
+    with atomic_path(target) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as fh:
             sf.write(fh, data, sr, subtype=subtype, format=fmt)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def save_audio(path: str | os.PathLike, audio: torch.Tensor | np.ndarray, sr: int = 44100,

@@ -26,6 +26,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .atomic import atomic_path
+
 CODES_KEY = "codes_level{}"
 _CODES_RE = re.compile(r"^codes_level(\d+)$")
 _LABEL_KEYS = ("artist", "genre", "lyrics", "artist_ids", "genre_ids", "ids_dir", "total_seconds",
@@ -183,17 +185,8 @@ def write_codes(path: str | os.PathLike, codes, settings: dict) -> Path:
     arrays = {CODES_KEY.format(l): torch.as_tensor(z).cpu().numpy().astype(np.int64)
               for l, z in enumerate(codes) if z is not None}
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, settings=np.array(json.dumps(settings)), **arrays)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, settings=np.array(json.dumps(settings)), **arrays)
     return target
 
 

@@ -75,15 +75,15 @@ def _labels_for(labels, level: int, prior: Prior) -> Labels | None:
 def sample_window(decoder: WindowDecoder, known: torch.Tensor, n_new: int, upper=None, labels=None, *,
                   temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0, chunk_size: int = 32,
                   generator: torch.Generator | None = None,
-                  on_token: Callable[[], None] | None = None) -> torch.Tensor:
-    """Prime ``known`` (N, K) codes, sample ``n_new`` more; returns the window's (N, K + n_new) codes."""
+                  on_progress: Callable[[int], None] | None = None, report_every: int = 64) -> torch.Tensor:
+    """Prime ``known`` (N, K) codes, sample ``n_new`` more; returns the window's (N, K + n_new) codes.
+    ``on_progress(k)`` is told about every ``report_every`` sampled positions."""
     decoder.begin(upper, labels, n=known.shape[0])
     decoder.prime(known, chunk_size)
-    for _ in range(n_new):
-        ids = sample_logits(decoder.step(), temperature, top_k, top_p, generator)
-        decoder.push(ids)
-        if on_token is not None:
-            on_token()
+    for t in range(n_new):
+        decoder.push(sample_logits(decoder.step(), temperature, top_k, top_p, generator))
+        if on_progress is not None and ((t + 1) % report_every == 0 or t + 1 == n_new):
+            on_progress((t % report_every) + 1)
     return decoder.codes()
 
 
@@ -184,7 +184,7 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
                 parts.append(sample_window(
                     dec, z[sl, start:start + known], new,
                     None if upper is None else upper[sl].to(device), None if y is None else y[sl],
-                    on_token=lambda: bar.update(min(bs, n - i)), **knobs))
+                    on_progress=lambda k, rows=min(bs, n - i): bar.update(k * rows), **knobs))
             window = torch.cat(parts, dim=0)
             z = torch.cat([z, window[:, known:]], dim=1)
         bar.close()
