@@ -1,10 +1,10 @@
-"""Two slower ways to sample a window, to measure ``fastjukebox.sampling.sample_window`` against.
+"""Slower ways to sample a window, to measure ``fastjukebox.decoding.WindowDecoder`` against.
 
-Both sample ``n_new`` tokens from an empty window of one prior, with the same conditioning
-(``Prior.condition``, computed inside the call as ``sample_window`` does) and the same token draw
-(``fastjukebox.sampling.sample_logits`` with one generator), so for one seed the three methods
-produce the same tokens up to floating-point rounding, and exactly the same for greedy runs
-(``top_k=1``) whenever no two logits are within rounding of each other.
+They sample ``n_new`` tokens of one prior's window from a given ``Conditioning`` with the same
+token draw as fastjukebox (``fastjukebox.sampling.sample_logits`` with one generator), so for one
+seed the methods produce the same tokens up to floating-point rounding, and exactly the same for
+greedy runs (``top_k=1``) whenever no two logits are within rounding of each other.
+(``benchmarks.original_style`` has the original's own step, module structure and draw.)
 
 ``sample_full_recompute`` (no cache)
     Every new token re-runs the teacher-forced token model on the whole prefix,
@@ -35,20 +35,51 @@ from fastjukebox.layers import quick_gelu
 from fastjukebox.prior import Prior
 from fastjukebox.sampling import sample_logits
 
-__all__ = ["sample_full_recompute", "GrowingCacheSampler"]
+__all__ = ["sample_full_recompute", "GrowingCacheSampler", "prefill_kv", "needed_cache_len"]
+
+
+def needed_cache_len(pattern: str, t: int, block_len: int) -> int:
+    """Keys a growing cache keeps for ``pattern`` once position ``t`` (1-indexed) is in it, as the
+    original cuts it: the current block, the previous plus the current one, or everything."""
+    C = block_len
+    if pattern in ("dense", "transpose"):
+        return t
+    if pattern == "block":
+        return (t - 1) % C + 1
+    if pattern == "prev_block":
+        return t if t <= C else (t - 1) % C + 1 + C
+    raise NotImplementedError(f"{pattern!r} layers are not supported")
 
 
 @torch.no_grad()
-def sample_full_recompute(prior: Prior, n_new: int, upper=None, labels=None, *, temperature: float = 1.0,
+def prefill_kv(prior: Prior, known: torch.Tensor, cond) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values ``(N, L, n_state)`` of every layer after the known codes ``(N, K)`` were fed,
+    each cut to what a growing cache keeps at position ``K``: the state the original's chunked
+    priming leaves behind, computed in one teacher-forced pass (priming is not timed)."""
+    tm = prior.prior
+    K = known.shape[1]
+    if K == 0:
+        return []
+    x = tm.inputs(known, cond.start, cond.x_cond)
+    out = []
+    for layer in tm.transformer._attn_mods:
+        attn = layer.attn
+        _, k, v = attn.c_attn(layer.ln_0(x)).chunk(3, dim=-1)
+        keep = needed_cache_len(attn.pattern, K, attn.block_len)
+        out.append((k[:, K - keep:].contiguous(), v[:, K - keep:].contiguous()))
+        x = layer(x)
+    return out
+
+
+@torch.no_grad()
+def sample_full_recompute(prior: Prior, n_new: int, cond, *, temperature: float = 1.0,
                           top_k: int = 0, top_p: float = 0.0,
                           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample ``n_new`` codes (N, n_new) re-running the teacher-forced model on the prefix per token.
-
-    Only priors without lyrics are supported (their sequence is just the music tokens)."""
+    """Sample ``n_new`` codes (N, n_new) from an empty window, re-running the teacher-forced
+    model on the prefix per token. Priors without lyrics only."""
     c = prior.config
     if c.lyrics is not None:
         raise NotImplementedError("the full-recompute baseline covers priors without lyrics")
-    cond = prior.condition(upper, labels)
     n = next(t.shape[0] for t in (cond.start, cond.x_cond) if t is not None)
     tm = prior.prior
     tokens = torch.zeros(n, n_new, dtype=torch.long, device=tm.x_emb.weight.device)
@@ -76,7 +107,8 @@ def _layer_norm(x: torch.Tensor, ln) -> torch.Tensor:
 class GrowingCacheSampler:
     """Step-by-step sampling with growing, re-sliced per-layer caches (see the module docstring).
 
-    One instance can sample many windows; ``reset`` (called by ``sample``) empties the caches."""
+    One instance can sample many windows: ``start`` sets up a window (empty, or primed with known
+    codes), ``sample`` continues it."""
 
     SUPPORTED = ("dense", "block", "transpose", "prev_block")
 
@@ -95,17 +127,21 @@ class GrowingCacheSampler:
     def reset(self) -> None:
         self.cache: list[dict[str, torch.Tensor]] = [{} for _ in self.layers]
         self.sample_t = 0   # positions fed so far (1-indexed position of the last one)
+        self.cond, self.prev = None, None
+
+    def start(self, cond, known: torch.Tensor) -> None:
+        """Begin a window with conditioning ``cond`` and known codes ``(N, K)`` already fed."""
+        self.reset()
+        self.cond, self.n = cond, known.shape[0]
+        for cache, (k, v) in zip(self.cache, prefill_kv(self.prior, known, cond)):
+            cache["key"], cache["value"] = k, v
+        self.sample_t = known.shape[1]
+        self.prev = known[:, -1:] if known.shape[1] else None
 
     # --- cache discipline -----------------------------------------------------------------
     def _needed(self, pattern: str) -> int:
         """Cache length a layer still needs once position ``sample_t`` has been appended."""
-        t, C = self.sample_t, self.block_len
-        if pattern in ("dense", "transpose"):
-            return t
-        if pattern == "block":
-            return (t - 1) % C + 1
-        # prev_block: the current block so far, plus all of the previous one past block 0
-        return t if t <= C else (t - 1) % C + 1 + C
+        return needed_cache_len(pattern, self.sample_t, self.block_len)
 
     def _append(self, i: int, key: torch.Tensor, value: torch.Tensor, pattern: str):
         cache = self.cache[i]
@@ -166,17 +202,15 @@ class GrowingCacheSampler:
         return x
 
     @torch.no_grad()
-    def sample(self, n_new: int, upper=None, labels=None, *, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample ``n_new`` codes (N, n_new) from an empty window."""
-        prior, tm = self.prior, self.prior.prior
-        self.reset()
-        cond = prior.condition(upper, labels)
-        n = next(t.shape[0] for t in (cond.start, cond.x_cond) if t is not None)
+    def sample(self, n_new: int, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample the next ``n_new`` codes (N, n_new) of the window ``start`` began."""
+        tm, cond, n = self.prior.prior, self.cond, self.n
         dtype = tm.x_emb.weight.dtype
         pos_emb = tm.pos_emb()
-        out, prev = [], None
-        for t in range(n_new):
+        out, prev = [], self.prev
+        for _ in range(n_new):
+            t = self.sample_t
             x = tm.start_embedding(n, cond.start).to(dtype) if t == 0 else tm.x_emb(prev).view(n, 1, -1)
             xc = None if cond.x_cond is None else cond.x_cond[:, t:t + 1]
             x = x + pos_emb[t:t + 1]
@@ -184,8 +218,7 @@ class GrowingCacheSampler:
                 x = x + xc
             h = self.step(x)
             logits = tm.head(h, xc)[:, 0]
-            prev = sample_logits(logits, temperature, top_k, top_p, generator)
+            prev = sample_logits(logits, temperature, top_k, top_p, generator)[:, None]
             out.append(prev)
-        self.reset()
-        return torch.stack(out, dim=1)
-
+        self.prev = prev
+        return torch.cat(out, dim=1)

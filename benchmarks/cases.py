@@ -1,7 +1,7 @@
 """Shapes of the sampling benchmarks: small priors with random weights, shaped like the upsamplers.
 
 A case names a prior architecture, how many tokens each method samples and the batch sizes to
-time. ``build_prior`` makes the model (seeded, eval mode, no gradients) and ``window_inputs``
+time, and how many of the window's codes are known before sampling starts. ``build_prior`` makes the model (seeded, eval mode, no gradients) and ``window_inputs``
 one window's conditioning inputs (codes of the level above and a label row).
 
 The released level-0 upsampler is ``n_ctx=8192, width=1920, depth=72, blocks=128``; the cases
@@ -16,7 +16,7 @@ do not depend on the weights' values.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -36,15 +36,20 @@ UPSAMPLER_SMALL = PriorConfig(
 class SamplingCase:
     """One benchmark shape.
 
-    n_new: tokens every method samples, from an empty window (no priming).
+    n_new: tokens every method samples (the timed part).
+    known: codes already in the window before sampling (primed, untimed), as in every window
+        after a level's first: the original's level-0 hop of 1/8 leaves 7/8 of the window known.
     batches: batch sizes timed.
+    methods: the methods compared (full recompute is left out where it would take hours).
     seed: seeds the weights, the window's inputs and the sampling generator.
     """
 
     name: str
     config: PriorConfig
     n_new: int
+    known: int = 0
     batches: tuple[int, ...] = (1, 16)
+    methods: tuple[str, ...] = ("ours", "original_style", "growing_cache", "full_recompute")
     seed: int = 0
 
     def describe(self) -> dict:
@@ -52,8 +57,14 @@ class SamplingCase:
         return {"case": self.name, "level": c.level, "n_ctx": c.n_ctx, "width": c.width, "depth": c.depth,
                 "heads": c.heads, "attn_order": c.attn_order, "blocks": c.blocks, "block_len": c.block_len,
                 "n_state": c.n_state, "l_bins": c.l_bins, "cond_width": c.cond_width,
-                "cond_depth": c.cond_depth, "n_new": self.n_new, "batches": list(self.batches)}
+                "cond_depth": c.cond_depth, "n_new": self.n_new, "known": self.known,
+                "batches": list(self.batches), "methods": list(self.methods)}
 
+
+# The released upsamplers' context and block structure (n_ctx 8192, blocks 128 of 64 tokens), at
+# the width of UPSAMPLER_SMALL.
+UPSAMPLER_8K = replace(UPSAMPLER_SMALL, n_ctx=8192, blocks=128)
+CACHED_METHODS = ("ours", "original_style", "growing_cache")
 
 CASES: dict[str, SamplingCase] = {
     # 256 tokens = 4 blocks of 64: every pattern's cache logic is exercised (block 0's empty
@@ -63,6 +74,15 @@ CASES: dict[str, SamplingCase] = {
     "upsampler_small_quick": SamplingCase("upsampler_small_quick", UPSAMPLER_SMALL, n_new=128),
     # Greedy-equivalence check: crosses two block boundaries, cheap enough for plain pytest.
     "upsampler_small_check": SamplingCase("upsampler_small_check", UPSAMPLER_SMALL, n_new=160, batches=(1, 4)),
+    # A level-0 window in steady state: 7/8 of n_ctx known (primed from the previous window),
+    # the last 1/8 sampled; 128 of its 1024 new tokens are timed.
+    "upsampler_8k_primed": SamplingCase("upsampler_8k_primed", UPSAMPLER_8K, n_new=128, known=7168,
+                                        methods=CACHED_METHODS),
+    "upsampler_8k_primed_quick": SamplingCase("upsampler_8k_primed_quick", UPSAMPLER_8K, n_new=32, known=7168,
+                                              methods=CACHED_METHODS),
+    # Primed equivalence check: known codes end mid-block, sampling crosses a block boundary.
+    "upsampler_primed_check": SamplingCase("upsampler_primed_check", UPSAMPLER_SMALL, n_new=72, known=900,
+                                           batches=(1, 3), methods=CACHED_METHODS),
 }
 DEFAULT_CASE = "upsampler_small"
 QUICK_CASE = "upsampler_small_quick"
@@ -79,9 +99,10 @@ def build_prior(case: SamplingCase, dtype: torch.dtype = torch.float32) -> Prior
     return prior.to(dtype).eval().requires_grad_(False)
 
 
-def window_inputs(case: SamplingCase, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes of the level above under one window, ``(batch, n_ctx // cond_downsample)``, and a
-    label row per sample, ``(batch, label_len)`` (artist, two genres, unused genre slots -1)."""
+def window_inputs(case: SamplingCase, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes of the level above under one window, ``(batch, n_ctx // cond_downsample)``, a
+    label row per sample, ``(batch, label_len)`` (artist, two genres, unused genre slots -1), and
+    the window's known codes ``(batch, case.known)``."""
     c = case.config
     g = torch.Generator().manual_seed(case.seed + 1)
     upper = torch.randint(0, c.l_bins, (batch, c.n_ctx // c.cond_downsample), generator=g)
@@ -92,4 +113,5 @@ def window_inputs(case: SamplingCase, batch: int) -> tuple[torch.Tensor, torch.T
     labels[:, 2] = c.sample_length                           # window length
     labels[:, 3] = torch.randint(0, artists, (batch,), generator=g)
     labels[:, 4:6] = torch.randint(0, genres, (batch, 2), generator=g)
-    return upper, labels
+    known = torch.randint(0, c.l_bins, (batch, case.known), generator=g)
+    return upper, labels, known

@@ -1,17 +1,22 @@
-"""The three sampling methods under comparison, as zero-argument callables for one (case, batch).
+"""The sampling methods under comparison, each prepared for one (case, batch) window.
 
-=================  ==========================================================================
-``ours``           ``fastjukebox.sampling.sample_window`` with one ``WindowDecoder`` (static
-                   cache) allocated for the batch and reused for every window
-``full_recompute`` (a) ``benchmarks.baselines.sample_full_recompute``: no cache, the prefix is
-                   re-run teacher-forced for every token
-``growing_cache``  (b) ``benchmarks.baselines.GrowingCacheSampler``: per-layer caches grown with
-                   ``torch.cat`` and re-sliced every step, weights re-cast per call
-=================  ==========================================================================
+==================  =========================================================================
+``ours``            ``fastjukebox.decoding.WindowDecoder`` (static cache, one decoder allocated
+                    for the batch and reused for every window), the loop of
+                    ``fastjukebox.sampling.sample_window``
+``original_style``  (b) ``benchmarks.original_style.OriginalStyleSampler``: the original's step,
+                    module structure, growing caches and ``Categorical`` draw
+``growing_cache``   (b') ``benchmarks.baselines.GrowingCacheSampler``: only the original's cache
+                    discipline (caches grown with ``torch.cat`` and re-sliced every step, weights
+                    re-cast per call) in otherwise lean code
+``full_recompute``  (a) ``benchmarks.baselines.sample_full_recompute``: no cache, the prefix is
+                    re-run teacher-forced for every token (empty windows only)
+==================  =========================================================================
 
-Each call samples ``case.n_new`` tokens from an empty window (no priming), computes the window's
-conditioning itself and draws with a fresh generator seeded from the case, so repeated calls do
-identical work and the three methods see the same random numbers.
+``prepare`` does the untimed part of a window (conditioning; priming the case's known codes) and
+returns the timed part: a callable sampling ``case.n_new`` tokens, returning them (batch, n_new).
+Draws use a generator seeded from the case (the original-style method seeds the global one), so
+repeated windows do identical work.
 """
 from __future__ import annotations
 
@@ -21,29 +26,36 @@ import torch
 
 from fastjukebox.decoding import WindowDecoder
 from fastjukebox.prior import Prior
-from fastjukebox.sampling import sample_window
+from fastjukebox.sampling import sample_logits
 
 from .baselines import GrowingCacheSampler, sample_full_recompute
 from .cases import SamplingCase, window_inputs
+from .original_style import OriginalStyleSampler
 
-METHODS = ("ours", "full_recompute", "growing_cache")
+METHODS = ("ours", "original_style", "growing_cache", "full_recompute")
 LABELS = {
     "ours": "ours: static cache (WindowDecoder)",
+    "original_style": "(b) original-style loop",
+    "growing_cache": "(b') growing cache only, lean code",
     "full_recompute": "(a) full recompute, no cache",
-    "growing_cache": "(b) growing cache, torch.cat",
 }
+SHORT = {"ours": "ours", "original_style": "(b) original-style", "growing_cache": "(b') growing cache",
+         "full_recompute": "(a) full recompute"}
 # The upsamplers' default sampling temperature in the original (and in ``sample_levels``).
 DEFAULT_KNOBS = dict(temperature=0.99, top_k=0, top_p=0.0)
 
+Prepare = Callable[[], Callable[[], torch.Tensor]]
 
-def make_runner(method: str, prior: Prior, case: SamplingCase, batch: int,
-                **knobs) -> Callable[[], torch.Tensor]:
-    """A callable sampling one window of ``case.n_new`` codes, returning them (batch, n_new).
 
-    State that a real sampler keeps across windows (the decoder and its cache, the growing-cache
-    sampler object) is built here, outside the callable."""
+def make_method(method: str, prior: Prior, case: SamplingCase, batch: int, **knobs) -> Prepare:
+    """``prepare()`` -> ``run()`` for one window of ``method`` (see the module docstring).
+
+    State a real sampler keeps across windows (the decoder and its cache, the baseline sampler
+    objects) is built here, once."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     knobs = {**DEFAULT_KNOBS, **knobs}
-    upper, labels = window_inputs(case, batch)
+    upper, labels, known = window_inputs(case, batch)
     n_new, seed = case.n_new, case.seed
     device = prior.prior.x_emb.weight.device
 
@@ -52,19 +64,40 @@ def make_runner(method: str, prior: Prior, case: SamplingCase, batch: int,
 
     if method == "ours":
         decoder = WindowDecoder(prior, batch)
-        known = torch.zeros(batch, 0, dtype=torch.long, device=device)
-        return lambda: sample_window(decoder, known, n_new, upper, labels, generator=gen(), **knobs)
+
+        def prepare():
+            decoder.begin(upper, labels)
+            decoder.prime(known)
+            g = gen()
+
+            def run():
+                for _ in range(n_new):
+                    decoder.push(sample_logits(decoder.step(), generator=g, **knobs))
+                return decoder.codes()[:, case.known:]
+            return run
+        return prepare
     if method == "full_recompute":
-        return lambda: sample_full_recompute(prior, n_new, upper, labels, generator=gen(), **knobs)
-    if method == "growing_cache":
-        sampler = GrowingCacheSampler(prior)
-        return lambda: sampler.sample(n_new, upper, labels, generator=gen(), **knobs)
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        if case.known:
+            raise ValueError("the full-recompute baseline samples empty windows only")
+
+        def prepare_recompute():
+            cond = prior.condition(upper, labels)
+            return lambda: sample_full_recompute(prior, n_new, cond, generator=gen(), **knobs)
+        return prepare_recompute
+    sampler = OriginalStyleSampler(prior) if method == "original_style" else GrowingCacheSampler(prior)
+
+    def prepare():
+        sampler.start(prior.condition(upper, labels), known)
+        if method == "original_style":
+            return lambda: sampler.sample(n_new, seed=seed, **knobs)
+        g = gen()
+        return lambda: sampler.sample(n_new, generator=g, **knobs)
+    return prepare
 
 
 def sample_all(prior: Prior, case: SamplingCase, batch: int, **knobs) -> dict[str, torch.Tensor]:
-    """One window from each method with the same knobs and seed: method -> codes (batch, n_new)."""
-    return {m: make_runner(m, prior, case, batch, **knobs)() for m in METHODS}
+    """One window from each of the case's methods with the same knobs and seed: method -> codes."""
+    return {m: make_method(m, prior, case, batch, **knobs)()() for m in case.methods}
 
 
 def mismatches(codes: dict[str, torch.Tensor]) -> dict[str, int]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .attention import attend_cached
 from .transformer import Transformer
 
 
@@ -108,13 +107,5 @@ class TokenTransformer(nn.Module):
         """Inputs ``x: (N, T, W)`` at positions ``[pos, pos + T)`` inside one block: write their
         keys/values to ``cache`` and return the final activations (N, T, W)."""
         for i, layer in enumerate(self.transformer._attn_mods):
-            attn = layer.attn
-            h = layer.ln_0(x)
-            if attn.pattern == "cross":
-                q = attn._heads(attn.c_attn(h))
-            else:
-                q, k, v = attn.project_qkv(h)
-                cache.write(i, k, v, pos)
-            a = attend_cached(q, cache.k[i], cache.v[i], attn.pattern, pos, attn.block_len, attn.prime_len)
-            x = layer.residual(x, attn.project_out(a))
+            x = layer.decode(x, cache, i, pos)
         return x

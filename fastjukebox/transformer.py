@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .attention import attend, layer_patterns
+from .attention import attend, attend_cached, layer_patterns
 from .layers import Conv1D, LayerNorm, quick_gelu
 
 
@@ -86,6 +86,28 @@ class ResAttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, encoder_kv: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
         return self.residual(x, self.attn(self.ln_0(x), encoder_kv, causal))
+
+    def decode(self, x: torch.Tensor, cache, index: int, pos: int) -> torch.Tensor:
+        """Cached decoding: inputs ``x: [N, T, W]`` at positions ``[pos, pos + T)`` inside one
+        block; their keys/values go into layer ``index`` of ``cache`` (a ``KVCache``).
+
+        The same arithmetic as ``forward``; submodules' ``forward`` is called directly because
+        a step is small enough for module-call overhead to be a sizeable part of it."""
+        attn, mlp = self.attn, self.mlp
+        h = self.ln_0.forward(x)
+        if attn.pattern == "cross":
+            q = attn._heads(attn.c_attn.forward(h))
+        else:
+            q, k, v = attn.c_attn.forward(h).chunk(3, dim=-1)
+            q, k, v = attn._heads(q), attn._heads(k), attn._heads(v)
+            cache.write(index, k, v, pos)
+        a = attend_cached(q, cache.k[index], cache.v[index], attn.pattern, pos, attn.block_len, attn.prime_len)
+        a = attn.c_proj.forward(a.reshape(*a.shape[:2], attn.n_state))
+        xa = x + a
+        m = mlp.c_proj.forward(quick_gelu(mlp.c_fc.forward(self.ln_1.forward(xa))))
+        if self.res_scale == 1.0:
+            return xa + m
+        return x + self.res_scale * (a + m)
 
 
 class Transformer(nn.Module):

@@ -25,12 +25,16 @@ import torch
 
 def _attend(q, k, v, allowed, scale):
     """q: [N, T, H, D]; k, v: [N, S, H, D]; allowed: [T, S] bool or None -> [N, T, H, D]."""
-    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    qh, kh, vh = (x.to(compute).transpose(1, 2) for x in (q, k, v))   # [N, H, *, D]
-    s = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    dtype = q.dtype
+    half = dtype in (torch.float16, torch.bfloat16)
+    if half:   # softmax statistics in fp32
+        q, k, v = q.float(), k.float(), v.float()
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [N, H, *, D]
+    s = torch.matmul(qh, kh.transpose(-1, -2)).mul_(scale)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
-    return torch.matmul(torch.softmax(s, dim=-1), vh).transpose(1, 2).to(q.dtype)
+    a = torch.matmul(torch.softmax(s, dim=-1), vh).transpose(1, 2)
+    return a.to(dtype) if half else a
 
 
 def _causal(S: int, first: int, T: int, device) -> torch.Tensor | None:
@@ -60,6 +64,8 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
             return torch.zeros_like(q)
         return _attend(q, k_cache[:, (b - 1) % 2], v_cache[:, (b - 1) % 2], None, scale)
     if pattern == "transpose":
+        if T == 1:   # one query: its column is an ordinary [N, b+1, H, D] key sequence
+            return _attend(q, k_cache[:, s0, : b + 1], v_cache[:, s0, : b + 1], None, scale)
         # Each query reads its own column: [N, T, b+1, H, D], all at or before it.
         k, v = k_cache[:, s0:s0 + T, : b + 1], v_cache[:, s0:s0 + T, : b + 1]
         compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
