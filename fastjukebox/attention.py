@@ -106,3 +106,23 @@ def attend_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         elif name != "reference" and name in _DECODE_BACKENDS:
             fn = _DECODE_BACKENDS[name][0]
     return fn(q, k_cache, v_cache, pattern, pos, block_len, prime_len)
+
+
+def _register_gpu_kernels() -> None:
+    """The Triton kernels serve CUDA tensors under ``auto``; the references everything else.
+    Triton is imported only when CUDA is present (on CPU it would need its interpreter)."""
+    if not torch.cuda.is_available():
+        return
+    try:
+        from kernels.factored_attention.ops import factored_attention, supports
+    except ImportError:   # no triton: the references serve CUDA too
+        return
+    register_backend("triton", factored_attention, supports)
+    try:
+        from kernels.decode_attention.ops import decode_attention, supports as decode_supports
+    except ImportError:
+        return
+    register_decode_backend("triton", decode_attention, decode_supports)
+
+
+_register_gpu_kernels()

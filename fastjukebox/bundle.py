@@ -6,7 +6,8 @@ Directory layouts understood by ``load``:
   ``model.safetensors``);
 * the original release: ``vqvae.pth.tar`` and ``prior_level_{0,1,2}.pth.tar``.
 
-Missing prior levels are allowed (e.g. upsamplers only); the VQ-VAE is required.
+Missing prior levels are allowed (e.g. upsamplers only); the VQ-VAE is required. Distilled
+parallel upsamplers (``distill``) are found beside the priors as ``student_level_{0,1}/``.
 """
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ ASSETS = Path(__file__).parent / "assets"
 class Jukebox(nn.Module):
     """``vqvae`` plus ``priors[level]``; level 0 is the finest (bottom) level."""
 
-    def __init__(self, vqvae: VQVAE, priors: dict[int, Prior]):
+    def __init__(self, vqvae: VQVAE, priors: dict[int, Prior], students: dict[int, nn.Module] | None = None):
         super().__init__()
         self.vqvae = vqvae
         self.priors = nn.ModuleDict({str(level): p for level, p in sorted(priors.items())})
+        self.students = nn.ModuleDict({str(level): s for level, s in sorted((students or {}).items())})
         for level, p in priors.items():
             if p.config.level != level:
                 raise ValueError(f"prior given for level {level} models level {p.config.level}")
@@ -40,6 +42,15 @@ class Jukebox(nn.Module):
         if str(level) not in self.priors:
             raise ValueError(f"this model has no prior for level {level} (has: {self.levels})")
         return self.priors[str(level)]
+
+    def student(self, level: int) -> nn.Module:
+        """The distilled parallel upsampler of ``level`` (sampler ``"parallel"``)."""
+        if str(level) not in self.students:
+            have = ", ".join(sorted(self.students)) or "none"
+            raise ValueError(f"no parallel student for level {level} (students: {have}); train one with "
+                             f"`python -m distill.train --teacher {'bottom' if level == 0 else 'middle'}` and "
+                             f"put its directory beside the priors as student_level_{level}/")
+        return self.students[str(level)]
 
     @property
     def levels(self) -> list[int]:
@@ -79,7 +90,8 @@ class Jukebox(nn.Module):
         prompt: audio (T,) or (N, T) at ``sr``; it is encoded at every level and continued
             (the original's primed mode).
         sampling: temperature, top_k, top_p (one value or per level), chunk_size, hop_fraction,
-            max_batch_size, seed, sampler ({level: "ar"}), progress.
+            max_batch_size, seed, sampler ("ar", "parallel" or {level: name}), passes (parallel
+            decoding passes per window), progress.
         Returns a ``SampleResult`` (codes per level, level 0 first; audio (N, T) in [-1, 1]).
         """
         from .generate import run, seconds_to_length
@@ -139,6 +151,8 @@ class Jukebox(nn.Module):
         save_component(self.vqvae, directory / "vqvae", dtype)
         for level in self.levels:
             save_component(self.prior(level), directory / f"prior_level_{level}", dtype)
+        for level, student in self.students.items():
+            student.save(directory / f"student_level_{level}", dtype=dtype)
         return directory
 
 
@@ -170,4 +184,10 @@ def load(path_or_name: str | os.PathLike = "demo", *, dtype: torch.dtype | None 
             priors[level] = load_component(p, "prior", dtype=dtype, device=device)
     if not priors:
         raise CheckpointError(f"{path}: no prior_level_* components")
-    return Jukebox(vqvae, priors)
+    students = {}
+    for level in range(vqvae.config.levels - 1):
+        p = path / f"student_level_{level}"
+        if p.is_dir():
+            from distill.student import ParallelStudent
+            students[level] = ParallelStudent.load(p, device=device, dtype=dtype)
+    return Jukebox(vqvae, priors, students)

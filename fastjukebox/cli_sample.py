@@ -274,7 +274,7 @@ def _fill(value, default, jb, what: str):
 
 def _sampling_kw(args, jb) -> dict:
     kw = {k: _fill(getattr(args, k), d, jb, "--" + k.replace("_", "-")) for k, d in _SAMPLING_DEFAULTS.items()}
-    kw.update(sampler=args.sampler, max_batch_size=args.max_batch_size,
+    kw.update(sampler=args.sampler, passes=args.passes, max_batch_size=args.max_batch_size,
               seed=args.seed if args.seed is not None else secrets.randbelow(2**31),
               progress=not args.quiet)
     return kw
@@ -451,7 +451,11 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", default=0.0, metavar="P",
                    type=_per_level(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
                    help="nucleus sampling; 0: off (one value or per level)")
-    p.add_argument("--sampler", type=_sampler, help="sampler per level, e.g. 'ar' or '1=ar,0=ar' (default: ar)")
+    p.add_argument("--sampler", type=_sampler,
+                   help="sampler per level: 'ar' (exact) or 'parallel' (distilled student; upsampler levels only, "
+                        "so 'parallel' alone means '1=parallel,0=parallel'), or pairs like '1=parallel,0=ar' "
+                        "(default: ar)")
+    p.add_argument("--passes", type=int, default=16, help="decoding passes per window of the parallel sampler")
     p.add_argument("--chunk-size", default=32, metavar="C", type=_per_level(int, lambda v: v >= 1, "an integer >= 1"),
                    help="tokens primed per step (one value or per level; default: 32)")
     p.add_argument("--max-batch-size", type=_positive_int, default=16, help="samples decoded together (default: 16)")

@@ -13,8 +13,21 @@ import torch
 from .labels import LabelIds, Labeller, Labels
 from .sampling import sample_levels
 
-# Level samplers; "ar" is exact autoregressive sampling. Other samplers register here.
-SAMPLERS = {"ar"}
+def _parallel_sampler(jb, level: int, passes: int = 16):
+    student = jb.student(level)
+    from distill.sampler import ParallelWindowSampler
+    return ParallelWindowSampler(student, passes=passes)
+
+
+# Level samplers: name -> factory(jb, level, **options) building a window sampler, or None for
+# exact autoregressive sampling (``fastjukebox.sampling.ARWindowSampler``). "parallel" uses the
+# distilled student stored beside the level's prior (``student_level_{level}/``).
+SAMPLERS = {"ar": None, "parallel": _parallel_sampler}
+
+
+def register_sampler(name: str, factory) -> None:
+    """Make ``name`` usable as a per-level sampler (``factory(jb, level, passes=...)``)."""
+    SAMPLERS[name] = factory
 
 
 @dataclass
@@ -58,11 +71,22 @@ def make_labels(jb, *, artist, genre, lyrics: str | Sequence[str], n_samples: in
     return out
 
 
-def _check_samplers(jb, sampler, levels) -> None:
+def _window_samplers(jb, sampler, levels, passes: int) -> dict:
+    """Level -> window sampler for the levels not sampled autoregressively."""
+    out = {}
+    top = jb.vqvae.config.levels - 1
     for level in levels:
         name = sampler.get(level, "ar") if isinstance(sampler, Mapping) else (sampler or "ar")
+        if name == "parallel" and level == top:
+            if isinstance(sampler, Mapping):
+                raise ValueError(f"the parallel sampler covers the upsamplers (levels {top - 1}..0); "
+                                 f"the top level {top} is sampled autoregressively ('ar')")
+            name = "ar"   # one name for all levels: "parallel" wherever there is a student
         if name not in SAMPLERS:
             raise ValueError(f"unknown sampler {name!r} for level {level}; available: {', '.join(sorted(SAMPLERS))}")
+        if SAMPLERS[name] is not None:
+            out[level] = SAMPLERS[name](jb, level, passes=passes)
+    return out
 
 
 def seconds_to_length(jb, seconds: float) -> int:
@@ -82,8 +106,8 @@ def _finish(jb, codes, decode_level: int | None) -> SampleResult:
 
 def run(jb, *, codes, levels, labels_kw: dict, sample_length: int, sampler=None, temperature=0.99,
         top_k=0, top_p=0.0, chunk_size=32, hop_fraction=(0.5, 0.5, 0.125), max_batch_size=16, seed=None,
-        progress=True) -> SampleResult:
-    _check_samplers(jb, sampler, levels)
+        progress=True, passes: int = 16) -> SampleResult:
+    window_samplers = _window_samplers(jb, sampler, levels, passes)
     top = jb.prior(max(levels)).config
     total = labels_kw.pop("total_length", None)
     if total is None:
@@ -93,5 +117,6 @@ def run(jb, *, codes, levels, labels_kw: dict, sample_length: int, sampler=None,
     priors = {l: jb.prior(l) for l in levels}
     zs = sample_levels(jb.vqvae, priors, labels, sample_length, codes=codes, levels=levels,
                        hop_fraction=hop_fraction, chunk_size=chunk_size, temperature=temperature,
-                       top_k=top_k, top_p=top_p, max_batch_size=max_batch_size, seed=seed, progress=progress)
+                       top_k=top_k, top_p=top_p, max_batch_size=max_batch_size, seed=seed, progress=progress,
+                       window_samplers=window_samplers)
     return _finish(jb, zs, min(levels))

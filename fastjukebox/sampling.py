@@ -87,6 +87,20 @@ def sample_window(decoder: WindowDecoder, known: torch.Tensor, n_new: int, upper
     return decoder.codes()
 
 
+class ARWindowSampler:
+    """The exact ``"ar"`` window sampler: ``sample_window`` over one reused ``WindowDecoder``.
+
+    Window samplers share this call signature (``distill.sampler.ParallelWindowSampler`` too):
+    ``(known (N, K), n_new, upper, labels, *, temperature, top_k, top_p, chunk_size, generator,
+    on_progress) -> (N, K + n_new)`` codes."""
+
+    def __init__(self, prior: Prior, batch: int, device=None):
+        self.decoder = WindowDecoder(prior, batch, device=device)
+
+    def __call__(self, known, n_new, upper=None, labels=None, **knobs) -> torch.Tensor:
+        return sample_window(self.decoder, known, n_new, upper, labels, **knobs)
+
+
 def level_windows(total: int, n_ctx: int, hop: int, have: int) -> list[tuple[int, int, int]]:
     """(start, known, new) per window that has something to sample, as the original walks them.
 
@@ -109,7 +123,8 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
                   hop_fraction: Sequence[float] = (0.5, 0.5, 0.125), chunk_size: PerLevel = 32,
                   temperature: PerLevel = 0.99, top_k: PerLevel = 0, top_p: PerLevel = 0.0,
                   max_batch_size: int = 16, seed: int | None = None, progress: bool = True,
-                  decoders: dict | None = None) -> list[torch.Tensor]:
+                  decoders: dict | None = None,
+                  window_samplers: Mapping[int, Callable[..., torch.Tensor]] | None = None) -> list[torch.Tensor]:
     """Sample ``levels`` (top first) of ``sample_length`` audio samples.
 
     Args:
@@ -122,7 +137,9 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
             value for all.
         max_batch_size: samples decoded together; larger batches are split.
         seed: makes the run reproducible.
-        decoders: optional cache of ``WindowDecoder`` keyed by (level, batch), reused across calls.
+        decoders: optional cache of ``ARWindowSampler`` keyed by (level, batch), reused across calls.
+        window_samplers: level -> a window sampler to use instead of exact autoregressive
+            sampling (e.g. ``distill.sampler.ParallelWindowSampler``; see ``ARWindowSampler``).
     Returns:
         codes per level, level 0 first (levels not sampled are returned as given, or None).
     """
@@ -169,10 +186,12 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
         bar = tqdm(total=sum(w[2] for w in windows) * n, unit="tok", desc=f"level {level}",
                    disable=not progress or not windows, leave=False)
         bs = min(n, max_batch_size)
-        key = (level, bs)
-        if key not in decoders:
-            decoders[key] = WindowDecoder(prior, bs, device=device)
-        dec = decoders[key]
+        if window_samplers is not None and level in window_samplers:
+            fill = window_samplers[level]
+        else:
+            if (level, bs) not in decoders:
+                decoders[level, bs] = ARWindowSampler(prior, bs, device=device)
+            fill = decoders[level, bs]
         for w, (start, known, new) in enumerate(windows):
             bar.set_postfix_str(f"window {w + 1}/{len(windows)}")
             end = start + c.n_ctx
@@ -181,8 +200,8 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
             parts = []
             for i in range(0, n, bs):
                 sl = slice(i, i + bs)
-                parts.append(sample_window(
-                    dec, z[sl, start:start + known], new,
+                parts.append(fill(
+                    z[sl, start:start + known], new,
                     None if upper is None else upper[sl].to(device), None if y is None else y[sl],
                     on_progress=lambda k, rows=min(bs, n - i): bar.update(k * rows), **knobs))
             window = torch.cat(parts, dim=0)

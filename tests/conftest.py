@@ -19,6 +19,11 @@ import torch
 
 torch.set_num_threads(1)
 
+# Without a GPU the Triton kernels run in Triton's interpreter. The mode is fixed when triton is
+# first imported, so it is set here, before any test module imports a kernel.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # a plain ``pytest`` run from a checkout that is not installed
     sys.path.insert(0, str(ROOT))

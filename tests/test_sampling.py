@@ -180,7 +180,9 @@ def test_bad_sampling_input_is_named():
         jb.continue_([torch.zeros(1, 4, dtype=torch.long)], 3, 1, seconds=0.1, progress=False)
     with pytest.raises(ValueError, match="already exceed"):
         jb.continue_([None, None, torch.zeros(1, 200, dtype=torch.long)], 3, 1, seconds=0.1, progress=False)
-    with pytest.raises(ValueError, match="unknown sampler 'parallel'"):
+    with pytest.raises(ValueError, match="unknown sampler 'fast'"):
+        jb.sample(3, 1, seconds=0.1, sampler={0: "fast"}, progress=False)
+    with pytest.raises(ValueError, match="no parallel student for level 0"):
         jb.sample(3, 1, seconds=0.1, sampler={0: "parallel"}, progress=False)
     with pytest.raises(ValueError, match="shorter than one top-level code"):
         jb.sample(3, 1, seconds=0.001, progress=False)

@@ -35,7 +35,7 @@ def _softmax_attend(q, k, v, allowed, scale):
     s = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
     if allowed is not None:
         # A finite fill keeps rows that only padding reaches NaN-free (they are sliced away).
-        s = s.masked_fill(~allowed, torch.finfo(compute).min)
+        s = s.masked_fill(~allowed, torch.finfo(s.dtype).min)
     p = torch.softmax(s, dim=-1)
     return torch.matmul(p, v.to(compute)).to(q.dtype)
 

@@ -1,0 +1,372 @@
+"""Distillation data: teacher samples of upsampler windows, written to disk in checksummed shards.
+
+A window of the distilled level ``L`` (``n_ctx`` codes) is cut from real audio; the VQ-VAE encodes
+it at levels ``L`` (the real codes) and ``L + 1`` (the upper codes the upsampler is conditioned
+on). The teacher (the level-``L`` prior) samples the whole window autoregressively with the fast
+sampler (``sample_window`` on a ``WindowDecoder``), and one teacher-forced pass over its own sample
+gives, per position, the probability of the sampled token and the top-k of its predictive
+distribution (temperature 1, i.e. the model's distribution; the sampling temperature is recorded
+in the metadata).
+
+Shard ``i`` (``shard-{i:05d}.safetensors``) holds, for ``S`` windows:
+
+=============  ====================  ===============================================
+``codes``      (S, n_ctx) int64      teacher sample
+``real``       (S, n_ctx) int64      real codes of the same window
+``upper``      (S, n_ctx // cd) int64 level-(L+1) codes of the window
+``labels``     (S, label_len) int64  window label rows (only for priors with labels)
+``token_prob`` (S, n_ctx) float32    teacher probability of each sampled token
+``topk_ids``   (S, n_ctx, k) int64   teacher top-k ids per position
+``topk_probs`` (S, n_ctx, k) float32 their probabilities (not renormalised)
+=============  ====================  ===============================================
+
+Its safetensors metadata carries a SHA-256 over every tensor (name, dtype, shape, bytes). Shards
+are written atomically, so a shard that exists was written whole; one whose checksum does not
+match (or that cannot be parsed) raises ``CorruptShardError`` naming the file. Shard ``i``'s
+content depends only on ``(seed, i)`` (and the settings in ``meta.json``), so generation can be spread over processes (shard ``i``
+belongs to rank ``i % world_size``) and resumed (complete shards are skipped).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from fastjukebox.atomic import atomic_path
+from fastjukebox.decoding import WindowDecoder
+from fastjukebox.labels import Labeller
+from fastjukebox.prior import Prior
+from fastjukebox.sampling import sample_window
+from fastjukebox.vqvae import VQVAE
+
+SHARD_FORMAT = "fastjukebox-distill-shard/1"
+META_NAME = "meta.json"
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
+HELDOUT_FRACTION = 0.2   # of each file's duration, for --data DIR sources
+
+
+class CorruptShardError(ValueError):
+    """A shard that is truncated, unparsable or fails its checksum."""
+
+
+# --------------------------------------------------------------------------------------------
+# sources: pieces of real audio
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class SourcePiece:
+    """Mono audio (T,) at the model's rate, float32 in [-1, 1] or int16 (kept as int16 so that a
+    large corpus stays small in memory; converted per window), with label ids."""
+
+    name: str
+    audio: np.ndarray
+    artist: int = 0
+    genre: int = 0
+
+
+def _audio_files(directory: Path) -> list[Path]:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+    if not files:
+        raise ValueError(f"--data {directory}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) found")
+    return files
+
+
+def load_pieces(data: str | os.PathLike | None, split: str, sr: int, limit: int | None = None) -> list[SourcePiece]:
+    """Pieces for ``split`` ("train" or "heldout").
+
+    data None: the demo corpus (``fastjukebox.demo.corpus.build_corpus(split=...)``).
+    data DIR: every audio file under DIR (artist 0, genre 0); "train" is the first
+    ``1 - HELDOUT_FRACTION`` of each file and "heldout" the rest, so both splits exist for any
+    number of files and never overlap.
+    """
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if data is None:
+        from fastjukebox.demo.corpus import SR, build_corpus
+        if SR != sr:
+            raise ValueError(f"the demo corpus is at {SR} Hz but the model at {sr} Hz")
+        out = [SourcePiece(p.name, np.asarray(p.audio), int(p.artist), int(p.genre))
+               for p in build_corpus(split=split, limit=limit)]
+        if not out:
+            raise ValueError(f"the demo corpus has no {split} pieces")
+        return out
+    from fastjukebox.audio import load_audio
+    directory = Path(data)
+    if not directory.is_dir():
+        raise ValueError(f"--data {directory}: not a directory")
+    out = []
+    for path in _audio_files(directory)[:limit]:
+        audio = load_audio(path, sr=sr).numpy()
+        cut = int(len(audio) * (1.0 - HELDOUT_FRACTION))
+        part = audio[:cut] if split == "train" else audio[cut:]
+        out.append(SourcePiece(f"{path.relative_to(directory)}[{split}]", np.ascontiguousarray(part)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# real windows
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Windows:
+    """Real windows of one level: ``real`` (S, n_ctx), ``upper`` (S, n_ctx // cd), ``labels``
+    (S, label_len) or None."""
+
+    real: torch.Tensor
+    upper: torch.Tensor
+    labels: torch.Tensor | None
+
+
+def _check_upsampler(prior: Prior) -> None:
+    if prior.config.is_top:
+        raise ValueError("distillation targets an upsampler; the top-level prior has no upper codes")
+
+
+def real_windows(vqvae: VQVAE, prior: Prior, pieces: Sequence[SourcePiece], n: int,
+                 generator: torch.Generator) -> Windows:
+    """``n`` random windows of the prior's level, encoded by ``vqvae``.
+
+    Pieces are drawn in proportion to their usable length, and window starts are aligned to the
+    upper level's hop so that the upper codes of the segment line up with the window."""
+    _check_upsampler(prior)
+    c = prior.config
+    L, hop_up = c.level, vqvae.hop_lengths[c.level + 1]
+    span = c.sample_length
+    usable = [p for p in pieces if len(p.audio) >= span]
+    if not usable:
+        longest = max((len(p.audio) for p in pieces), default=0)
+        raise ValueError(f"no piece is long enough for one level-{L} window ({span} samples, "
+                         f"{span / c.sr:.3f} s); the longest has {longest} samples")
+    weights = torch.tensor([len(p.audio) - span + 1 for p in usable], dtype=torch.float64)
+    picks = torch.multinomial(weights, n, replacement=True, generator=generator).tolist()
+    labeller = Labeller(c.max_bow_genre_size, c.n_tokens, c.sample_length) if c.labels else None
+    segments, rows = [], []
+    for i in picks:
+        p = usable[i]
+        slots = (len(p.audio) - span) // hop_up + 1
+        a = int(torch.randint(slots, (1,), generator=generator)) * hop_up
+        seg = p.audio[a:a + span]
+        seg = seg.astype(np.float32) / 32768.0 if seg.dtype == np.int16 else seg.astype(np.float32)
+        segments.append(torch.from_numpy(seg))
+        if labeller is not None:
+            rows.append(labeller.label(p.artist, p.genre, None, total_length=len(p.audio), offset=a).y)
+    codes = vqvae.encode(torch.stack(segments), levels=(L, L + 1))
+    labels = torch.cat(rows).long() if rows else None
+    return Windows(codes[L].long().cpu(), codes[L + 1].long().cpu(), labels)
+
+
+# --------------------------------------------------------------------------------------------
+# teacher samples
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def teacher_targets(prior: Prior, codes: torch.Tensor, upper: torch.Tensor, labels: torch.Tensor | None,
+                    k: int, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One teacher-forced pass: probability of each token in ``codes`` (S, n_ctx) and the top-k of
+    the teacher's predictive distribution per position. Returns (token_prob (S, n_ctx),
+    topk_ids (S, n_ctx, k), topk_probs (S, n_ctx, k)), on the CPU."""
+    dev = prior.prior.x_emb.weight.device
+    probs, ids, tops = [], [], []
+    for i in range(0, codes.shape[0], batch_size):
+        sl = slice(i, i + batch_size)
+        y = None if labels is None else labels[sl].to(dev)
+        logp = torch.log_softmax(prior.logits(codes[sl].to(dev), upper[sl].to(dev), y).float(), dim=-1)
+        probs.append(logp.gather(-1, codes[sl].to(dev)[..., None])[..., 0].exp().cpu())
+        v, j = logp.topk(k, dim=-1)
+        ids.append(j.cpu())
+        tops.append(v.exp().cpu())
+    return torch.cat(probs), torch.cat(ids), torch.cat(tops)
+
+
+@torch.no_grad()
+def sample_teacher(prior: Prior, upper: torch.Tensor, labels: torch.Tensor | None, *, temperature: float = 1.0,
+                   batch_size: int = 16, generator: torch.Generator | None = None,
+                   decoders: dict | None = None, on_window: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Whole windows (S, n_ctx) sampled autoregressively by the teacher from nothing, conditioned
+    on ``upper`` (S, n_ctx // cd) and ``labels``. ``decoders`` caches one ``WindowDecoder`` per
+    batch size across calls; ``on_window(m)`` is told about every ``m`` finished windows."""
+    c = prior.config
+    dev = prior.prior.x_emb.weight.device
+    decoders = {} if decoders is None else decoders
+    bs = min(batch_size, upper.shape[0])
+    if bs not in decoders:
+        decoders[bs] = WindowDecoder(prior, bs, device=dev)
+    dec = decoders[bs]
+    out = []
+    for i in range(0, upper.shape[0], bs):
+        sl = slice(i, i + bs)
+        u = upper[sl].to(dev)
+        known = torch.zeros(u.shape[0], 0, dtype=torch.long, device=dev)
+        y = None if labels is None else labels[sl].to(dev)
+        out.append(sample_window(dec, known, c.n_ctx, u, y, temperature=temperature, generator=generator).cpu())
+        if on_window is not None:
+            on_window(u.shape[0])
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------
+# shards
+# --------------------------------------------------------------------------------------------
+
+def shard_path(directory: str | os.PathLike, index: int) -> Path:
+    return Path(directory) / f"shard-{index:05d}.safetensors"
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def write_shard(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` atomically with their checksum in the safetensors metadata."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {"format": SHARD_FORMAT, "checksum": tensors_checksum(tensors), **(meta or {})}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def read_shard(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a shard; ``CorruptShardError`` (naming the file) if it cannot be
+    parsed or its checksum does not match."""
+    from safetensors import safe_open
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise CorruptShardError(f"corrupt shard {path}: cannot be read ({type(e).__name__}: {str(e)[:160]})") from None
+    if meta.get("format") != SHARD_FORMAT:
+        raise CorruptShardError(f"corrupt shard {path}: format {meta.get('format')!r}, expected {SHARD_FORMAT!r}")
+    if meta.get("checksum") != tensors_checksum(tensors):
+        raise CorruptShardError(f"corrupt shard {path}: checksum mismatch (the file was modified or damaged)")
+    return tensors, meta
+
+
+@dataclass
+class GenerationConfig:
+    """What a shard directory was made with; resuming with different values is refused."""
+
+    level: int
+    n_ctx: int
+    shards: int
+    shard_size: int
+    k: int = 8
+    temperature: float = 1.0
+    seed: int = 0
+    batch_size: int = 16    # windows sampled together (the random draws depend on it)
+    model: str = ""
+    data: str = "demo-corpus"
+
+
+def _write_meta(directory: Path, gen: GenerationConfig) -> None:
+    path = directory / META_NAME
+    want = asdict(gen)
+    if path.exists():
+        have = json.loads(path.read_text())
+        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v and k != "shards"}
+        if diff:
+            raise ValueError(f"{directory} holds shards made with other settings "
+                             f"({', '.join(f'{k}: {a!r} != {b!r}' for k, (a, b) in diff.items())}); "
+                             f"use another directory or delete it")
+        if have.get("shards", 0) >= gen.shards:
+            return
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(want, indent=1))
+
+
+def shard_seed(seed: int, index: int) -> int:
+    return zlib.crc32(f"distill-shard:{seed}:{index}".encode())
+
+
+def generate_shards(prior: Prior, vqvae: VQVAE, pieces: Sequence[SourcePiece], directory: str | os.PathLike,
+                    gen: GenerationConfig, *, rank: int = 0, world_size: int = 1, progress: bool = True) -> list[Path]:
+    """Make this rank's missing shards (``i % world_size == rank``); complete shards are kept,
+    corrupt ones are reported by name and made again. Returns this rank's shard paths."""
+    from tqdm.auto import tqdm
+    _check_upsampler(prior)
+    if prior.config.level != gen.level or prior.config.n_ctx != gen.n_ctx:
+        raise ValueError(f"generation settings are for level {gen.level} (n_ctx {gen.n_ctx}), the teacher is "
+                         f"level {prior.config.level} (n_ctx {prior.config.n_ctx})")
+    if not 1 <= gen.k <= prior.config.l_bins:
+        raise ValueError(f"k (top-k soft targets) must be in [1, {prior.config.l_bins}], got {gen.k}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        _write_meta(directory, gen)
+    mine = [i for i in range(gen.shards) if i % world_size == rank]
+    todo = []
+    for i in mine:
+        path = shard_path(directory, i)
+        if path.exists():
+            try:
+                read_shard(path)
+                continue
+            except CorruptShardError as e:
+                warnings.warn(f"{e}; generating it again")
+        todo.append(i)
+    bar = tqdm(total=len(todo) * gen.shard_size, unit="win", desc=f"teacher samples (rank {rank})",
+               disable=not progress or not todo)
+    decoders: dict = {}
+    dev = prior.prior.x_emb.weight.device
+    for i in todo:
+        g = torch.Generator().manual_seed(shard_seed(gen.seed, i))
+        w = real_windows(vqvae, prior, pieces, gen.shard_size, g)
+        g_dev = torch.Generator(device=dev).manual_seed(shard_seed(gen.seed, i) + 1)
+        codes = sample_teacher(prior, w.upper, w.labels, temperature=gen.temperature, batch_size=gen.batch_size,
+                               generator=g_dev, decoders=decoders, on_window=bar.update)
+        token_prob, topk_ids, topk_probs = teacher_targets(prior, codes, w.upper, w.labels, gen.k, gen.batch_size)
+        tensors = dict(codes=codes, real=w.real, upper=w.upper, token_prob=token_prob,
+                       topk_ids=topk_ids, topk_probs=topk_probs)
+        if w.labels is not None:
+            tensors["labels"] = w.labels
+        write_shard(shard_path(directory, i), tensors, {"index": str(i), "level": str(gen.level)})
+    bar.close()
+    return [shard_path(directory, i) for i in mine]
+
+
+def load_shards(directory: str | os.PathLike, on_corrupt: str = "error",
+                expect: int | None = None) -> dict[str, torch.Tensor]:
+    """Concatenate every shard in ``directory``. A corrupt shard raises ``CorruptShardError``
+    (``on_corrupt="error"``) or is left out with a warning naming it (``"skip"``); ``expect``
+    shards missing is an error."""
+    if on_corrupt not in ("error", "skip"):
+        raise ValueError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
+    directory = Path(directory)
+    paths = sorted(directory.glob("shard-*.safetensors"))
+    if expect is not None:
+        missing = [shard_path(directory, i).name for i in range(expect) if not shard_path(directory, i).exists()]
+        if missing:
+            raise ValueError(f"{directory}: {len(missing)} shard(s) missing, e.g. {missing[:3]}")
+    parts = []
+    for p in paths:
+        try:
+            parts.append(read_shard(p)[0])
+        except CorruptShardError as e:
+            if on_corrupt == "error":
+                raise
+            warnings.warn(f"{e}; skipping it")
+    if not parts:
+        raise ValueError(f"{directory}: no usable shards")
+    keys = set(parts[0])
+    if any(set(t) != keys for t in parts):
+        raise ValueError(f"{directory}: shards hold different tensors")
+    return {k: torch.cat([t[k] for t in parts]) for k in sorted(keys)}

@@ -1,0 +1,148 @@
+"""Iterative parallel decoding of one upsampler window with a ``ParallelStudent``.
+
+A window starts with its known codes (the overlap with the previous window) and every new
+position masked. Each pass runs the student once over the whole window, draws a code for every
+still-masked new position, and keeps the most confident draws (confidence: log-probability of
+the drawn code, plus optional annealed Gumbel noise); the others are masked again, so that the
+number still masked after pass ``k`` is ``schedules.masks_per_pass(n_new, passes)[k]``. Codes
+once kept are final. ``passes`` model evaluations decode the window.
+
+The loop is sync-free: the mask counts are host integers from the schedule, selection is a
+``topk`` with a static ``k``, and nothing reads device values back (no ``.item()``, no
+``nonzero``). Inputs are validated once, before the loop.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from fastjukebox.sampling import filter_logits
+
+from .schedules import masks_per_pass, pass_temperature
+from .student import ParallelStudent
+
+__all__ = ["ParallelWindowSampler"]
+
+
+def _draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+          generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A code per position from ``softmax(filter(logits / temperature))`` (argmax when the
+    temperature is 0) and its log-probability under that distribution (under the filtered
+    temperature-1 distribution for argmax).
+
+    logits: (N, T, V) fp32 -> ids (N, T) long, logp (N, T) fp32.
+    """
+    if temperature > 0:
+        logp = torch.log_softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+        # argmax(p / E), E ~ Exp(1): an exact categorical draw without a host round trip
+        e = torch.empty_like(logp).exponential_(1.0, generator=generator)
+        ids = (logp - e.log()).argmax(dim=-1)
+    else:
+        logp = torch.log_softmax(filter_logits(logits, top_k, top_p), dim=-1)
+        ids = logp.argmax(dim=-1)
+    return ids, logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+class ParallelWindowSampler:
+    """Samples one window in ``passes`` student evaluations (``passes`` sequential model calls).
+
+    Args:
+        student: a ``ParallelStudent`` (its device and dtype are used).
+        passes: model evaluations per window; a window with fewer new positions than ``passes``
+            uses one pass per position.
+        temperature_anneal: sample pass ``i`` at ``pass_temperature(temperature, i, passes)``
+            (linear from ``temperature`` towards 0) instead of ``temperature`` throughout.
+        confidence_noise: scale of the Gumbel noise added to the confidences, annealed linearly
+            to 0 over the passes (MaskGIT's choice temperature); 0 ranks by probability alone.
+    """
+
+    def __init__(self, student: ParallelStudent, passes: int = 16, temperature_anneal: bool = True,
+                 confidence_noise: float = 0.0):
+        if not isinstance(student, ParallelStudent):
+            raise TypeError(f"student must be a ParallelStudent, got {type(student).__name__}")
+        if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+            raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
+        if confidence_noise < 0:
+            raise ValueError(f"confidence_noise must be >= 0, got {confidence_noise}")
+        self.student, self.passes = student, passes
+        self.temperature_anneal, self.confidence_noise = bool(temperature_anneal), float(confidence_noise)
+
+    @property
+    def config(self):
+        return self.student.config
+
+    def _check(self, known, n_new, temperature, top_k, top_p) -> torch.Tensor:
+        c = self.config
+        if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 0:
+            raise ValueError(f"n_new must be an integer >= 0, got {n_new!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k < 0 or not 0.0 <= top_p <= 1.0:
+            raise ValueError(f"top_k must be >= 0 and top_p in [0, 1]; got top_k={top_k}, top_p={top_p}")
+        z = torch.as_tensor(known)
+        if z.is_floating_point() or z.is_complex() or z.dtype == torch.bool:
+            raise ValueError(f"known must be an integer tensor of codes, got {z.dtype}")
+        if z.dim() != 2:
+            raise ValueError(f"known must be (N, K) codes, got shape {tuple(z.shape)}")
+        K = z.shape[1]
+        if K + n_new > c.n_ctx:
+            raise ValueError(f"{K} known + {n_new} new codes exceed the window (n_ctx={c.n_ctx})")
+        z = z.long().to(self.student.prior.x_emb.weight.device)
+        if z.numel() and (int(z.min()) < 0 or int(z.max()) >= c.l_bins):
+            raise ValueError(f"known codes must be in [0, {c.l_bins}); got values in [{int(z.min())}, {int(z.max())}]")
+        return z
+
+    @torch.no_grad()
+    def __call__(self, known, n_new: int, upper=None, labels=None, *, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 0.0, chunk_size: int | None = None, generator: torch.Generator | None = None,
+                 on_progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Fill ``n_new`` codes after ``known``.
+
+        Args:
+            known: (N, K) codes kept as context and returned unchanged.
+            n_new: positions to fill after them; ``K + n_new <= n_ctx``. Positions past
+                ``K + n_new`` stay masked (context-free padding).
+            upper: (N, n_ctx // cond_downsample) codes of the level above under this window.
+            labels: (N, label_len) label rows of this window, when the student has labels.
+            temperature, top_k, top_p: as in ``fastjukebox.sampling.sample_logits`` (temperature
+                0: argmax); the temperature is the first pass's when annealing.
+            chunk_size: accepted for interface compatibility with the autoregressive
+                ``sample_window``; unused (every pass is one full-window evaluation).
+            generator: random source (on the student's device) for reproducible runs.
+            on_progress: called after each pass with the number of codes that became final
+                (per sample).
+        Returns:
+            (N, K + n_new) codes: ``known`` followed by the new codes.
+        """
+        student, c = self.student, self.config
+        z = self._check(known, n_new, temperature, top_k, top_p)
+        cond = student.condition(upper, labels)
+        N, K = z.shape
+        student.check_batch(N, cond)
+        if n_new == 0:
+            return z.clone()
+        tokens = torch.full((N, c.n_ctx), student.mask_id, dtype=torch.long, device=z.device)
+        tokens[:, :K] = z
+        lo, hi = K, K + n_new
+        passes = min(self.passes, n_new)
+        masked = torch.ones(N, n_new, dtype=torch.bool, device=z.device)   # new positions not yet final
+        remaining = n_new
+        for i, still in enumerate(masks_per_pass(n_new, passes)):
+            t = pass_temperature(temperature, i, passes) if self.temperature_anneal else float(temperature)
+            logits = student.logits_unchecked(tokens, cond, lo, hi)        # (N, n_new, V) fp32
+            ids, conf = _draw(logits, t, top_k, top_p, generator)           # (N, n_new) each
+            if self.confidence_noise:
+                e = torch.empty_like(conf).exponential_(1.0, generator=generator)
+                conf = conf - self.confidence_noise * (1.0 - i / passes) * e.log()   # + scaled Gumbel(0, 1)
+            conf = conf.masked_fill(~masked, float("inf"))                  # final codes are never re-masked
+            keep_masked = torch.zeros_like(masked)
+            if still:
+                keep_masked.scatter_(1, torch.topk(conf, still, dim=1, largest=False).indices, True)
+            newly = masked & ~keep_masked
+            tokens[:, lo:hi] = torch.where(newly, ids, tokens[:, lo:hi])
+            masked = keep_masked
+            if on_progress is not None:
+                on_progress(remaining - still)
+            remaining = still
+        return tokens[:, :hi].clone()

@@ -1,0 +1,232 @@
+"""A parallel (non-autoregressive) upsampler student: the teacher's architecture, bidirectional.
+
+The student sees a whole window at once. Known positions carry their code, unknown positions
+the mask id ``l_bins``; it predicts every position from everything (MaskGIT-style masked-token
+model). Its input at position ``t`` is
+
+    x_emb(tokens[t]) + pos_emb[t] + x_cond[t] (+ the label start embedding, at every position)
+
+(the teacher's input at ``t`` is the embedding of token ``t - 1``). The transformer is the
+teacher's (same width, depth, heads, factored patterns) run with ``causal=False``: block and
+column layers see their whole block / column, previous-block layers still read the previous
+block. Conditioning on the level above and on labels is the teacher's, module for module, so
+``from_teacher`` starts the student from every teacher weight.
+
+Submodule names follow ``fastjukebox.Prior`` (``prior.*``, ``conditioner_blocks.0``, ``y_emb``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastjukebox.autoregressive import PositionEmbedding
+from fastjukebox.checkpoint import (CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, CheckpointError, check_state_dict,
+                                    read_config, read_weights)
+from fastjukebox.conditioners import LabelConditioner, UpsamplerConditioner
+from fastjukebox.config import PriorConfig
+from fastjukebox.prior import Conditioning, Prior
+from fastjukebox.transformer import Transformer
+
+__all__ = ["ParallelStudent", "STUDENT_KIND"]
+
+STUDENT_KIND = "student"
+
+
+class MaskedTokenModel(nn.Module):
+    """Embeddings, bidirectional transformer and output head over ``l_bins`` codes + 1 mask id.
+
+    The head is tied to the code rows of ``x_emb`` unless ``merged_decoder`` (then ``x_out``
+    is a separate ``(l_bins, W)`` projection), and ``x_cond`` is added again before the head
+    unless ``merged_decoder``: both as in the teacher.
+    """
+
+    def __init__(self, c: PriorConfig):
+        super().__init__()
+        self.l_bins, self.width = c.l_bins, c.width
+        self.x_emb = nn.Embedding(c.l_bins + 1, c.width)
+        nn.init.normal_(self.x_emb.weight, std=0.02 * c.init_scale)
+        self.pos_emb = PositionEmbedding(c.n_ctx, c.width, c.init_scale)
+        self.transformer = Transformer(c.width, c.n_ctx, c.heads, c.depth, c.attn_order, c.blocks, c.m_attn,
+                                       c.m_mlp, c.res_scale, None, c.init_scale)
+        self.cond_after = not c.merged_decoder
+        if c.merged_decoder:
+            self.x_out = nn.Linear(c.width, c.l_bins, bias=False)
+            nn.init.normal_(self.x_out.weight, std=0.02 * c.init_scale)
+
+    @property
+    def tied(self) -> bool:
+        return not hasattr(self, "x_out")
+
+    def out_weight(self) -> torch.Tensor:
+        """(l_bins, W): the output projection (the code rows of ``x_emb`` when tied)."""
+        return self.x_emb.weight[: self.l_bins] if self.tied else self.x_out.weight
+
+    def forward(self, tokens: torch.Tensor, start: torch.Tensor | None, x_cond: torch.Tensor | None,
+                lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """tokens (N, n_ctx) ids in [0, l_bins] -> logits (N, hi - lo, l_bins) of positions [lo, hi)."""
+        x = self.x_emb(tokens) + self.pos_emb()                 # (N, T, W)
+        if start is not None:
+            x = x + start                                       # (N, 1, W) broadcast over positions
+        if x_cond is not None:
+            x = x + x_cond
+        h = self.transformer(x, None, causal=False)[:, lo:hi]
+        if self.cond_after and x_cond is not None:
+            h = h + x_cond[:, lo:hi]
+        return F.linear(h, self.out_weight())
+
+
+class ParallelStudent(nn.Module):
+    """Masked-token upsampler with a teacher upsampler's conditioner, width, depth and patterns.
+
+    ``mask_id == config.l_bins``. Only upsampler configs (not the top level, no lyrics).
+    """
+
+    def __init__(self, config: PriorConfig):
+        super().__init__()
+        if not isinstance(config, PriorConfig):
+            raise TypeError(f"config must be a PriorConfig, got {type(config).__name__}")
+        if config.is_top:
+            raise ValueError(f"a parallel student replaces an upsampler; level {config.level} is the top level "
+                             f"of {config.levels} (it has no upper-level codes to condition on)")
+        if config.lyrics is not None:
+            raise ValueError(f"parallel students do not support lyric conditioning (config has lyrics={config.lyrics!r})")
+        self.config = c = config
+        nxt = c.level + 1
+        self.conditioner_blocks = nn.ModuleList([UpsamplerConditioner(
+            c.l_bins, c.width, c.downs_t[nxt], c.strides_t[nxt], c.cond_width, c.cond_depth, c.cond_m_conv,
+            c.cond_dilation_growth_rate, c.cond_dilation_cycle, c.cond_res_scale, c.cond_c_res, c.init_scale)])
+        if c.labels:
+            self.y_emb = LabelConditioner(c.y_bins, c.t_bins, c.sr, c.min_duration, c.max_duration, c.n_ctx,
+                                          c.width, c.max_bow_genre_size, False, c.init_scale)
+        self.prior = MaskedTokenModel(c)
+
+    @property
+    def mask_id(self) -> int:
+        return self.config.l_bins
+
+    # --- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_teacher(cls, prior: Prior) -> "ParallelStudent":
+        """A student on the teacher's device and dtype holding a copy of every teacher weight that
+        has a counterpart: conditioners, position embedding, all transformer layers, the code rows
+        of the token embedding and (untied heads) the output projection. Only the mask-id
+        embedding row is new."""
+        w = prior.prior.x_emb.weight
+        with torch.device(w.device):
+            student = cls(prior.config).to(w.dtype)
+        teacher = prior.state_dict()
+        own = student.state_dict()
+        with torch.no_grad():
+            for name, dst in own.items():
+                src = teacher.get(name)
+                if src is None:
+                    continue
+                if name == "prior.x_emb.weight":
+                    dst[: src.shape[0]].copy_(src)
+                elif src.shape == dst.shape:
+                    dst.copy_(src)
+                else:
+                    raise CheckpointError(f"teacher weight {name} has shape {tuple(src.shape)}, "
+                                          f"the student's {tuple(dst.shape)}")
+        return student.train(prior.training)
+
+    # --- conditioning -----------------------------------------------------------------------
+    def check_labels(self, labels) -> torch.Tensor | None:
+        """Label rows (N, label_len) as a LongTensor, or None; errors as ``Prior.check_labels``."""
+        return Prior.check_labels(self, labels)
+
+    def condition(self, upper, labels=None) -> Conditioning:
+        """Conditioning of one window, with the teacher's checks and errors.
+
+        upper: (N, n_ctx // cond_downsample) codes of the level above.
+        labels: (N, label_len) label rows of this window (when the config has labels).
+        """
+        # Prior.condition reads only ``config``, ``check_labels``, ``y_emb``, ``conditioner_blocks``
+        # and ``prior.x_emb`` (device, dtype), which this module has under the same names.
+        return Prior.condition(self, upper, labels)
+
+    # --- forward ----------------------------------------------------------------------------
+    def check_tokens(self, tokens) -> torch.Tensor:
+        """(N, n_ctx) integer ids in [0, l_bins] (``l_bins`` = mask) as a LongTensor on the
+        model's device. Reads the values (a host sync): call it outside sampling loops."""
+        c = self.config
+        z = torch.as_tensor(tokens)
+        if z.is_floating_point() or z.is_complex() or z.dtype == torch.bool:
+            raise ValueError(f"tokens must be an integer tensor, got {z.dtype}")
+        if z.dim() != 2 or z.shape[1] != c.n_ctx:
+            raise ValueError(f"tokens must be (N, n_ctx={c.n_ctx}) with mask_id={self.mask_id} where unknown, "
+                             f"got shape {tuple(z.shape)}")
+        z = z.long().to(self.prior.x_emb.weight.device)
+        if z.numel() and (int(z.min()) < 0 or int(z.max()) > self.mask_id):
+            raise ValueError(f"token ids must be in [0, {c.l_bins}) or mask_id={self.mask_id}; "
+                             f"got values in [{int(z.min())}, {int(z.max())}]")
+        return z
+
+    def check_batch(self, n: int, cond: Conditioning) -> None:
+        batch = next((t.shape[0] for t in (cond.start, cond.x_cond) if t is not None), n)
+        if batch != n:
+            raise ValueError(f"tokens have batch {n} but the conditioning has batch {batch}")
+
+    def logits_unchecked(self, tokens: torch.Tensor, cond: Conditioning, lo: int = 0,
+                         hi: int | None = None) -> torch.Tensor:
+        """``forward`` without reading token values (no host sync): tokens must already be a
+        valid (N, n_ctx) LongTensor on the model's device. Returns fp32 logits (N, hi - lo, l_bins)
+        of positions [lo, hi) only."""
+        return self.prior(tokens, cond.start, cond.x_cond, lo, hi).float()
+
+    def forward(self, tokens, cond: Conditioning) -> torch.Tensor:
+        """tokens (N, n_ctx) codes, ``mask_id`` where unknown; cond from ``condition``.
+        Returns logits (N, n_ctx, l_bins) in fp32; logits[:, t] scores position t."""
+        z = self.check_tokens(tokens)
+        self.check_batch(z.shape[0], cond)
+        return self.logits_unchecked(z, cond)
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write a component directory (``config.json`` with ``kind: "student"``, and
+        ``model.safetensors``), atomically: a finished directory replaces ``path`` at the end."""
+        from safetensors.torch import save_file
+        directory = Path(path)
+        sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+              for k, v in self.state_dict().items()}
+        tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file(sd, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
+            json.dump({"kind": STUDENT_KIND, "format": FORMAT_VERSION, **self.config.to_dict()}, f, indent=1)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.{os.getpid()}.old")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, directory)
+        return directory
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
+             dtype: torch.dtype | None = None) -> "ParallelStudent":
+        """Load a directory written by ``save`` (weights in ``dtype``, default float32), in eval mode."""
+        directory = Path(path)
+        if not (directory / CONFIG_NAME).is_file():
+            raise CheckpointError(f"{directory}: not a student directory (no {CONFIG_NAME})")
+        try:
+            config = read_config(directory, STUDENT_KIND)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{directory / CONFIG_NAME}: not a valid student config ({e})") from None
+        sd = read_weights(directory)
+        with torch.device("meta"):
+            model = cls(config)
+        check_state_dict(model.state_dict(), sd, str(directory), "this student architecture")
+        dtype = dtype or torch.float32
+        sd = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in sd.items()}
+        model.load_state_dict(sd, strict=True, assign=True)
+        return model.eval()

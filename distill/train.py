@@ -1,0 +1,450 @@
+"""Distil an upsampler prior into a parallel (masked-token) student.
+
+    python -m distill.train --teacher middle [--model PATH|demo] [--data DIR] [--steps N]
+        [--batch-size B] [--out DIR] [--resume] ...
+    accelerate launch --multi_gpu --num_processes N -m distill.train --teacher middle ...
+        # several processes; on the CPU (no GPU, or --cpu) they form a gloo group. (accelerate's
+        # own --cpu flag starts a single process unless MPI is set up.)
+
+1. Teacher samples: ``distill.data.generate_shards`` writes ``OUT/shards`` (shard ``i`` made by
+   rank ``i % world_size``; finished shards are kept, so it resumes).
+2. Training of ``ParallelStudent.from_teacher(prior)``: masked-token cross-entropy on the masked
+   positions (mask ratio from ``distill.schedules``), plus ``--soft-weight`` x the KL from the
+   teacher's renormalised top-k to the student at masked positions of teacher samples. A
+   fraction ``--real-ratio`` of the examples uses the real codes of the window instead of the
+   teacher's sample. With probability ``--prefix-prob`` the first half of the window is left
+   visible and only the second half is masked, as when the sampler continues a hopped window.
+   AdamW, linear warmup then cosine decay; gradients synchronised by accelerate.
+3. Checkpoint ``OUT/checkpoint.pt`` (atomic; weights, optimiser state, step) every
+   ``--ckpt-every`` steps; ``--resume`` continues from it. The randomness of step ``s`` (batch,
+   real/teacher choice, masks) is drawn from a generator seeded by (seed, s, rank), so a resumed
+   run ends with the same weights as an uninterrupted one.
+4. ``OUT/metrics.jsonl`` and ``OUT/metrics.png``, the student in ``OUT/student`` (component
+   directory), ``OUT/train_summary.json``, then the evaluation (``distill.evaluate``) in
+   ``OUT/eval``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from fastjukebox.atomic import atomic_path
+from fastjukebox.train.loop import lr_factor
+
+from .data import GenerationConfig, generate_shards, load_pieces, load_shards
+from .schedules import sample_training_mask
+
+TEACHERS = {"middle": 1, "bottom": 0}
+BITS = 1.0 / math.log(2.0)
+# Default budgets. Measured on this 2-core CPU with a demo-sized stand-in (upsamplers of width 128,
+# depth 4, n_ctx 256; the demo model itself is not built yet): teacher samples ~16 windows/s,
+# ~0.34 s per training step at batch 16, ~20 s of evaluation, i.e. about 2 + 8.5 + 0.5 minutes.
+DEFAULTS = {"middle": dict(steps=1500, shards=32, shard_size=64),
+            "bottom": dict(steps=1500, shards=32, shard_size=64)}
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "middle"
+    model: str = "demo"
+    data: str | None = None            # audio directory; None: the demo corpus
+    out: str = "distill-run"
+    shards_dir: str | None = None      # default OUT/shards
+    steps: int | None = None           # None: DEFAULTS[teacher]
+    shards: int | None = None
+    shard_size: int | None = None
+    batch_size: int = 16
+    gen_batch_size: int = 16
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    k: int = 8
+    temperature: float = 1.0
+    real_ratio: float = 0.25
+    soft_weight: float = 0.25
+    prefix_prob: float = 0.25
+    seed: int = 0
+    ckpt_every: int = 100
+    log_every: int = 10
+    mixed_precision: str = "auto"
+    resume: bool = False
+    skip_corrupt: bool = False
+    evaluate: bool = True
+    eval_windows: int = 16
+    passes: int = 16
+    progress: bool = True
+    cpu: bool = False
+
+    def __post_init__(self):
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"--teacher must be one of {', '.join(TEACHERS)}, got {self.teacher!r}")
+        for name, value in DEFAULTS[self.teacher].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        for name in ("steps", "shards", "shard_size", "batch_size", "gen_batch_size", "k", "ckpt_every",
+                     "log_every", "eval_windows", "passes"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("real_ratio", "prefix_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.soft_weight < 0 or self.lr <= 0 or self.temperature <= 0:
+            raise ValueError("--soft-weight must be >= 0, --lr and --temperature > 0")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"--mixed-precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+
+    @property
+    def level(self) -> int:
+        return TEACHERS[self.teacher]
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    @property
+    def shard_dir(self) -> Path:
+        return Path(self.shards_dir) if self.shards_dir else self.out_dir / "shards"
+
+    def identity(self) -> dict:
+        """Settings a resumed run must share with the checkpoint it continues."""
+        keep = ("teacher", "model", "data", "steps", "shards", "shard_size", "batch_size", "lr", "min_lr_ratio",
+                "warmup", "weight_decay", "grad_clip", "k", "temperature", "real_ratio", "soft_weight",
+                "prefix_prob", "seed")
+        return {k: getattr(self, k) for k in keep}
+
+
+def lr_at(step: int, cfg: DistillConfig) -> float:
+    """Learning rate of (0-based) ``step``: linear warmup, then cosine to ``min_lr_ratio * lr``
+    (the schedule of ``fastjukebox.train.loop``)."""
+    return cfg.lr * lr_factor(step, cfg.steps, min(cfg.warmup, cfg.steps), cfg.min_lr_ratio)
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(f"distill-step:{seed}:{step}:{rank}".encode()))
+
+
+# --------------------------------------------------------------------------------------------
+# batches and losses
+# --------------------------------------------------------------------------------------------
+
+def make_batch(data: dict[str, torch.Tensor], batch_size: int, mask_id: int, g: torch.Generator, *,
+               real_ratio: float, prefix_prob: float) -> dict[str, torch.Tensor]:
+    """Draw ``batch_size`` windows and their masks.
+
+    Returns ``inputs`` (B, n_ctx) with ``mask_id`` at masked positions, ``targets`` (B, n_ctx),
+    ``mask`` (B, n_ctx) bool, ``teacher`` (B,) bool (True: teacher sample), ``upper``, ``labels``
+    (or absent), ``topk_ids``/``topk_probs`` (B, n_ctx, k)."""
+    S, n = data["codes"].shape
+    idx = torch.randint(S, (batch_size,), generator=g)
+    teacher = torch.rand(batch_size, generator=g) >= real_ratio
+    targets = torch.where(teacher[:, None], data["codes"][idx], data["real"][idx])
+    mask = sample_training_mask(batch_size, n, g)
+    keep = n // 2
+    suffix = torch.cat([torch.zeros(batch_size, keep, dtype=torch.bool),
+                        sample_training_mask(batch_size, n - keep, g)], dim=1)
+    prefix = torch.rand(batch_size, generator=g) < prefix_prob
+    mask = torch.where(prefix[:, None], suffix, mask)
+    out = dict(inputs=targets.masked_fill(mask, mask_id), targets=targets, mask=mask, teacher=teacher,
+               upper=data["upper"][idx], topk_ids=data["topk_ids"][idx], topk_probs=data["topk_probs"][idx])
+    if "labels" in data:
+        out["labels"] = data["labels"][idx]
+    return out
+
+
+class DistillLoss(nn.Module):
+    """Wraps the student so one forward (through DDP) computes conditioning, logits and losses."""
+
+    def __init__(self, student: nn.Module, soft_weight: float):
+        super().__init__()
+        self.student, self.soft_weight = student, soft_weight
+
+    def forward(self, inputs, targets, mask, teacher, upper, topk_ids, topk_probs, labels=None):
+        cond = self.student.condition(upper, labels)
+        logits = self.student(inputs, cond)                                   # (B, n_ctx, V) fp32
+        logp = torch.log_softmax(logits, dim=-1)
+        m = mask.float()
+        nll = -logp.gather(-1, targets[..., None])[..., 0]                    # (B, n_ctx)
+        ce = (nll * m).sum() / m.sum().clamp(min=1.0)
+        acc = ((logits.argmax(-1) == targets).float() * m).sum() / m.sum().clamp(min=1.0)
+        p = topk_probs / topk_probs.sum(-1, keepdim=True).clamp(min=1e-12)   # renormalised top-k
+        soft_ce = -(p * logp.gather(-1, topk_ids)).sum(-1)                    # (B, n_ctx)
+        kl_pos = soft_ce + (p * p.clamp(min=1e-12).log()).sum(-1)
+        ms = m * teacher[:, None].float()
+        denom = ms.sum().clamp(min=1.0)
+        soft = (soft_ce * ms).sum() / denom
+        loss = ce + self.soft_weight * soft if self.soft_weight else ce
+        return dict(loss=loss, ce_bits=ce.detach() * BITS, soft_kl_bits=(kl_pos * ms).sum().detach() / denom * BITS,
+                    acc=acc.detach())
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints and logs
+# --------------------------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, student: nn.Module, optimizer, step: int, cfg: DistillConfig) -> None:
+    state = {"model": {k: v.detach().cpu() for k, v in student.state_dict().items()},
+             "optimizer": optimizer.state_dict(), "step": step, "identity": json.dumps(cfg.identity())}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, cfg: DistillConfig) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} cannot be read (truncated or corrupt): {str(e)[:200]}") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "identity"} <= set(state):
+        raise ValueError(f"checkpoint {path} is not a distillation checkpoint")
+    have, want = json.loads(state["identity"]), cfg.identity()
+    diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+    if diff:
+        raise ValueError(f"--resume: {path} was made with other settings: "
+                         + ", ".join(f"{k} {a!r} (now {b!r})" for k, (a, b) in diff.items()))
+    return state
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines of steps <= ``step`` (what the resumed checkpoint has seen)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(l + "\n" for l in keep))
+
+
+def plot_metrics(log: Path, png: Path) -> Path | None:
+    """Loss curves of the JSONL log as a PNG (matplotlib, imported only here)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'fastjukebox[plots]'): no plot written", file=sys.stderr)
+        return None
+    rows = [json.loads(l) for l in log.read_text().splitlines() if l.strip()] if log.exists() else []
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.plot(steps, [r["ce_bits"] for r in rows], label="masked CE (bits/token)")
+    a.plot(steps, [r["soft_kl_bits"] for r in rows], label="KL to teacher top-k (bits)")
+    a.set_xlabel("step"), a.legend(), a.grid(alpha=0.3)
+    b.plot(steps, [r["acc"] for r in rows], label="masked accuracy")
+    b2 = b.twinx()
+    b2.plot(steps, [r["lr"] for r in rows], color="gray", ls="--", label="lr")
+    b.set_xlabel("step"), b.legend(loc="upper left"), b2.legend(loc="lower right"), b.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return png
+
+
+def weights_digest(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------
+
+def _mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def train(cfg: DistillConfig) -> dict:
+    """Generate teacher data, train the student, save it and (unless ``cfg.evaluate`` is False)
+    evaluate it. Returns the summary (with the evaluation under ``"eval"``)."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    import fastjukebox as fj
+    from .student import ParallelStudent
+
+    # cpu=True also makes several launched CPU processes one gloo group (accelerate only forms a
+    # CPU process group when asked for the CPU)
+    acc = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision),
+                      cpu=cfg.cpu or not torch.cuda.is_available())
+    main = acc.is_main_process
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt, log = out / "checkpoint.pt", out / "metrics.jsonl"
+    if not cfg.resume and ckpt.exists():
+        raise FileExistsError(f"{ckpt} exists: pass --resume to continue it, or choose another --out")
+    acc.wait_for_everyone()
+
+    jb = fj.load(cfg.model, device=acc.device)
+    prior = jb.prior(cfg.level).eval()
+    for p in jb.parameters():
+        p.requires_grad_(False)
+
+    # 1. teacher samples (every rank its own shards)
+    gen = GenerationConfig(level=cfg.level, n_ctx=prior.config.n_ctx, shards=cfg.shards, shard_size=cfg.shard_size,
+                           k=cfg.k, temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.gen_batch_size,
+                           model=str(cfg.model),
+                           data=str(cfg.data) if cfg.data else "demo-corpus")
+    pieces = load_pieces(cfg.data, "train", jb.sr)
+    generate_shards(prior, jb.vqvae, pieces, cfg.shard_dir, gen, rank=acc.process_index,
+                    world_size=acc.num_processes, progress=cfg.progress)
+    acc.wait_for_everyone()
+    data = load_shards(cfg.shard_dir, on_corrupt="skip" if cfg.skip_corrupt else "error", expect=cfg.shards)
+    del pieces
+
+    # 2. student, optimiser, resume
+    torch.manual_seed(cfg.seed)
+    student = ParallelStudent.from_teacher(prior).float().train()
+    decay = [p for n, p in student.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in student.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    start = 0
+    if cfg.resume and ckpt.exists():
+        state = load_checkpoint(ckpt, cfg)
+        student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        if main:
+            truncate_log(log, start)
+            print(f"resuming {ckpt} at step {start}/{cfg.steps}", file=sys.stderr)
+    elif main and log.exists():
+        log.unlink()                    # a log left by a run that never reached a checkpoint
+    wrapped, optimizer = acc.prepare(DistillLoss(student, cfg.soft_weight), optimizer)
+
+    # 3. training
+    bar = tqdm(total=cfg.steps, initial=start, unit="step", desc=f"distill {cfg.teacher}",
+               disable=not (cfg.progress and main))
+    t0 = time.time()
+    for step in range(start, cfg.steps):
+        g = step_generator(cfg.seed, step, acc.process_index)
+        batch = make_batch(data, cfg.batch_size, student.mask_id, g, real_ratio=cfg.real_ratio,
+                           prefix_prob=cfg.prefix_prob)
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        losses = wrapped(**batch)
+        acc.backward(losses["loss"])
+        grad_norm = acc.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            vals = torch.stack([losses["ce_bits"], losses["soft_kl_bits"], losses["acc"],
+                                torch.as_tensor(grad_norm, dtype=torch.float32, device=acc.device)]).float()
+            vals = acc.reduce(vals, reduction="mean").tolist()
+            rec = dict(step=done, ce_bits=vals[0], soft_kl_bits=vals[1], acc=vals[2], grad_norm=vals[3], lr=lr,
+                       elapsed_s=round(time.time() - t0, 3))
+            if main:
+                with open(log, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            bar.set_postfix(ce=f"{vals[0]:.3f}b", acc=f"{vals[2]:.2f}")
+        if main and (done % cfg.ckpt_every == 0 or done == cfg.steps):
+            save_checkpoint(ckpt, student, optimizer, done, cfg)
+        bar.update(1)
+    bar.close()
+    acc.wait_for_everyone()
+
+    # 4. outputs
+    digest = torch.tensor([int(weights_digest(student)[:15], 16)], dtype=torch.int64, device=acc.device)
+    digests = [f"{int(d):015x}" for d in acc.gather(digest).tolist()]
+    summary = dict(config=asdict(cfg), steps=cfg.steps, resumed_from=start, world_size=acc.num_processes,
+                   rank_weight_digests=digests, windows=int(data["codes"].shape[0]),
+                   train_seconds=round(time.time() - t0, 3), device=str(acc.device))
+    result = summary
+    if main:
+        student.eval()
+        student.save(out / "student")
+        plot_metrics(log, out / "metrics.png")
+        if cfg.evaluate:
+            from .evaluate import evaluate
+            result["eval"] = evaluate(jb, student, data=cfg.data, windows=cfg.eval_windows, passes=cfg.passes,
+                                      batch_size=cfg.gen_batch_size, seed=cfg.seed + 1, out=out / "eval",
+                                      progress=cfg.progress)
+        with atomic_path(out / "train_summary.json") as tmp:
+            tmp.write_text(json.dumps(result, indent=1, default=str))
+    acc.wait_for_everyone()
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m distill.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", required=True, choices=sorted(TEACHERS), help="upsampler to distil")
+    p.add_argument("--model", default="demo", help="model directory or bundled name (default: demo)")
+    p.add_argument("--data", default=None, help="directory of audio files (default: the demo corpus)")
+    p.add_argument("--out", default="distill-run", help="run directory (default: ./distill-run)")
+    p.add_argument("--shards-dir", default=None, help="teacher-sample shards (default: OUT/shards)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--shards", type=int, default=None, help="number of teacher-sample shards")
+    p.add_argument("--shard-size", type=int, default=None, help="windows per shard")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--gen-batch-size", type=int, default=16, help="windows sampled together by the teacher")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--k", type=int, default=8, help="top-k soft targets stored per position")
+    p.add_argument("--temperature", type=float, default=1.0, help="teacher sampling temperature")
+    p.add_argument("--real-ratio", type=float, default=0.25, help="fraction of examples on real codes")
+    p.add_argument("--soft-weight", type=float, default=0.25, help="weight of the top-k KL (0: off)")
+    p.add_argument("--prefix-prob", type=float, default=0.25, help="chance of keeping the first half visible")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
+    p.add_argument("--skip-corrupt", action="store_true", help="leave corrupt shards out instead of stopping")
+    p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the final evaluation")
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--passes", type=int, default=16, help="student passes per window in the evaluation")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = DistillConfig(**vars(args))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = train(cfg)
+    except (ValueError, FileExistsError) as e:    # bad data, corrupt shards, mismatched resume
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if "eval" in result:
+        from .evaluate import format_markdown
+        print(format_markdown(result["eval"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
