@@ -38,7 +38,8 @@ class SamplingCase:
 
     n_new: tokens every method samples (the timed part).
     known: codes already in the window before sampling (primed, untimed), as in every window
-        after a level's first: the original's level-0 hop of 1/8 leaves 7/8 of the window known.
+        after a level's first: the upsamplers hop by half a window (the top level by 1/8), so
+        from the second window on half of an upsampler's window is known.
     batches: batch sizes timed.
     methods: the methods compared (full recompute is left out where it would take hours).
     seed: seeds the weights, the window's inputs and the sampling generator.
@@ -74,11 +75,11 @@ CASES: dict[str, SamplingCase] = {
     "upsampler_small_quick": SamplingCase("upsampler_small_quick", UPSAMPLER_SMALL, n_new=128),
     # Greedy-equivalence check: crosses two block boundaries, cheap enough for plain pytest.
     "upsampler_small_check": SamplingCase("upsampler_small_check", UPSAMPLER_SMALL, n_new=160, batches=(1, 4)),
-    # A level-0 window in steady state: 7/8 of n_ctx known (primed from the previous window),
-    # the last 1/8 sampled; 128 of its 1024 new tokens are timed.
-    "upsampler_8k_primed": SamplingCase("upsampler_8k_primed", UPSAMPLER_8K, n_new=128, known=7168,
+    # An upsampler window in steady state: the first half of n_ctx known (primed from the
+    # previous window), the second half sampled; 128 of its 4096 new tokens are timed.
+    "upsampler_8k_primed": SamplingCase("upsampler_8k_primed", UPSAMPLER_8K, n_new=128, known=4096,
                                         methods=CACHED_METHODS),
-    "upsampler_8k_primed_quick": SamplingCase("upsampler_8k_primed_quick", UPSAMPLER_8K, n_new=32, known=7168,
+    "upsampler_8k_primed_quick": SamplingCase("upsampler_8k_primed_quick", UPSAMPLER_8K, n_new=32, known=4096,
                                               methods=CACHED_METHODS),
     # Primed equivalence check: known codes end mid-block, sampling crosses a block boundary.
     "upsampler_primed_check": SamplingCase("upsampler_primed_check", UPSAMPLER_SMALL, n_new=72, known=900,

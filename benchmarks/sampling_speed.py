@@ -5,7 +5,7 @@
     python -m benchmarks.sampling_speed --profile  # also profiles ours and (b) (sampling-cpu-profile.txt)
 
 Cases (``benchmarks.cases``): an empty 1024-token window, and a level-0 window in steady state
-(n_ctx 8192, 7/8 primed, the rest sampled). For each case and batch size every method first
+(n_ctx 8192, the first half primed, the second half sampled, as the upsamplers hop). For each case and batch size every method first
 samples one greedy window (``top_k=1``), the warm-up and the equivalence check (mismatching tokens
 are reported). The greedy time sets how many windows one measurement samples (enough for
 ``--target-seconds``). Then ``--repeats`` rounds are timed with ``time.perf_counter``, the methods
