@@ -7,10 +7,13 @@ upsamplers read the codes of the level above under their window; labels are re-m
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
+
+from kernels.sampling.reference import filter_logits, sample_logits_reference
 
 from .decoding import WindowDecoder
 from .labels import Labels, get_starts, window_labels
@@ -20,32 +23,25 @@ from .vqvae import VQVAE
 PerLevel = float | int | Sequence | Mapping
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
-    """Set to -inf every logit outside the top ``k`` and/or outside the smallest set whose
-    probability exceeds ``top_p`` (the first token past the threshold is kept). (N, V) -> (N, V)."""
-    if top_k:
-        k = min(int(top_k), logits.shape[-1])
-        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p:
-        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        remove = cum > top_p
-        remove[..., 1:] = remove[..., :-1].clone()
-        remove[..., 0] = False
-        logits = logits.masked_fill(torch.zeros_like(remove).scatter(-1, idx, remove), float("-inf"))
-    return logits
-
-
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Categorical draw from ``softmax(filter(logits / temperature))``, (N, V) -> (N,).
 
     Uses ``argmax(p / E)`` with ``E ~ Exp(1)``, an exact categorical sample that needs no host
-    round trip (unlike ``torch.multinomial`` on some devices)."""
-    probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
-    e = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / e).argmax(dim=-1)
+    round trip (unlike ``torch.multinomial`` on some devices). On CUDA one fused Triton kernel
+    (``kernels.sampling``) does it from the same noise; elsewhere the PyTorch reference."""
+    if logits.is_cuda and _cuda_sampling() is not None and _cuda_sampling().supports(logits):
+        return _cuda_sampling().sample_logits(logits, temperature, top_k, top_p, generator)
+    return sample_logits_reference(logits, temperature, top_k, top_p, generator)
+
+
+@lru_cache(maxsize=1)
+def _cuda_sampling():
+    try:
+        from kernels.sampling import ops
+    except ImportError:   # no triton: the reference serves CUDA too
+        return None
+    return ops
 
 
 def _per_level(value: PerLevel, level: int, name: str):

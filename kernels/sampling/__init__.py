@@ -1,0 +1,9 @@
+"""Fused categorical sampling from logits: temperature, top-k, top-p and the exponential race.
+
+``reference.py`` is the plain-PyTorch semantics (those of ``fastjukebox.sampling``); ``ops.py``
+(import ``kernels.sampling.ops``; needs Triton) launches the one-program-per-row kernel of
+``kernel.py``.
+"""
+from .reference import exponential_noise, filter_logits, sample_logits_reference
+
+__all__ = ["exponential_noise", "filter_logits", "sample_logits_reference"]

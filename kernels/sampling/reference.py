@@ -1,0 +1,45 @@
+"""Categorical sampling from logits, in plain PyTorch (the semantics the kernel reproduces).
+
+``probs = softmax(filter_logits(logits.float() / temperature, top_k, top_p))`` and the token is
+``argmax(probs / E)`` with ``E ~ Exp(1)`` per (row, token): an exact categorical draw (the
+exponential race). This module depends on torch alone, like the other ``kernels/*/reference.py``,
+so the sampler can import it; it computes what ``fastjukebox.sampling`` computes (tested).
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["filter_logits", "sample_logits_reference", "exponential_noise"]
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Set to -inf every logit below the ``top_k``-th largest (ties kept) and/or outside the
+    smallest most-likely prefix whose probability exceeds ``top_p`` (the first token past the
+    threshold is kept). (N, V) -> (N, V)."""
+    if top_k:
+        kth = torch.topk(logits, min(int(top_k), logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = torch.zeros_like(cum, dtype=torch.bool)
+        drop[..., 1:] = cum[..., :-1] > top_p          # sorted position i goes iff cum[i - 1] > top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def exponential_noise(shape: tuple[int, int], device: torch.device | str,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Exp(1) noise ``(N, V)`` fp32, drawn as ``fastjukebox.sampling.sample_logits`` draws it (same
+    generator, shape and dtype: the same numbers)."""
+    return torch.empty(shape, dtype=torch.float32, device=device).exponential_(1.0, generator=generator)
+
+
+def sample_logits_reference(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
+                            generator: torch.Generator | None = None,
+                            noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits ``(N, V)`` -> sampled ids ``(N,)`` long; ``noise``: ``(N, V)`` Exp(1) draws to use
+    instead of drawing from ``generator``."""
+    probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    e = exponential_noise(tuple(probs.shape), probs.device, generator) if noise is None else noise
+    return (probs / e).argmax(dim=-1)
