@@ -106,6 +106,11 @@ class TokenTransformer(nn.Module):
     def forward_cached(self, x: torch.Tensor, pos: int, cache) -> torch.Tensor:
         """Inputs ``x: (N, T, W)`` at positions ``[pos, pos + T)`` inside one block: write their
         keys/values to ``cache`` and return the final activations (N, T, W)."""
+        if x.shape[1] == 1:
+            h = x[:, 0]
+            for i, layer in enumerate(self.transformer._attn_mods):
+                h = layer.decode_one(h, cache, i, pos)
+            return h[:, None]
         for i, layer in enumerate(self.transformer._attn_mods):
             x = layer.decode(x, cache, i, pos)
         return x

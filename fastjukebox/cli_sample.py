@@ -452,9 +452,10 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
                    type=_per_level(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
                    help="nucleus sampling; 0: off (one value or per level)")
     p.add_argument("--sampler", type=_sampler,
-                   help="sampler per level: 'ar' (exact) or 'parallel' (distilled student; upsampler levels only, "
-                        "so 'parallel' alone means '1=parallel,0=parallel'), or pairs like '1=parallel,0=ar' "
-                        "(default: ar)")
+                   help="sampler per level: 'ar' (exact), 'ar-graph' (exact, the same tokens through the "
+                        "device-position step: CUDA graphs on CUDA) or 'parallel' (distilled student; upsampler "
+                        "levels only, so 'parallel' alone means '1=parallel,0=parallel'), or pairs like "
+                        "'1=parallel,0=ar' (default: ar)")
     p.add_argument("--passes", type=int, default=16, help="decoding passes per window of the parallel sampler")
     p.add_argument("--chunk-size", default=32, metavar="C", type=_per_level(int, lambda v: v >= 1, "an integer >= 1"),
                    help="tokens primed per step (one value or per level; default: 32)")

@@ -50,6 +50,29 @@ class WindowDecoder:
     def cache(self) -> KVCache:
         return self._cache
 
+    @property
+    def conditioning(self):
+        """The current window's ``Conditioning`` (set by ``begin``)."""
+        return self._cond
+
+    @property
+    def seq_position(self) -> int:
+        """Sequence positions whose keys are cached: ``position`` plus the lyric prefix."""
+        return self._pos
+
+    @property
+    def token_buffer(self) -> torch.Tensor:
+        """The window's raw id buffer (N, seq_len), indexed by sequence position (a view)."""
+        return self._tokens[: self.n]
+
+    def advance(self, count: int) -> None:
+        """Account for ``count`` steps taken outside this object (``fastjukebox.fast_decode``):
+        their keys are in ``cache`` and their chosen ids in ``token_buffer``."""
+        if count < 0 or self._pos + count > self.config.seq_len:
+            raise ValueError(f"cannot advance {count} positions from {self.position} "
+                             f"(window of {self.config.n_ctx})")
+        self._pos += count
+
     @torch.no_grad()
     def begin(self, upper=None, labels=None, n: int | None = None) -> None:
         """Start a window: conditioning from ``upper`` codes / ``labels``, empty cache."""

@@ -19,10 +19,17 @@ def _parallel_sampler(jb, level: int, passes: int = 16):
     return ParallelWindowSampler(student, passes=passes)
 
 
+def _graph_sampler(jb, level: int, passes: int = 16):
+    from .fast_decode import GraphWindowSampler
+    return GraphWindowSampler(jb.prior(level))
+
+
 # Level samplers: name -> factory(jb, level, **options) building a window sampler, or None for
-# exact autoregressive sampling (``fastjukebox.sampling.ARWindowSampler``). "parallel" uses the
-# distilled student stored beside the level's prior (``student_level_{level}/``).
-SAMPLERS = {"ar": None, "parallel": _parallel_sampler}
+# exact autoregressive sampling (``fastjukebox.sampling.ARWindowSampler``). "ar-graph" draws the
+# same tokens through the device-position step of ``fastjukebox.fast_decode`` (CUDA graphs on
+# CUDA). "parallel" uses the distilled student stored beside the level's prior
+# (``student_level_{level}/``).
+SAMPLERS = {"ar": None, "ar-graph": _graph_sampler, "parallel": _parallel_sampler}
 
 
 def register_sampler(name: str, factory) -> None:
