@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from fastjukebox.autoregressive import PositionEmbedding
 from fastjukebox.checkpoint import (CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, CheckpointError, check_state_dict,
                                     read_config, read_weights)
-from fastjukebox.conditioners import LabelConditioner, UpsamplerConditioner
 from fastjukebox.config import PriorConfig
-from fastjukebox.prior import Conditioning, Prior
+from fastjukebox.prior import Conditioning, Prior, label_conditioner, upsampler_conditioner
 from fastjukebox.transformer import Transformer
 
 __all__ = ["ParallelStudent", "STUDENT_KIND"]
@@ -97,13 +96,9 @@ class ParallelStudent(nn.Module):
         if config.lyrics is not None:
             raise ValueError(f"parallel students do not support lyric conditioning (config has lyrics={config.lyrics!r})")
         self.config = c = config
-        nxt = c.level + 1
-        self.conditioner_blocks = nn.ModuleList([UpsamplerConditioner(
-            c.l_bins, c.width, c.downs_t[nxt], c.strides_t[nxt], c.cond_width, c.cond_depth, c.cond_m_conv,
-            c.cond_dilation_growth_rate, c.cond_dilation_cycle, c.cond_res_scale, c.cond_c_res, c.init_scale)])
+        self.conditioner_blocks = nn.ModuleList([upsampler_conditioner(c)])
         if c.labels:
-            self.y_emb = LabelConditioner(c.y_bins, c.t_bins, c.sr, c.min_duration, c.max_duration, c.n_ctx,
-                                          c.width, c.max_bow_genre_size, False, c.init_scale)
+            self.y_emb = label_conditioner(c)   # is_top is False here: no timing signal
         self.prior = MaskedTokenModel(c)
 
     @property

@@ -54,18 +54,28 @@ def _as_long(name: str, x, rank: int = 2) -> torch.Tensor:
     return x.long()
 
 
+def upsampler_conditioner(c: PriorConfig) -> UpsamplerConditioner:
+    """The conditioner that turns the level above's codes into ``x_cond`` (upsamplers)."""
+    nxt = c.level + 1
+    return UpsamplerConditioner(c.l_bins, c.width, c.downs_t[nxt], c.strides_t[nxt], c.cond_width, c.cond_depth,
+                                c.cond_m_conv, c.cond_dilation_growth_rate, c.cond_dilation_cycle,
+                                c.cond_res_scale, c.cond_c_res, c.init_scale)
+
+
+def label_conditioner(c: PriorConfig) -> LabelConditioner:
+    """Artist / genre start embedding and (top level) timing signal."""
+    return LabelConditioner(c.y_bins, c.t_bins, c.sr, c.min_duration, c.max_duration, c.n_ctx, c.width,
+                            c.max_bow_genre_size, c.is_top, c.init_scale)
+
+
 class Prior(nn.Module):
     def __init__(self, config: PriorConfig):
         super().__init__()
         self.config = c = config
         if not c.is_top:
-            nxt = c.level + 1
-            self.conditioner_blocks = nn.ModuleList([UpsamplerConditioner(
-                c.l_bins, c.width, c.downs_t[nxt], c.strides_t[nxt], c.cond_width, c.cond_depth, c.cond_m_conv,
-                c.cond_dilation_growth_rate, c.cond_dilation_cycle, c.cond_res_scale, c.cond_c_res, c.init_scale)])
+            self.conditioner_blocks = nn.ModuleList([upsampler_conditioner(c)])
         if c.labels:
-            self.y_emb = LabelConditioner(c.y_bins, c.t_bins, c.sr, c.min_duration, c.max_duration, c.n_ctx,
-                                          c.width, c.max_bow_genre_size, c.is_top, c.init_scale)
+            self.y_emb = label_conditioner(c)
         if c.lyrics == "encoder":
             self.prime_prior = TokenTransformer(
                 c.n_vocab, c.n_tokens, c.prime_width, c.prime_depth, c.prime_heads, c.prime_attn_order,
