@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from .build import DEFAULT_OUT
     ap = argparse.ArgumentParser(prog="python -m fastjukebox.demo", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="train the demo family (about 35-60 min on 2 CPU cores)")
+    b = sub.add_parser("build", help="train the demo family (about 20-40 min on 2 CPU cores)")
     b.add_argument("--out", default=str(DEFAULT_OUT), help="where the family goes (default: %(default)s)")
     b.add_argument("--work", default=None, help="checkpoints and codes (default: $FASTJUKEBOX_CACHE/demo-build)")
     b.add_argument("--resume", action="store_true", help="continue each unfinished stage; skip finished ones")

@@ -49,17 +49,17 @@ EVAL_SECONDS = 8.0          # seconds of each held-out piece kept in eval_codes.
 class BuildPlan:
     """Everything a build depends on. Step counts are fixed; ``scale`` shrinks them for tests."""
 
-    train_chorales: int = 40          # chorales of the train split (each with its augmented variant)
+    train_chorales: int = 30          # chorales of the train split (each with its augmented variant)
     heldout_chorales: int = 6         # held-out chorales encoded for evaluation
     crop_seconds: float | None = None  # cut every piece to this length (tiny test builds)
     seed: int = 0
     vqvae_steps: int = 1000
     vqvae_batch: int = 4
     vqvae_window_seconds: float = 0.25
-    vqvae_lr: float = 5e-4
-    top_steps: int = 1200
+    vqvae_lr: float = 7e-4
+    top_steps: int = 4000
     top_batch: int = 16
-    up_steps: tuple[int, int] = (600, 600)        # level 0, level 1
+    up_steps: tuple[int, int] = (1500, 1500)      # level 0, level 1
     up_batch: int = 8
     up_train_pieces: int | None = None            # train subset for the upsamplers (None: all)
     prior_lr: float = 1e-3
@@ -227,8 +227,11 @@ def build(out: str | os.PathLike = DEFAULT_OUT, *, plan: BuildPlan | None = None
 
     plan = plan or BuildPlan()
     out, work = Path(out), Path(work) if work is not None else default_work_dir()
-    if not resume and work.exists():
-        shutil.rmtree(work)
+    if not resume and work.exists() and any(work.iterdir()):
+        if not (work / "state.json").is_file():
+            raise ValueError(f"work directory {work} is not empty and holds no demo build (state.json); "
+                             f"pass an empty or new --work")
+        shutil.rmtree(work)  # a previous demo build: start over
     work.mkdir(parents=True, exist_ok=True)
     (work / "codes").mkdir(exist_ok=True)
     state = _State(work, plan, resume)
