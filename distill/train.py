@@ -46,11 +46,10 @@ from .schedules import sample_training_mask
 
 TEACHERS = {"middle": 1, "bottom": 0}
 BITS = 1.0 / math.log(2.0)
-# Default budgets. Measured on this 2-core CPU with a demo-sized stand-in (upsamplers of width 128,
-# depth 4, n_ctx 256; the demo model itself is not built yet): teacher samples ~16 windows/s,
-# ~0.34 s per training step at batch 16, ~20 s of evaluation, i.e. about 2 + 8.5 + 0.5 minutes.
-DEFAULTS = {"middle": dict(steps=1500, shards=32, shard_size=64),
-            "bottom": dict(steps=1500, shards=32, shard_size=64)}
+# Budgets of the default runs: on the demo family they finish within 20 minutes on 2 CPU cores,
+# teacher data generation and the evaluation included.
+DEFAULTS = {"middle": dict(steps=800, shards=16, shard_size=32),
+            "bottom": dict(steps=800, shards=16, shard_size=32)}
 
 
 @dataclass
@@ -58,6 +57,7 @@ class DistillConfig:
     teacher: str = "middle"
     model: str = "demo"
     data: str | None = None            # audio directory; None: the demo corpus
+    pieces: int | None = 24            # source pieces (demo: chorales, each with its variant); None: all
     out: str = "distill-run"
     shards_dir: str | None = None      # default OUT/shards
     steps: int | None = None           # None: DEFAULTS[teacher]
@@ -309,7 +309,7 @@ def train(cfg: DistillConfig) -> dict:
                            k=cfg.k, temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.gen_batch_size,
                            model=str(cfg.model),
                            data=str(cfg.data) if cfg.data else "demo-corpus")
-    pieces = load_pieces(cfg.data, "train", jb.sr)
+    pieces = load_pieces(cfg.data, "train", jb.sr, limit=cfg.pieces)
     generate_shards(prior, jb.vqvae, pieces, cfg.shard_dir, gen, rank=acc.process_index,
                     world_size=acc.num_processes, progress=cfg.progress)
     acc.wait_for_everyone()
@@ -397,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, choices=sorted(TEACHERS), help="upsampler to distil")
     p.add_argument("--model", default="demo", help="model directory or bundled name (default: demo)")
     p.add_argument("--data", default=None, help="directory of audio files (default: the demo corpus)")
+    p.add_argument("--pieces", type=int, default=24,
+                   help="how many source pieces to encode (demo corpus: chorales; 0: all)")
     p.add_argument("--out", default="distill-run", help="run directory (default: ./distill-run)")
     p.add_argument("--shards-dir", default=None, help="teacher-sample shards (default: OUT/shards)")
     p.add_argument("--steps", type=int, default=None)
@@ -431,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.pieces == 0:
+            args.pieces = None
         cfg = DistillConfig(**vars(args))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
