@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .layers import keep_layernorms_fp32
 from .config import PRESETS, PriorConfig, VQVAEConfig, resolve_config
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -153,6 +154,8 @@ def _assign(model_cfg, kind: str, sd: dict[str, torch.Tensor], source: str, dtyp
     meta.load_state_dict(sd, strict=True, assign=True)
     if tied:
         meta.prior.x_out.weight = meta.prior.x_emb.weight
+    if dtype in (torch.float16, torch.bfloat16):
+        keep_layernorms_fp32(meta)
     return meta.eval()
 
 

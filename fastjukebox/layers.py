@@ -19,7 +19,10 @@ class Conv1D(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm that normalises half-precision activations in fp32 (as the original does)."""
+    """LayerNorm that normalises half-precision activations in fp32 (as the original does).
+
+    Its parameters stay fp32 when a model is loaded in half precision (``keep_layernorms_fp32``),
+    as in the original, so no step casts them."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.float16, torch.bfloat16):
@@ -30,3 +33,11 @@ class LayerNorm(nn.LayerNorm):
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
+
+
+def keep_layernorms_fp32(model: nn.Module) -> nn.Module:
+    """Return every ``LayerNorm`` of ``model`` to fp32 parameters (after a half-precision cast)."""
+    for m in model.modules():
+        if isinstance(m, LayerNorm):
+            m.float()
+    return model

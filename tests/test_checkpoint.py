@@ -536,3 +536,26 @@ def test_loss_needs_full_window():
     with pytest.raises(ValueError, match=r"the loss needs a full window of n_ctx=64 tokens"):
         prior.loss(z[:, :32], None, y)
 
+
+
+def test_half_precision_load_keeps_layernorms_fp32():
+    """bf16 loading converts the weights once; LayerNorm parameters stay fp32 (as the original
+    keeps them), so a decode step casts no parameter. The step still runs and is finite."""
+    import fastjukebox
+    from fastjukebox.decoding import WindowDecoder
+    from fastjukebox.layers import LayerNorm
+
+    jb = fastjukebox.load("tiny", dtype=torch.bfloat16)
+    prior = jb.prior(1)
+    norms = [m for m in prior.modules() if isinstance(m, LayerNorm)]
+    assert norms and all(p.dtype == torch.float32 for m in norms for p in m.parameters())
+    ln_params = {id(p) for m in norms for p in m.parameters()}
+    others = [p for p in prior.parameters() if id(p) not in ln_params]
+    assert others and all(p.dtype == torch.bfloat16 for p in others)
+    c = prior.config
+    dec = WindowDecoder(prior, 2)
+    upper = torch.randint(0, c.l_bins, (2, c.n_ctx // c.cond_downsample))
+    labels = torch.tensor([[44100 * 4, 0, c.sample_length, 1, 2] + [-1] * (c.label_len - 5)] * 2)
+    dec.begin(upper, labels if c.labels else None)
+    logits = dec.step()
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
