@@ -90,7 +90,8 @@ class Jukebox(nn.Module):
         prompt: audio (T,) or (N, T) at ``sr``; it is encoded at every level and continued
             (the original's primed mode).
         sampling: temperature, top_k, top_p (one value or per level), chunk_size, hop_fraction,
-            max_batch_size, seed, sampler ("ar", "parallel" or {level: name}), passes (parallel
+            max_batch_size, seed, sampler ("ar", "ar-graph" (CUDA-graph decode steps on a GPU),
+            "parallel" (distilled students for the upsamplers) or {level: name}), passes (parallel
             decoding passes per window), progress.
         Returns a ``SampleResult`` (codes per level, level 0 first; audio (N, T) in [-1, 1]).
         """
