@@ -377,15 +377,7 @@ def main(argv=None) -> int:
         if device == "cuda":
             torch.cuda.empty_cache()
     bar.close()
-    results.write()
-    print(render(results.doc))
-    print(f"wrote {results.json_path} and {results.md_path}")
-    if dry:
-        print(gb.DRY_RUN_NOTE)
-    if failed:
-        print(f"{len(failed)} case(s) failed (see their rows): {failed}", file=sys.stderr)
-        return 1
-    return 0
+    return gb.finish(results, render, dry, failed, 'failed (see their rows)')
 
 
 if __name__ == "__main__":

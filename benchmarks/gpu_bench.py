@@ -170,3 +170,16 @@ def md_table(header: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def finish(results: "ResultsFile", render: Callable[[dict], str], dry: bool, failed: list, what: str) -> int:
+    """Write and print the results file; exit status 1 (with ``what``) when cases failed."""
+    results.write()
+    print(render(results.doc))
+    print(f"wrote {results.json_path} and {results.md_path}")
+    if dry:
+        print(DRY_RUN_NOTE)
+    if failed:
+        print(f"{what} in {len(failed)} case(s): {failed}", file=sys.stderr)
+        return 1
+    return 0

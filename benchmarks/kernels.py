@@ -343,15 +343,7 @@ def main(argv=None) -> int:
             results.add(row)
             if "ours" not in row["checks"] or not row["checks"]["ours"]["ok"]:
                 failed.append(row_key(row))
-    results.write()
-    print(render(results.doc))
-    print(f"wrote {results.json_path} and {results.md_path}")
-    if dry:
-        print(gb.DRY_RUN_NOTE)
-    if failed:
-        print(f"ours failed its check (or did not run) in {len(failed)} case(s): {failed}", file=sys.stderr)
-        return 1
-    return 0
+    return gb.finish(results, render, dry, failed, 'ours failed its check (or did not run)')
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 A window of the distilled level ``L`` (``n_ctx`` codes) is cut from real audio; the VQ-VAE encodes
 it at levels ``L`` (the real codes) and ``L + 1`` (the upper codes the upsampler is conditioned
 on). The teacher (the level-``L`` prior) samples the whole window autoregressively with the fast
-sampler (``sample_window`` on a ``WindowDecoder``), and one teacher-forced pass over its own sample
+sampler (``fastjukebox.sampling.ARWindowSampler``), and one teacher-forced pass over its own sample
 gives, per position, the probability of the sampled token and the top-k of its predictive
 distribution (temperature 1, i.e. the model's distribution; the sampling temperature is recorded
 in the metadata).
@@ -41,10 +41,9 @@ import numpy as np
 import torch
 
 from fastjukebox.atomic import atomic_path
-from fastjukebox.decoding import WindowDecoder
 from fastjukebox.labels import Labeller
 from fastjukebox.prior import Prior
-from fastjukebox.sampling import sample_window
+from fastjukebox.sampling import ARWindowSampler
 from fastjukebox.vqvae import VQVAE
 
 SHARD_FORMAT = "fastjukebox-distill-shard/1"
@@ -187,29 +186,37 @@ def teacher_targets(prior: Prior, codes: torch.Tensor, upper: torch.Tensor, labe
 
 
 @torch.no_grad()
+def sample_windows(fill: Callable[..., torch.Tensor], n_ctx: int, upper: torch.Tensor, labels: torch.Tensor | None,
+                   *, temperature: float, batch_size: int, generator: torch.Generator | None,
+                   device: torch.device, on_window: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Whole windows (S, n_ctx) from nothing, ``batch_size`` at a time, by a window sampler with the
+    ``fastjukebox.sampling.ARWindowSampler`` call signature (the teacher's, or the student's
+    ``ParallelWindowSampler``), conditioned on ``upper`` (S, n_ctx // cd) and ``labels``;
+    ``on_window(m)`` is told about every ``m`` finished windows."""
+    out = []
+    for i in range(0, upper.shape[0], batch_size):
+        sl = slice(i, i + batch_size)
+        u = upper[sl].to(device)
+        known = torch.zeros(u.shape[0], 0, dtype=torch.long, device=device)
+        y = None if labels is None else labels[sl].to(device)
+        out.append(fill(known, n_ctx, u, y, temperature=temperature, generator=generator).cpu())
+        if on_window is not None:
+            on_window(u.shape[0])
+    return torch.cat(out)
+
+
 def sample_teacher(prior: Prior, upper: torch.Tensor, labels: torch.Tensor | None, *, temperature: float = 1.0,
                    batch_size: int = 16, generator: torch.Generator | None = None,
                    decoders: dict | None = None, on_window: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Whole windows (S, n_ctx) sampled autoregressively by the teacher from nothing, conditioned
-    on ``upper`` (S, n_ctx // cd) and ``labels``. ``decoders`` caches one ``WindowDecoder`` per
-    batch size across calls; ``on_window(m)`` is told about every ``m`` finished windows."""
-    c = prior.config
+    """``sample_windows`` with the teacher's exact AR sampler; ``decoders`` caches one
+    ``ARWindowSampler`` (static cache) per batch size across calls."""
     dev = prior.prior.x_emb.weight.device
     decoders = {} if decoders is None else decoders
     bs = min(batch_size, upper.shape[0])
     if bs not in decoders:
-        decoders[bs] = WindowDecoder(prior, bs, device=dev)
-    dec = decoders[bs]
-    out = []
-    for i in range(0, upper.shape[0], bs):
-        sl = slice(i, i + bs)
-        u = upper[sl].to(dev)
-        known = torch.zeros(u.shape[0], 0, dtype=torch.long, device=dev)
-        y = None if labels is None else labels[sl].to(dev)
-        out.append(sample_window(dec, known, c.n_ctx, u, y, temperature=temperature, generator=generator).cpu())
-        if on_window is not None:
-            on_window(u.shape[0])
-    return torch.cat(out)
+        decoders[bs] = ARWindowSampler(prior, bs, device=dev)
+    return sample_windows(decoders[bs], prior.config.n_ctx, upper, labels, temperature=temperature, batch_size=bs,
+                          generator=generator, device=dev, on_window=on_window)
 
 
 # --------------------------------------------------------------------------------------------

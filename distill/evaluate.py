@@ -35,7 +35,7 @@ import torch
 
 from fastjukebox.atomic import atomic_path
 
-from .data import load_pieces, real_windows, sample_teacher
+from .data import load_pieces, real_windows, sample_teacher, sample_windows
 from .metrics import (CallCounter, codebook_usage, default_fft_sizes, mr_stft_distance, teacher_scores,
                       unigram_entropy_bits)
 
@@ -50,20 +50,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
 def sample_student(sampler, upper: torch.Tensor, labels: torch.Tensor | None, *, temperature: float,
                    batch_size: int, generator: torch.Generator | None) -> torch.Tensor:
     """Whole windows (S, n_ctx) from the student, nothing known, in batches."""
-    c = sampler.config
-    dev = sampler.student.prior.x_emb.weight.device
-    out = []
-    for i in range(0, upper.shape[0], batch_size):
-        sl = slice(i, i + batch_size)
-        u = upper[sl].to(dev)
-        known = torch.zeros(u.shape[0], 0, dtype=torch.long, device=dev)
-        y = None if labels is None else labels[sl].to(dev)
-        out.append(sampler(known, c.n_ctx, u, y, temperature=temperature, generator=generator).cpu())
-    return torch.cat(out)
+    return sample_windows(sampler, sampler.config.n_ctx, upper, labels, temperature=temperature,
+                          batch_size=batch_size, generator=generator,
+                          device=sampler.student.prior.x_emb.weight.device)
 
 
 def _timed(fn, device):

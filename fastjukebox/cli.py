@@ -117,13 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def run_command(fn, args, prog: str, errors=(ValueError, FileNotFoundError)) -> int:
+    """Run a sub-command; bad input (``errors``) is one line on stderr and exit status 2."""
+    try:
+        return fn(args)
+    except errors as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"fastjukebox {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args, f"fastjukebox {args.command}")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     Uses ``argmax(p / E)`` with ``E ~ Exp(1)``, an exact categorical sample that needs no host
     round trip (unlike ``torch.multinomial`` on some devices). On CUDA one fused Triton kernel
     (``kernels.sampling``) does it from the same noise; elsewhere the PyTorch reference."""
-    if logits.is_cuda and _cuda_sampling() is not None and _cuda_sampling().supports(logits):
-        return _cuda_sampling().sample_logits(logits, temperature, top_k, top_p, generator)
+    if logits.is_cuda:
+        ops = _cuda_sampling()
+        if ops is not None and ops.supports(logits):
+            return ops.sample_logits(logits, temperature, top_k, top_p, generator)
     return sample_logits_reference(logits, temperature, top_k, top_p, generator)
 
 

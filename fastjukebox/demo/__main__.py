@@ -50,11 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(fn=cmd_report)
     args = ap.parse_args(argv)
-    try:
-        return args.fn(args)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from fastjukebox.cli import run_command
+    return run_command(args.fn, args, "python -m fastjukebox.demo", errors=(ValueError, OSError))
 
 
 if __name__ == "__main__":

@@ -171,11 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.fn(args)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from fastjukebox.cli import run_command
+    return run_command(args.fn, args, "python -m fastjukebox.train", errors=(ValueError, OSError))
 
 
 if __name__ == "__main__":
