@@ -6,9 +6,9 @@ of the machine's speed)::
     corpus    render (or load from the cache) the train subset and a few held-out chorales
     vqvae     train a small three-level VQ-VAE (hops 8 / 32 / 128, 256 codes per level)
     encode    encode the train and held-out pieces to codes (``work/codes/*.npz``)
+    prior_1   upsampler level 1 (n_ctx 1024, block length 64)   } at the same time, one
+    prior_0   upsampler level 0 (n_ctx 1024, block length 64)   } process and thread each
     prior_2   top prior (labels: genre = key mode, artist = instrument set, timing signal)
-    prior_1   upsampler level 1 (n_ctx 1024, block length 64)
-    prior_0   upsampler level 0 (n_ctx 1024, block length 64)
     ship      copy the components to ``out`` with ``eval_codes.npz`` and ``build_info.json``
 
 Training checkpoints live in a work directory (``$FASTJUKEBOX_CACHE/demo-build`` by default);
@@ -41,7 +41,7 @@ __all__ = ["BuildPlan", "plan_for_scale", "vqvae_config", "prior_config", "build
            "DEFAULT_OUT", "STAGES"]
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "demo"
-STAGES = ("corpus", "vqvae", "encode", "prior_2", "prior_1", "prior_0", "ship")
+STAGES = ("corpus", "vqvae", "encode", "prior_1", "prior_0", "prior_2", "ship")
 EVAL_SECONDS = 8.0          # seconds of each held-out piece kept in eval_codes.npz
 
 
@@ -62,6 +62,7 @@ class BuildPlan:
     up_steps: tuple[int, int] = (1500, 1500)      # level 0, level 1
     up_batch: int = 8
     up_train_pieces: int | None = None            # train subset for the upsamplers (None: all)
+    upsampler_processes: int = 2                  # 2: both upsamplers at once, one thread each; 1: in turn
     prior_lr: float = 1e-3
     warmup_steps: int = 100
     checkpoint_every: int = 100
@@ -123,7 +124,7 @@ class _State:
 
     def __init__(self, work: Path, plan: BuildPlan, resume: bool):
         self.path = work / "state.json"
-        self.data = {"plan": plan.to_dict(), "done": {}, "seconds": {}}
+        self.data = {"plan": plan.to_dict(), "done": {}, "seconds": {}, "overlap_seconds": 0.0}
         if resume and self.path.exists():
             old = json.loads(self.path.read_text())
             if old.get("plan") != self.data["plan"]:
@@ -137,6 +138,14 @@ class _State:
 
     def done(self, stage: str) -> bool:
         return bool(self.data["done"].get(stage))
+
+    def add_overlap(self, seconds: float) -> None:
+        """Seconds during which two stages ran at once (counted once in the build's wall time)."""
+        self.data["overlap_seconds"] = self.data.get("overlap_seconds", 0.0) + max(seconds, 0.0)
+        self.save()
+
+    def wall_seconds(self) -> float:
+        return sum(self.data["seconds"].values()) - self.data.get("overlap_seconds", 0.0)
 
     def add_time(self, stage: str, seconds: float, finished: bool, info: dict | None = None) -> None:
         self.data["seconds"][stage] = self.data["seconds"].get(stage, 0.0) + seconds
@@ -216,6 +225,27 @@ def _machine() -> dict:
             "torch": torch.__version__}
 
 
+def _train_prior_stage(plan: BuildPlan, level: int, work, n_train: int, lo: float, hi: float, resume: bool,
+                       progress: bool, threads: int | None = None, position: int | None = None) -> dict:
+    """Train one prior of the family on the encoded train pieces (also run in a worker process)."""
+    from ..train import train_prior
+    t0 = time.perf_counter()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    work = Path(work)
+    codes, lengths, labels = _load_codes(work, "train", n_train)
+    cfg = prior_config(plan, level, lo, hi)
+    if level == 2:
+        steps, batch, n = plan.top_steps, plan.top_batch, n_train
+    else:
+        steps, batch = plan.up_steps[level], plan.up_batch
+        n = n_train if plan.up_train_pieces is None else min(plan.up_train_pieces, n_train)
+    tcfg = replace(_train_cfg(plan, work, steps, batch, plan.prior_lr, resume, progress), progress_position=position)
+    _, res = train_prior(cfg, codes[:n], tcfg, labels=labels[:n], lengths=lengths[:n])
+    return {"steps": res.step, "loss_bits_per_token": res.loss, "steps_per_second": res.steps_per_second,
+            "pieces": n, "_finished": res.finished, "_seconds": time.perf_counter() - t0}
+
+
 def build(out: str | os.PathLike = DEFAULT_OUT, *, plan: BuildPlan | None = None, work: str | os.PathLike | None = None,
           resume: bool = False, cache_dir: str | os.PathLike | None = None, progress: bool = True,
           command: str | None = None, log=print) -> dict:
@@ -245,6 +275,7 @@ def build(out: str | os.PathLike = DEFAULT_OUT, *, plan: BuildPlan | None = None
         log(f"[{name}] ...")
         t0 = time.perf_counter()
         info = fn()
+        info.pop("_seconds", None)
         state.add_time(name, time.perf_counter() - t0, finished=info.pop("_finished", True), info=info)
         log(f"[{name}] {state.data['seconds'][name]:.1f} s {json.dumps(info)[:300]}")
         return info
@@ -282,25 +313,37 @@ def build(out: str | os.PathLike = DEFAULT_OUT, *, plan: BuildPlan | None = None
         return {"train": len(train), "heldout": len(held)}
 
     run_stage("encode", stage_encode)
-    train_codes, train_lengths, _ = _load_codes(work, "train", len(train))
 
-    def stage_prior(level: int):
+    def prior_stage(level: int, concurrent: bool):
         def fn():
-            cfg = prior_config(plan, level, lo, hi)
-            if level == 2:
-                steps, batch, idx = plan.top_steps, plan.top_batch, range(len(train))
-            else:
-                steps, batch = plan.up_steps[level], plan.up_batch
-                idx = range(len(train) if plan.up_train_pieces is None else min(plan.up_train_pieces, len(train)))
-            tcfg = _train_cfg(plan, work, steps, batch, plan.prior_lr, resume, progress)
-            _, res = train_prior(cfg, [train_codes[i] for i in idx], tcfg, labels=[labels[i] for i in idx],
-                                 lengths=[train_lengths[i] for i in idx])
-            return {"steps": res.step, "loss_bits_per_token": res.loss,
-                    "steps_per_second": res.steps_per_second, "pieces": len(idx), "_finished": res.finished}
+            args = (plan, level, str(work), len(train), lo, hi, resume, progress)
+            if not concurrent:
+                return _train_prior_stage(*args)
+            return pool.submit(_train_prior_stage, *args, threads=1, position=level)
         return fn
 
-    for level in (2, 1, 0):
-        run_stage(f"prior_{level}", stage_prior(level))
+    group = [1, 0] if plan.upsampler_processes == 2 else []
+    if any(not state.done(f"prior_{l}") for l in group):
+        # The two upsamplers only need the codes: they train at the same time, one process and
+        # one thread each (deterministic per plan), while the top prior waits for both cores.
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        t0 = time.perf_counter()
+        with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {}
+            for l in group:
+                if not state.done(f"prior_{l}"):
+                    log(f"[prior_{l}] ... (worker process, one thread)")
+                    futures[l] = prior_stage(l, True)()
+            results = {l: f.result() for l, f in futures.items()}
+        wall = time.perf_counter() - t0
+        secs = {l: info.pop("_seconds") for l, info in results.items()}
+        for l, info in results.items():
+            state.add_time(f"prior_{l}", secs[l], finished=info.pop("_finished", True), info=info)
+            log(f"[prior_{l}] {state.data['seconds'][f'prior_{l}']:.1f} s {json.dumps(info)[:300]}")
+        state.add_overlap(sum(secs.values()) - wall)
+    for level in (1, 0, 2):
+        run_stage(f"prior_{level}", prior_stage(level, False))
 
     def stage_ship():
         vq = load_component(work / "vqvae", "vqvae")
@@ -310,6 +353,7 @@ def build(out: str | os.PathLike = DEFAULT_OUT, *, plan: BuildPlan | None = None
             shutil.rmtree(tmp)
         Jukebox(vq, priors).save(tmp)
         held_codes, held_lengths, held_labs = _load_codes(work, "heldout", len(held))
+        train_codes = _load_codes(work, "train", len(train))[0]
         _write_eval_codes(tmp / "eval_codes.npz", held_codes, held_lengths, held_labs, train_codes, hops,
                           vq_cfg.l_bins)
         (tmp / "README.md").write_text(_readme(plan, lo, hi))
@@ -329,7 +373,8 @@ def build(out: str | os.PathLike = DEFAULT_OUT, *, plan: BuildPlan | None = None
                   "prior_level_1": plan.up_steps[1], "prior_level_0": plan.up_steps[0]},
         "stages": state.data["done"],
         "stage_seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "total_seconds": round(sum(seconds.values()), 1),
+        "total_seconds": round(state.wall_seconds(), 1),
+        "concurrent_seconds": round(state.data.get("overlap_seconds", 0.0), 1),
         "this_run_seconds": round(time.perf_counter() - t_start, 1),
         "top_prior_duration_range": [lo, hi],
         "machine": _machine(),

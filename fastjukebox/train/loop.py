@@ -65,6 +65,7 @@ class TrainConfig:
     resume: bool = False
     stop_at: int | None = None         # stop (after a checkpoint) at this step; resume continues
     progress: bool = True
+    progress_position: int | None = None  # tqdm line (several trainings sharing one terminal)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
@@ -264,7 +265,7 @@ def train(task: TrainTask, cfg: TrainConfig) -> TrainResult:
     model.train()
     loss_val, t0, done = float("nan"), time.perf_counter(), 0
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {task.name}", disable=not cfg.progress,
-               dynamic_ncols=True)
+               dynamic_ncols=True, position=cfg.progress_position)
     with open(log_path, "a", encoding="utf-8") as log:
         for step in range(start, end):
             with acc.autocast():
