@@ -144,3 +144,33 @@ def test_scale_is_validated():
         plan_for_scale(0)
     full, small = plan_for_scale(1.0), plan_for_scale(0.01)
     assert small.vqvae_steps < full.vqvae_steps and small.crop_seconds is not None and full.crop_seconds is None
+
+
+def test_upsampler_processes_is_validated(tmp_path):
+    from dataclasses import replace
+
+    from fastjukebox.demo.build import build, plan_for_scale
+    with pytest.raises(ValueError, match="upsampler_processes"):
+        build(tmp_path / "out", plan=replace(plan_for_scale(0.01), upsampler_processes=3), work=tmp_path / "w",
+              progress=False, log=lambda s: None)
+
+
+def test_sequential_upsamplers_match_the_worker_processes(tiny_build, tmp_path):
+    """``upsampler_processes=1`` trains the upsamplers in turn in this process; with one thread
+    per worker the two ways give the same weights."""
+    from dataclasses import replace
+
+    from fastjukebox.demo.build import build
+    out, work, cache, plan, _ = tiny_build
+    seq_out, seq_work = tmp_path / "demo", tmp_path / "work"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build(seq_out, plan=replace(plan, upsampler_processes=1), work=seq_work, cache_dir=cache, progress=False,
+              log=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+    for level in (0, 1):
+        a = fj.load(out).prior(level).state_dict()
+        b = fj.load(seq_out).prior(level).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"level {level} upsampler differs"

@@ -57,9 +57,9 @@ class BuildPlan:
     vqvae_batch: int = 4
     vqvae_window_seconds: float = 0.25
     vqvae_lr: float = 7e-4
-    top_steps: int = 4000
+    top_steps: int = 16000
     top_batch: int = 16
-    up_steps: tuple[int, int] = (1500, 1500)      # level 0, level 1
+    up_steps: tuple[int, int] = (2500, 2500)      # level 0, level 1
     up_batch: int = 8
     up_train_pieces: int | None = None            # train subset for the upsamplers (None: all)
     upsampler_processes: int = 2                  # 2: both upsamplers at once, one thread each; 1: in turn
@@ -256,6 +256,8 @@ def build(out: str | os.PathLike = DEFAULT_OUT, *, plan: BuildPlan | None = None
     from ..train import PieceLabels, encode_pieces, save_code_piece, train_prior, train_vqvae
 
     plan = plan or BuildPlan()
+    if plan.upsampler_processes not in (1, 2):
+        raise ValueError(f"upsampler_processes must be 1 (in turn) or 2 (at the same time), got {plan.upsampler_processes}")
     out, work = Path(out), Path(work) if work is not None else default_work_dir()
     if not resume and work.exists() and any(work.iterdir()):
         if not (work / "state.json").is_file():

@@ -8,7 +8,9 @@ reconstruction distance against trivial baselines.
 * ``unigram_bits(counts, pieces, level)``: bits/token of the add-one smoothed train unigram on
   the same tokens;
 * ``relative_stft_distance(target, pred)``: mean over the training STFT resolutions of
-  ``||S(target) - S(pred)|| / ||S(target)||`` (0 = identical magnitudes; silence scores 1).
+  ``||S(target) - S(pred)|| / ||S(target)||`` (0 = identical magnitudes; silence scores 1);
+* ``tonal_fraction(audio)``: how much of the sound is pitched rather than noise (no reference
+  needed, so it scores samples too).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 __all__ = ["EvalPiece", "load_eval_codes", "heldout_nll", "unigram_bits", "relative_stft_distance",
-           "lowpass", "REQUIRED_MARGIN_BITS"]
+           "lowpass", "tonal_fraction", "REQUIRED_MARGIN_BITS"]
 
 # The held-out NLL of every demo prior must beat the train unigram by at least this many
 # bits/token (asserted by tests/test_demo.py, stated in docs/demo_quality.md).
@@ -135,6 +137,30 @@ def lowpass(audio: torch.Tensor, cutoff_hz: float, sr: int = 44100) -> torch.Ten
     freqs = torch.fft.rfftfreq(audio.shape[-1], 1.0 / sr)
     spec[..., freqs > cutoff_hz] = 0
     return torch.fft.irfft(spec, n=audio.shape[-1], dim=-1).to(audio.dtype)
+
+
+def tonal_fraction(audio, sr: int = 44100, fmax_hz: float = 4000.0, n_fft: int = 4096, hop: int = 1024,
+                   prominence_db: float = 10.0, half_width: int = 12) -> float:
+    """Share of the spectral energy below ``fmax_hz`` that lies in spectral peaks: bins at least
+    ``prominence_db`` above the median of the ``2 * half_width + 1`` bins around them (10.8 Hz bins).
+
+    Sustained notes put their energy in narrow harmonic lines far above their neighbourhood;
+    noise spreads it evenly. Averaged over frames that are not near-silent (> -40 dB of the
+    loudest). A rendered chorale scores about 0.98, white noise about 0.02. ``audio``: (T,) or
+    (1, T), at least ``n_fft`` samples."""
+    a = torch.as_tensor(np.asarray(audio, dtype=np.float32)).reshape(-1)
+    if a.numel() < n_fft:
+        raise ValueError(f"tonal_fraction needs at least {n_fft} samples, got {a.numel()}")
+    spec = torch.stft(a, n_fft, hop, window=torch.hann_window(n_fft), return_complex=True).abs().pow(2)
+    spec = spec[: int(fmax_hz / sr * n_fft)]                                   # (bins, frames)
+    energy = spec.sum(0)
+    spec = spec[:, energy > 1e-4 * energy.max().clamp(min=1e-30)]
+    if spec.shape[1] == 0:
+        return 0.0
+    padded = torch.nn.functional.pad(spec.T[None], (half_width, half_width), mode="replicate")[0]
+    local = padded.unfold(1, 2 * half_width + 1, 1).median(-1).values.T        # (bins, frames)
+    peaks = spec > local * 10 ** (prominence_db / 10)
+    return float(((spec * peaks).sum(0) / spec.sum(0).clamp(min=1e-30)).mean())
 
 
 def margin_ok(nll_bits: float, unigram: float, margin: float = REQUIRED_MARGIN_BITS) -> bool:
