@@ -6,8 +6,8 @@ of the machine's speed)::
     corpus    render (or load from the cache) the train subset and a few held-out chorales
     vqvae     train a small three-level VQ-VAE (hops 8 / 32 / 128, 256 codes per level)
     encode    encode the train and held-out pieces to codes (``work/codes/*.npz``)
-    prior_1   upsampler level 1 (n_ctx 1024, block length 64)   } at the same time, one
-    prior_0   upsampler level 0 (n_ctx 1024, block length 64)   } process and thread each
+    prior_1   upsampler level 1 (n_ctx 1024, block length 64)   } with upsampler_processes=2: at the
+    prior_0   upsampler level 0 (n_ctx 1024, block length 64)   } same time, one process/thread each
     prior_2   top prior (labels: genre = key mode, artist = instrument set, timing signal)
     ship      copy the components to ``out`` with ``eval_codes.npz`` and ``build_info.json``
 
@@ -57,12 +57,12 @@ class BuildPlan:
     vqvae_batch: int = 4
     vqvae_window_seconds: float = 0.25
     vqvae_lr: float = 7e-4
-    top_steps: int = 16000
+    top_steps: int = 4000
     top_batch: int = 16
-    up_steps: tuple[int, int] = (2500, 2500)      # level 0, level 1
+    up_steps: tuple[int, int] = (1500, 1500)      # level 0, level 1
     up_batch: int = 8
     up_train_pieces: int | None = None            # train subset for the upsamplers (None: all)
-    upsampler_processes: int = 2                  # 2: both upsamplers at once, one thread each; 1: in turn
+    upsampler_processes: int = 1                  # 1: in turn; 2: both at once, one process and thread each
     prior_lr: float = 1e-3
     warmup_steps: int = 100
     checkpoint_every: int = 100

@@ -221,6 +221,11 @@ def _markdown(info, rec, usage, nll, tonal, held, eval_s, sample_s, sample_wall,
           "| audio | tonal fraction | per clip |", "|---|---:|---|"]
     for r in tonal:
         L.append(f"| {r['what']} | {r['tonal']:.3f} | {', '.join(f'{v:.2f}' for v in r['values'])} |")
+    by = {r["what"].split(" (")[0]: r["tonal"] for r in tonal}
+    top_rec = next(r["tonal"] for r in tonal if r["what"].endswith("level 2 codes"))
+    up, full = by["levels 1 and 0 sampled from the real top-level codes"], by["samples through all three levels"]
+    L += ["", f"Given real top-level codes, the upsamplers' output scores {up:.2f} (the top level's "
+          f"reconstruction: {top_rec:.2f}); with the top level sampled as well, samples score {full:.2f}."]
     L += ["", "## Spectrograms", "",
           f"![held-out piece and reconstructions]({figs}/reconstruction.png)", "",
           f"{N_SAMPLES} samples of {sample_s:g} s through all three levels in one batch (seed 0, default "
