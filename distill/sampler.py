@@ -56,19 +56,23 @@ class ParallelWindowSampler:
         confidence_noise: scale of the Gumbel noise added to the confidences, annealed linearly
             to 0 over the passes (MaskGIT's choice temperature); 0 ranks by probability alone.
 
-    The defaults (tokens drawn at the given temperature in every pass, choice temperature 16
-    annealed to 0) were chosen on the demo's level-1 student: ranking by probability alone
-    (or annealing the token temperature) makes samples far more likely under the teacher than
-    the teacher's own (3.6-4.0 vs 5.3 bits/token); with the annealed choice noise they come
-    within 8% (see ``benchmarks/results/distill-*``).
+    ``None`` (the default) takes the student's own setting (``student.sampling``, saved with it;
+    ``distill.train`` chooses the noise on validation windows). Without one the defaults are
+    tokens drawn at the given temperature in every pass and choice noise 16 annealed to 0, chosen
+    on the demo's level-1 student: ranking by probability alone (or annealing the token
+    temperature) made its samples far more likely under the teacher than the teacher's own
+    (3.6-4.0 vs 5.3 bits/token). A sharper teacher (lower entropy) wants less noise.
     """
 
-    def __init__(self, student: ParallelStudent, passes: int = 16, temperature_anneal: bool = False,
-                 confidence_noise: float = 16.0):
+    def __init__(self, student: ParallelStudent, passes: int = 16, temperature_anneal: bool | None = None,
+                 confidence_noise: float | None = None):
         if not isinstance(student, ParallelStudent):
             raise TypeError(f"student must be a ParallelStudent, got {type(student).__name__}")
         if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
             raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
+        own = student.sampling
+        temperature_anneal = own.temperature_anneal if temperature_anneal is None else temperature_anneal
+        confidence_noise = own.confidence_noise if confidence_noise is None else confidence_noise
         if confidence_noise < 0:
             raise ValueError(f"confidence_noise must be >= 0, got {confidence_noise}")
         self.student, self.passes = student, passes

@@ -13,12 +13,17 @@ block. Conditioning on the level above and on labels is the teacher's, module fo
 ``from_teacher`` starts the student from every teacher weight.
 
 Submodule names follow ``fastjukebox.Prior`` (``prior.*``, ``conditioner_blocks.0``, ``y_emb``).
+
+``sampling`` holds the student's own defaults for ``ParallelWindowSampler`` (saved beside the
+weights as ``sampling.json``): how much choice noise its unmasking wants depends on how sharp the
+teacher is, so ``distill.train`` measures it on validation windows (``distill.tune``).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +37,31 @@ from fastjukebox.config import PriorConfig
 from fastjukebox.prior import Conditioning, Prior, label_conditioner, upsampler_conditioner
 from fastjukebox.transformer import Transformer
 
-__all__ = ["ParallelStudent", "STUDENT_KIND"]
+__all__ = ["ParallelStudent", "STUDENT_KIND", "SamplingDefaults", "SAMPLING_NAME"]
+
+SAMPLING_NAME = "sampling.json"
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """A student's defaults for ``ParallelWindowSampler`` (see its arguments). The values here
+    are the ones used before a student has its own (chosen on the demo's level-1 student)."""
+
+    confidence_noise: float = 16.0
+    temperature_anneal: bool = False
+
+    def __post_init__(self):
+        if not (isinstance(self.confidence_noise, (int, float)) and self.confidence_noise >= 0):
+            raise ValueError(f"confidence_noise must be a number >= 0, got {self.confidence_noise!r}")
+        if not isinstance(self.temperature_anneal, bool):
+            raise ValueError(f"temperature_anneal must be true or false, got {self.temperature_anneal!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplingDefaults":
+        unknown = sorted(set(d) - {"confidence_noise", "temperature_anneal"})
+        if unknown:
+            raise ValueError(f"unknown sampling settings {unknown} (known: confidence_noise, temperature_anneal)")
+        return cls(**d)
 
 STUDENT_KIND = "student"
 
@@ -100,6 +129,7 @@ class ParallelStudent(nn.Module):
         if c.labels:
             self.y_emb = label_conditioner(c)   # is_top is False here: no timing signal
         self.prior = MaskedTokenModel(c)
+        self.sampling = SamplingDefaults()
 
     @property
     def mask_id(self) -> int:
@@ -195,6 +225,8 @@ class ParallelStudent(nn.Module):
         save_file(sd, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
             json.dump({"kind": STUDENT_KIND, "format": FORMAT_VERSION, **self.config.to_dict()}, f, indent=1)
+        with open(tmp / SAMPLING_NAME, "w", encoding="utf-8") as f:
+            json.dump(asdict(self.sampling), f, indent=1)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.{os.getpid()}.old")
             os.replace(directory, old)
@@ -224,4 +256,20 @@ class ParallelStudent(nn.Module):
         dtype = dtype or torch.float32
         sd = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in sd.items()}
         model.load_state_dict(sd, strict=True, assign=True)
+        model.sampling = _read_sampling(directory)
         return model.eval()
+
+
+def _read_sampling(directory: Path) -> SamplingDefaults:
+    """``sampling.json`` of a student directory; students saved without one get the defaults."""
+    path = directory / SAMPLING_NAME
+    if not path.is_file():
+        return SamplingDefaults()
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        if not isinstance(d, dict):
+            raise ValueError("expected a JSON object")
+        return SamplingDefaults.from_dict(d)
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not valid sampling settings ({e})") from None

@@ -84,6 +84,8 @@ class DistillConfig:
     evaluate: bool = True
     eval_windows: int = 16
     passes: int = 16
+    confidence_noise: float | None = None   # the student's unmasking noise; None: chosen (distill.tune)
+    tune_windows: int = 16                   # shard windows the choice is measured on
     progress: bool = True
     cpu: bool = False
 
@@ -94,7 +96,7 @@ class DistillConfig:
             if getattr(self, name) is None:
                 setattr(self, name, value)
         for name in ("steps", "shards", "shard_size", "batch_size", "gen_batch_size", "k", "ckpt_every",
-                     "log_every", "eval_windows", "passes"):
+                     "log_every", "eval_windows", "passes", "tune_windows"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("real_ratio", "prefix_prob"):
@@ -102,6 +104,8 @@ class DistillConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
         if self.soft_weight < 0 or self.lr <= 0 or self.temperature <= 0:
             raise ValueError("--soft-weight must be >= 0, --lr and --temperature > 0")
+        if self.confidence_noise is not None and self.confidence_noise < 0:
+            raise ValueError(f"--confidence-noise must be >= 0, got {self.confidence_noise}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"--mixed-precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
 
@@ -278,6 +282,29 @@ def _mixed_precision(choice: str) -> str:
     return "no"
 
 
+def _choose_noise(cfg: DistillConfig, prior, student, data: dict, result: dict) -> float:
+    """``cfg.confidence_noise``, or the value ``distill.tune`` picks on ``cfg.tune_windows`` shard
+    windows (recorded in ``result["sampling_tune"]``)."""
+    if cfg.confidence_noise is not None:
+        return float(cfg.confidence_noise)
+    from .tune import choose_confidence_noise
+    dev = prior.prior.x_emb.weight.device
+    n = min(cfg.tune_windows, data["upper"].shape[0])
+    idx = torch.randperm(data["upper"].shape[0], generator=torch.Generator().manual_seed(cfg.seed + 2))[:n]
+    labels = data["labels"][idx].to(dev) if "labels" in data else None
+    if cfg.progress:
+        print(f"[tune] choosing the unmasking noise on {n} shard windows ({cfg.passes} passes)", file=sys.stderr)
+    noise, report = choose_confidence_noise(prior, student, data["upper"][idx].to(dev), labels, passes=cfg.passes,
+                                            temperature=cfg.temperature, batch_size=cfg.gen_batch_size,
+                                            seed=cfg.seed + 3)
+    result["sampling_tune"] = report
+    if cfg.progress:
+        print(f"[tune] teacher NLL of its own samples {report['teacher_nll_teacher']:.3f} bits; student: "
+              + ", ".join(f"noise {r['confidence_noise']:g} -> {r['teacher_nll']:.3f}" for r in report["rows"])
+              + f"; chosen {noise:g}", file=sys.stderr)
+    return noise
+
+
 def train(cfg: DistillConfig) -> dict:
     """Generate teacher data, train the student, save it and (unless ``cfg.evaluate`` is False)
     evaluate it. Returns the summary (with the evaluation under ``"eval"``)."""
@@ -285,7 +312,7 @@ def train(cfg: DistillConfig) -> dict:
     from tqdm.auto import tqdm
 
     import fastjukebox as fj
-    from .student import ParallelStudent
+    from .student import ParallelStudent, SamplingDefaults
 
     # cpu=True also makes several launched CPU processes one gloo group (accelerate only forms a
     # CPU process group when asked for the CPU)
@@ -379,6 +406,7 @@ def train(cfg: DistillConfig) -> dict:
     result = summary
     if main:
         student.eval()
+        student.sampling = SamplingDefaults(confidence_noise=_choose_noise(cfg, prior, student, data, result))
         student.save(out / "student")
         plot_metrics(log, out / "metrics.png")
         if cfg.evaluate:
@@ -425,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the final evaluation")
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--passes", type=int, default=16, help="student passes per window in the evaluation")
+    p.add_argument("--confidence-noise", type=float, default=None,
+                   help="the student's unmasking noise (default: chosen on shard windows after training)")
+    p.add_argument("--tune-windows", type=int, default=16, help="shard windows the noise is chosen on")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     return p

@@ -10,7 +10,7 @@ import distill.sampler as sampler_mod
 from distill.sampler import ParallelWindowSampler
 from distill.schedules import (mask_ratio, masks_per_pass, pass_temperature, sample_training_mask,
                                sample_training_mask_ratio)
-from distill.student import ParallelStudent
+from distill.student import ParallelStudent, SamplingDefaults
 from fastjukebox import PriorConfig, Prior
 from fastjukebox.checkpoint import CheckpointError, save_component
 
@@ -237,10 +237,12 @@ def test_save_load_round_trip(tmp_path, gen):
     upper, labels = _inputs(c, 2, gen)
     tokens = torch.randint(0, c.l_bins + 1, (2, c.n_ctx), generator=gen)
     out = student.save(tmp_path / "student_level_1")
+    student.sampling = SamplingDefaults(confidence_noise=2.0, temperature_anneal=True)
     student.save(out)  # overwriting an existing directory works
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "sampling.json"]
     loaded = ParallelStudent.load(out)
     assert loaded.config == c
+    assert loaded.sampling == SamplingDefaults(confidence_noise=2.0, temperature_anneal=True)
     with torch.no_grad():
         assert torch.equal(loaded(tokens, loaded.condition(upper, labels)), student(tokens, student.condition(upper, labels)))
     half = ParallelStudent.load(out, dtype=torch.bfloat16)
@@ -252,6 +254,28 @@ def test_save_load_round_trip(tmp_path, gen):
         ParallelStudent.load(tmp_path / "prior_level_1")
     with pytest.raises(CheckpointError, match="not a student directory"):
         ParallelStudent.load(tmp_path / "nothing")
+
+
+def test_sampling_settings_file(tmp_path):
+    """Students saved before ``sampling.json`` existed load with the defaults; a bad file is named."""
+    out = ParallelStudent.from_teacher(_teacher(1)).save(tmp_path / "s")
+    (out / "sampling.json").unlink()
+    assert ParallelStudent.load(out).sampling == SamplingDefaults()
+    for text, match in (('{"confidence_noise": -1}', "confidence_noise"), ('{"noise": 1}', "unknown sampling"),
+                        ("[1]", "JSON object"), ("{", "sampling.json")):
+        (out / "sampling.json").write_text(text)
+        with pytest.raises(CheckpointError, match=match):
+            ParallelStudent.load(out)
+
+
+def test_sampler_takes_the_students_setting(gen):
+    student = ParallelStudent.from_teacher(_teacher(1))
+    assert ParallelWindowSampler(student).confidence_noise == 16.0
+    student.sampling = SamplingDefaults(confidence_noise=3.0, temperature_anneal=True)
+    s = ParallelWindowSampler(student)
+    assert (s.confidence_noise, s.temperature_anneal) == (3.0, True)
+    s = ParallelWindowSampler(student, confidence_noise=0.0, temperature_anneal=False)
+    assert (s.confidence_noise, s.temperature_anneal) == (0.0, False)
 
 
 def test_student_bad_input(gen):

@@ -262,3 +262,56 @@ def test_bad_input_is_named(tiny, tmp_path, capsys):
         real_windows(tiny.vqvae, tiny.prior(1), short, 2, torch.Generator())
     with pytest.raises(ValueError, match="top-level"):
         real_windows(tiny.vqvae, tiny.prior(2), short, 2, torch.Generator())
+
+
+# --- the student's unmasking noise ----------------------------------------------------------------
+
+def test_noise_is_chosen_on_shard_windows_and_saved(audio_dir, shard_dir, tmp_path):
+    from distill.student import ParallelStudent
+    from distill.tune import DEFAULT_GRID
+    base = dict(teacher="middle", model="tiny", data=str(audio_dir), shards_dir=str(shard_dir), steps=10,
+                shards=SHARDS, shard_size=SHARD_SIZE, k=K, gen_batch_size=5, batch_size=6, warmup=2,
+                evaluate=False, progress=False, passes=4, tune_windows=6)
+    result = train(DistillConfig(out=str(tmp_path / "tuned"), **base))
+    tune = result["sampling_tune"]
+    assert [r["confidence_noise"] for r in tune["rows"]] == list(DEFAULT_GRID) and tune["windows"] == 6
+    assert all(math.isfinite(r["teacher_nll"]) and r["teacher_nll"] > 0 for r in tune["rows"])
+    best = min(tune["rows"], key=lambda r: r["relative_gap"])
+    saved = ParallelStudent.load(tmp_path / "tuned" / "student").sampling
+    assert saved.confidence_noise == best["confidence_noise"] and saved.temperature_anneal is False
+    summary = json.loads((tmp_path / "tuned" / "train_summary.json").read_text())
+    assert summary["sampling_tune"]["rows"] == tune["rows"]
+    # a given value is kept as is, with no measurement
+    result = train(DistillConfig(out=str(tmp_path / "fixed"), confidence_noise=5.0, **base))
+    assert "sampling_tune" not in result
+    assert ParallelStudent.load(tmp_path / "fixed" / "student").sampling.confidence_noise == 5.0
+    with pytest.raises(ValueError, match="--confidence-noise"):
+        DistillConfig(out=str(tmp_path / "bad"), confidence_noise=-1.0, **base)
+
+
+def test_choose_confidence_noise_picks_the_closest(tiny, shard_dir, monkeypatch):
+    import distill.tune as tune
+    from distill.student import ParallelStudent
+    data = load_shards(shard_dir)
+    prior = tiny.prior(1)
+    student = ParallelStudent.from_teacher(prior)
+    upper, labels = data["upper"][:4], data["labels"][:4] if "labels" in data else None
+    # score every sample by the noise that made it: 2 + noise / 4 bits; the teacher's own 3 bits
+    made_with = []
+    real_sample_windows = tune.sample_windows
+
+    def fake_scores(prior_, z, *a, **k):
+        return (3.0, 0.0) if not made_with else (2.0 + made_with[-1] / 4, 0.0)
+
+    def recording_sample_windows(sampler, *a, **k):
+        made_with.append(sampler.confidence_noise)
+        return real_sample_windows(sampler, *a, **k)
+
+    monkeypatch.setattr(tune, "teacher_scores", fake_scores)
+    monkeypatch.setattr(tune, "sample_windows", recording_sample_windows)
+    noise, report = tune.choose_confidence_noise(prior, student, upper, labels, passes=3, grid=(0, 2, 4, 8))
+    assert noise == 4.0 and report["teacher_nll_teacher"] == 3.0
+    assert [r["teacher_nll"] for r in report["rows"]] == [2.0, 2.5, 3.0, 4.0]
+    for grid in ((), (-1.0, 2.0)):
+        with pytest.raises(ValueError, match="grid"):
+            tune.choose_confidence_noise(prior, student, upper, labels, grid=grid)

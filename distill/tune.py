@@ -1,0 +1,54 @@
+"""Choosing a student's unmasking noise (``SamplingDefaults.confidence_noise``) on validation windows.
+
+How much choice noise confidence-based unmasking needs depends on the teacher: with a flat
+teacher (high entropy per token) ranking by probability alone gives samples far *more* likely
+than the teacher's own, and noise brings them back; with a sharp teacher the same noise lets
+incoherent tokens in early and samples become far *less* likely. ``choose_confidence_noise``
+lets the student sample the same windows with every value of a grid and keeps the value whose
+samples the teacher scores closest to its own samples of those windows (teacher NLL, bits/token).
+``distill.train`` runs it after training on windows of the teacher-sample shards (train data, not
+the held-out windows of ``distill.evaluate``) and saves the choice with the student.
+"""
+from __future__ import annotations
+
+import torch
+
+from .data import sample_teacher, sample_windows
+from .metrics import teacher_scores
+from .sampler import ParallelWindowSampler
+
+__all__ = ["choose_confidence_noise", "DEFAULT_GRID"]
+
+DEFAULT_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+@torch.no_grad()
+def choose_confidence_noise(prior, student, upper: torch.Tensor, labels: torch.Tensor | None, *, passes: int = 16,
+                            grid=DEFAULT_GRID, temperature: float = 1.0, batch_size: int = 16,
+                            seed: int = 0) -> tuple[float, dict]:
+    """Returns ``(noise, report)``; ``report``: ``teacher_nll_teacher`` and per grid value
+    ``{"confidence_noise", "teacher_nll", "relative_gap"}`` (rows in grid order).
+
+    upper, labels: the windows' conditioning, (S, n_ctx // cond_downsample) and (S, label_len) or None."""
+    grid = [float(g) for g in grid]
+    if not grid or any(g < 0 for g in grid):
+        raise ValueError(f"the noise grid must hold values >= 0, got {grid}")
+    if upper.shape[0] < 1:
+        raise ValueError("no validation windows")
+    dev = prior.prior.x_emb.weight.device
+    n_ctx = prior.config.n_ctx
+    bs = min(batch_size, upper.shape[0])
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    own = sample_teacher(prior, upper, labels, temperature=temperature, batch_size=bs, generator=gen)
+    target, _ = teacher_scores(prior, own, upper, labels, bs)
+    rows = []
+    for noise in grid:
+        sampler = ParallelWindowSampler(student, passes=passes, confidence_noise=noise, temperature_anneal=False)
+        gen.manual_seed(seed + 1)
+        z = sample_windows(sampler, n_ctx, upper, labels, temperature=temperature, batch_size=bs, generator=gen,
+                           device=dev)
+        nll, _ = teacher_scores(prior, z, upper, labels, bs)
+        rows.append({"confidence_noise": noise, "teacher_nll": nll, "relative_gap": abs(nll - target) / target})
+    best = min(rows, key=lambda r: r["relative_gap"])
+    return best["confidence_noise"], {"teacher_nll_teacher": target, "passes": passes, "windows": int(upper.shape[0]),
+                                      "rows": rows}
