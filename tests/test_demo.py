@@ -91,7 +91,7 @@ def test_sample_five_seconds(demo):
     # pitched energy well above noise (white noise scores about 0.02, the rendered corpus 0.98;
     # docs/demo_quality.md lists the family's samples)
     tonal = tonal_fraction(out.audio[0])
-    assert tonal > 0.25, f"the sample is mostly noise: tonal fraction {tonal:.3f}"
+    assert tonal > 0.5, f"the sample is mostly noise: tonal fraction {tonal:.3f}"
 
 
 # --- the builder -----------------------------------------------------------------------------------
@@ -161,30 +161,26 @@ def test_upsampler_processes_is_validated(tmp_path):
 
 
 def test_worker_process_upsamplers_match_sequential(tiny_build, tmp_path, capsys):
-    """``upsampler_processes=2`` (CLI ``--upsampler-processes 2``) trains the two upsamplers at the
-    same time in worker processes (one thread each); ``1`` trains them in turn here. With one
-    thread the weights are the same."""
+    """``upsampler_processes=2`` (the default) trains the two upsamplers at the same time in
+    worker processes, one thread each; ``1`` (CLI ``--upsampler-processes 1``) trains them in turn
+    here. With one thread the weights are the same."""
     from dataclasses import replace
 
     from fastjukebox.demo.__main__ import main
     from fastjukebox.demo.build import build, plan_for_scale
-    _, _, cache, plan, _ = tiny_build
-    assert plan == plan_for_scale(0.01) and plan.upsampler_processes == 1
+    out, _, cache, plan, _ = tiny_build
+    assert plan == plan_for_scale(0.01) and plan.upsampler_processes == 2
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        logs: list[str] = []
-        build(tmp_path / "demo1", plan=plan, work=tmp_path / "work1", cache_dir=cache, progress=False,
-              log=logs.append)
-        assert not any("worker process" in line for line in logs)
         capsys.readouterr()
-        assert main(["build", "--scale", "0.01", "--out", str(tmp_path / "demo2"), "--work", str(tmp_path / "work2"),
-                     "--cache-dir", str(cache), "--upsampler-processes", "2", "--no-progress"]) == 0
-        assert "worker process" in capsys.readouterr().out
+        assert main(["build", "--scale", "0.01", "--out", str(tmp_path / "demo1"), "--work", str(tmp_path / "work1"),
+                     "--cache-dir", str(cache), "--upsampler-processes", "1", "--no-progress"]) == 0
+        assert "worker process" not in capsys.readouterr().out
     finally:
         torch.set_num_threads(threads)
-    info = json.loads((tmp_path / "demo2" / "build_info.json").read_text())
-    assert info["plan"] == replace(plan, upsampler_processes=2).to_dict()
+    info = json.loads((tmp_path / "demo1" / "build_info.json").read_text())
+    assert info["plan"] == replace(plan, upsampler_processes=1).to_dict()
     for level in (0, 1):
-        a, b = (fj.load(tmp_path / d).prior(level).state_dict() for d in ("demo1", "demo2"))
+        a, b = (fj.load(d).prior(level).state_dict() for d in (tmp_path / "demo1", out))
         assert all(torch.equal(a[k], b[k]) for k in a), f"level {level} upsampler differs"

@@ -18,7 +18,9 @@ def cmd_build(a) -> int:
     from dataclasses import replace
 
     from .build import build, plan_for_scale
-    plan = replace(plan_for_scale(a.scale), upsampler_processes=a.upsampler_processes)
+    plan = plan_for_scale(a.scale)
+    if a.upsampler_processes is not None:
+        plan = replace(plan, upsampler_processes=a.upsampler_processes)
     info = build(a.out, plan=plan, work=a.work, resume=a.resume, cache_dir=a.cache_dir,
                  progress=not a.no_progress,
                  command="python -m fastjukebox.demo " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
@@ -44,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--resume", action="store_true", help="continue each unfinished stage; skip finished ones")
     b.add_argument("--scale", type=float, default=1.0, help="multiply steps and data (tests: 0.01)")
     b.add_argument("--cache-dir", default=None, help="demo corpus cache (default: the corpus default)")
-    b.add_argument("--upsampler-processes", type=int, choices=(1, 2), default=1,
-                   help="2: train the two upsamplers at the same time, one process and thread each "
-                        "(1: in turn; part of the build plan)")
+    b.add_argument("--upsampler-processes", type=int, choices=(1, 2), default=None,
+                   help="2 (default): train the two upsamplers at the same time, one process and thread "
+                        "each; 1: in turn (part of the build plan)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(fn=cmd_build)
     r = sub.add_parser("report", help="write docs/demo_quality.md and its figures")

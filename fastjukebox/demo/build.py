@@ -57,12 +57,12 @@ class BuildPlan:
     vqvae_batch: int = 4
     vqvae_window_seconds: float = 0.25
     vqvae_lr: float = 7e-4
-    top_steps: int = 4000
+    top_steps: int = 16000
     top_batch: int = 16
-    up_steps: tuple[int, int] = (1500, 1500)      # level 0, level 1
+    up_steps: tuple[int, int] = (2500, 2500)      # level 0, level 1
     up_batch: int = 8
     up_train_pieces: int | None = None            # train subset for the upsamplers (None: all)
-    upsampler_processes: int = 1                  # 1: in turn; 2: both at once, one process and thread each
+    upsampler_processes: int = 2                  # 2: both at once, one process and thread each; 1: in turn
     prior_lr: float = 1e-3
     warmup_steps: int = 100
     checkpoint_every: int = 100
