@@ -253,7 +253,7 @@ def build(out: str | os.PathLike = DEFAULT_OUT, *, plan: BuildPlan | None = None
     (also written to ``out/build_info.json``)."""
     from ..bundle import Jukebox
     from ..checkpoint import load_component
-    from ..train import PieceLabels, encode_pieces, save_code_piece, train_prior, train_vqvae
+    from ..train import PieceLabels, encode_pieces, save_code_piece, train_vqvae
 
     plan = plan or BuildPlan()
     if plan.upsampler_processes not in (1, 2):
@@ -316,13 +316,8 @@ def build(out: str | os.PathLike = DEFAULT_OUT, *, plan: BuildPlan | None = None
 
     run_stage("encode", stage_encode)
 
-    def prior_stage(level: int, concurrent: bool):
-        def fn():
-            args = (plan, level, str(work), len(train), lo, hi, resume, progress)
-            if not concurrent:
-                return _train_prior_stage(*args)
-            return pool.submit(_train_prior_stage, *args, threads=1, position=level)
-        return fn
+    def prior_args(level: int) -> tuple:
+        return (plan, level, str(work), len(train), lo, hi, resume, progress)
 
     group = [1, 0] if plan.upsampler_processes == 2 else []
     if any(not state.done(f"prior_{l}") for l in group):
@@ -336,7 +331,7 @@ def build(out: str | os.PathLike = DEFAULT_OUT, *, plan: BuildPlan | None = None
             for l in group:
                 if not state.done(f"prior_{l}"):
                     log(f"[prior_{l}] ... (worker process, one thread)")
-                    futures[l] = prior_stage(l, True)()
+                    futures[l] = pool.submit(_train_prior_stage, *prior_args(l), threads=1, position=l)
             results = {l: f.result() for l, f in futures.items()}
         wall = time.perf_counter() - t0
         secs = {l: info.pop("_seconds") for l, info in results.items()}
@@ -345,7 +340,7 @@ def build(out: str | os.PathLike = DEFAULT_OUT, *, plan: BuildPlan | None = None
             log(f"[prior_{l}] {state.data['seconds'][f'prior_{l}']:.1f} s {json.dumps(info)[:300]}")
         state.add_overlap(sum(secs.values()) - wall)
     for level in (1, 0, 2):
-        run_stage(f"prior_{level}", prior_stage(level, False))
+        run_stage(f"prior_{level}", lambda level=level: _train_prior_stage(*prior_args(level)))
 
     def stage_ship():
         vq = load_component(work / "vqvae", "vqvae")
