@@ -294,9 +294,9 @@ def _choose_noise(cfg: DistillConfig, prior, student, data: dict, result: dict) 
     labels = data["labels"][idx].to(dev) if "labels" in data else None
     if cfg.progress:
         print(f"[tune] choosing the unmasking noise on {n} shard windows ({cfg.passes} passes)", file=sys.stderr)
-    noise, report = choose_confidence_noise(prior, student, data["upper"][idx].to(dev), labels, passes=cfg.passes,
-                                            temperature=cfg.temperature, batch_size=cfg.gen_batch_size,
-                                            seed=cfg.seed + 3)
+    noise, report = choose_confidence_noise(prior, student, data["codes"][idx].to(dev), data["upper"][idx].to(dev),
+                                            labels, passes=cfg.passes, temperature=cfg.temperature,
+                                            batch_size=cfg.gen_batch_size, seed=cfg.seed + 3)
     result["sampling_tune"] = report
     if cfg.progress:
         print(f"[tune] teacher NLL of its own samples {report['teacher_nll_teacher']:.3f} bits; student: "

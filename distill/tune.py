@@ -4,16 +4,17 @@ How much choice noise confidence-based unmasking needs depends on the teacher: w
 teacher (high entropy per token) ranking by probability alone gives samples far *more* likely
 than the teacher's own, and noise brings them back; with a sharp teacher the same noise lets
 incoherent tokens in early and samples become far *less* likely. ``choose_confidence_noise``
-lets the student sample the same windows with every value of a grid and keeps the value whose
-samples the teacher scores closest to its own samples of those windows (teacher NLL, bits/token).
+lets the student sample windows with every value of a grid and keeps the value whose samples the
+teacher scores closest to its own samples of the same windows (teacher NLL, bits/token).
 ``distill.train`` runs it after training on windows of the teacher-sample shards (train data, not
-the held-out windows of ``distill.evaluate``) and saves the choice with the student.
+the held-out windows of ``distill.evaluate``), whose teacher samples are already there, and saves
+the choice with the student.
 """
 from __future__ import annotations
 
 import torch
 
-from .data import sample_teacher, sample_windows
+from .data import sample_windows
 from .metrics import teacher_scores
 from .sampler import ParallelWindowSampler
 
@@ -23,28 +24,30 @@ DEFAULT_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 @torch.no_grad()
-def choose_confidence_noise(prior, student, upper: torch.Tensor, labels: torch.Tensor | None, *, passes: int = 16,
-                            grid=DEFAULT_GRID, temperature: float = 1.0, batch_size: int = 16,
-                            seed: int = 0) -> tuple[float, dict]:
+def choose_confidence_noise(prior, student, teacher_codes: torch.Tensor, upper: torch.Tensor,
+                            labels: torch.Tensor | None, *, passes: int = 16, grid=DEFAULT_GRID,
+                            temperature: float = 1.0, batch_size: int = 16, seed: int = 0) -> tuple[float, dict]:
     """Returns ``(noise, report)``; ``report``: ``teacher_nll_teacher`` and per grid value
     ``{"confidence_noise", "teacher_nll", "relative_gap"}`` (rows in grid order).
 
+    teacher_codes: the teacher's own samples of the windows (S, n_ctx), at ``temperature``;
     upper, labels: the windows' conditioning, (S, n_ctx // cond_downsample) and (S, label_len) or None."""
     grid = [float(g) for g in grid]
     if not grid or any(g < 0 for g in grid):
         raise ValueError(f"the noise grid must hold values >= 0, got {grid}")
     if upper.shape[0] < 1:
         raise ValueError("no validation windows")
+    if teacher_codes.shape[0] != upper.shape[0]:
+        raise ValueError(f"{teacher_codes.shape[0]} teacher samples for {upper.shape[0]} windows")
     dev = prior.prior.x_emb.weight.device
     n_ctx = prior.config.n_ctx
     bs = min(batch_size, upper.shape[0])
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    own = sample_teacher(prior, upper, labels, temperature=temperature, batch_size=bs, generator=gen)
-    target, _ = teacher_scores(prior, own, upper, labels, bs)
+    target, _ = teacher_scores(prior, teacher_codes, upper, labels, bs)
+    gen = torch.Generator(device=dev)
     rows = []
     for noise in grid:
         sampler = ParallelWindowSampler(student, passes=passes, confidence_noise=noise, temperature_anneal=False)
-        gen.manual_seed(seed + 1)
+        gen.manual_seed(seed)
         z = sample_windows(sampler, n_ctx, upper, labels, temperature=temperature, batch_size=bs, generator=gen,
                            device=dev)
         nll, _ = teacher_scores(prior, z, upper, labels, bs)

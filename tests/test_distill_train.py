@@ -295,13 +295,13 @@ def test_choose_confidence_noise_picks_the_closest(tiny, shard_dir, monkeypatch)
     data = load_shards(shard_dir)
     prior = tiny.prior(1)
     student = ParallelStudent.from_teacher(prior)
-    upper, labels = data["upper"][:4], data["labels"][:4] if "labels" in data else None
+    codes, upper, labels = data["codes"][:4], data["upper"][:4], data["labels"][:4] if "labels" in data else None
     # score every sample by the noise that made it: 2 + noise / 4 bits; the teacher's own 3 bits
     made_with = []
     real_sample_windows = tune.sample_windows
 
     def fake_scores(prior_, z, *a, **k):
-        return (3.0, 0.0) if not made_with else (2.0 + made_with[-1] / 4, 0.0)
+        return (3.0, 0.0) if z is codes else (2.0 + made_with[-1] / 4, 0.0)   # the teacher's own: 3 bits
 
     def recording_sample_windows(sampler, *a, **k):
         made_with.append(sampler.confidence_noise)
@@ -309,9 +309,11 @@ def test_choose_confidence_noise_picks_the_closest(tiny, shard_dir, monkeypatch)
 
     monkeypatch.setattr(tune, "teacher_scores", fake_scores)
     monkeypatch.setattr(tune, "sample_windows", recording_sample_windows)
-    noise, report = tune.choose_confidence_noise(prior, student, upper, labels, passes=3, grid=(0, 2, 4, 8))
+    noise, report = tune.choose_confidence_noise(prior, student, codes, upper, labels, passes=3, grid=(0, 2, 4, 8))
     assert noise == 4.0 and report["teacher_nll_teacher"] == 3.0
     assert [r["teacher_nll"] for r in report["rows"]] == [2.0, 2.5, 3.0, 4.0]
     for grid in ((), (-1.0, 2.0)):
         with pytest.raises(ValueError, match="grid"):
-            tune.choose_confidence_noise(prior, student, upper, labels, grid=grid)
+            tune.choose_confidence_noise(prior, student, codes, upper, labels, grid=grid)
+    with pytest.raises(ValueError, match="teacher samples"):
+        tune.choose_confidence_noise(prior, student, codes[:3], upper, labels)

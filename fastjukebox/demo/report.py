@@ -80,26 +80,26 @@ def nll_table(jb, model_dir: Path) -> list[dict]:
 
 
 def tonality_table(jb, rec: dict, held, seconds: float, samples: torch.Tensor, seed: int = 0) -> list[dict]:
-    """Rows ``{what, tonal (mean), values}``: where along the pipeline pitched sound turns to noise.
+    """Rows ``{key, what, tonal (mean), values}``: where along the pipeline pitched sound turns to
+    noise. Keys: ``audio``, ``recon_<level>``, ``upsampled`` (levels below the top sampled from the
+    real top-level codes), ``samples``, ``noise``.
 
     rec: ``reconstruction_table``'s result; samples: (N, T) audio sampled through all levels."""
-    mean = lambda xs: float(np.mean(xs))  # noqa: E731
-    rows = [{"what": "held-out audio", "values": [tonal_fraction(a) for a in rec["audio"]]}]
-    for r, y in zip(rec["levels"], rec["recon"]):
-        rows.append({"what": f"VQ-VAE reconstruction from level {r['level']} codes",
-                     "values": [tonal_fraction(a) for a in y]})
+    def row(key: str, what: str, clips) -> dict:
+        values = [tonal_fraction(a) for a in clips]
+        return {"key": key, "what": what, "values": values, "tonal": float(np.mean(values))}
+
+    rows = [row("audio", "held-out audio", rec["audio"])]
+    rows += [row(f"recon_{r['level']}", f"VQ-VAE reconstruction from level {r['level']} codes", y)
+             for r, y in zip(rec["levels"], rec["recon"])]
     hop = jb.vqvae.hop_lengths[-1]
     n = int(seconds * jb.sr) // hop * hop
     top = jb.vqvae.encode(rec["audio"][:1, :n])[-1]
     up = jb.upsample(top, artist=held[0].artist, genre=held[0].genre, total_seconds=len(held[0].audio) / jb.sr,
                      seed=seed, progress=False)
-    rows.append({"what": f"levels 1 and 0 sampled from the real top-level codes ({held[0].name})",
-                 "values": [tonal_fraction(a) for a in up.audio]})
-    rows.append({"what": "samples through all three levels", "values": [tonal_fraction(a) for a in samples]})
-    noise = torch.randn(n, generator=torch.Generator().manual_seed(seed))
-    rows.append({"what": "baseline: white noise", "values": [tonal_fraction(noise)]})
-    for r in rows:
-        r["tonal"] = mean(r["values"])
+    rows.append(row("upsampled", f"levels 1 and 0 sampled from the real top-level codes ({held[0].name})", up.audio))
+    rows.append(row("samples", "samples through all three levels", samples))
+    rows.append(row("noise", "baseline: white noise", [torch.randn(n, generator=torch.Generator().manual_seed(seed))]))
     return rows
 
 
@@ -221,9 +221,9 @@ def _markdown(info, rec, usage, nll, tonal, held, eval_s, sample_s, sample_wall,
           "| audio | tonal fraction | per clip |", "|---|---:|---|"]
     for r in tonal:
         L.append(f"| {r['what']} | {r['tonal']:.3f} | {', '.join(f'{v:.2f}' for v in r['values'])} |")
-    by = {r["what"].split(" (")[0]: r["tonal"] for r in tonal}
-    top_rec = next(r["tonal"] for r in tonal if r["what"].endswith("level 2 codes"))
-    up, full = by["levels 1 and 0 sampled from the real top-level codes"], by["samples through all three levels"]
+    by = {r["key"]: r["tonal"] for r in tonal}
+    top_rec = by[f"recon_{len(rec['levels']) - 1}"]
+    up, full = by["upsampled"], by["samples"]
     L += ["", f"Given real top-level codes, the upsamplers' output scores {up:.2f} (the top level's "
           f"reconstruction: {top_rec:.2f}); with the top level sampled as well, samples score {full:.2f}."]
     L += ["", "## Spectrograms", "",
