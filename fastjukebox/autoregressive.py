@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .transformer import Transformer
 
@@ -72,7 +73,7 @@ class TokenTransformer(nn.Module):
         """Final activations (N, T, W) and the conditioning at the same positions -> logits."""
         if self.cond_after and x_cond is not None:
             h = h + x_cond
-        return self.x_out(h)
+        return F.linear(h, self.x_out.weight)
 
     def forward(self, tokens: torch.Tensor, x_cond: torch.Tensor | None = None, start: torch.Tensor | None = None,
                 encoder_kv: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
@@ -96,6 +97,14 @@ class TokenTransformer(nn.Module):
             x = x + x_cond[:, pos:pos + n]
         return x
 
+    def input_one(self, tokens: torch.Tensor, pos: int, start: torch.Tensor | None,
+                  x_cond: torch.Tensor | None) -> torch.Tensor:
+        """``inputs_at(tokens, pos, 1, ...)`` as (N, W), for the one-token step."""
+        if pos == 0:
+            return self.inputs_at(tokens, 0, 1, start, x_cond)[:, 0]
+        x = self.x_emb(tokens[:, pos - 1]).add_(self.pos_emb.pos_emb[pos])
+        return x if x_cond is None else x.add_(x_cond[:, pos])
+
     def set_cross_cache(self, cache, encoder_kv: torch.Tensor) -> None:
         """Project the lyric encoder's states once per window into the cross layers' cache."""
         for i, layer in enumerate(self.transformer._attn_mods):
@@ -106,11 +115,6 @@ class TokenTransformer(nn.Module):
     def forward_cached(self, x: torch.Tensor, pos: int, cache) -> torch.Tensor:
         """Inputs ``x: (N, T, W)`` at positions ``[pos, pos + T)`` inside one block: write their
         keys/values to ``cache`` and return the final activations (N, T, W)."""
-        if x.shape[1] == 1:
-            h = x[:, 0]
-            for i, layer in enumerate(self.transformer._attn_mods):
-                h = layer.decode_one(h, cache, i, pos)
-            return h[:, None]
         for i, layer in enumerate(self.transformer._attn_mods):
             x = layer.decode(x, cache, i, pos)
         return x

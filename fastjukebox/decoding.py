@@ -21,6 +21,7 @@ import torch
 
 from .kv_cache import KVCache
 from .prior import Prior
+from .token_step import TokenStep
 
 
 class WindowDecoder:
@@ -31,6 +32,7 @@ class WindowDecoder:
         self.batch = batch
         self.dtype, self.device = dtype or w.dtype, device or w.device
         self._cache = KVCache(self.config, batch, self.dtype, self.device)
+        self._step = TokenStep(prior.prior)
         self._tokens = torch.zeros(batch, self.config.seq_len, dtype=torch.long, device=self.device)
         self.n = 0
         self._pos = 0          # sequence positions whose keys are cached
@@ -82,29 +84,25 @@ class WindowDecoder:
         if n > self.batch:
             raise ValueError(f"window batch {n} exceeds the decoder's batch {self.batch}")
         self.n, self._pos, self._cond = n, 0, cond
+        self._window_tokens = self._tokens[:n]
         self._view = self._cache if n == self.batch else self._cache.narrow(n)
         if cond.encoder_kv is not None:
             self.prior.prior.set_cross_cache(self._view, cond.encoder_kv)
         if self.offset:
             self._tokens[:n, : self.offset] = cond.lyric_tokens
-            self._run(self.offset, chunk_size=self.offset, logits=False)
+            self._run(self.offset, chunk_size=self.offset)
 
-    def _run(self, count: int, chunk_size: int, logits: bool):
+    def _run(self, count: int, chunk_size: int) -> None:
         """Forward ``count`` positions from the current one, in chunks that never cross a block
         boundary (the static cache keeps one block for block layers)."""
         tm, C, cond = self.prior.prior, self.config.block_len, self._cond
         tokens = self._tokens[: self.n]
-        end, h = self._pos + count, None
+        end = self._pos + count
         while self._pos < end:
             p = self._pos
             T = min(end - p, chunk_size, C - p % C)
-            x = tm.inputs_at(tokens, p, T, cond.start, cond.x_cond)
-            h = tm.forward_cached(x, p, self._view)
+            tm.forward_cached(tm.inputs_at(tokens, p, T, cond.start, cond.x_cond), p, self._view)
             self._pos += T
-        if logits:
-            xc = None if cond.x_cond is None else cond.x_cond[:, self._pos - 1:self._pos]
-            return tm.head(h[:, -1:], xc)[:, 0]
-        return None
 
     @torch.no_grad()
     def prime(self, codes: torch.Tensor, chunk_size: int = 32) -> None:
@@ -122,15 +120,18 @@ class WindowDecoder:
             raise ValueError(f"codes must be in [0, {c.l_bins})")
         shift = c.n_vocab if c.lyrics == "merged" else 0
         self._tokens[: self.n, self._pos:self._pos + K] = codes + shift
-        self._run(K, chunk_size, logits=False)
+        self._run(K, chunk_size)
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
         """Pre-temperature logits (N, bins) of the next position; its input (the previous token)
         enters the cache. Follow with ``push``."""
-        if self._pos >= self.config.seq_len:
+        p, cond, tm = self._pos, self._cond, self.prior.prior
+        if p >= self.config.seq_len:
             raise ValueError("the window is full")
-        return self._run(1, 1, logits=True)
+        h = self._step(tm.input_one(self._window_tokens, p, cond.start, cond.x_cond), p, self._view)
+        self._pos = p + 1
+        return tm.head(h, None if cond.x_cond is None else cond.x_cond[:, p])
 
     def push(self, ids: torch.Tensor) -> None:
         """The ids (N,) chosen for the position ``step`` just scored."""

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.decode_attention.masked import MASKED_PATTERNS, decode_attention_masked
+from kernels.sampling.reference import exponential_noise_
 
 from . import attention as _attention
 from .decoding import WindowDecoder
@@ -270,7 +271,7 @@ class StaticStepDecoder:
         return (probs / noise).argmax(dim=-1)
 
     def _draw_noise(self) -> None:
-        self._noise[: self.n].exponential_(1.0, generator=self._generator)
+        exponential_noise_(self._noise[: self.n], self._generator)
 
     @torch.no_grad()
     def _body(self) -> None:

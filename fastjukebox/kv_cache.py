@@ -83,6 +83,24 @@ class KVCache:
             if end > pos:
                 kc[:, pos:end], vc[:, pos:end] = k[:, : end - pos], v[:, : end - pos]
 
+    def write_one(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
+        """Store the keys/values ``[N, H, D]`` of the single position ``pos``."""
+        p, C = self.patterns[layer], self.config.block_len
+        b, s0 = divmod(pos, C)
+        kc, vc = self.k[layer], self.v[layer]
+        if p == "block":
+            kc, vc = kc[:, s0], vc[:, s0]
+        elif p == "transpose":
+            kc, vc = kc[:, s0, b], vc[:, s0, b]
+        elif p == "prev_block":
+            kc, vc = kc[:, b % 2, s0], vc[:, b % 2, s0]
+        elif p == "dense" or (p == "prime" and pos < kc.shape[1]):
+            kc, vc = kc[:, pos], vc[:, pos]
+        else:
+            return
+        kc.copy_(k)
+        vc.copy_(v)
+
     def set_cross(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keys/values ``[N, S, H, D]`` of a cross-attention layer, once per window."""
         self.k[layer].copy_(k)

@@ -31,8 +31,11 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x)
 
 
+QUICK_GELU_SCALE = 1.702
+
+
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
+    return x * torch.sigmoid(QUICK_GELU_SCALE * x)
 
 
 def keep_layernorms_fp32(model: nn.Module) -> nn.Module:

@@ -109,28 +109,6 @@ class ResAttnBlock(nn.Module):
             return xa + m
         return x + self.res_scale * (a + m)
 
-    def decode_one(self, x: torch.Tensor, cache, index: int, pos: int) -> torch.Tensor:
-        """``decode`` for a single position, on 2-D activations ``x: [N, W]`` -> ``[N, W]``.
-
-        The one-token step is the sampler's inner loop; on 2-D tensors every linear layer is
-        one ``addmm`` with no reshapes around it. Same arithmetic as ``decode``."""
-        attn, mlp = self.attn, self.mlp
-        N, H, D = x.shape[0], attn.heads, attn.head_dim
-        h = self.ln_0.forward(x)
-        if attn.pattern == "cross":
-            q = torch.addmm(attn.c_attn.b, h, attn.c_attn.w).view(N, 1, H, D)
-        else:
-            q, k, v = torch.addmm(attn.c_attn.b, h, attn.c_attn.w).view(N, 3, 1, H, D).unbind(1)
-            cache.write(index, k, v, pos)
-        a = attend_cached(q, cache.k[index], cache.v[index], attn.pattern, pos, attn.block_len, attn.prime_len)
-        a = torch.addmm(attn.c_proj.b, a.reshape(N, attn.n_state), attn.c_proj.w)
-        xa = x + a
-        m = torch.addmm(mlp.c_fc.b, self.ln_1.forward(xa), mlp.c_fc.w)
-        m = torch.addmm(mlp.c_proj.b, quick_gelu(m), mlp.c_proj.w)
-        if self.res_scale == 1.0:
-            return xa + m
-        return x + self.res_scale * (a + m)
-
 
 class Transformer(nn.Module):
     def __init__(self, width: int, seq_len: int, heads: int, depth: int, attn_order: int, blocks: int,

@@ -41,12 +41,15 @@ def _random_prior(attn_order, depth, seed=0, **kw):
     return prior, z, None, None
 
 
-CASES = [(n, None) for n in FIXTURE_PRIORS] + [("random", (0, 2)), ("random", (9, 4)), ("random", (2, 6))]
+CASES = ([(n, None) for n in FIXTURE_PRIORS] + [("random", (0, 2)), ("random", (9, 4)), ("random", (2, 6))]
+         + [("random_res_scale", (2, 3))])
 
 
 def _case(name, order):
     if name == "random":
         return _random_prior(*order)
+    if name == "random_res_scale":
+        return _random_prior(*order, res_scale=True)
     return _fixture_prior(name)
 
 
@@ -164,6 +167,26 @@ def test_top_k_and_top_p_never_emit_filtered_tokens():
     assert torch.isinf(kept[0, 2:]).all() and torch.isfinite(kept[0, :2]).all()
     ids = sample_logits(logits, temperature=5.0, generator=g)   # unfiltered: every token appears
     assert set(ids.tolist()) == set(range(6))
+
+
+def test_draws_follow_the_softmax_of_the_tempered_logits():
+    """The exponential race with ``-log(U)`` noise is a categorical draw: 200k draws per row land
+    within 5 standard errors of softmax(logits / T) for every token."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0, 1.5, 0.25]])
+    n, T = 200_000, 0.99
+    counts = torch.bincount(sample_logits(base.repeat(n, 1), temperature=T, generator=g), minlength=8).double()
+    p = torch.softmax(base[0].double() / T, -1)
+    se = (p * (1 - p) / n).sqrt()
+    assert ((counts / n - p).abs() / se).max() < 5
+
+
+def test_exponential_noise_is_positive_and_exp1():
+    from kernels.sampling.reference import exponential_noise
+    e = exponential_noise((1000, 1000), "cpu", torch.Generator().manual_seed(0)).double()
+    assert (e > 0).all()                                  # a zero would let a filtered token win
+    assert abs(e.mean().item() - 1) < 0.005 and abs(e.var().item() - 1) < 0.01
+    assert abs((e > 2).double().mean().item() - np.exp(-2)) < 0.002
 
 
 def test_bad_sampling_input_is_named():

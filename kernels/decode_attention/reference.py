@@ -44,6 +44,30 @@ def _causal(S: int, first: int, T: int, device) -> torch.Tensor | None:
     return torch.arange(S, device=device)[None, :] <= first + torch.arange(T, device=device)[:, None]
 
 
+def single_query_keys(k_cache: torch.Tensor, v_cache: torch.Tensor, pattern: str, pos: int, block_len: int,
+                      prime_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Keys and values ``[N, S, H, D]`` (views of the caches) that one query at ``pos`` reads, as in
+    the table above; None where it reads nothing (the previous block of block 0, whose output is
+    exactly 0)."""
+    b, s0 = divmod(pos, block_len)
+    if pattern == "block":
+        return k_cache[:, : s0 + 1], v_cache[:, : s0 + 1]
+    if pattern == "transpose":
+        return k_cache[:, s0, : b + 1], v_cache[:, s0, : b + 1]
+    if pattern == "prev_block":
+        return None if b == 0 else (k_cache[:, (b - 1) % 2], v_cache[:, (b - 1) % 2])
+    if pattern == "dense":
+        return k_cache[:, : pos + 1], v_cache[:, : pos + 1]
+    if pattern == "prime":
+        if prime_len is None:
+            raise ValueError("prime attention needs prime_len")
+        S = min(pos + 1, prime_len)
+        return k_cache[:, :S], v_cache[:, :S]
+    if pattern == "cross":
+        return k_cache, v_cache
+    raise ValueError(f"cached decoding does not support the {pattern!r} pattern")
+
+
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pattern: str,
                                pos: int, block_len: int, prime_len: int | None = None,
                                scale: float | None = None) -> torch.Tensor:
@@ -54,6 +78,9 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     if T and (pos // C) != ((pos + T - 1) // C) and pattern != "cross":
         raise ValueError(f"queries [{pos}, {pos + T}) cross a block boundary (block length {C})")
     b, s0 = pos // C, pos % C
+    if T == 1:
+        kv = single_query_keys(k_cache, v_cache, pattern, pos, C, prime_len)
+        return torch.zeros_like(q) if kv is None else _attend(q, kv[0], kv[1], None, scale)
     if pattern == "cross":
         return _attend(q, k_cache, v_cache, None, scale)
     if pattern == "block":
