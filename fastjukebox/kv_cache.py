@@ -27,7 +27,11 @@ def cache_bytes_per_sample(config: PriorConfig, dtype: torch.dtype) -> int:
 class KVCache:
     """Per-layer key/value buffers of one prior for a batch, allocated once and reused across
     windows. Layouts are those of ``kernels.decode_attention`` (transpose layers store
-    ``[N, C, blocks, H, D]`` so one step reads a contiguous column)."""
+    ``[N, C, blocks, H, D]`` so one step reads a contiguous column).
+
+    A layer's keys and values share one buffer ``kv[layer]: [N, *slots, 2, H, D]``; ``k[layer]``
+    and ``v[layer]`` are its two halves (strided views). A position's key and value are then
+    adjacent, so the one-token step writes both with a single ``addmm`` into ``slot(layer, pos)``."""
 
     def __init__(self, config: PriorConfig, batch: int, dtype: torch.dtype, device: torch.device | str):
         self.config, self.batch = config, batch
@@ -36,13 +40,14 @@ class KVCache:
         nb = config.seq_len // C
         shapes = {"block": (C,), "prev_block": (2, C), "transpose": (C, nb), "dense": (config.seq_len,),
                   "prime": (config.prime_len or 0,), "cross": (config.encoder_len,)}
-        self.k, self.v = [], []
+        self.kv, self.k, self.v = [], [], []
         for p in self.patterns:
             if p not in shapes:
                 raise ValueError(f"cached decoding does not support {p!r} attention layers")
-            shape = (batch, *shapes[p], H, D)
-            self.k.append(torch.zeros(shape, dtype=dtype, device=device))
-            self.v.append(torch.zeros(shape, dtype=dtype, device=device))
+            kv = torch.zeros((batch, *shapes[p], 2, H, D), dtype=dtype, device=device)
+            self.kv.append(kv)
+            self.k.append(kv.select(-3, 0))
+            self.v.append(kv.select(-3, 1))
 
     def narrow(self, n: int) -> "KVCache":
         """A view on the first ``n`` samples (no copy)."""
@@ -50,12 +55,13 @@ class KVCache:
             raise ValueError(f"cache holds {self.batch} samples, asked for {n}")
         view = object.__new__(KVCache)
         view.config, view.batch, view.patterns = self.config, n, self.patterns
+        view.kv = [kv[:n] for kv in self.kv]
         view.k = [k[:n] for k in self.k]
         view.v = [v[:n] for v in self.v]
         return view
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.kv)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
         """Store keys/values ``[N, T, H, D]`` of positions ``[pos, pos + T)`` (inside one block)."""
@@ -83,23 +89,22 @@ class KVCache:
             if end > pos:
                 kc[:, pos:end], vc[:, pos:end] = k[:, : end - pos], v[:, : end - pos]
 
-    def write_one(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
-        """Store the keys/values ``[N, H, D]`` of the single position ``pos``."""
-        p, C = self.patterns[layer], self.config.block_len
-        b, s0 = divmod(pos, C)
-        kc, vc = self.k[layer], self.v[layer]
+    def slot(self, layer: int, pos: int) -> torch.Tensor | None:
+        """The key and value of position ``pos`` as one ``[N, 2 * H * D]`` view (key first), or None
+        where the layer keeps no key for it (prime layers past the lyrics, cross layers)."""
+        p, kv = self.patterns[layer], self.kv[layer]
+        b, s0 = divmod(pos, self.config.block_len)
         if p == "block":
-            kc, vc = kc[:, s0], vc[:, s0]
+            kv = kv[:, s0]
         elif p == "transpose":
-            kc, vc = kc[:, s0, b], vc[:, s0, b]
+            kv = kv[:, s0, b]
         elif p == "prev_block":
-            kc, vc = kc[:, b % 2, s0], vc[:, b % 2, s0]
-        elif p == "dense" or (p == "prime" and pos < kc.shape[1]):
-            kc, vc = kc[:, pos], vc[:, pos]
+            kv = kv[:, b % 2, s0]
+        elif p == "dense" or (p == "prime" and pos < kv.shape[1]):
+            kv = kv[:, pos]
         else:
-            return
-        kc.copy_(k)
-        vc.copy_(v)
+            return None
+        return kv.view(kv.shape[0], -1)
 
     def set_cross(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keys/values ``[N, S, H, D]`` of a cross-attention layer, once per window."""

@@ -6,8 +6,8 @@ their arithmetic, so this step is laid out for the fewest of them while computin
 ``ResAttnBlock.forward`` computes:
 
 * one ``layer_norm`` call per norm, parameters read once at construction;
-* the query/key/value projection is one ``addmm``; keys and values are copied into their cache
-  slots (``KVCache`` layouts); the single query attends to the keys it may see
+* the query projection is one ``addmm`` and the key/value projection another, written straight
+  into the position's cache slot (``KVCache.slot``: key and value adjacent); the single query attends to the keys it may see
   (``kernels.decode_attention.reference.single_query_keys``) through
   ``scaled_dot_product_attention`` on CPU, and through ``attention.attend_cached`` (the Triton
   kernel on CUDA) elsewhere;
@@ -39,7 +39,7 @@ __all__ = ["TokenStep"]
 class _Layer:
     """Tensors and constants of one residual block, read once from its modules."""
 
-    __slots__ = ("pattern", "index", "ln_0", "ln_1", "w_qkv", "b_qkv", "w_proj", "b_proj", "w_fc", "b_fc",
+    __slots__ = ("pattern", "index", "ln_0", "ln_1", "w_q", "b_q", "w_kv", "b_kv", "w_proj", "b_proj", "w_fc", "b_fc",
                  "w_out", "b_out", "heads", "head_dim", "n_state", "block_len", "prime_len", "res_scale",
                  "fp32_norm")
 
@@ -48,18 +48,25 @@ class _Layer:
         self.pattern, self.index = attn.pattern, index
         self.heads, self.head_dim, self.n_state = attn.heads, attn.head_dim, attn.n_state
         self.block_len, self.prime_len = attn.block_len, attn.prime_len
-        self.ln_0, self.ln_1 = block.ln_0, block.ln_1
-        self.w_qkv, self.b_qkv = attn.c_attn.w, attn.c_attn.b
+        self.ln_0, self.ln_1 = self._norm_args(block.ln_0), self._norm_args(block.ln_1)
+        w, b, E = attn.c_attn.w, attn.c_attn.b, attn.n_state
+        self.w_q, self.b_q = w[:, :E], b[:E]              # cross layers: c_attn is the query alone
+        self.w_kv, self.b_kv = w[:, E:], b[E:]
         self.w_proj, self.b_proj = attn.c_proj.w, attn.c_proj.b
         self.w_fc, self.b_fc = mlp.c_fc.w, mlp.c_fc.b
         self.w_out, self.b_out = mlp.c_proj.w, mlp.c_proj.b
         self.res_scale = block.res_scale
-        self.fp32_norm = self.w_qkv.dtype in (torch.float16, torch.bfloat16)
+        self.fp32_norm = w.dtype in (torch.float16, torch.bfloat16)
 
-    def norm(self, ln, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _norm_args(ln) -> tuple:
+        return ln, ln.normalized_shape, ln.weight, ln.bias, ln.eps
+
+    def norm(self, args: tuple, x: torch.Tensor) -> torch.Tensor:
+        ln, shape, w, b, eps = args
         if self.fp32_norm:
             return ln.forward(x)
-        return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        return F.layer_norm(x, shape, w, b, eps)
 
 
 class TokenStep:
@@ -74,16 +81,13 @@ class TokenStep:
     def __call__(self, x: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
         N = x.shape[0]
         for L in self.layers:
-            H, D, E = L.heads, L.head_dim, L.n_state
             h = L.norm(L.ln_0, x)
-            kc, vc = cache.k[L.index], cache.v[L.index]
-            if L.pattern == "cross":
-                q = torch.addmm(L.b_qkv, h, L.w_qkv)
-            else:
-                qkv = torch.addmm(L.b_qkv, h, L.w_qkv)
-                q = qkv[:, :E]
-                cache.write_one(L.index, qkv[:, E:2 * E].view(N, H, D), qkv[:, 2 * E:].view(N, H, D), pos)
-            a = self._attend(L, q.view(N, 1, H, D), kc, vc, pos)
+            q = torch.addmm(L.b_q, h, L.w_q)
+            if L.pattern != "cross":
+                slot = cache.slot(L.index, pos)
+                if slot is not None:
+                    torch.addmm(L.b_kv, h, L.w_kv, out=slot)
+            a = self._attend(L, q.view(N, L.heads, 1, L.head_dim), cache.k[L.index], cache.v[L.index], pos)
             # nothing visible (the previous block of block 0): the projection is its bias
             a = L.b_proj.expand(N, -1) if a is None else torch.addmm(L.b_proj, a, L.w_proj)
             xa = x + a
@@ -96,14 +100,14 @@ class TokenStep:
         return x
 
     def _attend(self, L: _Layer, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, pos: int):
-        """Attention output ``(N, n_state)`` of the single query ``q: (N, 1, H, D)``, or None when it
+        """Attention output ``(N, n_state)`` of the single query ``q: (N, H, 1, D)``, or None when it
         sees no key."""
         N = q.shape[0]
         if not self.sdpa:
-            return attend_cached(q, kc, vc, L.pattern, pos, L.block_len, L.prime_len).reshape(N, L.n_state)
+            a = attend_cached(q.transpose(1, 2), kc, vc, L.pattern, pos, L.block_len, L.prime_len)
+            return a.reshape(N, L.n_state)
         kv = single_query_keys(kc, vc, L.pattern, pos, L.block_len, L.prime_len)
         if kv is None:
             return None
         k, v = kv
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return a.reshape(N, L.n_state)
+        return F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2)).reshape(N, L.n_state)
