@@ -34,6 +34,7 @@ class WindowDecoder:
         self._cache = KVCache(self.config, batch, self.dtype, self.device)
         self._step = TokenStep(prior.prior)
         self._tokens = torch.zeros(batch, self.config.seq_len, dtype=torch.long, device=self.device)
+        self._window_tokens = self._tokens[:batch]
         self.n = 0
         self._pos = 0          # sequence positions whose keys are cached
         self._cond = None
@@ -137,7 +138,7 @@ class WindowDecoder:
         """The ids (N,) chosen for the position ``step`` just scored."""
         if self._pos <= self.offset:
             raise ValueError("push before step")
-        self._tokens[: self.n, self._pos - 1] = ids.view(-1)
+        self._window_tokens[:, self._pos - 1].copy_(ids.view(-1))
 
     def tokens(self) -> torch.Tensor:
         """Raw ids of the window so far, (N, position) (merged ids for 1b-style priors)."""
