@@ -1,7 +1,7 @@
 """CPU sampling speed: static-cache decoder vs the original-style loop and other baselines, in one process.
 
-    python -m benchmarks.sampling_speed            # both cases, writes benchmarks/results/sampling-cpu.{md,json}
-    python -m benchmarks.sampling_speed --quick    # ~1 min, writes sampling-cpu-quick.{md,json}
+    python -m benchmarks.sampling_speed            # both cases (~11 min), writes benchmarks/results/sampling-cpu.{md,json}
+    python -m benchmarks.sampling_speed --quick    # ~4 min, writes sampling-cpu-quick.{md,json}
     python -m benchmarks.sampling_speed --profile  # also profiles ours and (b) (sampling-cpu-profile.txt)
 
 Cases (``benchmarks.cases``): an empty 1024-token window, and a level-0 window in steady state
