@@ -10,9 +10,7 @@ reconstruction distance against trivial baselines.
 * ``relative_stft_distance(target, pred)``: mean over the training STFT resolutions of
   ``||S(target) - S(pred)|| / ||S(target)||`` (0 = identical magnitudes; silence scores 1);
 * ``tonal_fraction(audio)``: how much of the sound is pitched rather than noise (no reference
-  needed, so it scores samples too);
-* ``pitch_movement(audio)``: how much the pitched content changes over half a second (a chorale
-  moves from chord to chord; a held drone does not).
+  needed, so it scores samples too).
 """
 from __future__ import annotations
 
@@ -24,7 +22,7 @@ import numpy as np
 import torch
 
 __all__ = ["EvalPiece", "load_eval_codes", "heldout_nll", "unigram_bits", "relative_stft_distance",
-           "lowpass", "tonal_fraction", "pitch_movement", "REQUIRED_MARGIN_BITS"]
+           "lowpass", "tonal_fraction", "REQUIRED_MARGIN_BITS"]
 
 # The held-out NLL of every demo prior must beat the train unigram by at least this many
 # bits/token (asserted by tests/test_demo.py, stated in docs/demo_quality.md).
@@ -141,18 +139,6 @@ def lowpass(audio: torch.Tensor, cutoff_hz: float, sr: int = 44100) -> torch.Ten
     return torch.fft.irfft(spec, n=audio.shape[-1], dim=-1).to(audio.dtype)
 
 
-def _spectral_lines(audio, n_fft: int, hop: int, prominence_db: float, half_width: int, what: str):
-    """Power spectrogram ``(bins, frames)`` of ``audio`` and the mask of its spectral lines: bins at
-    least ``prominence_db`` above the median of the ``2 * half_width + 1`` bins around them."""
-    a = torch.as_tensor(np.asarray(audio, dtype=np.float32)).reshape(-1)
-    if a.numel() < n_fft:
-        raise ValueError(f"{what} needs at least {n_fft} samples, got {a.numel()}")
-    spec = torch.stft(a, n_fft, hop, window=torch.hann_window(n_fft), return_complex=True).abs().pow(2)
-    padded = torch.nn.functional.pad(spec.T[None], (half_width, half_width), mode="replicate")[0]
-    local = padded.unfold(1, 2 * half_width + 1, 1).median(-1).values.T        # (bins, frames)
-    return spec, spec > local * 10 ** (prominence_db / 10)
-
-
 def tonal_fraction(audio, sr: int = 44100, fmax_hz: float = 4000.0, n_fft: int = 4096, hop: int = 1024,
                    prominence_db: float = 10.0, half_width: int = 12) -> float:
     """Share of the spectral energy below ``fmax_hz`` that lies in spectral peaks: bins at least
@@ -162,44 +148,19 @@ def tonal_fraction(audio, sr: int = 44100, fmax_hz: float = 4000.0, n_fft: int =
     noise spreads it evenly. Averaged over frames that are not near-silent (> -40 dB of the
     loudest). A rendered chorale scores about 0.98, white noise about 0.02. ``audio``: (T,) or
     (1, T), at least ``n_fft`` samples."""
-    spec, peaks = _spectral_lines(audio, n_fft, hop, prominence_db, half_width, "tonal_fraction")
-    keep = int(fmax_hz / sr * n_fft)
-    spec, peaks = spec[:keep], peaks[:keep]                                    # (bins, frames)
+    a = torch.as_tensor(np.asarray(audio, dtype=np.float32)).reshape(-1)
+    if a.numel() < n_fft:
+        raise ValueError(f"tonal_fraction needs at least {n_fft} samples, got {a.numel()}")
+    spec = torch.stft(a, n_fft, hop, window=torch.hann_window(n_fft), return_complex=True).abs().pow(2)
+    spec = spec[: int(fmax_hz / sr * n_fft)]                                   # (bins, frames)
     energy = spec.sum(0)
-    loud = energy > 1e-4 * energy.max().clamp(min=1e-30)
-    spec, peaks = spec[:, loud], peaks[:, loud]
+    spec = spec[:, energy > 1e-4 * energy.max().clamp(min=1e-30)]
     if spec.shape[1] == 0:
         return 0.0
+    padded = torch.nn.functional.pad(spec.T[None], (half_width, half_width), mode="replicate")[0]
+    local = padded.unfold(1, 2 * half_width + 1, 1).median(-1).values.T        # (bins, frames)
+    peaks = spec > local * 10 ** (prominence_db / 10)
     return float(((spec * peaks).sum(0) / spec.sum(0).clamp(min=1e-30)).mean())
-
-
-def pitch_movement(audio, sr: int = 44100, lag_seconds: float = 0.5, fmin_hz: float = 65.4, octaves: int = 5,
-                   n_fft: int = 4096, hop: int = 1024, prominence_db: float = 10.0, half_width: int = 12) -> float:
-    """How much the pitched content changes over ``lag_seconds``: 0 for a held chord, 1 when the
-    lines half a second apart share no semitone.
-
-    The energy of the spectral lines (as in ``tonal_fraction``) is pooled into semitones from
-    ``fmin_hz`` (C2) over ``octaves`` octaves and normalised per frame; the score is the mean total
-    variation distance between frames ``lag_seconds`` apart (both louder than -40 dB of the
-    loudest). Rendered chorales score about 0.3 to 0.6 (chords change every beat); a held chord
-    of pure tones about 0.01, of rich tones up to about 0.1 (near-coincident partials beat). Meaningful for sound that is mostly tonal: noise has few, random lines and scores
-    near 1. ``audio``: (T,) or (1, T), longer than ``lag_seconds`` plus ``n_fft`` samples."""
-    spec, peaks = _spectral_lines(audio, n_fft, hop, prominence_db, half_width, "pitch_movement")
-    lag = max(1, round(lag_seconds * sr / hop))
-    if spec.shape[1] <= lag:
-        raise ValueError(f"pitch_movement needs more than {lag_seconds} s of audio")
-    semis = 12 * octaves
-    edges = fmin_hz * 2 ** (torch.arange(semis + 1) / 12)
-    which = torch.bucketize(torch.arange(spec.shape[0]) * sr / n_fft, edges) - 1   # semitone of each bin
-    inside = (which >= 0) & (which < semis)
-    pooled = torch.zeros(semis, spec.shape[1]).index_add_(0, which[inside], (spec * peaks)[inside])
-    energy = pooled.sum(0)
-    loud = energy > 1e-4 * energy.max().clamp(min=1e-30)
-    p = pooled / energy.clamp(min=1e-30)
-    pairs = loud[:-lag] & loud[lag:]
-    if not pairs.any():
-        return 0.0
-    return float((0.5 * (p[:, :-lag] - p[:, lag:]).abs().sum(0))[pairs].mean())
 
 
 def margin_ok(nll_bits: float, unigram: float, margin: float = REQUIRED_MARGIN_BITS) -> bool:

@@ -8,8 +8,7 @@ Measures the shipped demo family on held-out chorales (never seen in training):
   codes, on the codes shipped in ``eval_codes.npz``;
 * tonality (``evaluate.tonal_fraction``: the share of energy in spectral peaks, pitched sound
   against noise) of held-out audio, its reconstructions, levels 1 and 0 sampled from the real
-  top-level codes, and samples through all three levels; and their pitch movement
-  (``evaluate.pitch_movement``: whether the pitches change as a chorale's chords do);
+  top-level codes, and samples through all three levels;
 * spectrograms of a held-out piece, its reconstruction at every level, and a short sample.
 
 Runs in a few minutes on one CPU core (the sample dominates).
@@ -25,7 +24,7 @@ import torch
 
 from ..atomic import atomic_path
 from .evaluate import (REQUIRED_MARGIN_BITS, heldout_nll, load_eval_codes, lowpass, relative_stft_distance,
-                       pitch_movement, tonal_fraction, unigram_bits)
+                       tonal_fraction, unigram_bits)
 
 __all__ = ["write_report", "reconstruction_table", "nll_table", "tonality_table"]
 
@@ -81,16 +80,14 @@ def nll_table(jb, model_dir: Path) -> list[dict]:
 
 
 def tonality_table(jb, rec: dict, held, seconds: float, samples: torch.Tensor, seed: int = 0) -> list[dict]:
-    """Rows ``{key, what, tonal (mean), values, movement (mean), movement_values}``: where along the
-    pipeline pitched sound turns to noise, and how much its pitches move (``pitch_movement``). Keys: ``audio``, ``recon_<level>``, ``upsampled`` (levels below the top sampled from the
+    """Rows ``{key, what, tonal (mean), values}``: where along the pipeline pitched sound turns to
+    noise. Keys: ``audio``, ``recon_<level>``, ``upsampled`` (levels below the top sampled from the
     real top-level codes), ``samples``, ``noise``.
 
     rec: ``reconstruction_table``'s result; samples: (N, T) audio sampled through all levels."""
     def row(key: str, what: str, clips) -> dict:
         values = [tonal_fraction(a) for a in clips]
-        moves = [pitch_movement(a) for a in clips]
-        return {"key": key, "what": what, "values": values, "tonal": float(np.mean(values)),
-                "movement_values": moves, "movement": float(np.mean(moves))}
+        return {"key": key, "what": what, "values": values, "tonal": float(np.mean(values))}
 
     rows = [row("audio", "held-out audio", rec["audio"])]
     rows += [row(f"recon_{r['level']}", f"VQ-VAE reconstruction from level {r['level']} codes", y)
@@ -221,25 +218,14 @@ def _markdown(info, rec, usage, nll, tonal, held, eval_s, sample_s, sample_wall,
           "are narrow harmonic lines; noise is flat). 1 is all lines, 0 all noise. Each row is the "
           f"mean over the clips listed ({sample_s:g} s each for sampled audio; seed 0, default "
           "sampling settings). The rows follow the pipeline: how much tonality each stage keeps.", "",
-          "*Pitch movement* (`fastjukebox.demo.evaluate.pitch_movement`): how much the pitched lines "
-          "change over half a second (total variation between their semitone distributions; 0 for a "
-          "held chord, 1 when nothing is shared). A chorale moves from chord to chord; a drone does "
-          "not. It is meaningless for noise (random lines), so that row shows none.", "",
-          "| audio | tonal fraction | pitch movement | per clip (tonal / movement) |", "|---|---:|---:|---|"]
+          "| audio | tonal fraction | per clip |", "|---|---:|---|"]
     for r in tonal:
-        noise = r["key"] == "noise"
-        clips = ", ".join(f"{v:.2f}" if noise else f"{v:.2f} / {m:.2f}"
-                          for v, m in zip(r["values"], r["movement_values"]))
-        move = "-" if noise else f"{r['movement']:.3f}"
-        L.append(f"| {r['what']} | {r['tonal']:.3f} | {move} | {clips} |")
-    by = {r["key"]: r for r in tonal}
+        L.append(f"| {r['what']} | {r['tonal']:.3f} | {', '.join(f'{v:.2f}' for v in r['values'])} |")
+    by = {r["key"]: r["tonal"] for r in tonal}
     top_rec = by[f"recon_{len(rec['levels']) - 1}"]
-    up, full, real = by["upsampled"], by["samples"], by["audio"]
-    L += ["", f"Given real top-level codes, the upsamplers' output scores {up['tonal']:.2f} (the top level's "
-          f"reconstruction: {top_rec['tonal']:.2f}); with the top level sampled as well, samples score "
-          f"{full['tonal']:.2f}. Pitch movement: held-out audio {real['movement']:.2f}, its top-level "
-          f"reconstruction {top_rec['movement']:.2f}, upsampled from real top codes {up['movement']:.2f}, "
-          f"samples {full['movement']:.2f}."]
+    up, full = by["upsampled"], by["samples"]
+    L += ["", f"Given real top-level codes, the upsamplers' output scores {up:.2f} (the top level's "
+          f"reconstruction: {top_rec:.2f}); with the top level sampled as well, samples score {full:.2f}."]
     L += ["", "## Spectrograms", "",
           f"![held-out piece and reconstructions]({figs}/reconstruction.png)", "",
           f"{N_SAMPLES} samples of {sample_s:g} s through all three levels in one batch (seed 0, default "
