@@ -79,6 +79,12 @@ class WindowDecoder:
     @torch.no_grad()
     def begin(self, upper=None, labels=None, n: int | None = None) -> None:
         """Start a window: conditioning from ``upper`` codes / ``labels``, empty cache."""
+        w = self.prior.prior.x_emb.weight
+        if w.dtype != self.dtype:
+            raise ValueError(f"the prior's weights are {w.dtype}, this decoder's cache {self.dtype}: build the "
+                             f"WindowDecoder after converting the prior, in its dtype")
+        if self._step.stale():     # the prior was moved or converted in place since: re-read its weights
+            self._step = TokenStep(self.prior.prior)
         cond = self.prior.condition(upper, labels)
         first = next((t for t in (cond.start, cond.x_cond, cond.lyric_tokens) if t is not None), None)
         n = n if n is not None else (first.shape[0] if first is not None else self.batch)

@@ -74,9 +74,15 @@ class TokenStep:
 
     def __init__(self, model) -> None:
         self.layers = [_Layer(i, block) for i, block in enumerate(model.transformer._attn_mods)]
+        self._params = [(p, p.data_ptr()) for p in model.transformer.parameters()]
         # CPU: scaled_dot_product_attention on the visible keys; elsewhere the registered decode
         # backend (the Triton kernel on CUDA) through attend_cached.
         self.sdpa = model.x_emb.weight.device.type == "cpu"
+
+    def stale(self) -> bool:
+        """Whether the model's parameters were replaced since construction (``model.to(...)``
+        swaps their storage; the views taken here would still read the old weights)."""
+        return any(p.data_ptr() != ptr for p, ptr in self._params)
 
     def __call__(self, x: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
         N = x.shape[0]

@@ -94,6 +94,25 @@ def test_decoder_reused_across_windows_and_smaller_batches():
     assert _rel(dec.step(), full[:1, 9]) < 1e-10
 
 
+def test_decoder_follows_a_prior_converted_after_it_was_built():
+    prior, z, upper, y = _fixture_prior("tiny_upsampler_level_0")
+    full = prior.logits(z, upper, y)
+    dec = WindowDecoder(prior, 2)
+    prior.float().double()              # replaces every weight's storage (values unchanged)
+    dec.begin(upper, y)
+    dec.prime(z[:, :9])
+    assert _rel(dec.step(), full[:, 9]) < 1e-10
+    with torch.no_grad():               # new values in new storage must be read too
+        for p in prior.parameters():
+            p.data = p.data * 1.01
+    dec.begin(upper, y)
+    dec.prime(z[:, :9])
+    assert _rel(dec.step(), prior.logits(z, upper, y)[:, 9]) < 1e-10
+    prior.float()
+    with pytest.raises(ValueError, match="build the WindowDecoder after converting"):
+        dec.begin(upper, y)
+
+
 @pytest.mark.parametrize("name", FIXTURE_PRIORS)
 def test_greedy_window_matches_original(name):
     prior, z, upper, y = _fixture_prior(name)
