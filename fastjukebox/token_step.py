@@ -7,8 +7,9 @@ their arithmetic, so this step is laid out for the fewest of them while computin
 
 * one ``layer_norm`` call per norm, parameters read once at construction;
 * the query projection is one ``addmm`` and the key/value projection another, written straight
-  into the position's cache slot (``KVCache.slot``: key and value adjacent); the single query attends to the keys it may see
-  (``kernels.decode_attention.reference.single_query_keys``) through
+  into the position's cache slot (``KVCache.slot``: key and value adjacent);
+* the single query attends to the keys it may see
+  (``kernels.decode_attention.reference.single_query_keys``) through PyTorch's
   ``scaled_dot_product_attention`` on CPU, and through ``attention.attend_cached`` (the Triton
   kernel on CUDA) elsewhere;
 * ``quick_gelu(y) = y * sigmoid(1.702 y)`` is evaluated as ``silu(1.702 y) / 1.702`` with both
