@@ -98,12 +98,13 @@ class TokenTransformer(nn.Module):
         return x
 
     def input_one(self, tokens: torch.Tensor, pos: int, start: torch.Tensor | None,
-                  x_cond: torch.Tensor | None) -> torch.Tensor:
-        """``inputs_at(tokens, pos, 1, ...)`` as (N, W), for the one-token step."""
+                  x_cond_at: torch.Tensor | None) -> torch.Tensor:
+        """``inputs_at(tokens, pos, 1, ...)`` as (N, W), for the one-token step; ``x_cond_at`` is
+        the conditioning of this position only, (N, W) (the step adds it at the head too)."""
         if pos == 0:
-            return self.inputs_at(tokens, 0, 1, start, x_cond)[:, 0]
+            return self.inputs_at(tokens, 0, 1, start, None if x_cond_at is None else x_cond_at[:, None])[:, 0]
         x = self.x_emb(tokens[:, pos - 1]).add_(self.pos_emb.pos_emb[pos])
-        return x if x_cond is None else x.add_(x_cond[:, pos])
+        return x if x_cond_at is None else x.add_(x_cond_at)
 
     def set_cross_cache(self, cache, encoder_kv: torch.Tensor) -> None:
         """Project the lyric encoder's states once per window into the cross layers' cache."""

@@ -34,7 +34,7 @@ class WindowDecoder:
         self._cache = KVCache(self.config, batch, self.dtype, self.device)
         self._step = TokenStep(prior.prior)
         self._tokens = torch.zeros(batch, self.config.seq_len, dtype=torch.long, device=self.device)
-        self._window_tokens = self._tokens[:batch]
+        self._window_tokens = self._tokens[:0]    # the first n rows once a window begins
         self.n = 0
         self._pos = 0          # sequence positions whose keys are cached
         self._cond = None
@@ -66,7 +66,7 @@ class WindowDecoder:
     @property
     def token_buffer(self) -> torch.Tensor:
         """The window's raw id buffer (N, seq_len), indexed by sequence position (a view)."""
-        return self._tokens[: self.n]
+        return self._window_tokens
 
     def advance(self, count: int) -> None:
         """Account for ``count`` steps taken outside this object (``fastjukebox.fast_decode``):
@@ -96,14 +96,14 @@ class WindowDecoder:
         if cond.encoder_kv is not None:
             self.prior.prior.set_cross_cache(self._view, cond.encoder_kv)
         if self.offset:
-            self._tokens[:n, : self.offset] = cond.lyric_tokens
+            self._window_tokens[:, : self.offset] = cond.lyric_tokens
             self._run(self.offset, chunk_size=self.offset)
 
     def _run(self, count: int, chunk_size: int) -> None:
         """Forward ``count`` positions from the current one, in chunks that never cross a block
         boundary (the static cache keeps one block for block layers)."""
         tm, C, cond = self.prior.prior, self.config.block_len, self._cond
-        tokens = self._tokens[: self.n]
+        tokens = self._window_tokens
         end = self._pos + count
         while self._pos < end:
             p = self._pos
@@ -126,7 +126,7 @@ class WindowDecoder:
         if codes.min() < 0 or codes.max() >= c.l_bins:
             raise ValueError(f"codes must be in [0, {c.l_bins})")
         shift = c.n_vocab if c.lyrics == "merged" else 0
-        self._tokens[: self.n, self._pos:self._pos + K] = codes + shift
+        self._window_tokens[:, self._pos:self._pos + K] = codes + shift
         self._run(K, chunk_size)
 
     @torch.no_grad()
@@ -136,9 +136,10 @@ class WindowDecoder:
         p, cond, tm = self._pos, self._cond, self.prior.prior
         if p >= self.config.seq_len:
             raise ValueError("the window is full")
-        h = self._step(tm.input_one(self._window_tokens, p, cond.start, cond.x_cond), p, self._view)
+        xc = None if cond.x_cond is None else cond.x_cond[:, p]
+        h = self._step(tm.input_one(self._window_tokens, p, cond.start, xc), p, self._view)
         self._pos = p + 1
-        return tm.head(h, None if cond.x_cond is None else cond.x_cond[:, p])
+        return tm.head(h, xc)
 
     def push(self, ids: torch.Tensor) -> None:
         """The ids (N,) chosen for the position ``step`` just scored."""
@@ -148,7 +149,7 @@ class WindowDecoder:
 
     def tokens(self) -> torch.Tensor:
         """Raw ids of the window so far, (N, position) (merged ids for 1b-style priors)."""
-        return self._tokens[: self.n, self.offset:self._pos]
+        return self._window_tokens[:, self.offset:self._pos]
 
     def codes(self) -> torch.Tensor:
         """Music codes of the window so far, (N, position)."""

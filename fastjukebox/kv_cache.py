@@ -68,14 +68,12 @@ class KVCache:
         p, C = self.patterns[layer], self.config.block_len
         T, b, s0 = k.shape[1], pos // C, pos % C
         kc, vc = self.k[layer], self.v[layer]
-        if T == 1 and p in ("block", "transpose", "dense"):   # the common one-token step
-            if p == "transpose":
-                kc, vc = kc[:, s0], vc[:, s0]
-                s0 = b
-            elif p == "dense":
-                s0 = pos
-            kc.select(1, s0).copy_(k[:, 0])
-            vc.select(1, s0).copy_(v[:, 0])
+        if T == 1:                      # one position (priming at a block edge): its slot
+            slot = self.slot(layer, pos)
+            if slot is not None:
+                pair = slot.view(k.shape[0], 2, *k.shape[2:])
+                pair[:, 0].copy_(k[:, 0])
+                pair[:, 1].copy_(v[:, 0])
         elif p == "block":
             kc[:, s0:s0 + T], vc[:, s0:s0 + T] = k, v
         elif p == "prev_block":

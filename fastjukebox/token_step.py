@@ -32,7 +32,7 @@ from kernels.decode_attention.reference import single_query_keys
 
 from .attention import attend_cached
 from .kv_cache import KVCache
-from .layers import QUICK_GELU_SCALE as GELU_SCALE
+from .layers import QUICK_GELU_SCALE
 
 __all__ = ["TokenStep"]
 
@@ -98,8 +98,8 @@ class TokenStep:
             # nothing visible (the previous block of block 0): the projection is its bias
             a = L.b_proj.expand(N, -1) if a is None else torch.addmm(L.b_proj, a, L.w_proj)
             xa = x + a
-            m = torch.addmm(L.b_fc, L.norm(L.ln_1, xa), L.w_fc, beta=GELU_SCALE, alpha=GELU_SCALE)
-            m = torch.addmm(L.b_out, F.silu(m, inplace=True), L.w_out, alpha=1.0 / GELU_SCALE)
+            m = torch.addmm(L.b_fc, L.norm(L.ln_1, xa), L.w_fc, beta=QUICK_GELU_SCALE, alpha=QUICK_GELU_SCALE)
+            m = torch.addmm(L.b_out, F.silu(m, inplace=True), L.w_out, alpha=1.0 / QUICK_GELU_SCALE)
             if L.res_scale == 1.0:
                 x = m.add_(xa)
             else:

@@ -91,8 +91,6 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
             return torch.zeros_like(q)
         return _attend(q, k_cache[:, (b - 1) % 2], v_cache[:, (b - 1) % 2], None, scale)
     if pattern == "transpose":
-        if T == 1:   # one query: its column is an ordinary [N, b+1, H, D] key sequence
-            return _attend(q, k_cache[:, s0, : b + 1], v_cache[:, s0, : b + 1], None, scale)
         # Each query reads its own column: [N, T, b+1, H, D], all at or before it.
         k, v = k_cache[:, s0:s0 + T, : b + 1], v_cache[:, s0:s0 + T, : b + 1]
         compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype

@@ -6,8 +6,10 @@ exponential race). ``E = -log(U)`` with ``U`` uniform on the fp32 grid of ``[0, 
 so a filtered token (probability 0) can never win; a token whose U is 0 (probability 2^-24)
 cannot win either, the only departure from Exp(1). (``Tensor.exponential_`` on the CPU costs
 about 15 ns per number, four times ``uniform_`` + ``log_``; at batch 16 over 256 bins that was a
-twentieth of a sampling step.) This module depends on torch alone, like the other ``kernels/*/reference.py``,
-so the sampler can import it; it computes what ``fastjukebox.sampling`` computes (tested).
+twentieth of a sampling step.)
+
+This module depends on torch alone, like the other ``kernels/*/reference.py``, so the sampler can
+import it; it computes what ``fastjukebox.sampling`` computes (tested).
 """
 from __future__ import annotations
 
