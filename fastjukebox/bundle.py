@@ -7,7 +7,8 @@ Directory layouts understood by ``load``:
 * the original release: ``vqvae.pth.tar`` and ``prior_level_{0,1,2}.pth.tar``.
 
 Missing prior levels are allowed (e.g. upsamplers only); the VQ-VAE is required. Distilled
-parallel upsamplers (``distill``) are found beside the priors as ``student_level_{0,1}/``.
+parallel upsamplers (``distill``) are found beside the priors as ``student_level_{0,1}/``, and
+the family's recommended sampling settings in ``sampling.json`` (:mod:`.sampling_defaults`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch.nn as nn
 
 from .checkpoint import CheckpointError, load_component, save_component
 from .prior import Prior
+from .sampling_defaults import SamplingDefaults
 from .vqvae import VQVAE
 
 ASSETS = Path(__file__).parent / "assets"
@@ -27,8 +29,12 @@ ASSETS = Path(__file__).parent / "assets"
 class Jukebox(nn.Module):
     """``vqvae`` plus ``priors[level]``; level 0 is the finest (bottom) level."""
 
-    def __init__(self, vqvae: VQVAE, priors: dict[int, Prior], students: dict[int, nn.Module] | None = None):
+    def __init__(self, vqvae: VQVAE, priors: dict[int, Prior], students: dict[int, nn.Module] | None = None,
+                 sampling: SamplingDefaults | dict | None = None):
         super().__init__()
+        if not isinstance(sampling, SamplingDefaults):
+            sampling = SamplingDefaults(vqvae.config.levels, sampling)
+        self.sampling_defaults = sampling
         self.vqvae = vqvae
         self.priors = nn.ModuleDict({str(level): p for level, p in sorted(priors.items())})
         self.students = nn.ModuleDict({str(level): s for level, s in sorted((students or {}).items())})
@@ -89,7 +95,8 @@ class Jukebox(nn.Module):
         artist, genre: names (with ``ids``: the original id files as ``LabelIds``) or numeric ids.
         prompt: audio (T,) or (N, T) at ``sr``; it is encoded at every level and continued
             (the original's primed mode).
-        sampling: temperature, top_k, top_p (one value or per level), chunk_size, hop_fraction,
+        sampling: temperature, top_k, top_p (one value or per level; unset: the family's
+            ``sampling_defaults``, else 0.99 / off / off), chunk_size, hop_fraction,
             max_batch_size, seed, sampler ("ar", "ar-graph" (CUDA-graph decode steps on a GPU),
             "parallel" (distilled students for the upsamplers) or {level: name}), passes (parallel
             decoding passes per window), progress.
@@ -111,7 +118,7 @@ class Jukebox(nn.Module):
             codes = self.vqvae.encode(audio[:, :keep])
         return run(self, codes=codes, levels=levels, sample_length=length,
                    labels_kw=self._labels_kw(artist, genre, lyrics, n_samples, total_seconds, offset_seconds, ids),
-                   **sampling)
+                   **self.sampling_defaults.fill(sampling))
 
     def upsample(self, top_codes, artist=0, genre=0, lyrics: str = "", *, total_seconds=None,
                  offset_seconds: float = 0.0, ids=None, **sampling):
@@ -123,7 +130,7 @@ class Jukebox(nn.Module):
         levels = tuple(l for l in sorted(self.levels, reverse=True) if l < top)
         return run(self, codes=codes, levels=levels, sample_length=z.shape[1] * self.vqvae.hop_lengths[-1],
                    labels_kw=self._labels_kw(artist, genre, lyrics, z.shape[0], total_seconds, offset_seconds, ids),
-                   **sampling)
+                   **self.sampling_defaults.fill(sampling))
 
     def continue_(self, codes, artist=0, genre=0, lyrics: str = "", *, seconds: float, total_seconds=None,
                   offset_seconds: float = 0.0, levels=None, ids=None, **sampling):
@@ -144,7 +151,7 @@ class Jukebox(nn.Module):
         levels = tuple(sorted(self.levels, reverse=True)) if levels is None else tuple(levels)
         return run(self, codes=zs, levels=levels, sample_length=length,
                    labels_kw=self._labels_kw(artist, genre, lyrics, n, total_seconds, offset_seconds, ids),
-                   **sampling)
+                   **self.sampling_defaults.fill(sampling))
 
     def save(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         directory = Path(directory)
@@ -154,6 +161,7 @@ class Jukebox(nn.Module):
             save_component(self.prior(level), directory / f"prior_level_{level}", dtype)
         for level, student in self.students.items():
             student.save(directory / f"student_level_{level}", dtype=dtype)
+        self.sampling_defaults.save(directory)
         return directory
 
 
@@ -191,4 +199,4 @@ def load(path_or_name: str | os.PathLike = "demo", *, dtype: torch.dtype | None 
         if p.is_dir():
             from distill.student import ParallelStudent
             students[level] = ParallelStudent.load(p, device=device, dtype=dtype)
-    return Jukebox(vqvae, priors, students)
+    return Jukebox(vqvae, priors, students, SamplingDefaults.load(path, vqvae.config.levels))

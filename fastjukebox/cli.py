@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -85,6 +86,7 @@ def cmd_info(args) -> int:
     from .prior import Prior
     from .vqvae import VQVAE
     target = args.model
+    notes = []
     if target in PRESETS:
         with torch.device("meta"):
             models = [VQVAE.from_preset(target) if target == "vqvae" else Prior.from_preset(target)]
@@ -93,10 +95,14 @@ def cmd_info(args) -> int:
         if p.is_dir() and not (p / "config.json").exists() or not p.exists():
             jb = load(target)
             models = [jb.vqvae] + [jb.prior(l) for l in reversed(jb.levels)]
+            if jb.sampling_defaults.overrides:
+                notes.append(f"recommended sampling settings (sampling.json): {json.dumps(jb.sampling_defaults.to_json())}")
         else:
             models = [load_component(p, _kind_of(p, None))]
     for m in models:
         print("\n".join(_describe(m)))
+    for line in notes:
+        print(line)
     return 0
 
 

@@ -32,7 +32,8 @@ CODES_KEY = "codes_level{}"
 _CODES_RE = re.compile(r"^codes_level(\d+)$")
 _LABEL_KEYS = ("artist", "genre", "lyrics", "artist_ids", "genre_ids", "ids_dir", "total_seconds",
                "offset_seconds")
-_SAMPLING_DEFAULTS = {"temperature": 0.99, "top_k": 0, "top_p": 0.0, "chunk_size": 32}
+_FAMILY_KNOBS = ("temperature", "top_k", "top_p")   # defaults from the model's sampling.json
+_CHUNK_SIZE = 32
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,18 +263,26 @@ def _label_kw(labels: dict) -> dict:
 
 
 def _fill(value, default, jb, what: str):
-    """A per-level mapping completed with ``default`` for the levels it leaves out."""
+    """A per-level mapping completed with ``default(level)`` for the levels it leaves out."""
     if not isinstance(value, dict):
         return value
     n = jb.vqvae.config.levels
     bad = sorted(l for l in value if l >= n)
     if bad:
         raise ValueError(f"{what}: this model has levels 0..{n - 1}, not {', '.join(map(str, bad))}")
-    return {l: value.get(l, default) for l in range(n)}
+    return {l: value[l] if l in value else default(l) for l in range(n)}
 
 
 def _sampling_kw(args, jb) -> dict:
-    kw = {k: _fill(getattr(args, k), d, jb, "--" + k.replace("_", "-")) for k, d in _SAMPLING_DEFAULTS.items()}
+    """Sampling keyword arguments: the options given, the model's recommended settings
+    (``sampling.json``) for the levels and knobs left out."""
+    family = jb.sampling_defaults
+    kw = {}
+    for k in _FAMILY_KNOBS:
+        value = getattr(args, k)
+        kw[k] = (family.per_level(k) if value is None
+                 else _fill(value, lambda l, k=k: family.value(k, l), jb, "--" + k.replace("_", "-")))
+    kw["chunk_size"] = _fill(args.chunk_size, lambda l: _CHUNK_SIZE, jb, "--chunk-size")
     kw.update(sampler=args.sampler, passes=args.passes, max_batch_size=args.max_batch_size,
               seed=args.seed if args.seed is not None else secrets.randbelow(2**31),
               progress=not args.quiet)
@@ -443,22 +452,23 @@ def _label_options(p: argparse.ArgumentParser, stored: bool) -> None:
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", default=0.99, metavar="T",
+    family = " (default: the model's sampling.json where it sets one, else %s)"
+    p.add_argument("--temperature", metavar="T",
                    type=_per_level(float, lambda v: 0 < v < float("inf"), "a positive number"),
-                   help="one value or per level, e.g. '2=0.98,1=0.99,0=0.99' (default: 0.99)")
-    p.add_argument("--top-k", default=0, metavar="K", type=_per_level(int, lambda v: v >= 0, "an integer >= 0"),
-                   help="keep the K most likely codes; 0: all (one value or per level)")
-    p.add_argument("--top-p", default=0.0, metavar="P",
+                   help="one value or per level, e.g. '2=0.98,1=0.99,0=0.99'" + family % "0.99")
+    p.add_argument("--top-k", metavar="K", type=_per_level(int, lambda v: v >= 0, "an integer >= 0"),
+                   help="keep the K most likely codes; 0: all (one value or per level)" + family % "0")
+    p.add_argument("--top-p", metavar="P",
                    type=_per_level(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-                   help="nucleus sampling; 0: off (one value or per level)")
+                   help="nucleus sampling; 0: off (one value or per level)" + family % "0")
     p.add_argument("--sampler", type=_sampler,
                    help="sampler per level: 'ar' (exact), 'ar-graph' (exact, the same tokens through the "
                         "device-position step: CUDA graphs on CUDA) or 'parallel' (distilled student; upsampler "
                         "levels only, so 'parallel' alone means '1=parallel,0=parallel'), or pairs like "
                         "'1=parallel,0=ar' (default: ar)")
     p.add_argument("--passes", type=int, default=16, help="decoding passes per window of the parallel sampler")
-    p.add_argument("--chunk-size", default=32, metavar="C", type=_per_level(int, lambda v: v >= 1, "an integer >= 1"),
-                   help="tokens primed per step (one value or per level; default: 32)")
+    p.add_argument("--chunk-size", default=_CHUNK_SIZE, metavar="C", type=_per_level(int, lambda v: v >= 1, "an integer >= 1"),
+                   help=f"tokens primed per step (one value or per level; default: {_CHUNK_SIZE})")
     p.add_argument("--max-batch-size", type=_positive_int, default=16, help="samples decoded together (default: 16)")
     p.add_argument("--seed", type=int, help="random seed (default: a random one, stored in the codes file)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

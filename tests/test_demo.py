@@ -48,6 +48,8 @@ def test_demo_loads_offline(monkeypatch):
     # the top prior's timing range covers every piece it was trained on
     lo, hi = info["top_prior_duration_range"]
     assert (top.min_duration, top.max_duration) == (lo, hi)
+    from fastjukebox.demo.build import SAMPLING
+    assert jb.sampling_defaults.to_json() == SAMPLING           # sampling.json as the build writes it
 
 
 @pytest.mark.parametrize("level", [2, 1, 0])
@@ -114,6 +116,8 @@ def test_tiny_build_runs_every_stage_and_resumes(tiny_build):
     assert info["steps"]["vqvae"] == plan.vqvae_steps and info["machine"]["torch"] == torch.__version__
     jb = fj.load(out)
     assert jb.levels == [0, 1, 2] and (out / "eval_codes.npz").is_file()
+    from fastjukebox.demo.build import SAMPLING
+    assert jb.sampling_defaults.to_json() == SAMPLING           # the recommended settings ship with it
     pieces, counts = load_eval_codes(out)
     assert counts.shape == (3, 256) and counts.sum() > 0 and len(pieces) == plan.heldout_chorales
     weights = (out / "prior_level_0" / "model.safetensors").read_bytes()

@@ -43,6 +43,9 @@ __all__ = ["BuildPlan", "plan_for_scale", "vqvae_config", "prior_config", "build
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "demo"
 STAGES = ("corpus", "vqvae", "encode", "prior_1", "prior_0", "prior_2", "ship")
 EVAL_SECONDS = 8.0          # seconds of each held-out piece kept in eval_codes.npz
+# The family's recommended sampling settings, shipped as sampling.json: the top prior's samples
+# hold more pitched sound and less noise at a lower temperature (docs/demo_quality.md measures it).
+SAMPLING = {"temperature": {"2": 0.8}}
 
 
 @dataclass(frozen=True)
@@ -348,7 +351,7 @@ def build(out: str | os.PathLike = DEFAULT_OUT, *, plan: BuildPlan | None = None
         tmp = out.with_name(out.name + ".building")
         if tmp.exists():
             shutil.rmtree(tmp)
-        Jukebox(vq, priors).save(tmp)
+        Jukebox(vq, priors, sampling=SAMPLING).save(tmp)
         held_codes, held_lengths, held_labs = _load_codes(work, "heldout", len(held))
         train_codes = _load_codes(work, "train", len(train))[0]
         _write_eval_codes(tmp / "eval_codes.npz", held_codes, held_lengths, held_labs, train_codes, hops,
@@ -394,5 +397,7 @@ def _readme(plan: BuildPlan, lo: float, hi: float) -> str:
         f"artist (instrument set) {', '.join(f'{i}={a}' for i, a in enumerate(ARTISTS))}; "
         f"total length {lo:g}-{hi:g} s.\n"
         "* `eval_codes.npz`: codes of the first seconds of a few held-out chorales and the train "
-        "set's code counts per level (the unigram baseline).\n\n"
+        "set's code counts per level (the unigram baseline).\n"
+        f"* `sampling.json`: the recommended sampling settings ({json.dumps(SAMPLING)}), used for "
+        "every knob a sampling call does not set.\n\n"
         "Quality figures: `docs/demo_quality.md`.\n")

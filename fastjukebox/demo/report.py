@@ -8,7 +8,8 @@ Measures the shipped demo family on held-out chorales (never seen in training):
   codes, on the codes shipped in ``eval_codes.npz``;
 * tonality (``evaluate.tonal_fraction``: the share of energy in spectral peaks, pitched sound
   against noise) of held-out audio, its reconstructions, levels 1 and 0 sampled from the real
-  top-level codes, and samples through all three levels;
+  top-level codes, and samples through all three levels (with the family's ``sampling.json`` and,
+  where it has one, with the built-in settings);
 * spectrograms of a held-out piece, its reconstruction at every level, and a short sample.
 
 Runs in a few minutes on one CPU core (the sample dominates).
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_path
+from ..sampling_defaults import BUILTIN
 from .evaluate import (REQUIRED_MARGIN_BITS, heldout_nll, load_eval_codes, lowpass, relative_stft_distance,
                        tonal_fraction, unigram_bits)
 
@@ -30,7 +32,7 @@ __all__ = ["write_report", "reconstruction_table", "nll_table", "tonality_table"
 
 EVAL_SECONDS = 8.0
 SAMPLE_SECONDS = 3.0
-N_SAMPLES = 4                # samples drawn at once (one batch) for the tonality table
+N_SAMPLES = 8                # samples drawn at once (one batch) for the tonality table
 LOWPASS_HZ = (1000.0, 4000.0)
 
 
@@ -79,12 +81,14 @@ def nll_table(jb, model_dir: Path) -> list[dict]:
     return rows
 
 
-def tonality_table(jb, rec: dict, held, seconds: float, samples: torch.Tensor, seed: int = 0) -> list[dict]:
+def tonality_table(jb, rec: dict, held, seconds: float, samples: torch.Tensor, seed: int = 0,
+                   builtin_samples: torch.Tensor | None = None) -> list[dict]:
     """Rows ``{key, what, tonal (mean), values}``: where along the pipeline pitched sound turns to
     noise. Keys: ``audio``, ``recon_<level>``, ``upsampled`` (levels below the top sampled from the
-    real top-level codes), ``samples``, ``noise``.
+    real top-level codes), ``samples``, ``samples_builtin`` (when given), ``noise``.
 
-    rec: ``reconstruction_table``'s result; samples: (N, T) audio sampled through all levels."""
+    rec: ``reconstruction_table``'s result; samples: (N, T) audio sampled through all levels with
+    the family's sampling settings; builtin_samples: the same with the built-in settings."""
     def row(key: str, what: str, clips) -> dict:
         values = [tonal_fraction(a) for a in clips]
         return {"key": key, "what": what, "values": values, "tonal": float(np.mean(values))}
@@ -99,6 +103,9 @@ def tonality_table(jb, rec: dict, held, seconds: float, samples: torch.Tensor, s
                      seed=seed, progress=False)
     rows.append(row("upsampled", f"levels 1 and 0 sampled from the real top-level codes ({held[0].name})", up.audio))
     rows.append(row("samples", "samples through all three levels", samples))
+    if builtin_samples is not None:
+        rows.append(row("samples_builtin", "samples through all three levels, built-in settings (temperature "
+                        "0.99 at every level)", builtin_samples))
     rows.append(row("noise", "baseline: white noise", [torch.randn(n, generator=torch.Generator().manual_seed(seed))]))
     return rows
 
@@ -145,7 +152,12 @@ def write_report(model: str = "demo", out: str = "docs/demo_quality.md", cache_d
     sample = jb.sample(artist=held[0].artist, genre=held[0].genre, seconds=sample_seconds, seed=0,
                        n_samples=N_SAMPLES, progress=progress)
     sample_wall = time.perf_counter() - t_s
-    tonal = tonality_table(jb, rec, held, sample_seconds, sample.audio)
+    builtin = None
+    if jb.sampling_defaults.overrides:
+        builtin = jb.sample(artist=held[0].artist, genre=held[0].genre, seconds=sample_seconds, seed=0,
+                            n_samples=N_SAMPLES, progress=progress, **BUILTIN).audio
+    tonal = tonality_table(jb, rec, held, sample_seconds, sample.audio, builtin_samples=builtin)
+    settings = json.dumps(jb.sampling_defaults.to_json()) if jb.sampling_defaults.overrides else "none"
     sr = jb.sr
     show = int(4.0 * sr)
     sigs = [(f"held-out {held[0].name} ({GENRES[held[0].genre]}, {ARTISTS[held[0].artist]})",
@@ -157,7 +169,7 @@ def write_report(model: str = "demo", out: str = "docs/demo_quality.md", cache_d
                           f"{ARTISTS[held[0].artist]})", sample.audio[0].numpy())], fig_dir / "sample.png", sr)
     peak, rms = float(sample.audio[0].abs().max()), float(sample.audio[0].pow(2).mean().sqrt())
 
-    md = _markdown(info, rec, usage, nll, tonal, held, n / sr, sample_seconds, sample_wall, peak, rms,
+    md = _markdown(info, rec, usage, nll, tonal, held, n / sr, sample_seconds, sample_wall, peak, rms, settings,
                    fig_dir.name, time.perf_counter() - t0)
     with atomic_path(out) as tmp:
         Path(tmp).write_text(md)
@@ -168,7 +180,8 @@ def _fmt_s(s: float) -> str:
     return f"{s / 60:.1f} min" if s >= 120 else f"{s:.0f} s"
 
 
-def _markdown(info, rec, usage, nll, tonal, held, eval_s, sample_s, sample_wall, peak, rms, figs, wall) -> str:
+def _markdown(info, rec, usage, nll, tonal, held, eval_s, sample_s, sample_wall, peak, rms, settings, figs,
+              wall) -> str:
     L = ["# Demo model family: quality report", "",
          "Generated by `python -m fastjukebox.demo report` from the bundled `demo` family "
          "(`fastjukebox/assets/demo/`); "
@@ -216,8 +229,9 @@ def _markdown(info, rec, usage, nll, tonal, held, eval_s, sample_s, sample_wall,
           "`fastjukebox.demo.evaluate.tonal_fraction`: the share of spectral energy below 4 kHz that "
           "lies in peaks at least 10 dB above the median of the 25 bins around them (sustained notes "
           "are narrow harmonic lines; noise is flat). 1 is all lines, 0 all noise. Each row is the "
-          f"mean over the clips listed ({sample_s:g} s each for sampled audio; seed 0, default "
-          "sampling settings). The rows follow the pipeline: how much tonality each stage keeps.", "",
+          f"mean over the clips listed ({sample_s:g} s each for sampled audio; seed 0, the family's "
+          f"sampling settings (`sampling.json`: {settings}) unless the row says otherwise). The rows "
+          "follow the pipeline: how much tonality each stage keeps.", "",
           "| audio | tonal fraction | per clip |", "|---|---:|---|"]
     for r in tonal:
         L.append(f"| {r['what']} | {r['tonal']:.3f} | {', '.join(f'{v:.2f}' for v in r['values'])} |")
@@ -228,8 +242,8 @@ def _markdown(info, rec, usage, nll, tonal, held, eval_s, sample_s, sample_wall,
           f"reconstruction: {top_rec:.2f}); with the top level sampled as well, samples score {full:.2f}."]
     L += ["", "## Spectrograms", "",
           f"![held-out piece and reconstructions]({figs}/reconstruction.png)", "",
-          f"{N_SAMPLES} samples of {sample_s:g} s through all three levels in one batch (seed 0, default "
-          f"sampling settings) took {sample_wall:.0f} s on one CPU thread; the first is shown "
+          f"{N_SAMPLES} samples of {sample_s:g} s through all three levels in one batch (seed 0, the "
+          f"family's sampling settings) took {sample_wall:.0f} s on one CPU thread; the first is shown "
           f"(peak {peak:.3f}, RMS {rms:.4f}).", "",
           f"![sample]({figs}/sample.png)", "",
           f"Report generated in {wall:.0f} s.", ""]
