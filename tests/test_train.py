@@ -187,6 +187,37 @@ def test_prior_label_rows_and_upper_codes():
         assert torch.equal(up, torch.from_numpy(pieces[i][2][start // 4:start // 4 + 16]))
 
 
+def test_upper_noise_corrupts_the_given_share_of_upper_codes():
+    cfg = prior_cfg(1)
+    data = prior_code_windows(cfg, [pattern_codes(400, 4)], [dict(artist=2, genre=[3])], seed=3)
+    upper = data.batch(0, 64).upper
+    assert upper.numel() == 64 * 16
+    assert torch.equal(PriorTask(Prior(cfg), data).corrupt_upper(upper, 5), upper)     # off by default
+    task = PriorTask(Prior(cfg), data, seed=1, upper_noise=0.3)
+    a, again, other = (task.corrupt_upper(upper, s) for s in (5, 5, 6))
+    assert torch.equal(a, again) and not torch.equal(a, other)       # a function of (seed, step)
+    assert a.dtype == upper.dtype and 0 <= int(a.min()) and int(a.max()) < cfg.l_bins
+    # replaced codes are uniform, so 1/l_bins of the replacements keep their value
+    changed = (a != upper).float().mean().item()
+    assert abs(changed - 0.3 * (1 - 1 / cfg.l_bins)) < 0.05, changed
+    # the loss sees the corrupted codes: with noise the loss of the same batch differs
+    torch.manual_seed(0)
+    clean = PriorTask(Prior(cfg), data, seed=1)
+    torch.manual_seed(0)
+    noisy = PriorTask(Prior(cfg), data, seed=1, upper_noise=0.9)
+    assert clean.loss(5, 4, torch.device("cpu"))[0].item() != noisy.loss(5, 4, torch.device("cpu"))[0].item()
+
+
+def test_upper_noise_is_validated():
+    cfg = prior_cfg(1)
+    data = prior_code_windows(cfg, [pattern_codes(80, 4)], [dict(artist=2, genre=[3])])
+    with pytest.raises(ValueError, match=r"upper_noise must be in \[0, 1\)"):
+        PriorTask(Prior(cfg), data, upper_noise=1.0)
+    top = prior_cfg(2)
+    with pytest.raises(ValueError, match="this prior has none"):
+        PriorTask(Prior(top), prior_code_windows(top, [pattern_codes(80, 1)], [dict(artist=1)]), upper_noise=0.1)
+
+
 def test_prior_bad_labels_and_short_pieces_are_named():
     cfg = prior_cfg(2)
     with pytest.raises(ValueError, match="artist id 25"):
@@ -273,7 +304,7 @@ def test_vqvae_task_rejects_bad_window():
 
 # --- CLI ---------------------------------------------------------------------------------------
 
-def test_cli_vqvae_encode_prior_makes_a_loadable_bundle(tmp_path):
+def test_cli_vqvae_encode_prior_makes_a_loadable_bundle(tmp_path, capsys):
     import soundfile as sf
     import fastjukebox
     from fastjukebox.train.__main__ import main
@@ -294,4 +325,13 @@ def test_cli_vqvae_encode_prior_makes_a_loadable_bundle(tmp_path):
     assert main(["prior", "--config", str(tmp_path / "top.json"), "--data", str(codes), *common]) == 0
     jb = fastjukebox.load(run)
     assert jb.levels == [2] and jb.vqvae.config == VQ_CFG
+    (tmp_path / "up.json").write_text(json.dumps({"kind": "prior", **prior_cfg(1, n_ctx=32, blocks=4).to_dict()}))
+    assert main(["prior", "--config", str(tmp_path / "up.json"), "--data", str(codes), "--upper-noise", "0.2",
+                 *common]) == 0
+    assert fastjukebox.load(run).levels == [1, 2]
+    capsys.readouterr()
+    assert main(["prior", "--config", str(tmp_path / "top.json"), "--data", str(codes), "--upper-noise", "0.2",
+                 "--steps", "2", "--batch-size", "2", "--out", str(tmp_path / "run2"), "--no-progress",
+                 "--device", "cpu"]) == 2
+    assert "upper_noise corrupts the upper-level codes of an upsampler" in capsys.readouterr().err
     assert main(["prior", "--config", "nonexistent.json", "--data", str(codes), *common]) == 2

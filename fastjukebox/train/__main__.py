@@ -96,7 +96,8 @@ def cmd_prior(a) -> int:
         if not a.vqvae:
             raise SystemExit(f"error: {a.data} holds no .npz codes; pass --vqvae to encode its audio")
         pieces, lengths, labels = _encode_dir(a.vqvae, a.data, None)
-    _, res = train_prior(cfg, pieces, _train_cfg(a), labels=labels, lengths=lengths, init=a.init)
+    _, res = train_prior(cfg, pieces, _train_cfg(a), labels=labels, lengths=lengths, init=a.init,
+                         upper_noise=a.upper_noise)
     print(f"{res.component_dir}: step {res.step}, loss {res.loss:.4f} bits/token, "
           f"{res.steps_per_second:.2f} steps/s")
     return 0
@@ -160,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prior", help="train a prior on codes")
     _common(p)
     p.add_argument("--vqvae", default=None, help="VQ-VAE to encode audio data with")
+    p.add_argument("--upper-noise", type=float, default=0.0,
+                   help="upsamplers: share of upper-level codes randomised per window (conditioning "
+                        "augmentation; default 0)")
     p.set_defaults(fn=cmd_prior)
     e = sub.add_parser("encode", help="encode a directory of audio to .npz codes")
     e.add_argument("--vqvae", required=True)

@@ -5,6 +5,11 @@ Each example is a random window of ``n_ctx`` codes of the prior's level, with
 * the codes of the level above covering the same audio (upsamplers: the conditioner's input);
 * its label row ``[total_length, offset, sample_length, artist, genre x G, lyrics x n]`` built by
   :class:`fastjukebox.labels.Labeller` from the piece's labels and the window's offset.
+
+``upper_noise`` (upsamplers): the share of upper-level codes replaced by uniformly random codes in
+each training window (conditioning augmentation). At sampling time an upsampler is conditioned on
+*sampled* upper codes, which are less clean than the encoded ones it trains on; training on
+corrupted conditioning teaches it not to copy every upper-level error into its output.
 """
 from __future__ import annotations
 
@@ -43,8 +48,13 @@ def prior_code_windows(config, pieces: Sequence[Sequence[Any]], labels: Sequence
 class PriorTask:
     """Trains a :class:`Prior` on windows of :class:`CodeWindows` (for ``fastjukebox.train.loop``)."""
 
-    def __init__(self, prior: Prior, data: CodeWindows, seed: int = 0):
+    def __init__(self, prior: Prior, data: CodeWindows, seed: int = 0, upper_noise: float = 0.0):
         c = prior.config
+        if not 0.0 <= upper_noise < 1.0:
+            raise ValueError(f"upper_noise must be in [0, 1), got {upper_noise}")
+        if upper_noise and c.cond_downsample is None:
+            raise ValueError("upper_noise corrupts the upper-level codes of an upsampler; this prior has none")
+        self.upper_noise = float(upper_noise)
         if data.level != c.level or data.n_ctx != c.n_ctx:
             raise ValueError(f"data windows are {data.n_ctx} level-{data.level} codes, the prior models "
                              f"{c.n_ctx} level-{c.level} codes")
@@ -80,9 +90,19 @@ class PriorTask:
             rows.append(self.labeller.label(lab.artist, lab.genre, lab.lyrics, total, off))
         return Labels.stack(rows).y
 
+    def corrupt_upper(self, upper: torch.Tensor, step: int) -> torch.Tensor:
+        """``upper`` with a random ``upper_noise`` share of its codes replaced by uniform random
+        codes (a fixed function of the task seed and the step, so resumed runs see the same)."""
+        if not self.upper_noise:
+            return upper
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + int(step) + 1) % (2 ** 63))
+        hit = torch.rand(upper.shape, generator=g) < self.upper_noise
+        noise = torch.randint(0, self.model.config.l_bins, upper.shape, generator=g, dtype=upper.dtype)
+        return torch.where(hit, noise, upper)
+
     def loss(self, step: int, batch_size: int, device: torch.device):
         b = self.data.batch(step, batch_size)
-        upper = None if b.upper is None else b.upper.to(device)
+        upper = None if b.upper is None else self.corrupt_upper(b.upper, step).to(device)
         labels = self.labels(b)
         out = self.model.loss(b.tokens.to(device), upper, None if labels is None else labels.to(device))
         metrics = {"gen_loss": out["gen_loss"].detach()}
@@ -97,19 +117,24 @@ class PriorTask:
         pass
 
     def fingerprint(self) -> dict:
-        return json_safe({"kind": "prior", "model": self.model.config.to_dict(), "data_seed": self.data.seed,
-                          "pieces": len(self.data), "seed": self.seed})
+        fp = {"kind": "prior", "model": self.model.config.to_dict(), "data_seed": self.data.seed,
+              "pieces": len(self.data), "seed": self.seed}
+        if self.upper_noise:            # absent when off, so runs saved before the option still resume
+            fp["upper_noise"] = self.upper_noise
+        return json_safe(fp)
 
 
 def train_prior(config, pieces: Sequence[Sequence[Any]], train_cfg: TrainConfig,
                 labels: Sequence[Any] | None = None, lengths: Sequence[int] | None = None,
-                init: Prior | str | None = None, data_seed: int | None = None) -> tuple[Prior, TrainResult]:
+                init: Prior | str | None = None, data_seed: int | None = None,
+                upper_noise: float = 0.0) -> tuple[Prior, TrainResult]:
     """Build (or take ``init``: a Prior or a path for ``Prior.from_pretrained``) and train a prior
     on code pieces (per piece, codes per level, level 0 first).
 
     config: a ``PriorConfig``, preset name or JSON path (ignored when ``init`` is given).
     labels: per piece, ``PieceLabels`` or dicts (artist, genre, lyrics, total_length).
     lengths: per piece, its length in audio samples (default: codes x hop length).
+    upper_noise: share of upper-level codes randomised per window (upsamplers; see module doc).
     The weights end in ``<train_cfg.out_dir>/prior_level_<level>``. Returns (model, result).
     """
     if init is None:
@@ -119,5 +144,5 @@ def train_prior(config, pieces: Sequence[Sequence[Any]], train_cfg: TrainConfig,
         model = init if isinstance(init, Prior) else Prior.from_pretrained(init)
     data = prior_code_windows(model.config, pieces, labels, lengths,
                               seed=train_cfg.seed if data_seed is None else data_seed)
-    result = train(PriorTask(model, data, seed=train_cfg.seed), train_cfg)
+    result = train(PriorTask(model, data, seed=train_cfg.seed, upper_noise=upper_noise), train_cfg)
     return model.eval(), result
