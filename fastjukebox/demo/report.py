@@ -105,7 +105,7 @@ def tonality_table(jb, rec: dict, held, seconds: float, samples: torch.Tensor, s
     rows.append(row("samples", "samples through all three levels", samples))
     if builtin_samples is not None:
         rows.append(row("samples_builtin", "samples through all three levels, built-in settings (temperature "
-                        "0.99 at every level)", builtin_samples))
+                        f"{BUILTIN['temperature']} at every level)", builtin_samples))
     rows.append(row("noise", "baseline: white noise", [torch.randn(n, generator=torch.Generator().manual_seed(seed))]))
     return rows
 
@@ -193,8 +193,8 @@ def _markdown(info, rec, usage, nll, tonal, held, eval_s, sample_s, sample_wall,
         L += [f"Command: `{info.get('command')}`", "",
               f"Measured wall time: **{_fmt_s(info.get('total_seconds', 0))}** in total on "
               f"{info.get('machine', {}).get('cpu_count')} CPU cores "
-              f"(torch {info.get('torch_version')}, OMP_NUM_THREADS={info.get('machine', {}).get('omp_num_threads')}, "
-              f"machine shared with other jobs).", "",
+              f"(torch {info.get('torch_version')}, OMP_NUM_THREADS={info.get('machine', {}).get('omp_num_threads')}).",
+              "",
               "| stage | wall | detail |", "|---|---:|---|"]
         for k, v in st.items():
             d = info.get("stages", {}).get(k, {})
