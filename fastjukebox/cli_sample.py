@@ -263,26 +263,22 @@ def _label_kw(labels: dict) -> dict:
 
 
 def _fill(value, default, jb, what: str):
-    """A per-level mapping completed with ``default(level)`` for the levels it leaves out."""
+    """A per-level mapping completed with ``default`` for the levels it leaves out."""
     if not isinstance(value, dict):
         return value
     n = jb.vqvae.config.levels
     bad = sorted(l for l in value if l >= n)
     if bad:
         raise ValueError(f"{what}: this model has levels 0..{n - 1}, not {', '.join(map(str, bad))}")
-    return {l: value[l] if l in value else default(l) for l in range(n)}
+    return {l: value.get(l, default) for l in range(n)}
 
 
 def _sampling_kw(args, jb) -> dict:
-    """Sampling keyword arguments: the options given, the model's recommended settings
-    (``sampling.json``) for the levels and knobs left out."""
-    family = jb.sampling_defaults
-    kw = {}
-    for k in _FAMILY_KNOBS:
-        value = getattr(args, k)
-        kw[k] = (family.per_level(k) if value is None
-                 else _fill(value, lambda l, k=k: family.value(k, l), jb, "--" + k.replace("_", "-")))
-    kw["chunk_size"] = _fill(args.chunk_size, lambda l: _CHUNK_SIZE, jb, "--chunk-size")
+    """Sampling keyword arguments, resolved so the run's settings record what was used: the
+    options given, the model's recommended settings (``sampling.json``) for the knobs and levels
+    left out."""
+    kw = jb.sampling_defaults.fill({k: getattr(args, k) for k in _FAMILY_KNOBS})
+    kw["chunk_size"] = _fill(args.chunk_size, _CHUNK_SIZE, jb, "--chunk-size")
     kw.update(sampler=args.sampler, passes=args.passes, max_batch_size=args.max_batch_size,
               seed=args.seed if args.seed is not None else secrets.randbelow(2**31),
               progress=not args.quiet)

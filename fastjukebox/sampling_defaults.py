@@ -7,13 +7,15 @@ value; levels it leaves out keep the built-in default::
     {"temperature": {"2": 0.8}}
 
 ``Jukebox.sample``, ``upsample``, ``continue_`` and the CLI use these for the knobs the caller
-does not set; a value the caller passes always wins. A family without the file samples with
+does not set, and for the levels a per-level value leaves out; a value the caller passes always
+wins. A family without the file samples with
 the built-in defaults (temperature 0.99, top-k and top-p off), as the original does.
 """
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 from .atomic import atomic_path
@@ -85,11 +87,19 @@ class SamplingDefaults:
 
     def fill(self, sampling: dict) -> dict:
         """``sampling`` (keyword arguments of a sampling call) with the knobs it leaves out (or sets
-        to None) taken from the family."""
+        to None) taken from the family, and per-level mappings completed with the family's value
+        for the levels they leave out."""
         out = dict(sampling)
         for knob in BUILTIN:
-            if out.get(knob) is None:
+            value = out.get(knob)
+            if value is None:
                 out[knob] = self.per_level(knob)
+            elif isinstance(value, Mapping):
+                bad = sorted(l for l in value if not 0 <= l < self.levels)
+                if bad:
+                    raise ValueError(f"{knob}: this model has levels 0..{self.levels - 1}, not "
+                                     f"{', '.join(map(str, bad))}")
+                out[knob] = {l: value[l] if l in value else self.value(knob, l) for l in range(self.levels)}
         return out
 
     def to_json(self) -> dict:

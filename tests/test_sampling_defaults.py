@@ -41,6 +41,10 @@ def test_values_per_level_and_fill():
     filled = d.fill({"temperature": 0.5, "top_k": None, "seed": 1})
     assert filled == {"temperature": 0.5, "top_k": 0, "top_p": {0: 0.9, 1: 0.9, 2: 0.9}, "seed": 1}
     assert SamplingDefaults(LEVELS).fill({}) == {"temperature": 0.99, "top_k": 0, "top_p": 0.0}
+    # a per-level mapping is completed with the family's values for the levels it leaves out
+    assert d.fill({"temperature": {0: 0.5}})["temperature"] == {0: 0.5, 1: 0.99, 2: 0.8}
+    with pytest.raises(ValueError, match="temperature: this model has levels 0..2, not 7"):
+        d.fill({"temperature": {7: 0.5}})
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -80,6 +84,7 @@ def test_family_defaults_are_used_and_a_given_value_wins(tiny_with_defaults):
     torch.testing.assert_close(with_defaults, _top_codes(plain, temperature={0: 0.99, 1: 0.99, 2: TOP_T}))
     assert not torch.equal(with_defaults, _top_codes(plain))
     torch.testing.assert_close(_top_codes(jb, temperature=0.99), _top_codes(plain))   # the caller's value wins
+    torch.testing.assert_close(_top_codes(jb, temperature={0: 0.9}), with_defaults)   # levels left out: the family's
 
 
 def test_save_round_trip_and_stale_file_removed(tiny_with_defaults, tmp_path):

@@ -21,10 +21,12 @@ import torch
 from ..config import resolve_config
 from ..labels import Labeller, Labels
 from ..prior import Prior
-from .data import CodeBatch, CodeWindows
+from .data import CodeBatch, CodeWindows, step_rng
 from .loop import TrainConfig, TrainResult, json_safe, train
 
 __all__ = ["PriorTask", "prior_code_windows", "level_hop_lengths", "train_prior"]
+
+_UPPER_NOISE_STREAM = 1      # step_rng stream of the upper-code noise (the windows are drawn from stream 0)
 
 
 def level_hop_lengths(config) -> tuple[int, ...]:
@@ -95,10 +97,10 @@ class PriorTask:
         codes (a fixed function of the task seed and the step, so resumed runs see the same)."""
         if not self.upper_noise:
             return upper
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + int(step) + 1) % (2 ** 63))
-        hit = torch.rand(upper.shape, generator=g) < self.upper_noise
-        noise = torch.randint(0, self.model.config.l_bins, upper.shape, generator=g, dtype=upper.dtype)
-        return torch.where(hit, noise, upper)
+        rng = step_rng(self.seed, step, _UPPER_NOISE_STREAM)
+        hit = torch.from_numpy(rng.random(tuple(upper.shape)) < self.upper_noise)
+        noise = torch.from_numpy(rng.integers(0, self.model.config.l_bins, tuple(upper.shape)))
+        return torch.where(hit, noise.to(upper.dtype), upper)
 
     def loss(self, step: int, batch_size: int, device: torch.device):
         b = self.data.batch(step, batch_size)
