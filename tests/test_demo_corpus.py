@@ -11,6 +11,7 @@ import pytest
 from fastjukebox.demo import corpus as cp
 from fastjukebox.demo import scores as sc
 from fastjukebox.demo import synth
+from fastjukebox.text import VOCAB_V2
 
 FAST_TEMPO = 240.0  # quarter notes per minute: short renders keep the tests quick
 
@@ -283,3 +284,70 @@ def test_bad_input_is_reported():
     with pytest.raises(sc.ScoreError, match="one length"):
         sc.ScoreEvents(name="x", source="", onset=np.zeros(2), duration=np.ones(3), pitch=np.zeros(2, int),
                        voice=np.zeros(2, int), tonic="C", mode="major", n_parts=4, tempo_qpm=90.0)
+
+
+def test_score_text_follows_the_rendered_notes(train_dir):
+    from fastjukebox.demo.score_text import GRID_SECONDS, cells_for, pitches_of_text, score_text
+    _, pieces, _ = train_dir
+    p = pieces[1]  # transposed and/or stretched: the text must follow the variant, not the score
+    base, semis, speed = cp.parse_variant(p.name)
+    ev = cp.variant_events(sc.load_score(next(q for q in sc.chorale_paths() if sc.piece_name(q) == base),
+                                         FAST_TEMPO), p.name)
+    assert p.score_text == score_text(ev, len(p.audio))
+    grid = pitches_of_text(p.score_text)
+    assert grid.shape == (cells_for(len(p.audio)), len(sc.VOICES))
+    # every cell holds, per voice, the note sounding at the cell's centre
+    cell = len(p.audio) / cp.SR / grid.shape[0]
+    assert cell == pytest.approx(GRID_SECONDS, rel=0.02)
+    for k in range(0, grid.shape[0], 7):
+        t = (k + 0.5) * cell
+        for v in range(len(sc.VOICES)):
+            on = (ev.voice == v) & (ev.onset <= t) & (t < ev.onset + ev.duration)
+            assert grid[k, v] == (ev.pitch[on].max() if on.any() else -1)
+    assert (grid[-1] == -1).all()  # the reverb tail: rests
+    tail = int(round((ev.duration_s) / cell)) + 1
+    assert (grid[tail:] == -1).all() and (grid[: tail - 2] >= 0).mean() > 0.9
+
+
+def test_score_text_survives_the_cache_and_is_added_to_older_records(train_dir, tmp_path, monkeypatch):
+    import json
+    import shutil
+    root, pieces, _ = train_dir
+    old = tmp_path / "cache"
+    shutil.copytree(root, old)
+    for rec in old.glob("*.json"):  # records as written before score texts
+        meta = json.loads(rec.read_text())
+        meta.pop("score_text", None)
+        rec.write_text(json.dumps(meta))
+    kw = dict(limit=2, cache_dir=old, progress=False, tempo_qpm=FAST_TEMPO, n_augment=1)
+    report: dict = {}
+    upgraded = cp.build_corpus("train", report=report, **kw)
+    assert report["rendered"] == 0 and report["cached"] == 4          # no audio rendered again
+    assert [p.score_text for p in upgraded] == [p.score_text for p in pieces]
+    assert all(p.score_text for p in upgraded)
+
+    def no_parsing(*a, **k):
+        raise AssertionError("a cache hit with a score text must not parse the score")
+    monkeypatch.setattr(sc, "load_score", no_parsing)
+    again = cp.build_corpus("train", **kw)                             # the records now hold it
+    assert [p.score_text for p in again] == [p.score_text for p in pieces]
+
+
+def test_score_text_format_and_errors():
+    from fastjukebox.demo import score_text as st
+    ev = sc.ScoreEvents(name="x", source="", onset=np.array([0.0, 0.0, 0.5]), duration=np.array([1.0, 0.5, 0.5]),
+                        pitch=np.array([69, 60, 200]), voice=np.array([0, 3, 3]), tonic="A", mode="minor",
+                        n_parts=4, tempo_qpm=120.0)
+    text = st.score_text(ev, int(1.5 * cp.SR))
+    assert len(text) == 12 * 4 and st.seconds_of_text(text) == pytest.approx(1.5)
+    grid = st.pitches_of_text(text)
+    assert grid[0].tolist() == [69, -1, -1, 60] and grid[5].tolist() == [69, -1, -1, st.LOWEST_PITCH + 61]
+    assert (grid[8:] == -1).all()                                     # after the last note: rests
+    assert st.crop_text(text, int(0.5 * cp.SR)) == text[:16]
+    assert set(text) <= set(VOCAB_V2)                                 # usable as lyrics as it is
+    with pytest.raises(ValueError, match="whole cells"):
+        st.pitches_of_text("abc")
+    with pytest.raises(ValueError, match="neither pitches nor rests"):
+        st.pitches_of_text("ab c")
+    with pytest.raises(ValueError, match="n_samples"):
+        st.cells_for(0)

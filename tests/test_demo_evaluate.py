@@ -1,9 +1,12 @@
-"""``tonal_fraction``: pitched sound scores high, noise low, and mixtures in between."""
+"""``tonal_fraction``: pitched sound scores high, noise low, and mixtures in between.
+``score_agreement``: audio that plays a score's notes matches its text, other notes do not."""
 import numpy as np
 import pytest
 import torch
 
-from fastjukebox.demo.evaluate import tonal_fraction
+from fastjukebox.demo.evaluate import chroma_per_cell, score_agreement, tonal_fraction
+from fastjukebox.demo.score_text import GRID_SECONDS, score_text
+from fastjukebox.demo.scores import ScoreEvents
 
 SR = 44100
 
@@ -44,3 +47,60 @@ def test_silence_and_short_input():
     assert tonal_fraction(np.zeros(SR, dtype=np.float32)) == 0.0
     with pytest.raises(ValueError, match="at least 4096 samples"):
         tonal_fraction(np.ones(100, dtype=np.float32))
+
+
+# Two chords of one second each (MIDI pitches, soprano to bass), then the same progression moved.
+PROGRESSION = [(72, 67, 64, 48), (74, 71, 67, 55)]      # C major, then G major
+ELSEWHERE = [(73, 70, 66, 54), (75, 72, 68, 56)]        # F# major, then G# major: no common tones
+
+
+def _events(chords, seconds=1.0) -> ScoreEvents:
+    onset, pitch, voice = [], [], []
+    for k, chord in enumerate(chords):
+        for v, p in enumerate(chord):
+            onset.append(k * seconds)
+            pitch.append(p)
+            voice.append(v)
+    n = len(onset)
+    return ScoreEvents(name="t", source="", onset=np.array(onset), duration=np.full(n, seconds),
+                       pitch=np.array(pitch), voice=np.array(voice), tonic="C", mode="major", n_parts=4,
+                       tempo_qpm=60.0)
+
+
+def _play(chords, seconds=1.0, seed=0) -> np.ndarray:
+    return np.concatenate([_chord(seconds, [440.0 * 2 ** ((p - 69) / 12) for p in c], seed=seed + k)
+                           for k, c in enumerate(chords)])
+
+
+def test_audio_agrees_with_its_own_score():
+    audio = _play(PROGRESSION)
+    own = score_agreement(audio, score_text(_events(PROGRESSION), len(audio)))
+    moved = score_agreement(audio, score_text(_events(ELSEWHERE), len(audio)))
+    swapped = score_agreement(audio, score_text(_events(PROGRESSION[::-1]), len(audio)))
+    assert own > 0.75, own
+    assert moved < 0.35, moved
+    assert moved < swapped < own                # the right chords at the wrong times: in between
+    noise = np.random.default_rng(4).standard_normal(len(audio)).astype(np.float32)
+    assert score_agreement(noise, score_text(_events(PROGRESSION), len(audio))) < own - 0.3
+
+
+def test_chroma_finds_the_pitch_classes():
+    audio = _play([(69, 64, 61, 57)])           # A major: A, E, C#
+    chroma = chroma_per_cell(audio, GRID_SECONDS, SR)
+    assert chroma.shape == (int(1.0 / GRID_SECONDS), 12)
+    assert np.allclose(chroma.sum(-1), 1.0)
+    top3 = set(np.argsort(chroma.mean(0))[-3:].tolist())
+    assert top3 == {9, 4, 1}
+    assert (chroma_per_cell(np.zeros(SR), GRID_SECONDS, SR) == 0).all()
+
+
+def test_score_agreement_bad_input():
+    audio = _play(PROGRESSION)
+    with pytest.raises(ValueError, match="whole cells"):
+        score_agreement(audio, "abc")
+    with pytest.raises(ValueError, match="shorter than one cell"):
+        score_agreement(audio[:100], "aaaa")
+    with pytest.raises(ValueError, match="no cell"):
+        score_agreement(np.zeros(SR, dtype=np.float32), "aaaa" * 8)
+    with pytest.raises(ValueError, match="no cell"):
+        score_agreement(audio, "...." * 8)

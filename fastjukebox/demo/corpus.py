@@ -11,7 +11,9 @@
   ``cache_dir``, written atomically. The key hashes everything the audio depends on (corpus
   version, score file bytes, music21 version, tempo, augmentation, voicing, synth settings), so a
   change renders afresh; records of older keys for the same name are removed. A cache hit needs
-  no score parsing.
+  no score parsing: the record also holds the piece's score text (``score_text``: its notes on a
+  fixed time grid, :mod:`.score_text`); a record written before it existed gets it added
+  from the score once.
 
 CLI: ``python -m fastjukebox.demo.corpus [--split train|heldout] [--limit N] [--out DIR]``.
 """
@@ -33,6 +35,7 @@ import numpy as np
 from ..atomic import atomic_path
 from . import scores as sc
 from . import synth
+from .score_text import score_text
 
 SR = synth.SR
 CORPUS_VERSION = "chorales-1"
@@ -56,13 +59,15 @@ _VARIANT = re.compile(r"^(?P<base>.+?)(?P<st>[+-]\d+)st@(?P<speed>\d+(?:\.\d+)?)
 
 @dataclass
 class Piece:
-    """One rendered piece. ``audio``: ``(n_samples,)`` int16 mono at ``SR``."""
+    """One rendered piece. ``audio``: ``(n_samples,)`` int16 mono at ``SR``; ``score_text``: its
+    notes as text aligned with the audio (:mod:`.score_text`)."""
 
     name: str
     audio: np.ndarray
     genre: int
     artist: int
     split: str
+    score_text: str = ""
 
     @property
     def base_name(self) -> str:
@@ -206,11 +211,16 @@ class _Cache:
         self.keys[name] = {key}
 
 
+def variant_events(events: sc.ScoreEvents, name: str) -> sc.ScoreEvents:
+    """Chorale ``events`` transposed and stretched as variant ``name`` says."""
+    _, semis, speed = parse_variant(name)
+    return events.transposed(semis).stretched(speed)
+
+
 def render_piece(events: sc.ScoreEvents, name: str, config: synth.SynthConfig = SYNTH) -> np.ndarray:
     """Render chorale ``events`` as variant ``name`` (its transposition, speed and voicing):
     ``(n_samples,)`` int16."""
-    _, semis, speed = parse_variant(name)
-    ev = events.transposed(semis).stretched(speed)
+    ev = variant_events(events, name)
     voicing = INSTRUMENT_SETS[ARTISTS[artist_of(name)]]
     return synth.render(ev.onset, ev.duration, ev.pitch, ev.voice, voicing, config=config,
                         seed=_hash_int("seed|" + name, 4))
@@ -276,7 +286,7 @@ def build_corpus(split: str = "train", *, augment: bool = True, limit: int | Non
         events, mine = None, []
         for name, key in zip(names, keys):
             rec = cache.load(name, key, verify=verify, mmap=mmap)
-            if rec is None:
+            if rec is None or "score_text" not in rec:
                 if events is None:
                     try:
                         events = sc.load_score(path, tempo_qpm)
@@ -284,16 +294,22 @@ def build_corpus(split: str = "train", *, augment: bool = True, limit: int | Non
                         cache.store(base + "~score", skip_key, {"skipped": str(e)})
                         stats["skipped"][base] = str(e)
                         break
+                variant = variant_events(events, name)
+            if rec is None:
                 audio = render_piece(events, name, config)
                 rec = {"genre": GENRES.index(events.mode), "artist": artist_of(name),
-                       "tonic": events.transposed(parse_variant(name)[1]).tonic, "mode": events.mode}
+                       "tonic": variant.tonic, "mode": events.mode,
+                       "score_text": score_text(variant, len(audio))}
                 cache.store(name, key, rec, audio)
                 rec["audio"] = np.load(cache.audio_path(name, key), mmap_mode="r") if mmap else audio
                 stats["rendered"] += 1
             else:
+                if "score_text" not in rec:  # a record from before score texts: add it
+                    rec["score_text"] = score_text(variant, int(rec["n_samples"]))
+                    cache.store(name, key, {k: v for k, v in rec.items() if k != "audio"})
                 stats["cached"] += 1
             mine.append(Piece(name=name, audio=rec["audio"], genre=int(rec["genre"]),
-                              artist=int(rec["artist"]), split=split))
+                              artist=int(rec["artist"]), split=split, score_text=rec["score_text"]))
         if base in stats["skipped"]:
             _shrink(bar, per_piece, limit)
             continue

@@ -10,7 +10,9 @@ reconstruction distance against trivial baselines.
 * ``relative_stft_distance(target, pred)``: mean over the training STFT resolutions of
   ``||S(target) - S(pred)|| / ||S(target)||`` (0 = identical magnitudes; silence scores 1);
 * ``tonal_fraction(audio)``: how much of the sound is pitched rather than noise (no reference
-  needed, so it scores samples too).
+  needed, so it scores samples too);
+* ``score_agreement(audio, text)``: how closely audio plays the notes of a score text (the
+  pitch classes sounding per grid cell against the audio's pitch-class energy).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 __all__ = ["EvalPiece", "load_eval_codes", "heldout_nll", "unigram_bits", "relative_stft_distance",
-           "lowpass", "tonal_fraction", "REQUIRED_MARGIN_BITS"]
+           "lowpass", "tonal_fraction", "chroma_per_cell", "score_agreement", "REQUIRED_MARGIN_BITS"]
 
 # The held-out NLL of every demo prior must beat the train unigram by at least this many
 # bits/token (asserted by tests/test_demo.py, stated in docs/demo_quality.md).
@@ -165,3 +167,48 @@ def tonal_fraction(audio, sr: int = 44100, fmax_hz: float = 4000.0, n_fft: int =
 
 def margin_ok(nll_bits: float, unigram: float, margin: float = REQUIRED_MARGIN_BITS) -> bool:
     return math.isfinite(nll_bits) and nll_bits <= unigram - margin
+
+
+def chroma_per_cell(audio, cell_seconds: float, sr: int = 44100, fmin_hz: float = 60.0,
+                    fmax_hz: float = 2000.0) -> np.ndarray:
+    """``(cells, 12)`` pitch-class energy of consecutive ``cell_seconds`` stretches of ``audio``
+    (Hann-windowed spectrum of each stretch, bins between ``fmin_hz`` and ``fmax_hz`` folded onto
+    the nearest equal-tempered pitch class, C = 0); each row sums to 1 (0 for silence)."""
+    a = np.asarray(audio, dtype=np.float64).reshape(-1)
+    n = int(round(cell_seconds * sr))
+    cells = len(a) // n
+    if cells == 0:
+        raise ValueError(f"audio of {len(a)} samples is shorter than one cell of {n}")
+    frames = a[: cells * n].reshape(cells, n) * np.hanning(n)
+    n_fft = 1 << max(n - 1, 1).bit_length()
+    power = np.abs(np.fft.rfft(frames, n_fft, axis=-1)) ** 2
+    freqs = np.fft.rfftfreq(n_fft, 1.0 / sr)
+    keep = (freqs >= fmin_hz) & (freqs <= fmax_hz)
+    pc = np.rint(12 * np.log2(freqs[keep] / 440.0) + 69).astype(np.int64) % 12
+    out = np.zeros((cells, 12))
+    for c in range(12):
+        out[:, c] = power[:, keep][:, pc == c].sum(-1)
+    total = out.sum(-1, keepdims=True)
+    return np.divide(out, total, out=np.zeros_like(out), where=total > 1e-12 * max(total.max(), 1e-30))
+
+
+def score_agreement(audio, text: str, sr: int = 44100) -> float:
+    """How well ``audio`` plays the notes of a score text (``fastjukebox.demo.score_text``): the
+    mean over cells with notes and sound of the cosine between the audio's pitch-class energy
+    and the score's pitch classes (each sounding voice counts once). The text is read from its
+    start, one cell per ``GRID_SECONDS`` of audio. Overtones keep even the rendered score itself
+    below 1; compare with the same audio against another piece's text for the chance level."""
+    from .score_text import GRID_SECONDS, pitches_of_text
+    pitches = pitches_of_text(text)
+    chroma = chroma_per_cell(audio, GRID_SECONDS, sr)
+    n = min(len(chroma), len(pitches))
+    score = np.zeros((n, 12))
+    for voice in range(pitches.shape[1]):
+        p = pitches[:n, voice]
+        score[np.nonzero(p >= 0)[0], p[p >= 0] % 12] += 1.0
+    a = chroma[:n]
+    use = (score.sum(-1) > 0) & (a.sum(-1) > 0)
+    if not use.any():
+        raise ValueError("no cell has both notes in the text and sound in the audio")
+    cos = (a[use] * score[use]).sum(-1) / (np.linalg.norm(a[use], axis=-1) * np.linalg.norm(score[use], axis=-1))
+    return float(cos.mean())

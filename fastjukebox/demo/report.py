@@ -10,6 +10,8 @@ Measures the shipped demo family on held-out chorales (never seen in training):
   against noise) of held-out audio, its reconstructions, levels 1 and 0 sampled from the real
   top-level codes, and samples through all three levels (with the family's ``sampling.json`` and,
   where it has one, with the built-in settings);
+* notes (``evaluate.score_agreement``): how closely the same audio plays its chorale's score,
+  against the other held-out scores as the chance level;
 * spectrograms of a held-out piece, its reconstruction at every level, and a short sample.
 
 Runs in a few minutes on one CPU core (the sample dominates).
@@ -26,9 +28,10 @@ import torch
 from ..atomic import atomic_path
 from ..sampling_defaults import BUILTIN
 from .evaluate import (REQUIRED_MARGIN_BITS, heldout_nll, load_eval_codes, lowpass, relative_stft_distance,
-                       tonal_fraction, unigram_bits)
+                       score_agreement, tonal_fraction, unigram_bits)
 
-__all__ = ["write_report", "reconstruction_table", "nll_table", "tonality_table"]
+__all__ = ["write_report", "reconstruction_table", "nll_table", "tonality_table", "score_table",
+           "upsample_real_top"]
 
 EVAL_SECONDS = 8.0
 SAMPLE_SECONDS = 3.0
@@ -81,14 +84,26 @@ def nll_table(jb, model_dir: Path) -> list[dict]:
     return rows
 
 
-def tonality_table(jb, rec: dict, held, seconds: float, samples: torch.Tensor, seed: int = 0,
+def upsample_real_top(jb, rec: dict, piece, seconds: float, seed: int = 0) -> torch.Tensor:
+    """(1, T) audio: the levels below the top sampled from the real top-level codes of the first
+    ``seconds`` of ``rec``'s first held-out clip (``piece``: its corpus piece, for the labels)."""
+    hop = jb.vqvae.hop_lengths[-1]
+    n = int(seconds * jb.sr) // hop * hop
+    top = jb.vqvae.encode(rec["audio"][:1, :n])[-1]
+    return jb.upsample(top, artist=piece.artist, genre=piece.genre, total_seconds=len(piece.audio) / jb.sr,
+                       seed=seed, progress=False).audio
+
+
+def tonality_table(rec: dict, held, samples: torch.Tensor, upsampled: torch.Tensor, seed: int = 0,
                    builtin_samples: torch.Tensor | None = None) -> list[dict]:
     """Rows ``{key, what, tonal (mean), values}``: where along the pipeline pitched sound turns to
     noise. Keys: ``audio``, ``recon_<level>``, ``upsampled`` (levels below the top sampled from the
     real top-level codes), ``samples``, ``samples_builtin`` (when given), ``noise``.
 
     rec: ``reconstruction_table``'s result; samples: (N, T) audio sampled through all levels with
-    the family's sampling settings; builtin_samples: the same with the built-in settings."""
+    the family's sampling settings; upsampled: ``upsample_real_top``'s audio; builtin_samples: the
+    samples with the built-in settings."""
+    n = upsampled.shape[-1]
     def row(key: str, what: str, clips) -> dict:
         values = [tonal_fraction(a) for a in clips]
         return {"key": key, "what": what, "values": values, "tonal": float(np.mean(values))}
@@ -96,17 +111,39 @@ def tonality_table(jb, rec: dict, held, seconds: float, samples: torch.Tensor, s
     rows = [row("audio", "held-out audio", rec["audio"])]
     rows += [row(f"recon_{r['level']}", f"VQ-VAE reconstruction from level {r['level']} codes", y)
              for r, y in zip(rec["levels"], rec["recon"])]
-    hop = jb.vqvae.hop_lengths[-1]
-    n = int(seconds * jb.sr) // hop * hop
-    top = jb.vqvae.encode(rec["audio"][:1, :n])[-1]
-    up = jb.upsample(top, artist=held[0].artist, genre=held[0].genre, total_seconds=len(held[0].audio) / jb.sr,
-                     seed=seed, progress=False)
-    rows.append(row("upsampled", f"levels 1 and 0 sampled from the real top-level codes ({held[0].name})", up.audio))
+    rows.append(row("upsampled", f"levels 1 and 0 sampled from the real top-level codes ({held[0].name})", upsampled))
     rows.append(row("samples", "samples through all three levels", samples))
     if builtin_samples is not None:
         rows.append(row("samples_builtin", "samples through all three levels, built-in settings (temperature "
                         f"{BUILTIN['temperature']} at every level)", builtin_samples))
     rows.append(row("noise", "baseline: white noise", [torch.randn(n, generator=torch.Generator().manual_seed(seed))]))
+    return rows
+
+
+def score_table(rec: dict, held, samples: torch.Tensor, upsampled: torch.Tensor) -> list[dict]:
+    """Rows ``{key, what, own, other}``: how closely audio along the pipeline plays the notes of
+    its score (``evaluate.score_agreement`` with the piece's own score text) against the scores of
+    the other held-out pieces (the chance level). Samples have no score of their own (``own``
+    None): they are compared with every held-out score."""
+    texts = [p.score_text for p in held]
+
+    def row(key: str, what: str, clips, owners) -> dict:
+        own, other = [], []
+        for a, i in zip(clips, owners):
+            a = np.asarray(a, dtype=np.float32)
+            if i is not None:
+                own.append(score_agreement(a, texts[i]))
+            other += [score_agreement(a, t) for j, t in enumerate(texts) if j != i]
+        return {"key": key, "what": what, "own": float(np.mean(own)) if own else None,
+                "other": float(np.mean(other))}
+
+    everyone = range(len(held))
+    rows = [row("audio", "held-out audio", rec["audio"], everyone)]
+    rows += [row(f"recon_{r['level']}", f"VQ-VAE reconstruction from level {r['level']} codes", y, everyone)
+             for r, y in zip(rec["levels"], rec["recon"])]
+    rows.append(row("upsampled", f"levels 1 and 0 sampled from the real top-level codes ({held[0].name})",
+                    upsampled, [0]))
+    rows.append(row("samples", "samples through all three levels", samples, [None] * len(samples)))
     return rows
 
 
@@ -156,7 +193,9 @@ def write_report(model: str = "demo", out: str = "docs/demo_quality.md", cache_d
     if jb.sampling_defaults.overrides:
         builtin = jb.sample(artist=held[0].artist, genre=held[0].genre, seconds=sample_seconds, seed=0,
                             n_samples=N_SAMPLES, progress=progress, **BUILTIN).audio
-    tonal = tonality_table(jb, rec, held, sample_seconds, sample.audio, builtin_samples=builtin)
+    upsampled = upsample_real_top(jb, rec, held[0], sample_seconds)
+    tonal = tonality_table(rec, held, sample.audio, upsampled, builtin_samples=builtin)
+    score = score_table(rec, held, sample.audio, upsampled)
     settings = json.dumps(jb.sampling_defaults.to_json()) if jb.sampling_defaults.overrides else "none"
     sr = jb.sr
     show = int(4.0 * sr)
@@ -169,7 +208,7 @@ def write_report(model: str = "demo", out: str = "docs/demo_quality.md", cache_d
                           f"{ARTISTS[held[0].artist]})", sample.audio[0].numpy())], fig_dir / "sample.png", sr)
     peak, rms = float(sample.audio[0].abs().max()), float(sample.audio[0].pow(2).mean().sqrt())
 
-    md = _markdown(info, rec, usage, nll, tonal, held, n / sr, sample_seconds, sample_wall, peak, rms, settings,
+    md = _markdown(info, rec, usage, nll, tonal, score, held, n / sr, sample_seconds, sample_wall, peak, rms, settings,
                    fig_dir.name, time.perf_counter() - t0)
     with atomic_path(out) as tmp:
         Path(tmp).write_text(md)
@@ -180,7 +219,7 @@ def _fmt_s(s: float) -> str:
     return f"{s / 60:.1f} min" if s >= 120 else f"{s:.0f} s"
 
 
-def _markdown(info, rec, usage, nll, tonal, held, eval_s, sample_s, sample_wall, peak, rms, settings, figs,
+def _markdown(info, rec, usage, nll, tonal, score, held, eval_s, sample_s, sample_wall, peak, rms, settings, figs,
               wall) -> str:
     L = ["# Demo model family: quality report", "",
          "Generated by `python -m fastjukebox.demo report` from the bundled `demo` family "
@@ -240,6 +279,20 @@ def _markdown(info, rec, usage, nll, tonal, held, eval_s, sample_s, sample_wall,
     up, full = by["upsampled"], by["samples"]
     L += ["", f"Given real top-level codes, the upsamplers' output scores {up:.2f} (the top level's "
           f"reconstruction: {top_rec:.2f}); with the top level sampled as well, samples score {full:.2f}."]
+    L += ["", "## Notes: does the audio play the score", "",
+          "`fastjukebox.demo.evaluate.score_agreement`: per 0.125 s of audio, the cosine between the "
+          "audio's pitch-class energy (60 Hz - 2 kHz) and the pitch classes its score sounds there "
+          "(`fastjukebox.demo.score_text`), averaged. Overtones keep even the rendered score below 1; "
+          "the same audio against the other held-out chorales' scores gives the chance level.", "",
+          "| audio | its own score | other pieces' scores |", "|---|---:|---:|"]
+    for r in score:
+        own = "(none)" if r["own"] is None else f"{r['own']:.3f}"
+        L.append(f"| {r['what']} | {own} | {r['other']:.3f} |")
+    sc_by = {r["key"]: r for r in score}
+    L += ["", f"Given the real top-level codes the upsamplers play the piece's notes "
+          f"({sc_by['upsampled']['own']:.2f} against {sc_by['upsampled']['other']:.2f} by chance); the "
+          "notes of a sample come from the top prior, which holds a chord rather than moving from chord "
+          "to chord as a chorale does (spectrogram below)."]
     L += ["", "## Spectrograms", "",
           f"![held-out piece and reconstructions]({figs}/reconstruction.png)", "",
           f"{N_SAMPLES} samples of {sample_s:g} s through all three levels in one batch (seed 0, the "
