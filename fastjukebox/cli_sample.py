@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
+from .sampling_defaults import complete_levels
 
 CODES_KEY = "codes_level{}"
 _CODES_RE = re.compile(r"^codes_level(\d+)$")
@@ -262,23 +263,12 @@ def _label_kw(labels: dict) -> dict:
                 offset_seconds=labels["offset_seconds"] or 0.0, ids=_ids(labels))
 
 
-def _fill(value, default, jb, what: str):
-    """A per-level mapping completed with ``default`` for the levels it leaves out."""
-    if not isinstance(value, dict):
-        return value
-    n = jb.vqvae.config.levels
-    bad = sorted(l for l in value if l >= n)
-    if bad:
-        raise ValueError(f"{what}: this model has levels 0..{n - 1}, not {', '.join(map(str, bad))}")
-    return {l: value.get(l, default) for l in range(n)}
-
-
 def _sampling_kw(args, jb) -> dict:
     """Sampling keyword arguments, resolved so the run's settings record what was used: the
     options given, the model's recommended settings (``sampling.json``) for the knobs and levels
     left out."""
     kw = jb.sampling_defaults.fill({k: getattr(args, k) for k in _FAMILY_KNOBS})
-    kw["chunk_size"] = _fill(args.chunk_size, _CHUNK_SIZE, jb, "--chunk-size")
+    kw["chunk_size"] = complete_levels(args.chunk_size, _CHUNK_SIZE, jb.vqvae.config.levels, "--chunk-size")
     kw.update(sampler=args.sampler, passes=args.passes, max_batch_size=args.max_batch_size,
               seed=args.seed if args.seed is not None else secrets.randbelow(2**31),
               progress=not args.quiet)

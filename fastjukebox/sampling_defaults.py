@@ -21,7 +21,7 @@ from pathlib import Path
 from .atomic import atomic_path
 from .checkpoint import CheckpointError
 
-__all__ = ["SAMPLING_FILE", "BUILTIN", "SamplingDefaults"]
+__all__ = ["SAMPLING_FILE", "BUILTIN", "SamplingDefaults", "complete_levels"]
 
 SAMPLING_FILE = "sampling.json"
 BUILTIN = {"temperature": 0.99, "top_k": 0, "top_p": 0.0}
@@ -33,6 +33,18 @@ _VALID = {
     "top_p": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
               "a number in [0, 1]"),
 }
+
+
+def complete_levels(value, default, levels: int, what: str):
+    """A per-level mapping ``value`` completed with ``default`` for the levels it leaves out (a
+    ``ValueError`` names any level outside ``0..levels-1``); any other value comes back as it is."""
+    if not isinstance(value, Mapping):
+        return value
+    bad = sorted(l for l in value if not 0 <= l < levels)
+    if bad:
+        raise ValueError(f"{what}: this model has levels 0..{levels - 1}, not {', '.join(map(str, bad))}")
+    return {l: value[l] if l in value else (default[l] if isinstance(default, Mapping) else default)
+            for l in range(levels)}
 
 
 class SamplingDefaults:
@@ -92,14 +104,8 @@ class SamplingDefaults:
         out = dict(sampling)
         for knob in BUILTIN:
             value = out.get(knob)
-            if value is None:
-                out[knob] = self.per_level(knob)
-            elif isinstance(value, Mapping):
-                bad = sorted(l for l in value if not 0 <= l < self.levels)
-                if bad:
-                    raise ValueError(f"{knob}: this model has levels 0..{self.levels - 1}, not "
-                                     f"{', '.join(map(str, bad))}")
-                out[knob] = {l: value[l] if l in value else self.value(knob, l) for l in range(self.levels)}
+            out[knob] = self.per_level(knob) if value is None else \
+                complete_levels(value, self.per_level(knob), self.levels, knob)
         return out
 
     def to_json(self) -> dict:

@@ -108,6 +108,17 @@ def tiny_build(tmp_path_factory):
     return out, work, cache, plan, info
 
 
+def test_cropped_pieces_keep_their_score_text_aligned(tiny_build):
+    from fastjukebox.demo.build import _pieces
+    from fastjukebox.demo.score_text import cells_for
+    _, _, cache, plan, _ = tiny_build
+    train, held = _pieces(plan, cache, progress=False)
+    assert plan.crop_seconds is not None
+    for p in train + held:
+        assert len(p.audio) == int(plan.crop_seconds * 44100)
+        assert len(p.score_text) == 4 * cells_for(len(p.audio))
+
+
 def test_tiny_build_runs_every_stage_and_resumes(tiny_build):
     from fastjukebox.demo.build import STAGES, build, plan_for_scale
     out, work, cache, plan, info = tiny_build

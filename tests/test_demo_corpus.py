@@ -339,7 +339,7 @@ def test_score_text_format_and_errors():
                         pitch=np.array([69, 60, 200]), voice=np.array([0, 3, 3]), tonic="A", mode="minor",
                         n_parts=4, tempo_qpm=120.0)
     text = st.score_text(ev, int(1.5 * cp.SR))
-    assert len(text) == 12 * 4 and st.seconds_of_text(text) == pytest.approx(1.5)
+    assert len(text) == 12 * 4 and len(text) / st.CHARS_PER_SECOND == pytest.approx(1.5)
     grid = st.pitches_of_text(text)
     assert grid[0].tolist() == [69, -1, -1, 60] and grid[5].tolist() == [69, -1, -1, st.LOWEST_PITCH + 61]
     assert (grid[8:] == -1).all()                                     # after the last note: rests

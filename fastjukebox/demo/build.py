@@ -166,9 +166,11 @@ def _pieces(plan: BuildPlan, cache_dir, progress: bool):
     held = build_corpus("heldout", augment=False, limit=plan.heldout_chorales, cache_dir=cache_dir,
                         progress=progress, mmap=True)
     if plan.crop_seconds is not None:
+        from .score_text import crop_text
         n = int(plan.crop_seconds * 44100)
         for p in train + held:
             p.audio = p.audio[:n]
+            p.score_text = crop_text(p.score_text, len(p.audio))
     if not train or not held:
         raise ValueError(f"the demo corpus gave {len(train)} train and {len(held)} held-out pieces; "
                          f"need at least one of each")

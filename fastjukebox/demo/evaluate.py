@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 __all__ = ["EvalPiece", "load_eval_codes", "heldout_nll", "unigram_bits", "relative_stft_distance",
-           "lowpass", "tonal_fraction", "chroma_per_cell", "score_agreement", "REQUIRED_MARGIN_BITS"]
+           "lowpass", "tonal_fraction", "chroma_per_cell", "score_pitch_classes", "chroma_agreement",
+           "score_agreement", "REQUIRED_MARGIN_BITS"]
 
 # The held-out NLL of every demo prior must beat the train unigram by at least this many
 # bits/token (asserted by tests/test_demo.py, stated in docs/demo_quality.md).
@@ -185,11 +186,33 @@ def chroma_per_cell(audio, cell_seconds: float, sr: int = 44100, fmin_hz: float 
     freqs = np.fft.rfftfreq(n_fft, 1.0 / sr)
     keep = (freqs >= fmin_hz) & (freqs <= fmax_hz)
     pc = np.rint(12 * np.log2(freqs[keep] / 440.0) + 69).astype(np.int64) % 12
-    out = np.zeros((cells, 12))
-    for c in range(12):
-        out[:, c] = power[:, keep][:, pc == c].sum(-1)
+    out = power[:, keep] @ np.eye(12)[pc]                                     # (cells, 12)
     total = out.sum(-1, keepdims=True)
     return np.divide(out, total, out=np.zeros_like(out), where=total > 1e-12 * max(total.max(), 1e-30))
+
+
+def score_pitch_classes(text: str) -> np.ndarray:
+    """``(cells, 12)`` pitch classes a score text (``fastjukebox.demo.score_text``) sounds per
+    cell, each sounding voice counting once."""
+    from .score_text import pitches_of_text
+    pitches = pitches_of_text(text)
+    out = np.zeros((len(pitches), 12))
+    for voice in range(pitches.shape[1]):
+        p = pitches[:, voice]
+        out[np.nonzero(p >= 0)[0], p[p >= 0] % 12] += 1.0
+    return out
+
+
+def chroma_agreement(chroma: np.ndarray, score: np.ndarray) -> float:
+    """The mean over the cells with notes in ``score`` (``score_pitch_classes``) and sound in
+    ``chroma`` (``chroma_per_cell``) of the cosine between the two; both read from their start."""
+    n = min(len(chroma), len(score))
+    a, s = chroma[:n], score[:n]
+    use = (s.sum(-1) > 0) & (a.sum(-1) > 0)
+    if not use.any():
+        raise ValueError("no cell has both notes in the text and sound in the audio")
+    a, s = a[use], s[use]
+    return float(((a * s).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(s, axis=-1))).mean())
 
 
 def score_agreement(audio, text: str, sr: int = 44100) -> float:
@@ -197,18 +220,9 @@ def score_agreement(audio, text: str, sr: int = 44100) -> float:
     mean over cells with notes and sound of the cosine between the audio's pitch-class energy
     and the score's pitch classes (each sounding voice counts once). The text is read from its
     start, one cell per ``GRID_SECONDS`` of audio. Overtones keep even the rendered score itself
-    below 1; compare with the same audio against another piece's text for the chance level."""
-    from .score_text import GRID_SECONDS, pitches_of_text
-    pitches = pitches_of_text(text)
-    chroma = chroma_per_cell(audio, GRID_SECONDS, sr)
-    n = min(len(chroma), len(pitches))
-    score = np.zeros((n, 12))
-    for voice in range(pitches.shape[1]):
-        p = pitches[:n, voice]
-        score[np.nonzero(p >= 0)[0], p[p >= 0] % 12] += 1.0
-    a = chroma[:n]
-    use = (score.sum(-1) > 0) & (a.sum(-1) > 0)
-    if not use.any():
-        raise ValueError("no cell has both notes in the text and sound in the audio")
-    cos = (a[use] * score[use]).sum(-1) / (np.linalg.norm(a[use], axis=-1) * np.linalg.norm(score[use], axis=-1))
-    return float(cos.mean())
+    below 1; compare with the same audio against another piece's text for the chance level.
+    (Comparing many clips with many texts: ``chroma_agreement`` on chromas and pitch classes
+    computed once each.)"""
+    from .score_text import GRID_SECONDS
+    score = score_pitch_classes(text)
+    return chroma_agreement(chroma_per_cell(audio, GRID_SECONDS, sr), score)

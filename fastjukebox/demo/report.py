@@ -27,8 +27,8 @@ import torch
 
 from ..atomic import atomic_path
 from ..sampling_defaults import BUILTIN
-from .evaluate import (REQUIRED_MARGIN_BITS, heldout_nll, load_eval_codes, lowpass, relative_stft_distance,
-                       score_agreement, tonal_fraction, unigram_bits)
+from .evaluate import (REQUIRED_MARGIN_BITS, chroma_agreement, chroma_per_cell, heldout_nll, load_eval_codes,
+                       lowpass, relative_stft_distance, score_pitch_classes, tonal_fraction, unigram_bits)
 
 __all__ = ["write_report", "reconstruction_table", "nll_table", "tonality_table", "score_table",
            "upsample_real_top"]
@@ -94,6 +94,17 @@ def upsample_real_top(jb, rec: dict, piece, seconds: float, seed: int = 0) -> to
                        seed=seed, progress=False).audio
 
 
+def _pipeline(rec: dict, held, samples: torch.Tensor, upsampled: torch.Tensor) -> list[tuple]:
+    """``(key, what, clips, owners)`` along the pipeline, shared by the tonality and note tables;
+    ``owners[i]`` is the held-out piece clip ``i`` comes from (None for samples)."""
+    everyone = list(range(len(held)))
+    return ([("audio", "held-out audio", rec["audio"], everyone)]
+            + [(f"recon_{r['level']}", f"VQ-VAE reconstruction from level {r['level']} codes", y, everyone)
+               for r, y in zip(rec["levels"], rec["recon"])]
+            + [("upsampled", f"levels 1 and 0 sampled from the real top-level codes ({held[0].name})", upsampled, [0]),
+               ("samples", "samples through all three levels", samples, [None] * len(samples))])
+
+
 def tonality_table(rec: dict, held, samples: torch.Tensor, upsampled: torch.Tensor, seed: int = 0,
                    builtin_samples: torch.Tensor | None = None) -> list[dict]:
     """Rows ``{key, what, tonal (mean), values}``: where along the pipeline pitched sound turns to
@@ -103,20 +114,16 @@ def tonality_table(rec: dict, held, samples: torch.Tensor, upsampled: torch.Tens
     rec: ``reconstruction_table``'s result; samples: (N, T) audio sampled through all levels with
     the family's sampling settings; upsampled: ``upsample_real_top``'s audio; builtin_samples: the
     samples with the built-in settings."""
-    n = upsampled.shape[-1]
     def row(key: str, what: str, clips) -> dict:
         values = [tonal_fraction(a) for a in clips]
         return {"key": key, "what": what, "values": values, "tonal": float(np.mean(values))}
 
-    rows = [row("audio", "held-out audio", rec["audio"])]
-    rows += [row(f"recon_{r['level']}", f"VQ-VAE reconstruction from level {r['level']} codes", y)
-             for r, y in zip(rec["levels"], rec["recon"])]
-    rows.append(row("upsampled", f"levels 1 and 0 sampled from the real top-level codes ({held[0].name})", upsampled))
-    rows.append(row("samples", "samples through all three levels", samples))
+    rows = [row(key, what, clips) for key, what, clips, _ in _pipeline(rec, held, samples, upsampled)]
     if builtin_samples is not None:
         rows.append(row("samples_builtin", "samples through all three levels, built-in settings (temperature "
                         f"{BUILTIN['temperature']} at every level)", builtin_samples))
-    rows.append(row("noise", "baseline: white noise", [torch.randn(n, generator=torch.Generator().manual_seed(seed))]))
+    noise = torch.randn(upsampled.shape[-1], generator=torch.Generator().manual_seed(seed))
+    rows.append(row("noise", "baseline: white noise", [noise]))
     return rows
 
 
@@ -125,25 +132,18 @@ def score_table(rec: dict, held, samples: torch.Tensor, upsampled: torch.Tensor)
     its score (``evaluate.score_agreement`` with the piece's own score text) against the scores of
     the other held-out pieces (the chance level). Samples have no score of their own (``own``
     None): they are compared with every held-out score."""
-    texts = [p.score_text for p in held]
-
-    def row(key: str, what: str, clips, owners) -> dict:
+    from .score_text import GRID_SECONDS
+    scores = [score_pitch_classes(p.score_text) for p in held]
+    rows = []
+    for key, what, clips, owners in _pipeline(rec, held, samples, upsampled):
         own, other = [], []
         for a, i in zip(clips, owners):
-            a = np.asarray(a, dtype=np.float32)
+            chroma = chroma_per_cell(np.asarray(a, dtype=np.float32), GRID_SECONDS)
             if i is not None:
-                own.append(score_agreement(a, texts[i]))
-            other += [score_agreement(a, t) for j, t in enumerate(texts) if j != i]
-        return {"key": key, "what": what, "own": float(np.mean(own)) if own else None,
-                "other": float(np.mean(other))}
-
-    everyone = range(len(held))
-    rows = [row("audio", "held-out audio", rec["audio"], everyone)]
-    rows += [row(f"recon_{r['level']}", f"VQ-VAE reconstruction from level {r['level']} codes", y, everyone)
-             for r, y in zip(rec["levels"], rec["recon"])]
-    rows.append(row("upsampled", f"levels 1 and 0 sampled from the real top-level codes ({held[0].name})",
-                    upsampled, [0]))
-    rows.append(row("samples", "samples through all three levels", samples, [None] * len(samples)))
+                own.append(chroma_agreement(chroma, scores[i]))
+            other += [chroma_agreement(chroma, s) for j, s in enumerate(scores) if j != i]
+        rows.append({"key": key, "what": what, "own": float(np.mean(own)) if own else None,
+                     "other": float(np.mean(other))})
     return rows
 
 

@@ -13,15 +13,13 @@ to a prior as lyrics.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .scores import VOICES, ScoreEvents
 from .synth import SR
 
 __all__ = ["GRID_SECONDS", "CHARS_PER_SECOND", "PITCH_CHARS", "LOWEST_PITCH", "REST",
-           "cells_for", "score_text", "crop_text", "pitches_of_text", "seconds_of_text"]
+           "cells_for", "score_text", "crop_text", "pitches_of_text"]
 
 GRID_SECONDS = 0.125
 PITCH_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -70,8 +68,3 @@ def pitches_of_text(text: str) -> np.ndarray:
         raise ValueError(f"not a score text: characters {''.join(bad)!r} are neither pitches nor rests")
     codes = np.array([-1 if c == REST else LOWEST_PITCH + PITCH_CHARS.index(c) for c in text], dtype=np.int64)
     return codes.reshape(-1, width)
-
-
-def seconds_of_text(text: str) -> float:
-    """Audio seconds a score text spans."""
-    return math.ceil(len(text) / len(VOICES)) * GRID_SECONDS
