@@ -22,6 +22,8 @@ import torch
 
 from .layers import keep_layernorms_fp32
 from .config import PRESETS, PriorConfig, VQVAEConfig, resolve_config
+from .prior import Prior
+from .vqvae import VQVAE
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 FORMAT_VERSION = 1
@@ -75,8 +77,6 @@ def _zip(path: Path) -> bool:
 
 
 def _model_class(kind: str):
-    from .prior import Prior
-    from .vqvae import VQVAE
     return VQVAE if kind == "vqvae" else Prior
 
 
@@ -174,6 +174,22 @@ def load_component(path, kind: str, hps=None, *, dtype: torch.dtype | None = Non
     return _assign(cfg, kind, sd, str(path), dtype, device)
 
 
+def load_vqvae(path, hps=None, *, dtype: torch.dtype | None = None,
+               device: torch.device | str = "cpu") -> VQVAE:
+    """A VQVAE from an original ``.pth.tar`` or one of our component directories.
+
+    ``hps``: preset name, dict or JSON path of the original hyperparameters; read from the
+    checkpoint (ours: ``config.json``; original: its ``hps`` entry) when omitted.
+    """
+    return load_component(path, "vqvae", hps, dtype=dtype, device=device)
+
+
+def load_prior(path, hps=None, *, dtype: torch.dtype | None = None,
+               device: torch.device | str = "cpu") -> Prior:
+    """A Prior from an original ``.pth.tar`` or one of our component directories (see ``load_vqvae``)."""
+    return load_component(path, "prior", hps, dtype=dtype, device=device)
+
+
 def read_config(directory: Path, kind: str):
     try:
         with open(directory / CONFIG_NAME, encoding="utf-8") as f:
@@ -201,7 +217,6 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
 def save_component(model, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (tied weights stored once), atomically."""
     from safetensors.torch import save_file
-    from .vqvae import VQVAE
     directory = Path(directory)
     kind = "vqvae" if isinstance(model, VQVAE) else "prior"
     sd = model.state_dict()

@@ -8,23 +8,12 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
-
-
-def _dtype(name: str | None):
-    if name is None:
-        return None
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; one of {', '.join(DTYPES)}") from None
+from .cli_options import DTYPES, parse_dtype, run_command
 
 
 def _kind_of(path: Path, hps) -> str:
     """vqvae or prior, from the file name, our config, or the hyperparameters."""
     from .checkpoint import CONFIG_NAME
-    import json
     if path.is_dir() and (path / CONFIG_NAME).exists():
         return json.loads((path / CONFIG_NAME).read_text())["kind"]
     if isinstance(hps, str) and hps == "vqvae":
@@ -46,7 +35,7 @@ def cmd_convert(args) -> int:
     from .bundle import load
     from .checkpoint import load_component, save_component, save_original
     src, dst = Path(args.src), Path(args.dst)
-    dtype = _dtype(args.dtype)
+    dtype = parse_dtype(args.dtype)
     if src.is_dir() and not (src / "config.json").exists():
         load(src).save(dst, dtype)
         print(f"wrote bundle {dst}")
@@ -121,15 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_sample
     cli_sample.add_commands(sub)
     return ap
-
-
-def run_command(fn, args, prog: str, errors=(ValueError, FileNotFoundError)) -> int:
-    """Run a sub-command; bad input (``errors``) is one line on stderr and exit status 2."""
-    try:
-        return fn(args)
-    except errors as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

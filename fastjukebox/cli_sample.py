@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
+from .cli_options import DTYPES, parse_dtype
 from .sampling_defaults import complete_levels
 
 CODES_KEY = "codes_level{}"
@@ -215,8 +216,7 @@ def _device(name: str | None) -> str:
 
 def _load_model(args):
     from .bundle import load
-    from .cli import _dtype
-    return load(args.model, dtype=_dtype(args.dtype), device=_device(args.device))
+    return load(args.model, dtype=parse_dtype(args.dtype), device=_device(args.device))
 
 
 def _label_settings(args, stored: dict | None = None) -> dict:
@@ -414,7 +414,6 @@ def cmd_decode(args) -> int:
 # --------------------------------------------------------------------------------------------
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    from .cli import DTYPES
     p.add_argument("--model", required=True, help="model directory or bundled model name (e.g. tiny)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="compute in this dtype (default: as stored)")

@@ -96,13 +96,6 @@ class Prior(nn.Module):
         """A released architecture with fresh weights (works under ``torch.device("meta")``)."""
         return cls(resolve_config(name, "prior"))
 
-    @classmethod
-    def from_pretrained(cls, path, hps=None, *, dtype: torch.dtype | None = None,
-                        device: torch.device | str = "cpu") -> "Prior":
-        """Load an original ``.pth.tar`` or one of our component directories (see ``VQVAE``)."""
-        from .checkpoint import load_component
-        return load_component(path, "prior", hps, dtype=dtype, device=device)
-
     def original_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights under the original key names (the module tree already uses them; tied
         ``prior.x_out.weight`` is listed as in the original files)."""

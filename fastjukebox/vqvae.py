@@ -59,17 +59,6 @@ class VQVAE(nn.Module):
         """A released architecture with fresh weights (works under ``torch.device("meta")``)."""
         return cls(resolve_config(name, "vqvae"))
 
-    @classmethod
-    def from_pretrained(cls, path, hps=None, *, dtype: torch.dtype | None = None,
-                        device: torch.device | str = "cpu") -> "VQVAE":
-        """Load an original ``.pth.tar`` or one of our component directories.
-
-        ``hps``: preset name, dict or JSON path of the original hyperparameters; read from the
-        checkpoint (ours: ``config.json``; original: its ``hps`` entry) when omitted.
-        """
-        from .checkpoint import load_component
-        return load_component(path, "vqvae", hps, dtype=dtype, device=device)
-
     def original_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights under the original key names (the module tree already uses them)."""
         return dict(self.state_dict())

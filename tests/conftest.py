@@ -58,14 +58,14 @@ def io(name: str) -> dict[str, torch.Tensor]:
 @lru_cache(maxsize=None)
 def load_prior(name: str, dtype: torch.dtype = torch.float64):
     """A tiny fixture prior, loaded once per dtype (do not modify the returned module)."""
-    from fastjukebox import Prior
-    return Prior.from_pretrained(checkpoint_path(name), dtype=dtype)
+    from fastjukebox.checkpoint import load_prior as load_prior_file
+    return load_prior_file(checkpoint_path(name), dtype=dtype)
 
 
 @lru_cache(maxsize=None)
 def load_vqvae(dtype: torch.dtype = torch.float64):
-    from fastjukebox import VQVAE
-    return VQVAE.from_pretrained(checkpoint_path("tiny_vqvae"), dtype=dtype)
+    from fastjukebox.checkpoint import load_vqvae as load_vqvae_file
+    return load_vqvae_file(checkpoint_path("tiny_vqvae"), dtype=dtype)
 
 
 def prior_inputs(name: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:

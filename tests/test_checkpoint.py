@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from conftest import PRIOR_FIXTURES, checkpoint_path, hps_path, io, load_prior, prior_inputs
-from fastjukebox import VQVAE, Prior
+from fastjukebox import Prior
 from fastjukebox.bundle import Jukebox, load
 from fastjukebox.checkpoint import CheckpointError, load_component, save_component
+from fastjukebox.checkpoint import load_prior as load_prior_file, load_vqvae as load_vqvae_file
 from fastjukebox.cli import main
 
 ROUND_TRIP = ("tiny_prior_5b", "tiny_prior_1b_lyrics", "tiny_prior_5b_lyrics", "tiny_upsampler_level_0")
@@ -46,7 +47,7 @@ def test_save_component_round_trip(tmp_path, name, ref_logits):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["kind"] == "prior"
-    back = Prior.from_pretrained(out)
+    back = load_prior_file(out)
     assert back.config == src.config
     assert back.prior.tied == src.prior.tied
     assert torch.equal(_logits(back, name), ref_logits[name])
@@ -57,11 +58,11 @@ def test_cli_convert_both_ways(tmp_path, name, capsys, ref_logits):
     ours = tmp_path / "ours"
     assert main(["convert", str(checkpoint_path(name)), str(ours)]) == 0
     assert "wrote prior" in capsys.readouterr().out
-    assert torch.equal(_logits(Prior.from_pretrained(ours), name), ref_logits[name])
+    assert torch.equal(_logits(load_prior_file(ours), name), ref_logits[name])
 
     back = tmp_path / "x.pth.tar"
     assert main(["convert", str(ours), str(back)]) == 0
-    reloaded = Prior.from_pretrained(back, hps_path(name))
+    reloaded = load_prior_file(back, hps_path(name))
     assert torch.equal(_logits(reloaded, name), ref_logits[name])
     # the original layout: same keys as the fixture file (tied x_out listed under both names)
     saved = torch.load(back, weights_only=True)
@@ -76,7 +77,7 @@ def test_tied_weight_stored_once(tmp_path):
     out = save_component(load_prior("tiny_prior_1b_lyrics", torch.float32), tmp_path / "p")
     sd = load_file(out / "model.safetensors")
     assert "prior.x_emb.weight" in sd and "prior.x_out.weight" not in sd
-    back = Prior.from_pretrained(out)
+    back = load_prior_file(out)
     assert back.prior.x_out.weight is back.prior.x_emb.weight
 
 
@@ -85,7 +86,7 @@ def test_convert_with_dtype(tmp_path):
     assert main(["convert", str(checkpoint_path("tiny_prior_5b")), str(out), "--dtype", "bf16"]) == 0
     from safetensors.torch import load_file
     assert {v.dtype for v in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
-    p = Prior.from_pretrained(out, dtype=torch.float64)
+    p = load_prior_file(out, dtype=torch.float64)
     ref = load_prior("tiny_prior_5b", torch.float64)
     for (k, a), (_, b) in zip(p.state_dict().items(), ref.state_dict().items()):
         assert torch.equal(a, b.to(torch.bfloat16).double()), k
@@ -103,15 +104,15 @@ def test_original_state_dict_keys(name):
 
 def load_vqvae_or_prior(name: str):
     if name == "tiny_vqvae":
-        return VQVAE.from_pretrained(checkpoint_path(name))
+        return load_vqvae_file(checkpoint_path(name))
     return load_prior(name, torch.float32)
 
 
 def test_vqvae_component_round_trip(tmp_path, gen):
-    src = VQVAE.from_pretrained(checkpoint_path("tiny_vqvae"))
+    src = load_vqvae_file(checkpoint_path("tiny_vqvae"))
     out = tmp_path / "vq"
     assert main(["convert", str(checkpoint_path("tiny_vqvae")), str(out)]) == 0
-    back = VQVAE.from_pretrained(out)
+    back = load_vqvae_file(out)
     assert back.config == src.config
     x = io("tiny_vqvae")["x"]
     assert all(torch.equal(a, b) for a, b in zip(back.encode(x), src.encode(x)))
@@ -123,7 +124,7 @@ def test_checkpoint_with_module_prefix(tmp_path):
     path = tmp_path / "prior_level_2.pth.tar"
     torch.save({"model": {f"module.{k}": v for k, v in ckpt["model"].items()}, "step": 3, "opt": None,
                 "hps": ckpt["hps"]}, path)
-    p = Prior.from_pretrained(path)
+    p = load_prior_file(path)
     assert torch.equal(_logits(p, "tiny_prior_5b"), _logits(load_prior("tiny_prior_5b", torch.float32), "tiny_prior_5b"))
 
 
@@ -145,12 +146,12 @@ def test_hyperparameter_class_refused(tmp_path, monkeypatch):
     path = tmp_path / "prior_level_2.pth.tar"
     torch.save({"model": ckpt["model"], "hps": Hyperparams(ckpt["hps"])}, path)
     with pytest.raises(CheckpointError, match=r"refusing to unpickle.*jukebox\.hparams\.Hyperparams"):
-        Prior.from_pretrained(path)
+        load_prior_file(path)
 
 
 def test_vqvae_file_as_prior_without_hps():
     with pytest.raises(CheckpointError, match=r"hyperparameters do not describe a prior"):
-        Prior.from_pretrained(checkpoint_path("tiny_vqvae"))
+        load_prior_file(checkpoint_path("tiny_vqvae"))
 
 
 # --- bundles ----------------------------------------------------------------------------------
@@ -183,7 +184,7 @@ def _check_family(jb: Jukebox):
 def test_bundle_directory_load_and_save(tmp_path):
     d = tmp_path / "bundle"
     d.mkdir()
-    save_component(VQVAE.from_pretrained(checkpoint_path("tiny_vqvae")), d / "vqvae")
+    save_component(load_vqvae_file(checkpoint_path("tiny_vqvae")), d / "vqvae")
     for comp, name in BUNDLE.items():
         if comp != "vqvae":
             save_component(load_prior(name, torch.float32), d / comp)
@@ -262,7 +263,7 @@ def test_truncated_file(tmp_path):
     bad = tmp_path / "truncated.pth.tar"
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"truncated\.pth\.tar: not a readable checkpoint \(truncated or corrupt\)"):
-        Prior.from_pretrained(bad)
+        load_prior_file(bad)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -270,12 +271,12 @@ def test_random_bytes(tmp_path, seed):
     bad = tmp_path / "random.pth.tar"
     bad.write_bytes(random.Random(seed).randbytes(4096))
     with pytest.raises(CheckpointError, match=r"random\.pth\.tar: not a readable checkpoint"):
-        Prior.from_pretrained(bad)
+        load_prior_file(bad)
 
 
 def test_other_architecture_lists_missing_and_unexpected():
     with pytest.raises(CheckpointError) as e:
-        Prior.from_pretrained(checkpoint_path("tiny_upsampler_level_0"), hps_path("tiny_prior_5b"))
+        load_prior_file(checkpoint_path("tiny_upsampler_level_0"), hps_path("tiny_prior_5b"))
     msg = str(e.value)
     assert "does not match" in msg
     assert re.search(r"\d+ missing \(first: y_emb\.total_length_emb\.emb\.weight", msg)
@@ -285,12 +286,12 @@ def test_other_architecture_lists_missing_and_unexpected():
 def test_other_architecture_lists_mis_shaped():
     with pytest.raises(CheckpointError, match=r"mis-shaped \(first: prior\.pos_emb\.pos_emb: checkpoint \(80, 32\) "
                                               r"vs model \(64, 32\)"):
-        Prior.from_pretrained(checkpoint_path("tiny_prior_1b_lyrics"), hps_path("tiny_prior_5b"))
+        load_prior_file(checkpoint_path("tiny_prior_1b_lyrics"), hps_path("tiny_prior_5b"))
 
 
 def test_vqvae_file_as_prior():
     with pytest.raises(CheckpointError, match=r"missing.*unexpected \(first: encoders\.0\."):
-        Prior.from_pretrained(checkpoint_path("tiny_vqvae"), hps_path("tiny_prior_5b"))
+        load_prior_file(checkpoint_path("tiny_vqvae"), hps_path("tiny_prior_5b"))
 
 
 def test_untied_output_where_tied_expected(tmp_path):
@@ -299,7 +300,7 @@ def test_untied_output_where_tied_expected(tmp_path):
     bad = tmp_path / "untied.pth.tar"
     torch.save(ckpt, bad)
     with pytest.raises(CheckpointError, match=r"prior\.x_out\.weight should equal prior\.x_emb\.weight"):
-        Prior.from_pretrained(bad)
+        load_prior_file(bad)
 
 
 def test_dict_subclass_refused(tmp_path):
@@ -307,7 +308,7 @@ def test_dict_subclass_refused(tmp_path):
     bad = tmp_path / "subclass.pth.tar"
     torch.save({"model": _Dict(sd)}, bad)
     with pytest.raises(CheckpointError, match=r"refusing to unpickle.*_Dict"):
-        Prior.from_pretrained(bad)
+        load_prior_file(bad)
 
 
 def test_foreign_object_refused(tmp_path):
@@ -315,7 +316,7 @@ def test_foreign_object_refused(tmp_path):
     bad = tmp_path / "payload.pth.tar"
     torch.save({"model": sd, "x": _Payload()}, bad)
     with pytest.raises(CheckpointError, match=r"refusing to unpickle.*_Payload"):
-        Prior.from_pretrained(bad)
+        load_prior_file(bad)
 
 
 def test_non_tensor_state_dict_entry(tmp_path):
@@ -324,19 +325,19 @@ def test_non_tensor_state_dict_entry(tmp_path):
     bad = tmp_path / "str.pth.tar"
     torch.save({"model": sd}, bad)
     with pytest.raises(CheckpointError, match=r"not tensors: \['prior\.note'\]"):
-        Prior.from_pretrained(bad, hps_path("tiny_prior_5b"))
+        load_prior_file(bad, hps_path("tiny_prior_5b"))
 
 
 def test_not_a_state_dict(tmp_path):
     bad = tmp_path / "list.pth.tar"
     torch.save([torch.zeros(3)], bad)
     with pytest.raises(CheckpointError, match=r"expected a dict with a 'model' state dict, got list"):
-        Prior.from_pretrained(bad)
+        load_prior_file(bad)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match=r"absent\.pth\.tar: no such checkpoint file"):
-        Prior.from_pretrained(tmp_path / "absent.pth.tar")
+        load_prior_file(tmp_path / "absent.pth.tar")
 
 
 def test_missing_file_cli(tmp_path, capsys):
@@ -350,7 +351,7 @@ def test_directory_without_config(tmp_path):
     d.mkdir()
     (d / "model.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"a directory without config\.json"):
-        Prior.from_pretrained(d)
+        load_prior_file(d)
 
 
 def _component_dir(tmp_path):
@@ -363,34 +364,34 @@ def test_corrupt_safetensors(tmp_path):
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
-        Prior.from_pretrained(d)
+        load_prior_file(d)
 
 
 def test_garbage_safetensors(tmp_path):
     d = _component_dir(tmp_path)
     (d / "model.safetensors").write_bytes(random.Random(5).randbytes(2048))
     with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
-        Prior.from_pretrained(d)
+        load_prior_file(d)
 
 
 def test_missing_safetensors(tmp_path):
     d = _component_dir(tmp_path)
     (d / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"model\.safetensors is missing"):
-        Prior.from_pretrained(d)
+        load_prior_file(d)
 
 
 def test_invalid_config_json(tmp_path):
     d = _component_dir(tmp_path)
     (d / "config.json").write_text("{ not json")
     with pytest.raises(CheckpointError, match=r"config\.json: invalid JSON"):
-        Prior.from_pretrained(d)
+        load_prior_file(d)
 
 
 def test_component_of_other_kind(tmp_path):
     d = _component_dir(tmp_path)
     with pytest.raises(CheckpointError, match=r"holds a 'prior' component, expected 'vqvae'"):
-        VQVAE.from_pretrained(d)
+        load_vqvae_file(d)
 
 
 def test_component_weights_of_other_architecture(tmp_path):
@@ -398,7 +399,7 @@ def test_component_weights_of_other_architecture(tmp_path):
     other = save_component(load_prior("tiny_upsampler_level_0", torch.float32), tmp_path / "other")
     shutil.copy(other / "model.safetensors", d / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"does not match.*missing.*unexpected"):
-        Prior.from_pretrained(d)
+        load_prior_file(d)
 
 
 def test_no_hps_and_no_matching_preset(tmp_path):

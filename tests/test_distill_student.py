@@ -11,7 +11,7 @@ from distill.sampler import ParallelWindowSampler
 from distill.schedules import (mask_ratio, masks_per_pass, pass_temperature, sample_training_mask,
                                sample_training_mask_ratio)
 from distill.student import ParallelStudent, SamplingDefaults
-from fastjukebox import PriorConfig, Prior
+from fastjukebox import PriorConfig, Prior, load_prior
 from fastjukebox.checkpoint import CheckpointError, save_component
 
 from conftest import checkpoint_path
@@ -19,7 +19,7 @@ from conftest import checkpoint_path
 
 # --- helpers ---------------------------------------------------------------------------------
 def _teacher(level: int = 0) -> Prior:
-    return Prior.from_pretrained(checkpoint_path(f"tiny_upsampler_level_{level}"))
+    return load_prior(checkpoint_path(f"tiny_upsampler_level_{level}"))
 
 
 def _small_config(**kw) -> PriorConfig:

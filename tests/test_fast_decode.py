@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastjukebox import Prior, PriorConfig
+from fastjukebox import Prior, PriorConfig, load_prior
 from fastjukebox import fast_decode
 from fastjukebox.decoding import WindowDecoder
 from fastjukebox.fast_decode import (GRAPHS_ENV, GraphWindowSampler, StaticStepDecoder, cuda_graphs_enabled,
@@ -95,7 +95,7 @@ def _random_prior(attn_order, depth, seed, dtype=torch.float64, blocks=6, n_ctx=
 
 
 def _fixture_prior(name):
-    prior = Prior.from_pretrained(DATA / f"{name}.pth.tar", dtype=torch.float64)
+    prior = load_prior(DATA / f"{name}.pth.tar", dtype=torch.float64)
     io = np.load(DATA / f"{name}_io.npz")
     upper = torch.from_numpy(io["z_cond"]) if "z_cond" in io else None
     return prior, upper, torch.from_numpy(io["y"])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastjukebox import Jukebox, Prior, PriorConfig, VQVAE
+from fastjukebox import Jukebox, Prior, PriorConfig, VQVAE, load_prior, load_vqvae
 from fastjukebox.decoding import WindowDecoder
 from fastjukebox.sampling import filter_logits, level_windows, sample_levels, sample_logits
 
@@ -23,7 +23,7 @@ FIXTURE_PRIORS = ["tiny_upsampler_level_0", "tiny_upsampler_level_1", "tiny_prio
 
 
 def _fixture_prior(name):
-    prior = Prior.from_pretrained(DATA / f"{name}.pth.tar", dtype=torch.float64)
+    prior = load_prior(DATA / f"{name}.pth.tar", dtype=torch.float64)
     io = np.load(DATA / f"{name}_io.npz")
     upper = torch.from_numpy(io["z_cond"]) if "z_cond" in io else None
     return prior, torch.from_numpy(io["z"]), upper, torch.from_numpy(io["y"])
@@ -129,9 +129,9 @@ def test_greedy_window_matches_original(name):
 
 
 def _tiny_family(dtype=torch.float64):
-    vq = VQVAE.from_pretrained(DATA / "tiny_vqvae.pth.tar", dtype=dtype)
+    vq = load_vqvae(DATA / "tiny_vqvae.pth.tar", dtype=dtype)
     names = {0: "tiny_upsampler_level_0", 1: "tiny_upsampler_level_1", 2: "tiny_prior_5b"}
-    return vq, {l: Prior.from_pretrained(DATA / f"{n}.pth.tar", dtype=dtype) for l, n in names.items()}
+    return vq, {l: load_prior(DATA / f"{n}.pth.tar", dtype=dtype) for l, n in names.items()}
 
 
 @pytest.mark.parametrize("fixture", ["pipeline_greedy", "pipeline_primed_greedy"])

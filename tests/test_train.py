@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastjukebox import VQVAE, Prior, PriorConfig, VQVAEConfig
+from fastjukebox import VQVAE, Prior, PriorConfig, VQVAEConfig, load_prior, load_vqvae
 from fastjukebox.checkpoint import CheckpointError
 from fastjukebox.train import (AudioWindows, CodeWindows, PriorTask, TrainConfig, VQVAELossConfig, VQVAETask,
                                codebook_usage, prior_code_windows, reconstruction_metrics, train, train_prior,
@@ -77,7 +77,7 @@ def test_vqvae_reconstruction_loss_drops(trained_vqvae):
 
 def test_saved_vqvae_loads_with_released_keys(trained_vqvae):
     model, res, pieces = trained_vqvae
-    loaded = VQVAE.from_pretrained(res.component_dir)
+    loaded = load_vqvae(res.component_dir)
     fresh_keys = set(VQVAE(VQ_CFG).state_dict())
     assert set(loaded.state_dict()) == fresh_keys == set(model.state_dict())
     assert {k for k in fresh_keys if k.startswith("bottleneck.")} == {f"bottleneck.level_blocks.{l}.k" for l in range(3)}
@@ -163,7 +163,7 @@ def test_prior_loss_drops_on_repetitive_pattern(tmp_path, level):
     log = log_lines(res.metrics_log)
     first, last = np.mean([r["loss"] for r in log[:3]]), np.mean([r["loss"] for r in log[-3:]])
     assert first > 4.0 and last < 0.7 * first, f"bits/token {first:.3f} -> {last:.3f}"
-    loaded = Prior.from_pretrained(res.component_dir)
+    loaded = load_prior(res.component_dir)
     assert set(loaded.state_dict()) == set(Prior(prior_cfg(level)).state_dict())
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k

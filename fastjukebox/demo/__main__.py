@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(fn=cmd_report)
     args = ap.parse_args(argv)
-    from fastjukebox.cli import run_command
+    from fastjukebox.cli_options import run_command
     return run_command(args.fn, args, "python -m fastjukebox.demo", errors=(ValueError, OSError))
 
 

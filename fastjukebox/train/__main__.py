@@ -104,9 +104,9 @@ def cmd_prior(a) -> int:
 
 
 def _encode_dir(vqvae_path: str, data: str, out: str | None):
-    from ..vqvae import VQVAE
+    from ..checkpoint import load_vqvae
     from .data import encode_pieces
-    vq = VQVAE.from_pretrained(vqvae_path)
+    vq = load_vqvae(vqvae_path)
     audio, labels, names = _audio_pieces(data, vq.config.sr)
     codes = encode_pieces(vq, audio, progress=True)
     lengths = [len(a) for a in audio]
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from fastjukebox.cli import run_command
+    from fastjukebox.cli_options import run_command
     return run_command(args.fn, args, "python -m fastjukebox.train", errors=(ValueError, OSError))
 
 

@@ -16,7 +16,7 @@ CPU, with the same weights bit for bit as an uninterrupted run of the same confi
 
 Run directory layout (``out_dir``)::
 
-    <task.name>/              component directory (VQVAE/Prior.from_pretrained, fastjukebox.load)
+    <task.name>/              component directory (fastjukebox.load_vqvae / load_prior, fastjukebox.load)
     train_<task.name>/checkpoint.pt
     train_<task.name>/metrics.jsonl
 """

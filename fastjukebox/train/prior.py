@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..checkpoint import load_prior
 from ..config import resolve_config
 from ..labels import Labeller, Labels
 from ..prior import Prior
@@ -130,7 +131,7 @@ def train_prior(config, pieces: Sequence[Sequence[Any]], train_cfg: TrainConfig,
                 labels: Sequence[Any] | None = None, lengths: Sequence[int] | None = None,
                 init: Prior | str | None = None, data_seed: int | None = None,
                 upper_noise: float = 0.0) -> tuple[Prior, TrainResult]:
-    """Build (or take ``init``: a Prior or a path for ``Prior.from_pretrained``) and train a prior
+    """Build (or take ``init``: a Prior or a path for ``fastjukebox.load_prior``) and train a prior
     on code pieces (per piece, codes per level, level 0 first).
 
     config: a ``PriorConfig``, preset name or JSON path (ignored when ``init`` is given).
@@ -143,7 +144,7 @@ def train_prior(config, pieces: Sequence[Sequence[Any]], train_cfg: TrainConfig,
         torch.manual_seed(train_cfg.seed)
         model = Prior(resolve_config(config, "prior"))
     else:
-        model = init if isinstance(init, Prior) else Prior.from_pretrained(init)
+        model = init if isinstance(init, Prior) else load_prior(init)
     data = prior_code_windows(model.config, pieces, labels, lengths,
                               seed=train_cfg.seed if data_seed is None else data_seed)
     result = train(PriorTask(model, data, seed=train_cfg.seed, upper_noise=upper_noise), train_cfg)

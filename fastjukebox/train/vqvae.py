@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..checkpoint import load_vqvae
 from ..config import resolve_config
 from ..vqvae import VQVAE
 from .codebook import CodebookEMA
@@ -214,7 +215,7 @@ def codebook_usage(vqvae: VQVAE, audio, batch_size: int = 8) -> list[dict[str, f
 def train_vqvae(config, pieces: Sequence[Any], train_cfg: TrainConfig, window: int = 44032,
                 loss: VQVAELossConfig = VQVAELossConfig(), init: VQVAE | str | None = None,
                 data_seed: int | None = None) -> tuple[VQVAE, TrainResult]:
-    """Build (or take ``init``: a VQVAE or a path for ``VQVAE.from_pretrained``) and train a
+    """Build (or take ``init``: a VQVAE or a path for ``fastjukebox.load_vqvae``) and train a
     VQ-VAE on random ``window``-sample windows of ``pieces`` (arrays, see ``AudioWindows``).
 
     config: a ``VQVAEConfig``, preset name or JSON path (ignored when ``init`` is given).
@@ -224,7 +225,7 @@ def train_vqvae(config, pieces: Sequence[Any], train_cfg: TrainConfig, window: i
         torch.manual_seed(train_cfg.seed)
         model = VQVAE(resolve_config(config, "vqvae"))
     else:
-        model = init if isinstance(init, VQVAE) else VQVAE.from_pretrained(init)
+        model = init if isinstance(init, VQVAE) else load_vqvae(init)
     data = AudioWindows(pieces, window, seed=train_cfg.seed if data_seed is None else data_seed)
     task = VQVAETask(model, data, loss, seed=train_cfg.seed, fresh=init is None)
     result = train(task, train_cfg)
