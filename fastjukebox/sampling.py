@@ -11,13 +11,13 @@ from functools import lru_cache
 from typing import Callable, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from kernels.sampling.reference import filter_logits, sample_logits_reference
 
 from .decoding import WindowDecoder
 from .labels import Labels, get_starts, window_labels
 from .prior import Prior
+from .progress import progress_bar
 from .vqvae import VQVAE
 
 PerLevel = float | int | Sequence | Mapping
@@ -181,8 +181,8 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
         knobs = dict(temperature=_per_level(temperature, level, "temperature"),
                      top_k=_per_level(top_k, level, "top_k"), top_p=_per_level(top_p, level, "top_p"),
                      chunk_size=_per_level(chunk_size, level, "chunk_size"), generator=gen)
-        bar = tqdm(total=sum(w[2] for w in windows) * n, unit="tok", desc=f"level {level}",
-                   disable=not progress or not windows, leave=False)
+        bar = progress_bar(sum(w[2] for w in windows) * n, f"level {level}", "tok",
+                           enabled=progress and bool(windows), leave=False)
         bs = min(n, max_batch_size)
         if window_samplers is not None and level in window_samplers:
             fill = window_samplers[level]

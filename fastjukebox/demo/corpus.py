@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_path
+from ..progress import progress_bar
 from . import scores as sc
 from . import synth
 from .score_text import score_text
@@ -253,8 +254,6 @@ def build_corpus(split: str = "train", *, augment: bool = True, limit: int | Non
     Returns:
         list of ``Piece``; each chorale's original comes before its variants.
     """
-    from tqdm.auto import tqdm
-
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     if limit is not None and limit < 0:
@@ -268,7 +267,7 @@ def build_corpus(split: str = "train", *, augment: bool = True, limit: int | Non
     total = len(paths) if limit is None else min(limit, len(paths))
     stats = {"rendered": 0, "cached": 0, "skipped": {}}
     pieces: list[Piece] = []
-    bar = tqdm(total=total * per_piece, desc=f"demo corpus ({split})", unit="piece", disable=not progress)
+    bar = progress_bar(total * per_piece, f"demo corpus ({split})", "piece", enabled=progress)
     used = 0
     for path in paths:
         if limit is not None and used >= limit:

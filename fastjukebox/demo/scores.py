@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..progress import track
+
 VOICES = ("soprano", "alto", "tenor", "bass")
 DEFAULT_TEMPO_QPM = 88.0  # quarter notes per minute: a calm chorale tempo
 SCORE_SUFFIXES = (".mxl", ".xml", ".musicxml", ".krn")  # preferred first when a stem repeats
@@ -221,12 +223,10 @@ def load_scores(paths=None, *, tempo_qpm: float = DEFAULT_TEMPO_QPM, limit: int 
     Returns ``(scores, skipped)`` where ``skipped`` maps the name of each unusable piece to the
     reason. ``limit`` stops after that many usable pieces.
     """
-    from tqdm.auto import tqdm
-
     paths = chorale_paths() if paths is None else list(paths)
     scores: list[ScoreEvents] = []
     skipped: dict[str, str] = {}
-    for p in tqdm(paths, desc="scores", unit="piece", disable=not progress):
+    for p in track(paths, "scores", "piece", enabled=progress):
         if limit is not None and len(scores) >= limit:
             break
         try:

@@ -22,6 +22,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..progress import track
+
 __all__ = ["PieceLabels", "AudioBatch", "CodeBatch", "AudioWindows", "CodeWindows", "as_float_audio",
            "step_rng", "read_piece_labels", "save_code_piece", "load_code_piece", "encode_pieces"]
 
@@ -300,11 +302,10 @@ def encode_pieces(vqvae, pieces: Sequence[Any], chunk: int = 44100 * 8, progress
     """Codes per level of every piece, encoded in chunks of ``chunk`` samples (a multiple of
     the top hop length) so long recordings fit in memory. Tails shorter than one top-level code
     are dropped."""
-    from tqdm.auto import tqdm
     hop = vqvae.hop_lengths[-1]
     chunk = max(chunk // hop, 1) * hop
     out = []
-    for i, p in enumerate(tqdm(pieces, desc="encode", disable=not progress)):
+    for i, p in enumerate(track(pieces, "encode", "piece", enabled=progress)):
         a = torch.from_numpy(as_float_audio(p, f"audio piece {i}"))
         n = len(a) // hop * hop
         if n == 0:

@@ -6,7 +6,7 @@ A *task* (``VQVAETask``, ``PriorTask``) owns the model, its data and any state o
 * ``accelerate.Accelerator`` for device placement and mixed precision (``"no"``, ``"bf16"``,
   ``"fp16"``), gradient clipping;
 * AdamW with linear warm-up and cosine decay to ``min_lr_ratio * lr``;
-* tqdm progress (ETA, current loss), metrics appended to ``metrics.jsonl``;
+* progress with the ETA and current loss (``fastjukebox.progress``: tqdm on a terminal, lines in a log), metrics appended to ``metrics.jsonl``;
 * periodic checkpoints ``checkpoint.pt`` (model, optimizer, scheduler, task state, RNG states,
   step), written atomically and read back with ``torch.load(weights_only=True)``, plus the
   component directory (``config.json`` + ``model.safetensors``) after each checkpoint.
@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from ..atomic import atomic_path
 from ..checkpoint import CheckpointError, save_component
+from ..progress import progress_bar
 
 __all__ = ["TrainConfig", "TrainTask", "TrainResult", "train", "lr_factor", "read_checkpoint",
            "json_safe", "CHECKPOINT_NAME", "METRICS_NAME"]
@@ -227,7 +228,6 @@ def _scalar(v) -> float:
 
 def train(task: TrainTask, cfg: TrainConfig) -> TrainResult:
     """Train ``task.model`` for ``cfg.steps`` optimiser steps (see the module docstring)."""
-    from tqdm.auto import tqdm
     out = Path(cfg.out_dir)
     run_dir = out / f"train_{task.name}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -264,8 +264,8 @@ def train(task: TrainTask, cfg: TrainConfig) -> TrainResult:
     end = cfg.steps if cfg.stop_at is None else cfg.stop_at
     model.train()
     loss_val, t0, done = float("nan"), time.perf_counter(), 0
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {task.name}", disable=not cfg.progress,
-               dynamic_ncols=True, position=cfg.progress_position)
+    bar = progress_bar(cfg.steps, f"train {task.name}", "step", enabled=cfg.progress, initial=start,
+                       position=cfg.progress_position)
     with open(log_path, "a", encoding="utf-8") as log:
         for step in range(start, end):
             with acc.autocast():
