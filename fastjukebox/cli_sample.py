@@ -1,7 +1,9 @@
 """Sampling commands of the ``fastjukebox`` command line.
 
 * ``sample``: sample new audio (optionally continuing a ``--prompt`` audio file);
-* ``upsample``: sample the lower levels from the top-level codes of a saved run;
+* ``upsample``: sample the lower levels from the top-level codes of a saved run (``--codes``), or
+  of any audio (``--from-audio FILE``, or ``demo:<name>`` for a shipped held-out excerpt: encoded
+  to top-level codes, then levels 1 and 0 sampled);
 * ``continue``: extend the codes of a saved run to ``--seconds`` in total;
 * ``encode`` / ``decode``: audio file <-> codes file with the VQ-VAE.
 
@@ -10,7 +12,9 @@ Every run that samples writes its audio (``OUT.wav`` or ``OUT.flac``; with sever
 present (``codes_level0`` .. ``codes_level2``, each an int64 array (N, T_level)) and ``settings``,
 a JSON string with the run's labels and sampling settings. ``upsample`` and ``continue`` read such
 a file (``--codes``); the labels they use default to those stored in it (artist, genre, lyrics, id
-files, total and offset seconds), and options given on the command line take precedence.
+files, total and offset seconds), and options given on the command line take precedence. A demo
+excerpt's labels come from its manifest the same way. ``--plot`` also writes ``OUT.png``: the
+spectrograms of the input (where there is one) and of the output.
 """
 from __future__ import annotations
 
@@ -283,7 +287,23 @@ def _jsonable(value):
     return value
 
 
-def _write(args, jb, result, settings: dict) -> int:
+def _check_plot(args) -> None:
+    if getattr(args, "plot", False):
+        from .plots import require_matplotlib
+        require_matplotlib("--plot")
+
+
+def _plot(args, result, source: tuple[str, torch.Tensor] | None) -> Path:
+    from .plots import spectrogram_figure
+    rows = [] if source is None else [(f"input: {source[0]}", source[1].float().cpu().numpy())]
+    n = int(result.audio.shape[0])
+    for i in range(min(n, 4)):
+        rows.append((f"output{f' {i}' if n > 1 else ''}: {Path(args.out).name}", result.audio[i].float().cpu().numpy()))
+    return spectrogram_figure(rows, Path(args.out).with_suffix(".png"), result.sr)
+
+
+def _write(args, jb, result, settings: dict, source: tuple[str, torch.Tensor] | None = None) -> int:
+    """Audio, codes file and (``--plot``) spectrograms; ``source``: (title, audio) of the input."""
     from .audio import save_audio
     out = Path(args.out)
     paths = save_audio(out, result.audio.float().cpu(), result.sr)
@@ -297,6 +317,8 @@ def _write(args, jb, result, settings: dict) -> int:
     for p in paths:
         print(p)
     print(npz)
+    if getattr(args, "plot", False):
+        print(_plot(args, result, source))
     return 0
 
 
@@ -313,6 +335,7 @@ def _run_settings(command: str, args, labels: dict, sampling: dict) -> dict:
 
 def cmd_sample(args) -> int:
     _check_out(args.out)
+    _check_plot(args)
     labels = _label_settings(args)
     prompt = None
     if args.prompt is not None:
@@ -327,11 +350,78 @@ def cmd_sample(args) -> int:
                            **_label_kw(labels), **sampling)
     settings = _run_settings("sample", args, labels, sampling)
     settings.update(prompt=args.prompt, sampled_levels=list(args.levels) if args.levels else jb.levels[::-1])
-    return _write(args, jb, result, settings)
+    return _write(args, jb, result, settings, None if prompt is None else (str(args.prompt), prompt))
+
+
+def _whole_top_codes(jb, audio: torch.Tensor, what: str) -> torch.Tensor:
+    """(1, T) audio cut to a whole number of top-level codes."""
+    hop = jb.vqvae.hop_lengths[-1]
+    keep = audio.shape[0] // hop * hop
+    if keep == 0:
+        raise ValueError(f"{what} is shorter than one top-level code ({hop} samples at {jb.sr} Hz)")
+    return audio[None, :keep]
+
+
+def _upsample_audio(args) -> int:
+    """``upsample --from-audio``: a file or a shipped demo excerpt, encoded to top-level codes."""
+    from .audio import load_audio
+    from .demo.excerpts import excerpt_audio, get_excerpt, is_excerpt_source
+    src = args.from_audio
+    excerpt = get_excerpt(src) if is_excerpt_source(src) else None
+    if excerpt is None:
+        load_audio(src, duration=0.01)  # fail early, before loading the model
+    stored = {} if excerpt is None else {"artist": excerpt.artist, "genre": excerpt.genre,
+                                         "total_seconds": excerpt.piece_seconds,
+                                         "offset_seconds": excerpt.offset_seconds}
+    labels = _label_settings(args, stored)
+    jb = _load_model(args)
+    if excerpt is None:
+        audio = load_audio(src, sr=jb.sr, duration=args.seconds)
+    else:
+        if jb.sr != 44100:
+            raise ValueError(f"demo excerpts are at 44100 Hz; model '{args.model}' samples at {jb.sr} Hz")
+        audio = excerpt_audio(excerpt)
+        if args.seconds is not None:
+            audio = audio[: int(round(args.seconds * jb.sr))]
+    sampling = _sampling_kw(args, jb)
+    with torch.inference_mode():
+        top = jb.vqvae.encode(_whole_top_codes(jb, audio, f"'{src}'"), levels=(jb.vqvae.config.levels - 1,))[-1]
+        result = jb.upsample(top, **_label_kw(labels), **sampling)
+    settings = _run_settings("upsample", args, labels, sampling)
+    settings.update(source=src, source_seconds=top.shape[1] * jb.vqvae.hop_lengths[-1] / jb.sr)
+    if excerpt is not None:
+        settings.update(excerpt_piece=excerpt.piece, score_agreement=_excerpt_agreement(result.audio, excerpt))
+    code = _write(args, jb, result, settings, (src, audio))
+    if excerpt is not None:
+        own, chance = settings["score_agreement"]["own"], settings["score_agreement"]["other_excerpts"]
+        print(f"note agreement with {excerpt.piece}'s score: {own:.2f} (with the other excerpts' scores: "
+              f"{chance:.2f})")
+    return code
+
+
+def _excerpt_agreement(audio: torch.Tensor, excerpt) -> dict:
+    """``score_agreement`` of the first output with the excerpt's score and, as the chance level,
+    the mean over the other shipped excerpts' scores."""
+    from .demo.evaluate import score_agreement
+    from .demo.excerpts import read_manifest
+    a = audio[0].float().cpu().numpy()
+    others = [e.score_text for e in read_manifest() if e.name != excerpt.name]
+    return {"own": score_agreement(a, excerpt.score_text),
+            "other_excerpts": float(np.mean([score_agreement(a, t) for t in others])) if others else None}
 
 
 def cmd_upsample(args) -> int:
     _check_out(args.out)
+    _check_plot(args)
+    if args.from_audio is not None:
+        if args.codes is not None:
+            raise ValueError("give either --codes or --from-audio, not both")
+        return _upsample_audio(args)
+    if args.codes is None:
+        raise ValueError("give --codes (a codes file of an earlier run) or --from-audio (an audio file or "
+                         "demo:<excerpt>)")
+    if args.seconds is not None:
+        raise ValueError("--seconds goes with --from-audio; with --codes the codes file sets the length")
     codes, stored = read_codes(args.codes)
     labels = _label_settings(args, stored)
     jb = _load_model(args)
@@ -350,6 +440,7 @@ def cmd_upsample(args) -> int:
 
 def cmd_continue(args) -> int:
     _check_out(args.out)
+    _check_plot(args)
     codes, stored = read_codes(args.codes)
     labels = _label_settings(args, stored)
     jb = _load_model(args)
@@ -378,12 +469,10 @@ def cmd_encode(args) -> int:
         raise ValueError(f"--out {args.out!r}: the codes file must end in .npz")
     jb = _load_model(args)
     audio = load_audio(args.audio, sr=jb.sr, duration=args.seconds, offset=args.offset)
-    hop = jb.vqvae.hop_lengths[-1]
-    keep = audio.shape[0] // hop * hop
-    if keep == 0:
-        raise ValueError(f"'{args.audio}' is shorter than one top-level code ({hop} samples at {jb.sr} Hz)")
+    audio = _whole_top_codes(jb, audio, f"'{args.audio}'")
+    keep = audio.shape[1]
     with torch.inference_mode():
-        codes = jb.vqvae.encode(audio[None, :keep])
+        codes = jb.vqvae.encode(audio)
     settings = {"command": "encode", "model": str(args.model), "source": str(args.audio), "sr": jb.sr,
                 "offset": args.offset, "seconds": keep / jb.sr, "n_samples": 1,
                 "levels_present": list(range(len(codes)))}
@@ -456,7 +545,10 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
                    help=f"tokens primed per step (one value or per level; default: {_CHUNK_SIZE})")
     p.add_argument("--max-batch-size", type=_positive_int, default=16, help="samples decoded together (default: 16)")
     p.add_argument("--seed", type=int, help="random seed (default: a random one, stored in the codes file)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress (on a terminal: bars; in a log: a line every 10 s per level)")
+    p.add_argument("--plot", action="store_true",
+                   help="also write OUT.png: spectrograms of the input (if any) and the output (needs matplotlib)")
 
 
 def add_commands(sub) -> None:
@@ -473,10 +565,15 @@ def add_commands(sub) -> None:
     p.add_argument("--out", default="sample.wav", help="audio file, .wav or .flac (default: sample.wav)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("upsample", help="sample the lower levels from the top-level codes of a codes file",
+    p = sub.add_parser("upsample", help="sample the lower levels from the top-level codes of a codes file "
+                                        "or of audio (--from-audio)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_options(p)
-    p.add_argument("--codes", required=True, help="codes file (.npz) of an earlier run")
+    p.add_argument("--codes", help="codes file (.npz) of an earlier run")
+    p.add_argument("--from-audio", metavar="SRC",
+                   help="audio file, or demo:<name> for a shipped held-out excerpt (demo:consort, demo:strings, "
+                        "demo:winds, demo:organ, demo:brass): its top-level codes are upsampled")
+    p.add_argument("--seconds", type=_positive_float, help="with --from-audio: use at most this many seconds")
     _label_options(p, stored=True)
     _sampling_options(p)
     p.add_argument("--out", default="upsampled.wav", help="audio file, .wav or .flac (default: upsampled.wav)")

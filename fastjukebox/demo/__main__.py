@@ -1,4 +1,5 @@
-"""``python -m fastjukebox.demo build|report``: build the bundled demo family, or its quality report.
+"""``python -m fastjukebox.demo build|report|excerpts``: build the bundled demo family, its quality
+report, or its held-out excerpts.
 
 Examples::
 
@@ -6,6 +7,7 @@ Examples::
     python -m fastjukebox.demo build --resume             # continue an interrupted build
     python -m fastjukebox.demo build --scale 0.01 --out /tmp/demo --work /tmp/demo-work
     python -m fastjukebox.demo report                     # docs/demo_quality.md + PNGs
+    python -m fastjukebox.demo excerpts                   # fastjukebox/assets/demo/excerpts/
 """
 from __future__ import annotations
 
@@ -36,6 +38,13 @@ def cmd_report(a) -> int:
     return 0
 
 
+def cmd_excerpts(a) -> int:
+    from .excerpts import build_excerpts
+    for e in build_excerpts(a.out, a.seconds, cache_dir=a.cache_dir, progress=not a.no_progress):
+        print(f"{e.path(a.out)}: {e.piece}, {e.seconds:g} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .build import DEFAULT_OUT
     ap = argparse.ArgumentParser(prog="python -m fastjukebox.demo", description=__doc__.split("\n")[0])
@@ -57,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--cache-dir", default=None, help="demo corpus cache (default: the corpus default)")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(fn=cmd_report)
+    from .excerpts import EXCERPT_SECONDS, EXCERPTS_DIR
+    e = sub.add_parser("excerpts", help="write the held-out excerpts (one per instrument set)")
+    e.add_argument("--out", default=str(EXCERPTS_DIR), help="directory (default: %(default)s)")
+    e.add_argument("--seconds", type=float, default=EXCERPT_SECONDS, help="length (default: %(default)s)")
+    e.add_argument("--cache-dir", default=None, help="demo corpus cache (default: the corpus default)")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(fn=cmd_excerpts)
     args = ap.parse_args(argv)
     from fastjukebox.cli_options import run_command
     return run_command(args.fn, args, "python -m fastjukebox.demo", errors=(ValueError, OSError))

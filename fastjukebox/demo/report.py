@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_path
+from ..plots import spectrogram_figure
 from ..sampling_defaults import BUILTIN
 from .evaluate import (REQUIRED_MARGIN_BITS, chroma_agreement, chroma_per_cell, heldout_nll, load_eval_codes,
                        lowpass, relative_stft_distance, score_pitch_classes, tonal_fraction, unigram_bits)
@@ -147,23 +148,6 @@ def score_table(rec: dict, held, samples: torch.Tensor, upsampled: torch.Tensor)
     return rows
 
 
-def _spectrogram_figure(signals: list[tuple[str, np.ndarray]], path: Path, sr: int) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(signals), 1, figsize=(9, 2.2 * len(signals)), squeeze=False)
-    for ax, (title, x) in zip(axes[:, 0], signals):
-        ax.specgram(x, NFFT=1024, Fs=sr, noverlap=768, cmap="magma", vmin=-140, vmax=-20)
-        ax.set_ylim(0, 6000)
-        ax.set_title(title, fontsize=9)
-        ax.set_ylabel("Hz")
-    axes[-1, 0].set_xlabel("seconds")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-
-
 def write_report(model: str = "demo", out: str = "docs/demo_quality.md", cache_dir=None,
                  progress: bool = True, sample_seconds: float = SAMPLE_SECONDS) -> Path:
     import fastjukebox as fj
@@ -203,8 +187,8 @@ def write_report(model: str = "demo", out: str = "docs/demo_quality.md", cache_d
              rec["audio"][0, :show].numpy())]
     sigs += [(f"VQ-VAE reconstruction from level {r['level']} codes (hop {r['hop']})", y[0, :show].numpy())
              for r, y in zip(rec["levels"], rec["recon"])]
-    _spectrogram_figure(sigs, fig_dir / "reconstruction.png", sr)
-    _spectrogram_figure([(f"sample, {sample_seconds:g} s, all three levels (seed 0, {GENRES[held[0].genre]}, "
+    spectrogram_figure(sigs, fig_dir / "reconstruction.png", sr)
+    spectrogram_figure([(f"sample, {sample_seconds:g} s, all three levels (seed 0, {GENRES[held[0].genre]}, "
                           f"{ARTISTS[held[0].artist]})", sample.audio[0].numpy())], fig_dir / "sample.png", sr)
     peak, rms = float(sample.audio[0].abs().max()), float(sample.audio[0].pow(2).mean().sqrt())
 
