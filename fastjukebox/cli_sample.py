@@ -365,7 +365,7 @@ def _whole_top_codes(jb, audio: torch.Tensor, what: str) -> torch.Tensor:
 def _upsample_audio(args) -> int:
     """``upsample --from-audio``: a file or a shipped demo excerpt, encoded to top-level codes."""
     from .audio import load_audio
-    from .demo.excerpts import excerpt_audio, get_excerpt, is_excerpt_source
+    from .demo.excerpts import excerpt_agreement, excerpt_audio, get_excerpt, is_excerpt_source
     src = args.from_audio
     excerpt = get_excerpt(src) if is_excerpt_source(src) else None
     if excerpt is None:
@@ -390,24 +390,14 @@ def _upsample_audio(args) -> int:
     settings = _run_settings("upsample", args, labels, sampling)
     settings.update(source=src, source_seconds=top.shape[1] * jb.vqvae.hop_lengths[-1] / jb.sr)
     if excerpt is not None:
-        settings.update(excerpt_piece=excerpt.piece, score_agreement=_excerpt_agreement(result.audio, excerpt))
+        settings.update(excerpt_piece=excerpt.piece,
+                        score_agreement=excerpt_agreement(result.audio[0].float().cpu().numpy(), excerpt))
     code = _write(args, jb, result, settings, (src, audio))
     if excerpt is not None:
         own, chance = settings["score_agreement"]["own"], settings["score_agreement"]["other_excerpts"]
         print(f"note agreement with {excerpt.piece}'s score: {own:.2f} (with the other excerpts' scores: "
               f"{chance:.2f})")
     return code
-
-
-def _excerpt_agreement(audio: torch.Tensor, excerpt) -> dict:
-    """``score_agreement`` of the first output with the excerpt's score and, as the chance level,
-    the mean over the other shipped excerpts' scores."""
-    from .demo.evaluate import score_agreement
-    from .demo.excerpts import read_manifest
-    a = audio[0].float().cpu().numpy()
-    others = [e.score_text for e in read_manifest() if e.name != excerpt.name]
-    return {"own": score_agreement(a, excerpt.score_text),
-            "other_excerpts": float(np.mean([score_agreement(a, t) for t in others])) if others else None}
 
 
 def cmd_upsample(args) -> int:

@@ -126,3 +126,25 @@ def build_excerpts(directory: str | os.PathLike = EXCERPTS_DIR, seconds: float =
     with atomic_path(directory / MANIFEST_NAME) as tmp:
         Path(tmp).write_text(json.dumps([asdict(e) for e in out], indent=1) + "\n", encoding="utf-8")
     return out
+
+
+def excerpt_agreement(audio, excerpt: Excerpt, directory: str | os.PathLike = EXCERPTS_DIR) -> dict:
+    """``{"own", "other_excerpts"}``: ``evaluate.score_agreement`` of ``audio`` (T,) with the
+    excerpt's score and, as the chance level, its mean over the other excerpts' scores."""
+    from .evaluate import score_agreement
+    a = np.asarray(audio, dtype=np.float32).reshape(-1)
+    others = [e.score_text for e in read_manifest(directory) if e.name != excerpt.name]
+    return {"own": score_agreement(a, excerpt.score_text),
+            "other_excerpts": float(np.mean([score_agreement(a, t) for t in others])) if others else None}
+
+
+def upsample_excerpt(jb, excerpt: Excerpt, *, seconds: float | None = None, **sampling):
+    """What ``fastjukebox upsample --from-audio demo:<name>`` samples: the excerpt (its first
+    ``seconds``) encoded to top-level codes, the levels below sampled with its labels."""
+    audio = excerpt_audio(excerpt)
+    if seconds is not None:
+        audio = audio[: int(round(seconds * jb.sr))]
+    hop = jb.vqvae.hop_lengths[-1]
+    top = jb.vqvae.encode(audio[None, : len(audio) // hop * hop], levels=(jb.vqvae.config.levels - 1,))[-1]
+    return jb.upsample(top, artist=excerpt.artist, genre=excerpt.genre, total_seconds=excerpt.piece_seconds,
+                       offset_seconds=excerpt.offset_seconds, **sampling)
