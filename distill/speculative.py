@@ -35,7 +35,9 @@ import torch
 from fastjukebox.decoding import WindowDecoder
 from fastjukebox.prior import Prior
 
-from .draft import StudentDraft, draw, proposal_probs
+from kernels.sampling.reference import exponential_noise_
+
+from .draft import StudentDraft, proposal_probs
 from .student import ParallelStudent
 
 __all__ = ["SpeculativeWindowSampler", "WindowReport", "accept", "residual"]
@@ -167,49 +169,59 @@ class SpeculativeWindowSampler:
             return dec.codes()
         knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.drafter.begin(upper, labels, N)
+        dev, c = z.device, self.config
         tokens = dec.token_buffer                                   # decided codes, then drafts
-        q = torch.zeros(N, self.config.n_ctx, self.config.l_bins, device=z.device)
-        frontier = torch.full((N,), K, dtype=torch.long, device=z.device)   # decided before it, per row
-        steps = torch.arange(self.gamma, device=z.device)
-        C, pos = self.config.block_len, K
-        recent: list[tuple[int, int]] = []                          # (accepted, verified) per call
+        q = torch.zeros(N, c.n_ctx, c.l_bins, device=dev)           # proposal distributions
+        # Per drafted position, drawn with its draft: q(x), the acceptance uniform and the Exp(1)
+        # noise of its residual draw (each is used at most once: a position is decided once).
+        q_x, u = torch.zeros(N, c.n_ctx, device=dev), torch.zeros(N, c.n_ctx, device=dev)
+        noise = torch.empty(N, c.n_ctx, c.l_bins, device=dev)
+        frontier = torch.full((N,), K, dtype=torch.long, device=dev)   # row b decided before frontier[b]
+        rows, steps = torch.arange(N, device=dev), torch.arange(self.gamma, device=dev)[None, :]
+        accepted = torch.zeros((), dtype=torch.long, device=dev)
+        verified = torch.zeros((), dtype=torch.long, device=dev)
+        C, pos, even = c.block_len, K, True          # even: every row's frontier is at pos
+        recent: list[tuple[int, int]] = []           # (accepted, verified) per call since the draft
         redraft = True
         while pos < hi:
             if redraft:
                 passes_before = self.drafter.evaluations
                 report.drafted += self.drafter.draft(tokens, q, frontier, pos, hi, generator=generator, **knobs)
                 report.student_passes += self.drafter.evaluations - passes_before
+                q_x[:, pos:hi] = q[:, pos:hi].gather(-1, tokens[:, pos:hi, None])[..., 0]
+                u[:, pos:hi].uniform_(generator=generator)
+                exponential_noise_(noise[:, pos:hi], generator)
                 recent.clear()
                 redraft = False
             T = min(self.gamma, C - pos % C, hi - pos)
             p = proposal_probs(dec.score(T), **knobs)                # (N, T, V)
             report.teacher_calls += 1
             x = tokens[:, pos:pos + T]
-            at = steps[:T][None, :]                                   # (1, T) offsets from pos
-            forced = pos + at < frontier[:, None]
-            px = p.gather(-1, x[..., None])[..., 0]
-            qx = q[:, pos:pos + T].gather(-1, x[..., None])[..., 0]
-            u = torch.rand(N, T, generator=generator, device=z.device)
-            kept = (accept(px, qx, u) | forced).long().cumprod(dim=1).sum(dim=1)   # (N,) decided run
+            ok = accept(p.gather(-1, x[..., None])[..., 0], q_x[:, pos:pos + T], u[:, pos:pos + T])
+            ahead = 0
+            if not even:                  # rows that decided further keep those tokens (forced)
+                ahead = (frontier - pos).clamp_(0, T)
+                ok |= steps[:, :T] < ahead[:, None]
+            kept = ok.long().cumprod(dim=1).sum(dim=1)               # (N,) decided run from pos
             rejected = kept < T
-            where = kept.clamp(max=T - 1)
-            rows = torch.arange(N, device=z.device)
-            fix = draw(residual(p[rows, where], q[rows, pos + where]), generator)
-            col = (pos + where)[:, None]
-            tokens.scatter_(1, col, torch.where(rejected, fix, tokens.gather(1, col)[:, 0])[:, None])
-            judged = ~forced & (at < (kept + rejected)[:, None])
-            n_acc, n_ver = int((judged & (at < kept[:, None])).sum()), int(judged.sum())
-            report.accepted += n_acc
-            report.verified += n_ver
-            frontier = torch.maximum(frontier, pos + kept + rejected)
-            new_pos = int(frontier.min())
+            at = pos + kept.clamp(max=T - 1)                          # first rejected position
+            fix = (residual(p[rows, at - pos], q[rows, at]) / noise[rows, at]).argmax(dim=-1)
+            tokens[rows, at] = torch.where(rejected, fix, tokens[rows, at])
+            decided = kept + rejected
+            n_acc, n_ver = (kept - ahead).sum(), (decided - ahead).sum()
+            accepted += n_acc
+            verified += n_ver
+            frontier = pos + decided if even else torch.maximum(frontier, pos + decided)
+            lo, far = torch.aminmax(frontier)
+            new_pos, even = int(lo), bool(far == lo)
             dec.rewind(new_pos)
             if on_progress is not None:
                 on_progress(new_pos - pos)
             pos = new_pos
-            recent.append((n_acc, n_ver))
-            if self.redraft_below > 0 and len(recent) >= self.lookback and pos < hi:
-                window = recent[-self.lookback:]
-                ver = sum(v for _, v in window)
-                redraft = ver > 0 and sum(a for a, _ in window) / ver < self.redraft_below
+            if self.redraft_below > 0 and pos < hi:
+                recent.append((int(n_acc), int(n_ver)))
+                if len(recent) >= self.lookback:
+                    ver = sum(v for _, v in recent[-self.lookback:])
+                    redraft = ver > 0 and sum(a for a, _ in recent[-self.lookback:]) / ver < self.redraft_below
+        report.accepted, report.verified = int(accepted), int(verified)
         return dec.codes()

@@ -243,3 +243,44 @@ def test_cli_sampler_speculative(family, tmp_path):
     assert "codes_level0" in np.load(out.with_suffix(".npz")).files
     with pytest.raises(SystemExit):
         cli_main(["sample", "--model", str(family), "--gamma", "0", "--out", str(out)])
+
+
+@pytest.mark.parametrize("name,order", [("tiny_upsampler_level_0", None), ("tiny_prior_5b", None),
+                                        ("tiny_prior_5b_lyrics", None), ("tiny_prior_1b_lyrics", None),
+                                        ("random", (0, 2)), ("random", (9, 4)), ("random", (2, 6))])
+def test_chunked_scoring_equals_one_token_steps(name, order):
+    """``score`` (``fastjukebox.chunk_step``) gives the logits of one-token steps, every pattern, every
+    chunk length inside a block, float64 to 1e-10."""
+    if name == "random":
+        torch.manual_seed(0)
+        prior = Prior(PriorConfig(level=2, n_ctx=48, width=24, depth=order[1], heads=2, attn_order=order[0],
+                                  blocks=6, l_bins=32, labels=False)).double().eval()
+        for p in prior.parameters():
+            p.normal_(0, 0.3)
+        z, upper, y = torch.randint(0, 32, (2, 48)), None, None
+    else:
+        prior = Prior.from_pretrained(DATA / f"{name}.pth.tar", dtype=torch.float64)
+        io = np.load(DATA / f"{name}_io.npz")
+        z, y = torch.from_numpy(io["z"]), torch.from_numpy(io["y"])
+        upper = torch.from_numpy(io["z_cond"]) if "z_cond" in io else None
+    c, N = prior.config, z.shape[0]
+    dec = WindowDecoder(prior, N)
+    dec.begin(upper, y)
+    stepped = []
+    for t in range(c.n_ctx):
+        stepped.append(dec.step())
+        dec.push(z[:, t] + (c.n_vocab if c.lyrics == "merged" else 0))
+    stepped = torch.stack(stepped, 1)
+    dec.begin(upper, y)
+    off, C = dec.offset, c.block_len
+    pos, lengths = 0, itertools.cycle([1, 3, C, 2, 5])
+    while pos < c.n_ctx:
+        T = min(next(lengths), C - (pos + off) % C, c.n_ctx - pos)
+        dec.token_buffer[:, off + pos:off + pos + T] = z[:, pos:pos + T] + (c.n_vocab if c.lyrics == "merged" else 0)
+        got = dec.score(T)
+        assert _rel(got, stepped[:, pos:pos + T]) < 1e-10, (pos, T)
+        pos += T
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
