@@ -45,6 +45,12 @@ RELEASED_PARAMS = 981_298_176       # upsampler_level_0 / _1 (README presets tab
 RELEASED_N_CTX = 8192
 RELEASED_HOP_NEW = 4096             # new tokens of a hopped released-upsampler window
 
+# Draft policies (``SpeculativeWindowSampler`` options): the default at every gamma, the others at
+# gamma 8 only.
+POLICIES = {"draft once": {}, "2-pass draft": {"draft_passes": 2},
+            "re-draft below 50%": {"redraft_below": 0.5, "lookback": 4}}
+DEFAULT_POLICY = "draft once"
+
 
 def project_h100(tokens_per_call: float, student_passes: float) -> dict:
     """Projected speed-up of ``"speculative"`` over ``"ar"`` for one hopped window of the released
@@ -111,42 +117,47 @@ def run(levels=(0, 1), batches=(1, 16), gammas=(4, 8, 16), repeats: int = 2, see
         codes = jb.vqvae.encode(_chord_audio(2.0)[None])
     rows = []
     jobs = [(l, b) for l in levels for b in batches]
-    bar = tqdm(total=len(jobs) * 2 * repeats * (1 + len(gammas)), unit="window", desc="speculative benchmark")
+    n_variants = len(gammas) + (len(POLICIES) - 1 if 8 in gammas else 0)
+    bar = tqdm(total=len(jobs) * 2 * repeats * (1 + n_variants), unit="window", desc="speculative benchmark")
     for level, batch in jobs:
         prior = jb.prior(level)
         win = Window(jb, level, batch, codes)
         ar = ARWindowSampler(prior, batch)
-        samplers = {g: SpeculativeWindowSampler(prior, jb.student(level), gamma=g) for g in gammas}
+        variants = [(g, DEFAULT_POLICY) for g in gammas]
+        variants += [(8, name) for name in POLICIES if name != DEFAULT_POLICY and 8 in gammas]
+        samplers = {v: SpeculativeWindowSampler(prior, jb.student(level), gamma=v[0], **POLICIES[v[1]])
+                    for v in variants}
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             first = ar(*win.args(0), temperature=0.99, generator=gen)
         win.known[HOP] = first[:, HOP:]
         for start, kind in ((0, "first"), (HOP, "hopped")):
-            times = {"ar": []} | {g: [] for g in gammas}
-            reports = {g: [] for g in gammas}
+            times = {"ar": []} | {v: [] for v in samplers}
+            reports = {v: [] for v in samplers}
             for r in range(repeats):
                 knobs = dict(temperature=0.99, generator=torch.Generator().manual_seed(seed + 1 + r))
                 with torch.no_grad():
                     times["ar"].append(_timed(lambda: ar(*win.args(start), **knobs))[0])
                     bar.update(1)
-                    for g, s in samplers.items():
+                    for v, s in samplers.items():
                         knobs["generator"] = torch.Generator().manual_seed(seed + 1 + r)
-                        times[g].append(_timed(lambda: s(*win.args(start), **knobs))[0])
-                        reports[g].append(s.reports[-1])
+                        times[v].append(_timed(lambda: s(*win.args(start), **knobs))[0])
+                        reports[v].append(s.reports[-1])
                         bar.update(1)
             n_tok = batch * win.args(start)[1]
             ar_tps = n_tok / statistics.median(times["ar"])
-            for g in gammas:
-                rep = reports[g]
-                tps = n_tok / statistics.median(times[g])
+            for (g, policy), rep in reports.items():
+                tps = n_tok / statistics.median(times[g, policy])
                 calls = statistics.mean(x.teacher_calls for x in rep)
                 rows.append(dict(level=level, batch=batch, window=kind, new_tokens=n_tok // batch, gamma=g,
+                                 policy=policy,
                                  ar_tokens_per_s=ar_tps, speculative_tokens_per_s=tps, ratio=tps / ar_tps,
                                  acceptance=statistics.mean(x.acceptance for x in rep),
                                  teacher_calls=calls, tokens_per_call=n_tok / batch / calls,
                                  student_passes=statistics.mean(x.student_passes for x in rep)))
     bar.close()
-    best = max((r for r in rows if r["window"] == "hopped" and r["batch"] == 1), key=lambda r: r["ratio"], default=None)
+    best = max((r for r in rows if r["window"] == "hopped" and r["batch"] == 1 and r["policy"] == DEFAULT_POLICY),
+               key=lambda r: r["ratio"], default=None)
     projection = project_h100(best["tokens_per_call"], best["student_passes"]) if best else None
     if projection:
         projection.update(level=best["level"], gamma=best["gamma"])
@@ -161,11 +172,12 @@ def render_markdown(res: dict) -> str:
              f"{res['date']}; torch {res['machine']['torch']}, {res['machine']['threads']} thread; "
              f"median of {res['repeats']} rounds; both samplers in the same run, temperature 0.99. "
              "tokens/s = new tokens (all rows) per wall second of the window call (priming and drafts included).", "",
-             "| level | batch | window | gamma | ar tok/s | speculative tok/s | speculative / ar | acceptance | "
-             "tokens per teacher call | student passes |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| level | batch | window | gamma | draft policy | ar tok/s | speculative tok/s | speculative / ar | "
+             "acceptance | tokens per teacher call | student passes |",
+             "|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         lines.append(f"| {r['level']} | {r['batch']} | {r['window']} ({r['new_tokens']} new) | {r['gamma']} | "
+                     f"{r['policy']} | "
                      f"{r['ar_tokens_per_s']:.0f} | {r['speculative_tokens_per_s']:.0f} | **{r['ratio']:.2f}x** | "
                      f"{r['acceptance']:.2f} | {r['tokens_per_call']:.2f} | {r['student_passes']:.0f} |")
     p = res["projection"]
