@@ -284,3 +284,12 @@ def test_chunked_scoring_equals_one_token_steps(name, order):
 
 def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
+
+
+def test_h100_projection_follows_its_formula():
+    from benchmarks.speculative import project_h100
+    even = project_h100(tokens_per_call=1.0, student_passes=0)
+    assert even["speedup"] == pytest.approx(1.0)            # one token per call and no draft: AR's cost
+    a, b = project_h100(2.0, 1), project_h100(3.0, 1)
+    assert 1.0 < a["speedup"] < b["speedup"] < 3.0
+    assert a["speculative_ms"] == pytest.approx(a["ar_ms"] / 2 + a["t_pass_ms"])
