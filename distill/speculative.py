@@ -60,10 +60,12 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 class WindowReport:
     """One window (one call) of the speculative sampler, summed over the rows.
 
-    new_tokens: tokens sampled; drafted: tokens the student drafted (re-drafts included);
+    rows: samples in the window; new_tokens: tokens sampled (all rows); drafted: tokens the student
+    drafted (re-drafts included);
     verified: drafts the teacher judged; accepted: drafts it kept; teacher_calls: chunked
     teacher forwards; student_passes: student evaluations."""
 
+    rows: int = 0
     new_tokens: int = 0
     drafted: int = 0
     verified: int = 0
@@ -125,10 +127,10 @@ class SpeculativeWindowSampler:
         verified = sum(r.verified for r in self.reports)
         accepted = sum(r.accepted for r in self.reports)
         calls = sum(r.teacher_calls for r in self.reports)
-        new = sum(r.new_tokens for r in self.reports)
+        positions = sum(r.new_tokens // r.rows for r in self.reports if r.rows)
         if not verified:
             return ""
-        return f"accept {accepted / verified:.0%}, {new / max(calls, 1):.2f} tok/call"
+        return f"accept {accepted / verified:.0%}, {positions / max(calls, 1):.2f} positions/call"
 
     def _decoder(self, n: int) -> WindowDecoder:
         if self.decoder is None or self.decoder.batch < n:
@@ -163,7 +165,7 @@ class SpeculativeWindowSampler:
         dec = self._decoder(N)
         dec.begin(upper, labels, n=N)
         dec.prime(z, chunk_size)
-        report = WindowReport(new_tokens=N * n_new)
+        report = WindowReport(rows=N, new_tokens=N * n_new)
         self.reports.append(report)
         if n_new == 0:
             return dec.codes()

@@ -150,6 +150,7 @@ def test_greedy_equals_ar_on_the_demo(level):
     r = sampler.reports[-1]
     assert r.new_tokens == 1024 and r.accepted <= r.verified <= r.new_tokens and r.student_passes == 1
     assert r.teacher_calls < 512          # the shipped student's drafts are accepted often
+    assert sampler.progress_note() == f"accept {r.accepted / r.verified:.0%}, {512 / r.teacher_calls:.2f} positions/call"
 
 
 # --- the teacher's chunked scoring and rollback ----------------------------------------------
