@@ -98,8 +98,9 @@ class Jukebox(nn.Module):
         sampling: temperature, top_k, top_p (one value or per level; unset: the family's
             ``sampling_defaults``, else 0.99 / off / off), chunk_size, hop_fraction,
             max_batch_size, seed, sampler ("ar", "ar-graph" (CUDA-graph decode steps on a GPU),
-            "parallel" (distilled students for the upsamplers) or {level: name}), passes (parallel
-            decoding passes per window), progress.
+            "parallel" (distilled students for the upsamplers), "speculative" (the exact
+            distribution, drafted by the students) or {level: name}), passes (parallel decoding
+            passes per window), gamma (positions the teacher verifies per call, "speculative"), progress.
         Returns a ``SampleResult`` (codes per level, level 0 first; audio (N, T) in [-1, 1]).
         """
         from .generate import run, seconds_to_length

@@ -273,7 +273,7 @@ def _sampling_kw(args, jb) -> dict:
     left out."""
     kw = jb.sampling_defaults.fill({k: getattr(args, k) for k in _FAMILY_KNOBS})
     kw["chunk_size"] = complete_levels(args.chunk_size, _CHUNK_SIZE, jb.vqvae.config.levels, "--chunk-size")
-    kw.update(sampler=args.sampler, passes=args.passes, max_batch_size=args.max_batch_size,
+    kw.update(sampler=args.sampler, passes=args.passes, gamma=args.gamma, max_batch_size=args.max_batch_size,
               seed=args.seed if args.seed is not None else secrets.randbelow(2**31),
               progress=not args.quiet)
     return kw
@@ -527,10 +527,13 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
                    help="nucleus sampling; 0: off (one value or per level)" + family % "0")
     p.add_argument("--sampler", type=_sampler,
                    help="sampler per level: 'ar' (exact), 'ar-graph' (exact, the same tokens through the "
-                        "device-position step: CUDA graphs on CUDA) or 'parallel' (distilled student; upsampler "
-                        "levels only, so 'parallel' alone means '1=parallel,0=parallel'), or pairs like "
+                        "device-position step: CUDA graphs on CUDA), 'parallel' (distilled student; upsampler "
+                        "levels only, so 'parallel' alone means '1=parallel,0=parallel') or 'speculative' (exact: "
+                        "the student drafts, the prior verifies; upsampler levels only), or pairs like "
                         "'1=parallel,0=ar' (default: ar)")
     p.add_argument("--passes", type=int, default=16, help="decoding passes per window of the parallel sampler")
+    p.add_argument("--gamma", type=_positive_int, default=8,
+                   help="positions the prior verifies per call of the speculative sampler (default: 8)")
     p.add_argument("--chunk-size", default=_CHUNK_SIZE, metavar="C", type=_per_level(int, lambda v: v >= 1, "an integer >= 1"),
                    help=f"tokens primed per step (one value or per level; default: {_CHUNK_SIZE})")
     p.add_argument("--max-batch-size", type=_positive_int, default=16, help="samples decoded together (default: 16)")

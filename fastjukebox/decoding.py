@@ -11,6 +11,12 @@ once for a batch size and reused for every window::
         dec.push(ids)                  # the chosen ids become the next input
     codes = dec.codes()                # (N, position) music codes
 
+Speculative samplers score several proposed positions in one cached forward and keep a prefix::
+
+    dec.token_buffer[:, p:p + T - 1] = proposals  # inputs after the last pushed token
+    logits = dec.score(T)              # (N, T, bins) for positions p .. p + T - 1
+    dec.rewind(p + kept)               # a static cache forgets by moving the position back
+
 Positions are counted in music tokens. For merged-lyric (1b-style) priors the lyric prefix is
 primed by ``begin``; ``step`` scores the merged vocabulary, ``push`` takes merged ids (as the
 original feeds them back) and ``codes`` maps them to music codes, lyric ids becoming code 0.
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from .chunk_step import ChunkStep
 from .kv_cache import KVCache
 from .prior import Prior
 from .token_step import TokenStep
@@ -33,11 +40,13 @@ class WindowDecoder:
         self.dtype, self.device = dtype or w.dtype, device or w.device
         self._cache = KVCache(self.config, batch, self.dtype, self.device)
         self._step = TokenStep(prior.prior)
+        self._chunk = ChunkStep(prior.prior)
         self._tokens = torch.zeros(batch, self.config.seq_len, dtype=torch.long, device=self.device)
         self._window_tokens = self._tokens[:0]    # the first n rows once a window begins
         self.n = 0
         self._pos = 0          # sequence positions whose keys are cached
         self._cond = None
+        self._scored = (0, 0)  # sequence positions [from, to) of the last ``score`` chunk
 
     @property
     def offset(self) -> int:
@@ -84,13 +93,14 @@ class WindowDecoder:
             raise ValueError(f"the prior's weights are {w.dtype}, this decoder's cache {self.dtype}: build the "
                              f"WindowDecoder after converting the prior, in its dtype")
         if self._step.stale():     # the prior was moved or converted in place since: re-read its weights
-            self._step = TokenStep(self.prior.prior)
+            self._step, self._chunk = TokenStep(self.prior.prior), ChunkStep(self.prior.prior)
         cond = self.prior.condition(upper, labels)
         first = next((t for t in (cond.start, cond.x_cond, cond.lyric_tokens) if t is not None), None)
         n = n if n is not None else (first.shape[0] if first is not None else self.batch)
         if n > self.batch:
             raise ValueError(f"window batch {n} exceeds the decoder's batch {self.batch}")
         self.n, self._pos, self._cond = n, 0, cond
+        self._scored = (0, 0)
         self._window_tokens = self._tokens[:n]
         self._view = self._cache if n == self.batch else self._cache.narrow(n)
         if cond.encoder_kv is not None:
@@ -140,6 +150,35 @@ class WindowDecoder:
         h = self._step(tm.input_one(self._window_tokens, p, cond.start, xc), p, self._view)
         self._pos = p + 1
         return tm.head(h, xc)
+
+    @torch.no_grad()
+    def score(self, count: int) -> torch.Tensor:
+        """Pre-temperature logits (N, count, bins) of the next ``count`` positions in one cached
+        forward (``fastjukebox.chunk_step``: as many tensor operations as one step). The input of position ``t`` is the id at ``t - 1`` in
+        ``token_buffer``: the last pushed token, then whatever the caller wrote after it (proposals).
+        Their keys enter the cache; the chunk must stay inside one block. ``rewind`` keeps a prefix."""
+        p, C, cond, tm = self._pos, self.config.block_len, self._cond, self.prior.prior
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be an integer >= 1, got {count!r}")
+        if p + count > self.config.seq_len or p // C != (p + count - 1) // C:
+            raise ValueError(f"cannot score {count} positions from {p}: a chunk stays inside one block of {C} "
+                             f"and the window of {self.config.seq_len}")
+        x_cond = None if cond.x_cond is None else cond.x_cond[:, p:p + count]
+        h = self._chunk(tm.inputs_at(self._window_tokens, p, count, cond.start, cond.x_cond), p, self._view)
+        self._scored, self._pos = (p, p + count), p + count
+        return tm.head(h, x_cond)
+
+    def rewind(self, position: int) -> None:
+        """Keep the cached positions before music position ``position`` and forget the rest of the
+        last ``score`` chunk (their slots are overwritten when those positions are run again).
+        ``position`` must lie in ``(start of that chunk, position]``; follow with ``push`` of the id
+        chosen for ``position - 1`` when it differs from the one scored."""
+        target = position + self.offset
+        lo, hi = self._scored
+        if hi != self._pos or not lo < target <= hi:
+            raise ValueError(f"can rewind only inside the chunk ``score`` just ran (music positions "
+                             f"{lo - self.offset + 1}..{hi - self.offset} when nothing ran since), got {position}")
+        self._pos = target
 
     def push(self, ids: torch.Tensor) -> None:
         """The ids (N,) chosen for the position ``step`` just scored."""

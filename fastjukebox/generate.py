@@ -13,27 +13,37 @@ import torch
 from .labels import LabelIds, Labeller, Labels
 from .sampling import sample_levels
 
-def _parallel_sampler(jb, level: int, passes: int = 16):
+def _parallel_sampler(jb, level: int, passes: int = 16, **_):
     student = jb.student(level)
     from distill.sampler import ParallelWindowSampler
     return ParallelWindowSampler(student, passes=passes)
 
 
-def _graph_sampler(jb, level: int, passes: int = 16):
+def _graph_sampler(jb, level: int, **_):
     from .fast_decode import GraphWindowSampler
     return GraphWindowSampler(jb.prior(level))
+
+
+def _speculative_sampler(jb, level: int, gamma: int = 8, **_):
+    student = jb.student(level)
+    from distill.speculative import SpeculativeWindowSampler
+    return SpeculativeWindowSampler(jb.prior(level), student, gamma=gamma)
 
 
 # Level samplers: name -> factory(jb, level, **options) building a window sampler, or None for
 # exact autoregressive sampling (``fastjukebox.sampling.ARWindowSampler``). "ar-graph" draws the
 # same tokens through the device-position step of ``fastjukebox.fast_decode`` (CUDA graphs on
 # CUDA). "parallel" uses the distilled student stored beside the level's prior
-# (``student_level_{level}/``).
-SAMPLERS = {"ar": None, "ar-graph": _graph_sampler, "parallel": _parallel_sampler}
+# (``student_level_{level}/``). "speculative" samples the teacher's exact distribution from that
+# student's drafts, ``gamma`` positions verified per teacher call (``distill.speculative``).
+SAMPLERS = {"ar": None, "ar-graph": _graph_sampler, "parallel": _parallel_sampler,
+            "speculative": _speculative_sampler}
+STUDENT_SAMPLERS = ("parallel", "speculative")   # need a student: upsampler levels only
 
 
 def register_sampler(name: str, factory) -> None:
-    """Make ``name`` usable as a per-level sampler (``factory(jb, level, passes=...)``)."""
+    """Make ``name`` usable as a per-level sampler (``factory(jb, level, passes=..., gamma=...)``;
+    a factory takes the options it uses and ignores the others)."""
     SAMPLERS[name] = factory
 
 
@@ -78,21 +88,21 @@ def make_labels(jb, *, artist, genre, lyrics: str | Sequence[str], n_samples: in
     return out
 
 
-def _window_samplers(jb, sampler, levels, passes: int) -> dict:
+def _window_samplers(jb, sampler, levels, passes: int, gamma: int = 8) -> dict:
     """Level -> window sampler for the levels not sampled autoregressively."""
     out = {}
     top = jb.vqvae.config.levels - 1
     for level in levels:
         name = sampler.get(level, "ar") if isinstance(sampler, Mapping) else (sampler or "ar")
-        if name == "parallel" and level == top:
+        if name in STUDENT_SAMPLERS and level == top:
             if isinstance(sampler, Mapping):
-                raise ValueError(f"the parallel sampler covers the upsamplers (levels {top - 1}..0); "
+                raise ValueError(f"the {name} sampler covers the upsamplers (levels {top - 1}..0); "
                                  f"the top level {top} is sampled autoregressively ('ar')")
-            name = "ar"   # one name for all levels: "parallel" wherever there is a student
+            name = "ar"   # one name for all levels: the student's sampler wherever there is a student
         if name not in SAMPLERS:
             raise ValueError(f"unknown sampler {name!r} for level {level}; available: {', '.join(sorted(SAMPLERS))}")
         if SAMPLERS[name] is not None:
-            out[level] = SAMPLERS[name](jb, level, passes=passes)
+            out[level] = SAMPLERS[name](jb, level, passes=passes, gamma=gamma)
     return out
 
 
@@ -113,8 +123,8 @@ def _finish(jb, codes, decode_level: int | None) -> SampleResult:
 
 def run(jb, *, codes, levels, labels_kw: dict, sample_length: int, sampler=None, temperature=0.99,
         top_k=0, top_p=0.0, chunk_size=32, hop_fraction=(0.5, 0.5, 0.125), max_batch_size=16, seed=None,
-        progress=True, passes: int = 16) -> SampleResult:
-    window_samplers = _window_samplers(jb, sampler, levels, passes)
+        progress=True, passes: int = 16, gamma: int = 8) -> SampleResult:
+    window_samplers = _window_samplers(jb, sampler, levels, passes, gamma)
     top = jb.prior(max(levels)).config
     total = labels_kw.pop("total_length", None)
     if total is None:

@@ -203,6 +203,9 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
                     None if upper is None else upper[sl].to(device), None if y is None else y[sl],
                     on_progress=lambda k, rows=min(bs, n - i): bar.update(k * rows), **knobs))
             window = torch.cat(parts, dim=0)
+            note = getattr(fill, "progress_note", None)     # e.g. the speculative sampler's acceptance
+            if note is not None:
+                bar.set_postfix_str(f"window {w + 1}/{len(windows)} {note()}".rstrip())
             z = torch.cat([z, window[:, known:]], dim=1)
         bar.close()
         zs[level] = z

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["filter_logits", "sample_logits_reference", "exponential_noise", "exponential_noise_"]
+__all__ = ["filter_logits", "sampling_probs", "sample_logits_reference", "exponential_noise", "exponential_noise_"]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
@@ -32,6 +32,12 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> t
         drop[..., 1:] = cum[..., :-1] > top_p          # sorted position i goes iff cum[i - 1] > top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return logits
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """The distribution ``sample_logits_reference`` draws from: ``softmax(filter_logits(logits.float()
+    / temperature))`` over the last dimension (any leading dimensions)."""
+    return torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
 
 
 def exponential_noise_(out: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -51,6 +57,6 @@ def sample_logits_reference(logits: torch.Tensor, temperature: float = 1.0, top_
                             noise: torch.Tensor | None = None) -> torch.Tensor:
     """Logits ``(N, V)`` -> sampled ids ``(N,)`` long; ``noise``: ``(N, V)`` Exp(1) draws to use
     instead of drawing from ``generator``."""
-    probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p)
     e = exponential_noise(tuple(probs.shape), probs.device, generator) if noise is None else noise
     return (probs / e).argmax(dim=-1)

@@ -1,0 +1,227 @@
+"""Speculative sampling (``distill.speculative``) against exact AR sampling on the demo upsamplers.
+
+    python -m benchmarks.speculative                 # levels 0 and 1, batch 1 and 16, gamma 4 / 8 / 16
+    python -m benchmarks.speculative --quick         # level 0, batch 1, gamma 8, one round (a smoke run)
+
+Per level and batch: the upper-level codes are the demo VQ-VAE's encoding of a rendered chord
+progression (``fastjukebox.demo.synth``); the *first* window has no known codes and 1024 new
+ones; the *hopped* window (every later window of a level: hop 0.5) knows the last 512 codes of
+the first window, sampled by ``"ar"``, and samples 512. Both samplers run at the upsamplers'
+``temperature=0.99``; rounds alternate the methods so that a change in the machine's load hits
+all of them; tokens/s is the median over ``--repeats`` rounds of new tokens (all rows) / wall
+seconds of the whole window call (priming and the student's drafts included). Acceptance,
+teacher calls and student passes come from the sampler's ``WindowReport``.
+
+Writes ``benchmarks/results/speculative-cpu.{json,md}``. The markdown ends with the labelled
+projection to an H100 at the released upsampler size (``project_h100``).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+HOP = 512           # the demo upsamplers hop half their 1024-token window
+
+# H100 projection constants (SXM, HBM3): see ``project_h100``.
+H100_HBM_BYTES_PER_S = 3.35e12
+H100_BF16_FLOP_PER_S = 989e12       # dense
+BANDWIDTH_USE = 0.8                 # share of HBM bandwidth a latency-bound step reaches
+FLOP_USE = 0.5                      # share of peak a full-window student pass reaches
+RELEASED_PARAMS = 981_298_176       # upsampler_level_0 / _1 (README presets table)
+RELEASED_N_CTX = 8192
+RELEASED_HOP_NEW = 4096             # new tokens of a hopped released-upsampler window
+
+# Draft policies (``SpeculativeWindowSampler`` options): the default at every gamma, the others at
+# gamma 8 only.
+POLICIES = {"draft once": {}, "2-pass draft": {"draft_passes": 2},
+            "re-draft below 50%": {"redraft_below": 0.5, "lookback": 4}}
+DEFAULT_POLICY = "draft once"
+
+
+def project_h100(tokens_per_call: float, student_passes: float) -> dict:
+    """Projected speed-up of ``"speculative"`` over ``"ar"`` for one hopped window of the released
+    upsampler on one H100 at batch 1, bf16 (a projection: nothing ran on an H100).
+
+    t_step = 2 * P / (BANDWIDTH_USE * HBM)  (a step, or a teacher chunk of <= 16 positions, reads
+        every weight once and does little arithmetic)
+    t_pass = 2 * P * n_ctx / (FLOP_USE * bf16 peak)  (a student pass: every weight on every position)
+    ar = new * t_step;  speculative = new / tokens_per_call * t_step + student_passes * t_pass
+    with ``tokens_per_call`` and ``student_passes`` (per window) as measured on the demo."""
+    t_step = 2 * RELEASED_PARAMS / (BANDWIDTH_USE * H100_HBM_BYTES_PER_S)
+    t_pass = 2 * RELEASED_PARAMS * RELEASED_N_CTX / (FLOP_USE * H100_BF16_FLOP_PER_S)
+    ar = RELEASED_HOP_NEW * t_step
+    spec = RELEASED_HOP_NEW / tokens_per_call * t_step + student_passes * t_pass
+    return dict(t_step_ms=t_step * 1e3, t_pass_ms=t_pass * 1e3, ar_ms=ar * 1e3, speculative_ms=spec * 1e3,
+                speedup=ar / spec, tokens_per_call=tokens_per_call, student_passes=student_passes)
+
+
+def _chord_audio(seconds: float) -> torch.Tensor:
+    """A four-voice I-IV-V-I progression in C major (string quartet timbres), mono float in [-1, 1]."""
+    from fastjukebox.demo.synth import render
+    chords = [(48, 55, 64, 72), (53, 57, 65, 72), (55, 59, 67, 74), (48, 55, 64, 72)]
+    step = seconds / len(chords)
+    notes = [(i * step, step, p, v) for i, ch in enumerate(chords) for v, p in enumerate(ch)]
+    onset, duration, pitch, voice = (np.array(x) for x in zip(*notes))
+    pcm = render(onset, duration, pitch, voice, ["cello", "viola", "violin", "violin"], seed=0)
+    return torch.from_numpy(pcm.astype(np.float32) / 32768.0)
+
+
+class Window:
+    """Inputs of the first and the hopped window of one level at one batch size."""
+
+    def __init__(self, jb, level: int, batch: int, codes: list[torch.Tensor]):
+        from fastjukebox.generate import make_labels
+        from fastjukebox.labels import window_labels
+        c = jb.prior(level).config
+        self.level, self.batch, self.config = level, batch, c
+        total = (c.n_ctx + HOP) * c.raw_to_tokens
+        labels = make_labels(jb, artist=1, genre=0, lyrics="", n_samples=batch, total_length=total)[level]
+        up = codes[level + 1].expand(batch, -1)
+        self.upper = {start: up[:, start // c.cond_downsample:(start + c.n_ctx) // c.cond_downsample]
+                      for start in (0, HOP)}
+        self.labels = {start: window_labels(labels, start, c.raw_to_tokens, c.sample_length) for start in (0, HOP)}
+        self.known = {0: torch.zeros(batch, 0, dtype=torch.long)}
+
+    def args(self, start: int):
+        known = self.known[start]
+        return known, self.config.n_ctx - known.shape[1], self.upper[start], self.labels[start]
+
+
+def _timed(fn) -> tuple[float, torch.Tensor]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def run(levels=(0, 1), batches=(1, 16), gammas=(4, 8, 16), repeats: int = 2, seed: int = 0) -> dict:
+    import fastjukebox
+    from distill.speculative import SpeculativeWindowSampler
+    from fastjukebox.sampling import ARWindowSampler
+    torch.set_num_threads(1)
+    jb = fastjukebox.load("demo")
+    with torch.no_grad():
+        codes = jb.vqvae.encode(_chord_audio(2.0)[None])
+    rows = []
+    jobs = [(l, b) for l in levels for b in batches]
+    n_variants = len(gammas) + (len(POLICIES) - 1 if 8 in gammas else 0)
+    bar = tqdm(total=len(jobs) * 2 * repeats * (1 + n_variants), unit="window", desc="speculative benchmark")
+    for level, batch in jobs:
+        prior = jb.prior(level)
+        win = Window(jb, level, batch, codes)
+        ar = ARWindowSampler(prior, batch)
+        variants = [(g, DEFAULT_POLICY) for g in gammas]
+        variants += [(8, name) for name in POLICIES if name != DEFAULT_POLICY and 8 in gammas]
+        samplers = {v: SpeculativeWindowSampler(prior, jb.student(level), gamma=v[0], **POLICIES[v[1]])
+                    for v in variants}
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            first = ar(*win.args(0), temperature=0.99, generator=gen)
+        win.known[HOP] = first[:, HOP:]
+        for start, kind in ((0, "first"), (HOP, "hopped")):
+            times = {"ar": []} | {v: [] for v in samplers}
+            reports = {v: [] for v in samplers}
+            for r in range(repeats):
+                knobs = dict(temperature=0.99, generator=torch.Generator().manual_seed(seed + 1 + r))
+                with torch.no_grad():
+                    times["ar"].append(_timed(lambda: ar(*win.args(start), **knobs))[0])
+                    bar.update(1)
+                    for v, s in samplers.items():
+                        knobs["generator"] = torch.Generator().manual_seed(seed + 1 + r)
+                        times[v].append(_timed(lambda: s(*win.args(start), **knobs))[0])
+                        reports[v].append(s.reports[-1])
+                        bar.update(1)
+            n_tok = batch * win.args(start)[1]
+            ar_tps = n_tok / statistics.median(times["ar"])
+            for (g, policy), rep in reports.items():
+                tps = n_tok / statistics.median(times[g, policy])
+                calls = statistics.mean(x.teacher_calls for x in rep)
+                rows.append(dict(level=level, batch=batch, window=kind, new_tokens=n_tok // batch, gamma=g,
+                                 policy=policy,
+                                 ar_tokens_per_s=ar_tps, speculative_tokens_per_s=tps, ratio=tps / ar_tps,
+                                 acceptance=statistics.mean(x.acceptance for x in rep),
+                                 teacher_calls=calls, tokens_per_call=n_tok / batch / calls,
+                                 student_passes=statistics.mean(x.student_passes for x in rep)))
+    bar.close()
+    return dict(rows=rows, projections=projections(rows), repeats=repeats,
+                machine=dict(cpu=platform.processor() or platform.machine(), torch=torch.__version__,
+                             threads=torch.get_num_threads()),
+                date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+
+def projections(rows: list[dict]) -> list[dict]:
+    """``project_h100`` per level and gamma from the batch-1 hopped rows of the default policy."""
+    out = []
+    for r in rows:
+        if r["window"] == "hopped" and r["batch"] == 1 and r["policy"] == DEFAULT_POLICY:
+            out.append(dict(level=r["level"], gamma=r["gamma"], **project_h100(r["tokens_per_call"],
+                                                                                r["student_passes"])))
+    return out
+
+
+def render_markdown(res: dict) -> str:
+    lines = ["# Speculative sampling vs exact AR, demo upsamplers (CPU)", "",
+             f"{res['date']}; torch {res['machine']['torch']}, {res['machine']['threads']} thread; "
+             f"median of {res['repeats']} rounds; both samplers in the same run, temperature 0.99. "
+             "tokens/s = new tokens (all rows) per wall second of the window call (priming and drafts included).", "",
+             "| level | batch | window | gamma | draft policy | ar tok/s | speculative tok/s | speculative / ar | "
+             "acceptance | tokens per teacher call | student passes |",
+             "|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['level']} | {r['batch']} | {r['window']} ({r['new_tokens']} new) | {r['gamma']} | "
+                     f"{r['policy']} | "
+                     f"{r['ar_tokens_per_s']:.0f} | {r['speculative_tokens_per_s']:.0f} | **{r['ratio']:.2f}x** | "
+                     f"{r['acceptance']:.2f} | {r['tokens_per_call']:.2f} | {r['student_passes']:.0f} |")
+    if res["projections"]:
+        lines += ["", "## Projection (not measured): one H100, released upsampler size, batch 1, hopped window", "",
+                  "From the batch-1 hopped rows above (default draft policy), assuming the released student's "
+                  "drafts are accepted as often as the demo's at the same level:", "",
+                  "- t_step = 2 P / (0.8 x 3.35 TB/s) = " f"{project_h100(1, 0)['t_step_ms']:.3f} ms "
+                  "(P = 981,298,176 bf16 weights, read once per AR step or per teacher chunk of <= 16 positions)",
+                  "- t_pass = 2 P n_ctx / (0.5 x 989 TFLOP/s) = " f"{project_h100(1, 0)['t_pass_ms']:.1f} ms "
+                  "(a student pass over the n_ctx = 8192 window)",
+                  "- ar = 4096 t_step; speculative = 4096 / (tokens per teacher call) x t_step + "
+                  "(student passes) x t_pass", "",
+                  "| level | gamma | tokens per teacher call | ar ms / window | speculative ms / window | "
+                  "projected speculative / ar |", "|---:|---:|---:|---:|---:|---:|"]
+        for p in res["projections"]:
+            lines.append(f"| {p['level']} | {p['gamma']} | {p['tokens_per_call']:.2f} | {p['ar_ms']:.0f} | "
+                         f"{p['speculative_ms']:.0f} | {p['speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.speculative", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="level 0, batch 1, gamma 8, one round; writes *-quick files")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    if args.quick:
+        res = run(levels=(0,), batches=(1,), gammas=(8,), repeats=1)
+    else:
+        res = run(repeats=args.repeats)
+    name = "speculative-cpu-quick" if args.quick else "speculative-cpu"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(res, indent=1))
+    (args.out / f"{name}.md").write_text(render_markdown(res))
+    print(render_markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""Exact speculative sampling of an upsampler window: the student drafts, the teacher verifies.
+
+The output has exactly the distribution the ``"ar"`` sampler draws from (the teacher ``p``, after
+the same temperature / top-k / top-p filter), whatever the draft's quality:
+
+1. the student drafts the rest of the window left to right (``distill.draft.StudentDraft``),
+   keeping every drafted token's proposal distribution ``q``;
+2. the teacher scores the next ``gamma`` positions in one chunked cached forward
+   (``WindowDecoder.score``; a chunk also stops at a block boundary), its inputs being the
+   decided tokens and the drafts after them;
+3. left to right, a draft ``x`` is accepted with probability ``min(1, p(x) / q(x))``; at the
+   first rejection the position is drawn from ``normalize(max(0, p - q))`` instead and the
+   rest of the chunk is dropped (every chunk decides at least one token, ``gamma`` at most);
+4. the teacher's static cache is rolled back to the decided length (``WindowDecoder.rewind``:
+   a position reset) and the next chunk starts there.
+
+Drafts after a rejection stay valid proposals (their ``q`` is known given every token left of
+them, and no decision has looked at them yet) but were drawn without the correction, so they
+are accepted less often. **Re-draft policy**: the student drafts the rest of the window again,
+from the decided prefix, when the acceptance of the last ``lookback`` teacher calls falls below
+``redraft_below`` (and at least ``lookback`` calls ran since the last draft); ``redraft_below=0``
+drafts once per window. ``benchmarks.speculative`` measures the choices.
+
+Rows of a batch accept different lengths but share the cache position: the position moves to the
+shortest decided prefix, and a row that decided further keeps those tokens fixed (``forced``)
+until the position catches up: no draft is ever judged twice.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from fastjukebox.decoding import WindowDecoder
+from fastjukebox.prior import Prior
+
+from kernels.sampling.reference import exponential_noise_
+
+from .draft import StudentDraft, proposal_probs
+from .student import ParallelStudent
+
+__all__ = ["SpeculativeWindowSampler", "WindowReport", "accept", "residual"]
+
+
+def accept(p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The speculative rule: keep a draft ``x`` drawn from ``q`` iff ``u * q(x) < p(x)``,
+    ``u ~ U[0, 1)``, i.e. with probability ``min(1, p(x) / q(x))``."""
+    return u * q_x < p_x
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Where a rejected position is drawn from: ``max(0, p - q)`` (unnormalised; ``draw`` does
+    not need the sum). Rows where it is all zero (``p == q`` up to rounding) fall back to ``p``."""
+    r = (p - q).clamp_min_(0.0)
+    return torch.where(r.sum(dim=-1, keepdim=True) > 0, r, p)
+
+
+@dataclass
+class WindowReport:
+    """One window (one call) of the speculative sampler, summed over the rows.
+
+    rows: samples in the window; new_tokens: tokens sampled (all rows); drafted: tokens the student
+    drafted (re-drafts included);
+    verified: drafts the teacher judged; accepted: drafts it kept; teacher_calls: chunked
+    teacher forwards; student_passes: student evaluations."""
+
+    rows: int = 0
+    new_tokens: int = 0
+    drafted: int = 0
+    verified: int = 0
+    accepted: int = 0
+    teacher_calls: int = 0
+    student_passes: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        """Accepted share of the judged drafts."""
+        return self.accepted / self.verified if self.verified else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "acceptance": self.acceptance}
+
+
+class SpeculativeWindowSampler:
+    """Window sampler ``"speculative"``: the teacher's exact distribution, drafted by its student.
+
+    Args:
+        prior: the teacher (an upsampler ``Prior``).
+        student: its ``ParallelStudent`` (same codebook and window).
+        gamma: positions the teacher scores per call (drafts judged per call), >= 1.
+        draft_passes: student evaluations per draft of the rest of the window.
+        redraft_below, lookback: the re-draft policy (module docstring).
+
+    Same call signature as ``fastjukebox.sampling.ARWindowSampler``; ``reports`` lists a
+    ``WindowReport`` per call, ``progress_note()`` the acceptance so far (for progress bars).
+    """
+
+    def __init__(self, prior: Prior, student: ParallelStudent, gamma: int = 8, draft_passes: int = 1,
+                 redraft_below: float = 0.0, lookback: int = 4):
+        if not isinstance(prior, Prior):
+            raise TypeError(f"prior must be a Prior, got {type(prior).__name__}")
+        if not isinstance(student, ParallelStudent):
+            raise TypeError(f"student must be a ParallelStudent, got {type(student).__name__}")
+        tc, sc = prior.config, student.config
+        if tc.is_top or tc.lyrics is not None:
+            raise ValueError(f"speculative sampling covers the upsamplers; level {tc.level} is "
+                             f"{'the top level' if tc.is_top else 'lyric-conditioned'}")
+        if sc.l_bins != tc.l_bins:
+            raise ValueError(f"the student's codebook has {sc.l_bins} codes, the teacher's {tc.l_bins}")
+        if sc.n_ctx != tc.n_ctx:
+            raise ValueError(f"the student's window is n_ctx={sc.n_ctx}, the teacher's n_ctx={tc.n_ctx}")
+        if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
+            raise ValueError(f"gamma (positions the teacher verifies per call) must be an integer >= 1, got {gamma!r}")
+        if not 0.0 <= redraft_below <= 1.0:
+            raise ValueError(f"redraft_below must be in [0, 1], got {redraft_below}")
+        if isinstance(lookback, bool) or not isinstance(lookback, int) or lookback < 1:
+            raise ValueError(f"lookback must be an integer >= 1, got {lookback!r}")
+        self.prior, self.student, self.config = prior, student, tc
+        self.gamma, self.redraft_below, self.lookback = gamma, float(redraft_below), lookback
+        self.drafter = StudentDraft(student, draft_passes)
+        self.decoder: WindowDecoder | None = None
+        self.reports: list[WindowReport] = []
+
+    def progress_note(self) -> str:
+        """Acceptance over the windows sampled so far, for a progress bar's postfix."""
+        verified = sum(r.verified for r in self.reports)
+        accepted = sum(r.accepted for r in self.reports)
+        calls = sum(r.teacher_calls for r in self.reports)
+        positions = sum(r.new_tokens // r.rows for r in self.reports if r.rows)
+        if not verified:
+            return ""
+        return f"accept {accepted / verified:.0%}, {positions / max(calls, 1):.2f} positions/call"
+
+    def _decoder(self, n: int) -> WindowDecoder:
+        if self.decoder is None or self.decoder.batch < n:
+            self.decoder = WindowDecoder(self.prior, n)
+        return self.decoder
+
+    def _check(self, known, n_new, temperature, top_k, top_p) -> torch.Tensor:
+        c = self.config
+        if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 0:
+            raise ValueError(f"n_new must be an integer >= 0, got {n_new!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k < 0 or not 0.0 <= top_p <= 1.0:
+            raise ValueError(f"top_k must be >= 0 and top_p in [0, 1]; got top_k={top_k}, top_p={top_p}")
+        z = torch.as_tensor(known)
+        if z.dim() != 2 or z.is_floating_point() or z.dtype == torch.bool:
+            raise ValueError(f"known must be (N, K) integer codes, got {z.dtype} of shape {tuple(z.shape)}")
+        if z.shape[1] + n_new > c.n_ctx:
+            raise ValueError(f"{z.shape[1]} known + {n_new} new codes exceed the window (n_ctx={c.n_ctx})")
+        return z.long().to(self.prior.prior.x_emb.weight.device)
+
+    @torch.no_grad()
+    def __call__(self, known, n_new: int, upper=None, labels=None, *, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 0.0, chunk_size: int = 32, generator: torch.Generator | None = None,
+                 on_progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Prime ``known`` (N, K) codes, sample ``n_new`` more: (N, K + n_new) codes. Temperature 0
+        is greedy (the teacher's argmax at every position). ``on_progress(k)``: ``k`` more
+        positions decided in every row."""
+        z = self._check(known, n_new, temperature, top_k, top_p)
+        N, K = z.shape
+        hi = K + n_new
+        dec = self._decoder(N)
+        dec.begin(upper, labels, n=N)
+        dec.prime(z, chunk_size)
+        report = WindowReport(rows=N, new_tokens=N * n_new)
+        self.reports.append(report)
+        if n_new == 0:
+            return dec.codes()
+        knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.drafter.begin(upper, labels, N)
+        dev, c = z.device, self.config
+        tokens = dec.token_buffer                                   # decided codes, then drafts
+        q = torch.zeros(N, c.n_ctx, c.l_bins, device=dev)           # proposal distributions
+        # Per drafted position, drawn with its draft: q(x), the acceptance uniform and the Exp(1)
+        # noise of its residual draw (each is used at most once: a position is decided once).
+        q_x, u = torch.zeros(N, c.n_ctx, device=dev), torch.zeros(N, c.n_ctx, device=dev)
+        noise = torch.empty(N, c.n_ctx, c.l_bins, device=dev)
+        frontier = torch.full((N,), K, dtype=torch.long, device=dev)   # row b decided before frontier[b]
+        rows, steps = torch.arange(N, device=dev), torch.arange(self.gamma, device=dev)[None, :]
+        accepted = torch.zeros((), dtype=torch.long, device=dev)
+        verified = torch.zeros((), dtype=torch.long, device=dev)
+        C, pos, even = c.block_len, K, True          # even: every row's frontier is at pos
+        recent: list[tuple[int, int]] = []           # (accepted, verified) per call since the draft
+        redraft = True
+        while pos < hi:
+            if redraft:
+                passes_before = self.drafter.evaluations
+                report.drafted += self.drafter.draft(tokens, q, frontier, pos, hi, generator=generator, **knobs)
+                report.student_passes += self.drafter.evaluations - passes_before
+                q_x[:, pos:hi] = q[:, pos:hi].gather(-1, tokens[:, pos:hi, None])[..., 0]
+                u[:, pos:hi].uniform_(generator=generator)
+                exponential_noise_(noise[:, pos:hi], generator)
+                recent.clear()
+                redraft = False
+            T = min(self.gamma, C - pos % C, hi - pos)
+            p = proposal_probs(dec.score(T), **knobs)                # (N, T, V)
+            report.teacher_calls += 1
+            x = tokens[:, pos:pos + T]
+            ok = accept(p.gather(-1, x[..., None])[..., 0], q_x[:, pos:pos + T], u[:, pos:pos + T])
+            ahead = 0
+            if not even:                  # rows that decided further keep those tokens (forced)
+                ahead = (frontier - pos).clamp_(0, T)
+                ok |= steps[:, :T] < ahead[:, None]
+            kept = ok.long().cumprod(dim=1).sum(dim=1)               # (N,) decided run from pos
+            rejected = kept < T
+            at = pos + kept.clamp(max=T - 1)                          # first rejected position
+            fix = (residual(p[rows, at - pos], q[rows, at]) / noise[rows, at]).argmax(dim=-1)
+            tokens[rows, at] = torch.where(rejected, fix, tokens[rows, at])
+            decided = kept + rejected
+            n_acc, n_ver = (kept - ahead).sum(), (decided - ahead).sum()
+            accepted += n_acc
+            verified += n_ver
+            frontier = pos + decided if even else torch.maximum(frontier, pos + decided)
+            lo, far = torch.aminmax(frontier)
+            new_pos, even = int(lo), bool(far == lo)
+            dec.rewind(new_pos)
+            if on_progress is not None:
+                on_progress(new_pos - pos)
+            pos = new_pos
+            if self.redraft_below > 0 and pos < hi:
+                recent.append((int(n_acc), int(n_ver)))
+                if len(recent) >= self.lookback:
+                    ver = sum(v for _, v in recent[-self.lookback:])
+                    redraft = ver > 0 and sum(a for a, _ in recent[-self.lookback:]) / ver < self.redraft_below
+        report.accepted, report.verified = int(accepted), int(verified)
+        return dec.codes()
