@@ -75,6 +75,7 @@ class DistillConfig:
     real_ratio: float = 0.25
     soft_weight: float = 0.25
     prefix_prob: float = 0.25
+    prefix_layout: bool = True         # prefix examples train the prefix-cached layout (distill.prefix_layout)
     seed: int = 0
     ckpt_every: int = 100
     log_every: int = 10
@@ -125,7 +126,7 @@ class DistillConfig:
         """Settings a resumed run must share with the checkpoint it continues."""
         keep = ("teacher", "model", "data", "steps", "shards", "shard_size", "batch_size", "lr", "min_lr_ratio",
                 "warmup", "weight_decay", "grad_clip", "k", "temperature", "real_ratio", "soft_weight",
-                "prefix_prob", "seed")
+                "prefix_prob", "prefix_layout", "seed")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -148,7 +149,8 @@ def make_batch(data: dict[str, torch.Tensor], batch_size: int, mask_id: int, g: 
     """Draw ``batch_size`` windows and their masks.
 
     Returns ``inputs`` (B, n_ctx) with ``mask_id`` at masked positions, ``targets`` (B, n_ctx),
-    ``mask`` (B, n_ctx) bool, ``teacher`` (B,) bool (True: teacher sample), ``upper``, ``labels``
+    ``mask`` (B, n_ctx) bool, ``teacher`` (B,) bool (True: teacher sample), ``prefix`` (B,) bool
+    (True: the first half is visible and only the second half masked), ``upper``, ``labels``
     (or absent), ``topk_ids``/``topk_probs`` (B, n_ctx, k)."""
     S, n = data["codes"].shape
     idx = torch.randint(S, (batch_size,), generator=g)
@@ -161,22 +163,40 @@ def make_batch(data: dict[str, torch.Tensor], batch_size: int, mask_id: int, g: 
     prefix = torch.rand(batch_size, generator=g) < prefix_prob
     mask = torch.where(prefix[:, None], suffix, mask)
     out = dict(inputs=targets.masked_fill(mask, mask_id), targets=targets, mask=mask, teacher=teacher,
-               upper=data["upper"][idx], topk_ids=data["topk_ids"][idx], topk_probs=data["topk_probs"][idx])
+               prefix=prefix, upper=data["upper"][idx], topk_ids=data["topk_ids"][idx], topk_probs=data["topk_probs"][idx])
     if "labels" in data:
         out["labels"] = data["labels"][idx]
     return out
 
 
 class DistillLoss(nn.Module):
-    """Wraps the student so one forward (through DDP) computes conditioning, logits and losses."""
+    """Wraps the student so one forward (through DDP) computes conditioning, logits and losses.
 
-    def __init__(self, student: nn.Module, soft_weight: float):
+    ``prefix_len`` > 0: examples whose first ``prefix_len`` positions are all visible (``prefix``
+    rows of the batch) run under the prefix-cached layout with that prefix
+    (``distill.prefix_layout``), the others with full bidirectional attention."""
+
+    def __init__(self, student: nn.Module, soft_weight: float, prefix_len: int = 0):
         super().__init__()
-        self.student, self.soft_weight = student, soft_weight
+        self.student, self.soft_weight, self.prefix_len = student, soft_weight, prefix_len
 
-    def forward(self, inputs, targets, mask, teacher, upper, topk_ids, topk_probs, labels=None):
+    def _logits(self, inputs, cond, prefix):
+        if not self.prefix_len:
+            return self.student(inputs, cond)
+        logits = None
+        for rows, P in ((~prefix, 0), (prefix, self.prefix_len)):
+            if not bool(rows.any()):
+                continue
+            sub = type(cond)(**{k: (v[rows] if torch.is_tensor(v) else v) for k, v in vars(cond).items()})
+            part = self.student(inputs[rows], sub, prefix_len=P)
+            if logits is None:
+                logits = part.new_empty(inputs.shape[0], *part.shape[1:])
+            logits[rows] = part
+        return logits
+
+    def forward(self, inputs, targets, mask, teacher, upper, topk_ids, topk_probs, prefix, labels=None):
         cond = self.student.condition(upper, labels)
-        logits = self.student(inputs, cond)                                   # (B, n_ctx, V) fp32
+        logits = self._logits(inputs, cond, prefix)                          # (B, n_ctx, V) fp32
         logp = torch.log_softmax(logits, dim=-1)
         m = mask.float()
         nll = -logp.gather(-1, targets[..., None])[..., 0]                    # (B, n_ctx)
@@ -361,7 +381,8 @@ def train(cfg: DistillConfig) -> dict:
             print(f"resuming {ckpt} at step {start}/{cfg.steps}", file=sys.stderr)
     elif main and log.exists():
         log.unlink()                    # a log left by a run that never reached a checkpoint
-    wrapped, optimizer = acc.prepare(DistillLoss(student, cfg.soft_weight), optimizer)
+    prefix_len = prior.config.n_ctx // 2 if cfg.prefix_layout else 0
+    wrapped, optimizer = acc.prepare(DistillLoss(student, cfg.soft_weight, prefix_len), optimizer)
 
     # 3. training
     bar = tqdm(total=cfg.steps, initial=start, unit="step", desc=f"distill {cfg.teacher}",
@@ -444,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-ratio", type=float, default=0.25, help="fraction of examples on real codes")
     p.add_argument("--soft-weight", type=float, default=0.25, help="weight of the top-k KL (0: off)")
     p.add_argument("--prefix-prob", type=float, default=0.25, help="chance of keeping the first half visible")
+    p.add_argument("--no-prefix-layout", dest="prefix_layout", action="store_false",
+                   help="train full bidirectional attention only (no prefix-cached layout)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=10)

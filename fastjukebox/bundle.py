@@ -99,7 +99,7 @@ class Jukebox(nn.Module):
             ``sampling_defaults``, else 0.99 / off / off), chunk_size, hop_fraction,
             max_batch_size, seed, sampler ("ar", "ar-graph" (CUDA-graph decode steps on a GPU),
             "parallel" (distilled students for the upsamplers) or {level: name}), passes (parallel
-            decoding passes per window), progress.
+            decoding passes per window; default: each student's own, from its sampling.json), progress.
         Returns a ``SampleResult`` (codes per level, level 0 first; audio (N, T) in [-1, 1]).
         """
         from .generate import run, seconds_to_length
@@ -199,4 +199,7 @@ def load(path_or_name: str | os.PathLike = "demo", *, dtype: torch.dtype | None 
         if p.is_dir():
             from distill.student import ParallelStudent
             students[level] = ParallelStudent.load(p, device=device, dtype=dtype)
+            if students[level].config.level != level:
+                raise CheckpointError(f"{p}: holds a student for level {students[level].config.level}, "
+                                      f"not level {level}")
     return Jukebox(vqvae, priors, students, SamplingDefaults.load(path, vqvae.config.levels))

@@ -452,7 +452,8 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
                         "device-position step: CUDA graphs on CUDA) or 'parallel' (distilled student; upsampler "
                         "levels only, so 'parallel' alone means '1=parallel,0=parallel'), or pairs like "
                         "'1=parallel,0=ar' (default: ar)")
-    p.add_argument("--passes", type=int, default=16, help="decoding passes per window of the parallel sampler")
+    p.add_argument("--passes", type=int, default=None,
+                   help="decoding passes per window of the parallel sampler (default: the student's own)")
     p.add_argument("--chunk-size", default=_CHUNK_SIZE, metavar="C", type=_per_level(int, lambda v: v >= 1, "an integer >= 1"),
                    help=f"tokens primed per step (one value or per level; default: {_CHUNK_SIZE})")
     p.add_argument("--max-batch-size", type=_positive_int, default=16, help="samples decoded together (default: 16)")

@@ -13,13 +13,14 @@ import torch
 from .labels import LabelIds, Labeller, Labels
 from .sampling import sample_levels
 
-def _parallel_sampler(jb, level: int, passes: int = 16):
+def _parallel_sampler(jb, level: int, passes: int | None = None):
+    """The level's student; ``passes`` None: the student's own (its ``sampling.json``)."""
     student = jb.student(level)
     from distill.sampler import ParallelWindowSampler
-    return ParallelWindowSampler(student, passes=passes)
+    return ParallelWindowSampler(student, passes=passes, level=level)
 
 
-def _graph_sampler(jb, level: int, passes: int = 16):
+def _graph_sampler(jb, level: int, passes: int | None = None):
     from .fast_decode import GraphWindowSampler
     return GraphWindowSampler(jb.prior(level))
 
@@ -78,7 +79,7 @@ def make_labels(jb, *, artist, genre, lyrics: str | Sequence[str], n_samples: in
     return out
 
 
-def _window_samplers(jb, sampler, levels, passes: int) -> dict:
+def _window_samplers(jb, sampler, levels, passes: int | None) -> dict:
     """Level -> window sampler for the levels not sampled autoregressively."""
     out = {}
     top = jb.vqvae.config.levels - 1
@@ -113,7 +114,7 @@ def _finish(jb, codes, decode_level: int | None) -> SampleResult:
 
 def run(jb, *, codes, levels, labels_kw: dict, sample_length: int, sampler=None, temperature=0.99,
         top_k=0, top_p=0.0, chunk_size=32, hop_fraction=(0.5, 0.5, 0.125), max_batch_size=16, seed=None,
-        progress=True, passes: int = 16) -> SampleResult:
+        progress=True, passes: int | None = None) -> SampleResult:
     window_samplers = _window_samplers(jb, sampler, levels, passes)
     top = jb.prior(max(levels)).config
     total = labels_kw.pop("total_length", None)
