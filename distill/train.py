@@ -83,8 +83,8 @@ class DistillConfig:
     resume: bool = False
     skip_corrupt: bool = False
     evaluate: bool = True
-    eval_windows: int = 16
-    passes: int = 16
+    eval_windows: int = 64
+    passes: int = 4                          # decoding passes per window, saved with the student
     confidence_noise: float | None = None   # the student's unmasking noise; None: chosen (distill.tune)
     tune_windows: int = 16                   # shard windows the choice is measured on
     progress: bool = True
@@ -316,7 +316,8 @@ def _choose_noise(cfg: DistillConfig, prior, student, data: dict, result: dict) 
         print(f"[tune] choosing the unmasking noise on {n} shard windows ({cfg.passes} passes)", file=sys.stderr)
     noise, report = choose_confidence_noise(prior, student, data["codes"][idx].to(dev), data["upper"][idx].to(dev),
                                             labels, passes=cfg.passes, temperature=cfg.temperature,
-                                            batch_size=cfg.gen_batch_size, seed=cfg.seed + 3)
+                                            batch_size=cfg.gen_batch_size, seed=cfg.seed + 3,
+                                            known=prior.config.n_ctx // 2 if cfg.prefix_layout else 0)
     result["sampling_tune"] = report
     if cfg.progress:
         print(f"[tune] teacher NLL of its own samples {report['teacher_nll_teacher']:.3f} bits; student: "
@@ -427,12 +428,15 @@ def train(cfg: DistillConfig) -> dict:
     result = summary
     if main:
         student.eval()
-        student.sampling = SamplingDefaults(confidence_noise=_choose_noise(cfg, prior, student, data, result))
+        # the prefix layout has to be on while the noise is measured on hopped windows
+        student.sampling = SamplingDefaults(passes=cfg.passes, prefix_cache=cfg.prefix_layout)
+        student.sampling = SamplingDefaults(confidence_noise=_choose_noise(cfg, prior, student, data, result),
+                                            passes=cfg.passes, prefix_cache=cfg.prefix_layout)
         student.save(out / "student")
         plot_metrics(log, out / "metrics.png")
         if cfg.evaluate:
             from .evaluate import evaluate
-            result["eval"] = evaluate(jb, student, data=cfg.data, windows=cfg.eval_windows, passes=cfg.passes,
+            result["eval"] = evaluate(jb, student, data=cfg.data, windows=cfg.eval_windows,
                                       batch_size=cfg.gen_batch_size, seed=cfg.seed + 1, out=out / "eval",
                                       progress=cfg.progress)
         with atomic_path(out / "train_summary.json") as tmp:
@@ -474,8 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
     p.add_argument("--skip-corrupt", action="store_true", help="leave corrupt shards out instead of stopping")
     p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the final evaluation")
-    p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--passes", type=int, default=16, help="student passes per window in the evaluation")
+    p.add_argument("--eval-windows", type=int, default=64, help="held-out windows of the final evaluation")
+    p.add_argument("--passes", type=int, default=4,
+                   help="decoding passes per window: saved with the student (sampling.json), used by the noise "
+                        "choice, the evaluation and sampling")
     p.add_argument("--confidence-noise", type=float, default=None,
                    help="the student's unmasking noise (default: chosen on shard windows after training)")
     p.add_argument("--tune-windows", type=int, default=16, help="shard windows the noise is chosen on")
