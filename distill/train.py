@@ -8,7 +8,7 @@
 
 1. Teacher samples: ``distill.data.generate_shards`` writes ``OUT/shards`` (shard ``i`` made by
    rank ``i % world_size``; finished shards are kept, so it resumes).
-2. Training of ``ParallelStudent.from_teacher(prior)``: masked-token cross-entropy on the masked
+2. Training of ``ParallelStudent.from_teacher(prior)`` (or of ``--init-student``): masked-token cross-entropy on the masked
    positions (mask ratio from ``distill.schedules``), plus ``--soft-weight`` x the KL from the
    teacher's renormalised top-k to the student at masked positions of teacher samples. A
    fraction ``--real-ratio`` of the examples uses the real codes of the window instead of the
@@ -76,6 +76,7 @@ class DistillConfig:
     soft_weight: float = 0.25
     prefix_prob: float = 0.25
     prefix_layout: bool = True         # prefix examples train the prefix-cached layout (distill.prefix_layout)
+    init_student: str | None = None    # start from this student directory instead of the teacher's weights
     seed: int = 0
     ckpt_every: int = 100
     log_every: int = 10
@@ -126,7 +127,7 @@ class DistillConfig:
         """Settings a resumed run must share with the checkpoint it continues."""
         keep = ("teacher", "model", "data", "steps", "shards", "shard_size", "batch_size", "lr", "min_lr_ratio",
                 "warmup", "weight_decay", "grad_clip", "k", "temperature", "real_ratio", "soft_weight",
-                "prefix_prob", "prefix_layout", "seed")
+                "prefix_prob", "prefix_layout", "init_student", "seed")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -366,7 +367,13 @@ def train(cfg: DistillConfig) -> dict:
 
     # 2. student, optimiser, resume
     torch.manual_seed(cfg.seed)
-    student = ParallelStudent.from_teacher(prior).float().train()
+    if cfg.init_student:
+        student = ParallelStudent.load(cfg.init_student, device=acc.device).float().train()
+        if student.config.to_dict() != prior.config.to_dict():
+            raise ValueError(f"--init-student {cfg.init_student}: a student for another teacher "
+                             f"(level {student.config.level}, not the level-{cfg.level} teacher's architecture)")
+    else:
+        student = ParallelStudent.from_teacher(prior).float().train()
     decay = [p for n, p in student.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in student.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -471,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-prob", type=float, default=0.25, help="chance of keeping the first half visible")
     p.add_argument("--no-prefix-layout", dest="prefix_layout", action="store_false",
                    help="train full bidirectional attention only (no prefix-cached layout)")
+    p.add_argument("--init-student", default=None,
+                   help="start from this student directory (e.g. a shipped one) instead of the teacher's weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=10)
