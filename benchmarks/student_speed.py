@@ -40,13 +40,13 @@ from .student_projection import format_projection, projection
 DEFAULT_OUT = Path(__file__).parent / "results" / "student-speed-cpu"
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def _ints(text: str, least: int = 1) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    if not values or min(values) < least:
+        raise argparse.ArgumentTypeError(f"expected integers >= {least}, got {text!r}")
     return values
 
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passes", type=_ints, default=(1, 2, 4, 8, 16), help="student K values (comma-separated)")
     p.add_argument("--batches", type=_ints, default=(1, 16), help="batch sizes (comma-separated)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--levels", type=_ints, default=None, help="upsampler levels (default: every level with a student)")
+    p.add_argument("--levels", type=lambda s: _ints(s, least=0), default=None, help="upsampler levels (default: every level with a student)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output path without extension (.json and .md written)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)

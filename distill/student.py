@@ -12,11 +12,19 @@ column layers see their whole block / column, previous-block layers still read t
 block. Conditioning on the level above and on labels is the teacher's, module for module, so
 ``from_teacher`` starts the student from every teacher weight.
 
+Attention layout: with ``prefix_len`` > 0 (a window whose first ``prefix_len`` codes are known)
+the known prefix attends only within itself and every other position sees everything
+(``distill.prefix_layout``), so the sampler computes the prefix once per window
+(``prefix_cache``) and each pass runs only the unknown positions, scoring only those still
+masked (``positions``). ``prefix_len`` 0 is full bidirectional attention. Students trained with
+the layout say so in ``sampling.prefix_cache``.
+
 Submodule names follow ``fastjukebox.Prior`` (``prior.*``, ``conditioner_blocks.0``, ``y_emb``).
 
 ``sampling`` holds the student's own defaults for ``ParallelWindowSampler`` (saved beside the
-weights as ``sampling.json``): how much choice noise its unmasking wants depends on how sharp the
-teacher is, so ``distill.train`` measures it on validation windows (``distill.tune``).
+weights as ``sampling.json``): its pass count, its layout, and how much choice noise its
+unmasking wants (it depends on how sharp the teacher is, so ``distill.train`` measures it on
+training-shard windows, ``distill.tune``).
 """
 from __future__ import annotations
 
