@@ -8,12 +8,14 @@
 
 1. Teacher samples: ``distill.data.generate_shards`` writes ``OUT/shards`` (shard ``i`` made by
    rank ``i % world_size``; finished shards are kept, so it resumes).
-2. Training of ``ParallelStudent.from_teacher(prior)`` (or of ``--init-student``): masked-token cross-entropy on the masked
-   positions (mask ratio from ``distill.schedules``), plus ``--soft-weight`` x the KL from the
-   teacher's renormalised top-k to the student at masked positions of teacher samples. A
+2. Training of ``ParallelStudent.from_teacher(prior)`` (or of ``--init-student``): masked-token
+   cross-entropy on the masked positions (mask ratio from ``distill.schedules``), plus
+   ``--soft-weight`` x the KL from the teacher's renormalised top-k to the student at masked positions of teacher samples. A
    fraction ``--real-ratio`` of the examples uses the real codes of the window instead of the
    teacher's sample. With probability ``--prefix-prob`` the first half of the window is left
-   visible and only the second half is masked, as when the sampler continues a hopped window.
+   visible and only the second half is masked, as when the sampler continues a hopped window;
+   these examples run under the prefix-cached layout (``distill.prefix_layout``) unless
+   ``--no-prefix-layout``.
    AdamW, linear warmup then cosine decay; gradients synchronised by accelerate.
 3. Checkpoint ``OUT/checkpoint.pt`` (atomic; weights, optimiser state, step) every
    ``--ckpt-every`` steps; ``--resume`` continues from it. The randomness of step ``s`` (batch,
