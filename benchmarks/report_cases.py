@@ -150,11 +150,13 @@ def setup_runner(prior: Prior, batch: int, known: int, seed: int = 0) -> Prepare
     return lambda: run
 
 
-def student_runner(student, passes: int, batch: int, known: int, n_new: int, seed: int = 0) -> Prepare:
+def student_runner(student, passes: int, batch: int, known: int, n_new: int, seed: int = 0,
+                   prefix_cache: bool | None = None) -> Prepare:
     """``run`` decodes one window (``known`` codes kept, ``n_new`` filled) with a
-    ``ParallelWindowSampler`` of ``passes`` passes; returns (batch, known + n_new) codes."""
+    ``ParallelWindowSampler`` of ``passes`` passes (``prefix_cache`` None: the student's own
+    layout); returns (batch, known + n_new) codes."""
     from distill.sampler import ParallelWindowSampler
-    sampler = ParallelWindowSampler(student, passes=passes)
+    sampler = ParallelWindowSampler(student, passes=passes, prefix_cache=prefix_cache)
     device = _device(student)
     upper, labels, codes = level_inputs(student.config, batch, known, device, seed)
 

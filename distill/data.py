@@ -188,18 +188,20 @@ def teacher_targets(prior: Prior, codes: torch.Tensor, upper: torch.Tensor, labe
 @torch.no_grad()
 def sample_windows(fill: Callable[..., torch.Tensor], n_ctx: int, upper: torch.Tensor, labels: torch.Tensor | None,
                    *, temperature: float, batch_size: int, generator: torch.Generator | None,
-                   device: torch.device, on_window: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Whole windows (S, n_ctx) from nothing, ``batch_size`` at a time, by a window sampler with the
+                   device: torch.device, on_window: Callable[[int], None] | None = None,
+                   known: torch.Tensor | None = None) -> torch.Tensor:
+    """Whole windows (S, n_ctx), ``batch_size`` at a time, by a window sampler with the
     ``fastjukebox.sampling.ARWindowSampler`` call signature (the teacher's, or the student's
-    ``ParallelWindowSampler``), conditioned on ``upper`` (S, n_ctx // cd) and ``labels``;
+    ``ParallelWindowSampler``), conditioned on ``upper`` (S, n_ctx // cd) and ``labels``; from
+    nothing, or continuing ``known`` (S, K) codes (a hopped window: the rest is sampled);
     ``on_window(m)`` is told about every ``m`` finished windows."""
     out = []
     for i in range(0, upper.shape[0], batch_size):
         sl = slice(i, i + batch_size)
         u = upper[sl].to(device)
-        known = torch.zeros(u.shape[0], 0, dtype=torch.long, device=device)
+        z = (torch.zeros(u.shape[0], 0, dtype=torch.long) if known is None else known[sl]).to(device)
         y = None if labels is None else labels[sl].to(device)
-        out.append(fill(known, n_ctx, u, y, temperature=temperature, generator=generator).cpu())
+        out.append(fill(z, n_ctx - z.shape[1], u, y, temperature=temperature, generator=generator).cpu())
         if on_window is not None:
             on_window(u.shape[0])
     return torch.cat(out)
@@ -207,7 +209,8 @@ def sample_windows(fill: Callable[..., torch.Tensor], n_ctx: int, upper: torch.T
 
 def sample_teacher(prior: Prior, upper: torch.Tensor, labels: torch.Tensor | None, *, temperature: float = 1.0,
                    batch_size: int = 16, generator: torch.Generator | None = None,
-                   decoders: dict | None = None, on_window: Callable[[int], None] | None = None) -> torch.Tensor:
+                   decoders: dict | None = None, on_window: Callable[[int], None] | None = None,
+                   known: torch.Tensor | None = None) -> torch.Tensor:
     """``sample_windows`` with the teacher's exact AR sampler; ``decoders`` caches one
     ``ARWindowSampler`` (static cache) per batch size across calls."""
     dev = prior.prior.x_emb.weight.device
@@ -216,7 +219,7 @@ def sample_teacher(prior: Prior, upper: torch.Tensor, labels: torch.Tensor | Non
     if bs not in decoders:
         decoders[bs] = ARWindowSampler(prior, bs, device=dev)
     return sample_windows(decoders[bs], prior.config.n_ctx, upper, labels, temperature=temperature, batch_size=bs,
-                          generator=generator, device=dev, on_window=on_window)
+                          generator=generator, device=dev, on_window=on_window, known=known)
 
 
 # --------------------------------------------------------------------------------------------

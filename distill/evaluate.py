@@ -3,23 +3,37 @@
     python -m distill.evaluate --student RUN/student [--model demo|PATH] [--data DIR] [--out DIR]
 
 For ``--windows`` held-out windows (demo corpus "heldout" split, or the held-out tail of each
-``--data`` file) the VQ-VAE gives the real codes and the upper codes; then, from the same upper
-codes and labels, the teacher samples two windows each (A and B, autoregressively) and the
-student one (``--passes`` parallel passes). Reported (eval.json, eval.md, eval.png):
+``--data`` file; never seen in training, nor by any setting chosen after it) the VQ-VAE gives
+the real codes and the upper codes. Two settings, each judged from both sides:
+
+* ``scratch``: the window from nothing (a level's first window). The teacher samples two
+  windows per conditioning (A and B), the student one.
+* ``hopped``: the first half given by the teacher (A's first half), the rest sampled: by the
+  teacher twice (continuations A' and B') and by the student once. This is every window of a
+  level after the first; only the new half is scored.
+
+Reported per setting (``settings.scratch`` / ``settings.hopped`` of eval.json; eval.md, eval.png):
 
 * ``teacher_nll_{student,teacher,real}``: teacher-forced NLL under the teacher, bits/token, of
-  the student's samples, the teacher's own samples (A) and the real codes.
-* ``codebook_usage_{student,teacher}``: distinct codes over all windows.
-* ``entropy_{student,teacher}``: mean entropy (bits) of the teacher's predictive distribution
-  along the samples (how sure the teacher is of what comes next);
-  ``unigram_entropy_{student,teacher}``: entropy of the sampled codes' empirical distribution.
-* ``spectral_distance_ratio``: mean multi-resolution STFT distance between the student's and
-  teacher A's decoded audio, divided by the same between teacher B and teacher A (1.0: as close
-  to the teacher as another teacher sample is).
-* ``passes_per_window_*``: sequential model evaluations per window, counted (teacher: one per
-  token; student: one per pass); ``seconds_per_window_*``: wall time to sample all windows
-  divided by their number, batches of ``--batch-size``, after one warm-up batch each, in the
-  same run on the same device; ``speedup_wallclock`` = teacher / student seconds.
+  the student's samples, the teacher's own samples (A) and the real codes; ``nll_ratio``.
+* ``c2st_accuracy`` (+ ``c2st_stderr``): classifier two-sample test (``distill.two_sample``):
+  a small network trained on half of the windows to tell teacher samples (A) from student
+  samples of the same conditioning, scored on the other half (0.5: indistinguishable);
+  ``c2st_null_accuracy``: the same test between the teacher's two samples (A vs B), the level a
+  perfect student would reach with these windows.
+* ``tv_mean`` (+ ``tv_stderr``, ``tv_profile``): per-position total variation between the
+  student's and the teacher's next-token distributions along the teacher's samples
+  (``metrics.next_token_tv``), the rejection rate of an exact speculative verifier;
+  ``entropy_next_{student,teacher}``: entropies of those distributions (bits).
+* ``entropy_{student,teacher}``: entropy (bits) of the teacher's predictive distribution along
+  the samples; ``unigram_entropy_*``; ``codebook_usage_*`` (distinct codes) and
+  ``histogram_*`` (code counts), ``histogram_tv`` between them.
+* ``passes_per_window_*`` (counted model evaluations), ``seconds_per_window_*``: wall time to
+  sample all windows divided by their number, batches of ``--batch-size``, after one warm-up
+  batch each, in the same run on the same device; ``speedup_wallclock`` = teacher / student.
+
+``spectral_distance_ratio`` (scratch): mean multi-resolution STFT distance between the
+student's and teacher A's decoded audio over the same between teacher B and teacher A.
 """
 from __future__ import annotations
 
@@ -36,26 +50,23 @@ import torch
 from fastjukebox.atomic import atomic_path
 
 from .data import load_pieces, real_windows, sample_teacher, sample_windows
-from .metrics import (CallCounter, codebook_usage, default_fft_sizes, mr_stft_distance, teacher_scores,
-                      unigram_entropy_bits)
+from .metrics import (CallCounter, code_histogram, codebook_usage, default_fft_sizes, histogram_tv, mr_stft_distance,
+                      next_token_tv, teacher_scores, unigram_entropy_bits)
+from .two_sample import classifier_two_sample_test
 
-REQUIRED_KEYS = ("teacher_nll_student", "teacher_nll_teacher", "teacher_nll_real", "codebook_usage_student",
-                 "codebook_usage_teacher", "entropy_student", "entropy_teacher", "spectral_distance_ratio",
-                 "passes_per_window_student", "passes_per_window_teacher", "seconds_per_window_student",
-                 "seconds_per_window_teacher", "speedup_wallclock", "k", "device")
+REQUIRED_KEYS = ("spectral_distance_ratio", "k", "device", "level", "n_ctx", "windows", "settings")
+SETTINGS = ("scratch", "hopped")
+SETTING_KEYS = ("known", "teacher_nll_student", "teacher_nll_teacher", "teacher_nll_real", "nll_ratio",
+                "c2st_accuracy", "c2st_stderr", "c2st_null_accuracy", "tv_mean", "tv_stderr", "entropy_next_student",
+                "entropy_next_teacher", "entropy_student", "entropy_teacher", "codebook_usage_student",
+                "codebook_usage_teacher", "codebook_usage_ratio", "histogram_tv", "passes_per_window_student",
+                "passes_per_window_teacher", "seconds_per_window_student", "seconds_per_window_teacher",
+                "speedup_wallclock")
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def sample_student(sampler, upper: torch.Tensor, labels: torch.Tensor | None, *, temperature: float,
-                   batch_size: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Whole windows (S, n_ctx) from the student, nothing known, in batches."""
-    return sample_windows(sampler, sampler.config.n_ctx, upper, labels, temperature=temperature,
-                          batch_size=batch_size, generator=generator,
-                          device=sampler.student.prior.x_emb.weight.device)
 
 
 def _timed(fn, device):
@@ -66,11 +77,74 @@ def _timed(fn, device):
     return result, time.perf_counter() - t
 
 
+def _first(x, n):
+    return None if x is None else x[:n]
+
+
 @torch.no_grad()
-def evaluate(jb, student, *, data=None, windows: int = 16, passes: int = 16, batch_size: int = 16,
-             temperature: float = 1.0, seed: int = 0, out=None, progress: bool = True) -> dict:
+def _compare(prior, student, sampler, w, teacher_a, known: int, *, temperature, bs, gen, decoders, c2st_steps,
+             tv_positions, seed, dev, step) -> tuple[dict, dict]:
+    """One setting: teacher and student samples continuing ``teacher_a[:, :known]`` (nothing when
+    ``known`` is 0; then ``teacher_a`` itself is the teacher's sample A). Returns the setting's
+    measures and its samples."""
+    c = prior.config
+    windows = w.upper.shape[0]
+    prefix = teacher_a[:, :known] if known else None
+    n_batches = math.ceil(windows / bs)
+    teach = lambda: sample_teacher(prior, w.upper, w.labels, temperature=temperature, batch_size=bs, generator=gen,
+                                   decoders=decoders, known=prefix)
+    # warm-ups (caches, allocator), then the timed runs on all windows
+    sample_teacher(prior, w.upper[:bs], _first(w.labels, bs), temperature=temperature, batch_size=bs, generator=gen,
+                   decoders=decoders, known=_first(prefix, bs))
+    with CallCounter(prior.prior.x_emb) as calls_t:
+        sample_a, t_teacher = _timed(teach, dev)
+    if not known:
+        sample_a = teacher_a
+    sample_b = teach()
+    student_fill = lambda upper, labels, pre: sample_windows(
+        sampler, c.n_ctx, upper, labels, temperature=temperature, batch_size=bs, generator=gen, device=dev, known=pre)
+    student_fill(w.upper[:bs], _first(w.labels, bs), _first(prefix, bs))
+    step(f"student: sampling {windows} windows after {known} known codes ({sampler.passes} passes)")
+    with CallCounter(student.prior) as calls_s:
+        sample_s, t_student = _timed(lambda: student_fill(w.upper, w.labels, prefix), dev)
+
+    step(f"scoring {windows} windows after {known} known codes: teacher NLL, two-sample test, TV")
+    nll_s, ent_s = teacher_scores(prior, sample_s, w.upper, w.labels, bs, start=known)
+    nll_t, ent_t = teacher_scores(prior, sample_a, w.upper, w.labels, bs, start=known)
+    nll_r, _ = teacher_scores(prior, w.real, w.upper, w.labels, bs, start=known)
+    c2st = classifier_two_sample_test(sample_a, sample_s, l_bins=c.l_bins, upper=w.upper, upper_bins=c.l_bins,
+                                      steps=c2st_steps, seed=seed)
+    null = classifier_two_sample_test(sample_a, sample_b, l_bins=c.l_bins, upper=w.upper, upper_bins=c.l_bins,
+                                      steps=c2st_steps, seed=seed)
+    tv = next_token_tv(prior, student, sample_a, w.upper, w.labels, known=known, positions=tv_positions,
+                       generator=torch.Generator().manual_seed(seed))
+    new_s, new_t = sample_s[:, known:], sample_a[:, known:]
+    hist_s, hist_t = code_histogram(new_s, c.l_bins), code_histogram(new_t, c.l_bins)
+    use_s, use_t = codebook_usage(new_s), codebook_usage(new_t)
+    r = dict(known=known, teacher_nll_student=nll_s, teacher_nll_teacher=nll_t, teacher_nll_real=nll_r,
+             nll_ratio=nll_s / max(nll_t, 1e-12),
+             c2st_accuracy=c2st["accuracy"], c2st_stderr=c2st["stderr"], c2st_n_test=c2st["n_test"],
+             c2st_null_accuracy=null["accuracy"], c2st_null_stderr=null["stderr"],
+             tv_mean=tv["mean_tv"], tv_stderr=tv["stderr"], tv_profile=tv["profile"], tv_positions=tv["positions"],
+             entropy_next_student=tv["entropy_student"], entropy_next_teacher=tv["entropy_teacher"],
+             entropy_student=ent_s, entropy_teacher=ent_t,
+             unigram_entropy_student=unigram_entropy_bits(new_s, c.l_bins),
+             unigram_entropy_teacher=unigram_entropy_bits(new_t, c.l_bins),
+             codebook_usage_student=use_s, codebook_usage_teacher=use_t, codebook_usage_real=codebook_usage(w.real[:, known:]),
+             codebook_usage_ratio=use_s / max(use_t, 1), histogram_student=hist_s, histogram_teacher=hist_t,
+             histogram_tv=histogram_tv(hist_s, hist_t),
+             passes_per_window_student=calls_s.count / n_batches, passes_per_window_teacher=calls_t.count / n_batches,
+             seconds_per_window_student=t_student / windows, seconds_per_window_teacher=t_teacher / windows,
+             speedup_wallclock=t_teacher / max(t_student, 1e-12))
+    return r, dict(student=sample_s, a=sample_a, b=sample_b)
+
+
+@torch.no_grad()
+def evaluate(jb, student, *, data=None, windows: int = 64, passes: int | None = None, batch_size: int = 16,
+             temperature: float = 1.0, seed: int = 0, out=None, progress: bool = True, c2st_steps: int = 300,
+             tv_positions: int = 8) -> dict:
     """Run the comparison described in the module docstring; write eval.json, eval.md and
-    eval.png into ``out`` (if given) and return the results."""
+    eval.png into ``out`` (if given) and return the results. ``passes`` None: the student's own."""
     from .sampler import ParallelWindowSampler
 
     level = student.config.level
@@ -80,8 +154,10 @@ def evaluate(jb, student, *, data=None, windows: int = 16, passes: int = 16, bat
     if student.config.n_ctx != c.n_ctx or student.config.l_bins != c.l_bins:
         raise ValueError(f"the student (n_ctx {student.config.n_ctx}, {student.config.l_bins} codes) does not match "
                          f"the level-{level} teacher (n_ctx {c.n_ctx}, {c.l_bins} codes)")
-    if windows < 1 or passes < 1 or batch_size < 1:
-        raise ValueError("windows, passes and batch_size must be >= 1")
+    if windows < 4 or batch_size < 1 or (passes is not None and passes < 1):
+        raise ValueError(f"windows must be >= 4 (the two-sample test splits them), batch_size >= 1 and passes >= 1; "
+                         f"got windows={windows}, batch_size={batch_size}, passes={passes}")
+    sampler = ParallelWindowSampler(student, passes=passes)
     dev = prior.prior.x_emb.weight.device
     step = lambda msg: print(f"[evaluate] {msg}", file=sys.stderr) if progress else None
 
@@ -89,50 +165,35 @@ def evaluate(jb, student, *, data=None, windows: int = 16, passes: int = 16, bat
     pieces = load_pieces(data, "heldout", jb.sr)
     w = real_windows(jb.vqvae, prior, pieces, windows, torch.Generator().manual_seed(seed))
     gen = torch.Generator(device=dev)
+    gen.manual_seed(seed)
     bs = min(batch_size, windows)
     decoders: dict = {}
-
-    # warm-ups (caches, allocator), then the timed runs on all windows
-    gen.manual_seed(seed)
-    sample_teacher(prior, w.upper[:bs], None if w.labels is None else w.labels[:bs], temperature=temperature,
-                   batch_size=bs, generator=gen, decoders=decoders)
-    step(f"teacher: sampling {windows} windows x 2 (autoregressive)")
-    with CallCounter(prior.prior.x_emb) as calls_t:
-        teacher_a, t_teacher = _timed(lambda: sample_teacher(
-            prior, w.upper, w.labels, temperature=temperature, batch_size=bs, generator=gen, decoders=decoders), dev)
-    teacher_b = sample_teacher(prior, w.upper, w.labels, temperature=temperature, batch_size=bs, generator=gen,
+    kw = dict(temperature=temperature, bs=bs, gen=gen, decoders=decoders, c2st_steps=c2st_steps,
+              tv_positions=tv_positions, seed=seed, dev=dev, step=step)
+    step(f"teacher: sampling {windows} windows (autoregressive)")
+    teacher_a = sample_teacher(prior, w.upper, w.labels, temperature=temperature, batch_size=bs, generator=gen,
                                decoders=decoders)
-    sampler = ParallelWindowSampler(student, passes=passes)
-    sample_student(sampler, w.upper[:bs], None if w.labels is None else w.labels[:bs], temperature=temperature,
-                   batch_size=bs, generator=gen)
-    step(f"student: sampling {windows} windows ({passes} passes)")
-    with CallCounter(student.prior) as calls_s:
-        student_z, t_student = _timed(lambda: sample_student(
-            sampler, w.upper, w.labels, temperature=temperature, batch_size=bs, generator=gen), dev)
-    n_batches = math.ceil(windows / bs)
+    settings, samples = {}, {}
+    for name, known in (("scratch", 0), ("hopped", c.n_ctx // 2)):
+        settings[name], samples[name] = _compare(prior, student, sampler, w, teacher_a, known, **kw)
 
-    step("scoring under the teacher and decoding audio")
-    nll_s, ent_s = teacher_scores(prior, student_z, w.upper, w.labels, bs)
-    nll_t, ent_t = teacher_scores(prior, teacher_a, w.upper, w.labels, bs)
-    nll_r, ent_r = teacher_scores(prior, w.real, w.upper, w.labels, bs)
-    audio = {k: jb.vqvae.decode(z.to(dev), level).float().cpu()
-             for k, z in (("student", student_z), ("a", teacher_a), ("b", teacher_b))}
+    step("decoding audio")
+    s = samples["scratch"]
+    audio = {k: jb.vqvae.decode(z.to(dev), level).float().cpu() for k, z in s.items()}
     sizes = default_fft_sizes(audio["a"].shape[1])
     d_student = float(mr_stft_distance(audio["student"], audio["a"], sizes).mean())
     d_teacher = float(mr_stft_distance(audio["b"], audio["a"], sizes).mean())
+    own = student.sampling
     result = dict(
-        teacher_nll_student=nll_s, teacher_nll_teacher=nll_t, teacher_nll_real=nll_r,
-        codebook_usage_student=codebook_usage(student_z), codebook_usage_teacher=codebook_usage(teacher_a),
-        codebook_usage_real=codebook_usage(w.real),
-        entropy_student=ent_s, entropy_teacher=ent_t, entropy_real=ent_r,
-        unigram_entropy_student=unigram_entropy_bits(student_z, c.l_bins),
-        unigram_entropy_teacher=unigram_entropy_bits(teacher_a, c.l_bins),
+        settings=settings,
         spectral_distance_student_teacher=d_student, spectral_distance_teacher_teacher=d_teacher,
         spectral_distance_ratio=d_student / max(d_teacher, 1e-12), fft_sizes=list(sizes),
-        passes_per_window_student=calls_s.count / n_batches, passes_per_window_teacher=calls_t.count / n_batches,
-        seconds_per_window_student=t_student / windows, seconds_per_window_teacher=t_teacher / windows,
-        speedup_wallclock=t_teacher / max(t_student, 1e-12),
-        k=passes, device=str(dev), level=level, n_ctx=c.n_ctx, windows=windows, batch_size=bs,
+        k=sampler.passes, confidence_noise=sampler.confidence_noise, prefix_cache=sampler.prefix_cache,
+        sampling_settings_source="the student's sampling.json (chosen on training shards)"
+        if passes is None else f"passes={passes} given; the rest from the student's sampling.json",
+        student_sampling=dict(passes=own.passes, confidence_noise=own.confidence_noise,
+                              prefix_cache=own.prefix_cache, temperature_anneal=own.temperature_anneal),
+        device=str(dev), level=level, n_ctx=c.n_ctx, windows=windows, batch_size=bs, c2st_steps=c2st_steps,
         temperature=temperature, l_bins=c.l_bins, data=str(data) if data else "demo-corpus (heldout)")
     if out is not None:
         write_report(result, Path(out))
@@ -140,23 +201,38 @@ def evaluate(jb, student, *, data=None, windows: int = 16, passes: int = 16, bat
 
 
 def format_markdown(r: dict) -> str:
-    rows = [
-        ("teacher NLL (bits/token)", r["teacher_nll_student"], r["teacher_nll_teacher"], r["teacher_nll_real"]),
-        ("teacher predictive entropy (bits)", r["entropy_student"], r["entropy_teacher"], r.get("entropy_real", "")),
-        ("empirical code entropy (bits)", r["unigram_entropy_student"], r["unigram_entropy_teacher"], ""),
-        ("codebook usage (distinct codes)", r["codebook_usage_student"], r["codebook_usage_teacher"],
-         r.get("codebook_usage_real", "")),
-        ("sequential passes / window", r["passes_per_window_student"], r["passes_per_window_teacher"], ""),
-        ("seconds / window", r["seconds_per_window_student"], r["seconds_per_window_teacher"], ""),
-    ]
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    pm = lambda v, e: f"{v:.3f} +- {e:.3f}"
     lines = [f"## Student vs teacher, level {r['level']} ({r['windows']} held-out windows, n_ctx {r['n_ctx']}, "
-             f"K = {r['k']} passes, {r['device']})", "", "| measure | student | teacher | real |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {fmt(s)} | {fmt(t)} | {fmt(x)} |" for name, s, t, x in rows]
-    lines += ["", f"- spectral distance ratio (student-teacher / teacher-teacher, 1.0 = indistinguishable): "
-                  f"**{r['spectral_distance_ratio']:.3f}** ({r['spectral_distance_student_teacher']:.4g} / "
-                  f"{r['spectral_distance_teacher_teacher']:.4g}, FFT sizes {r['fft_sizes']})",
-              f"- wall-clock speedup vs the autoregressive teacher: **{r['speedup_wallclock']:.2f}x**", ""]
+             f"K = {r['k']} passes, choice noise {r['confidence_noise']:g}, prefix cache {r['prefix_cache']}, "
+             f"{r['device']})", "", f"Sampling settings: {r['sampling_settings_source']}.", ""]
+    for name, s in r["settings"].items():
+        what = "from scratch" if not s["known"] else f"hopped: first {s['known']} codes given by the teacher"
+        rows = [
+            ("teacher NLL of the new codes (bits/token)", s["teacher_nll_student"], s["teacher_nll_teacher"],
+             s["teacher_nll_real"]),
+            ("teacher predictive entropy (bits)", s["entropy_student"], s["entropy_teacher"], ""),
+            ("next-token entropy along teacher samples (bits)", s["entropy_next_student"], s["entropy_next_teacher"], ""),
+            ("empirical code entropy (bits)", s["unigram_entropy_student"], s["unigram_entropy_teacher"], ""),
+            ("codebook usage (distinct codes)", s["codebook_usage_student"], s["codebook_usage_teacher"],
+             s["codebook_usage_real"]),
+            ("sequential passes / window", s["passes_per_window_student"], s["passes_per_window_teacher"], ""),
+            ("seconds / window", s["seconds_per_window_student"], s["seconds_per_window_teacher"], ""),
+        ]
+        lines += [f"### {name} ({what})", "", "| measure | student | teacher | real |", "|---|---:|---:|---:|"]
+        lines += [f"| {m} | {fmt(a)} | {fmt(b)} | {fmt(x)} |" for m, a, b, x in rows]
+        lines += ["", f"- teacher NLL ratio (student / teacher samples): **{s['nll_ratio']:.3f}**",
+                  f"- classifier two-sample test, held-out accuracy teacher vs student: "
+                  f"**{pm(s['c2st_accuracy'], s['c2st_stderr'])}** ({s['c2st_n_test']} held-out windows; "
+                  f"teacher vs teacher: {pm(s['c2st_null_accuracy'], s['c2st_null_stderr'])})",
+                  f"- next-token total variation along teacher samples: **{pm(s['tv_mean'], s['tv_stderr'])}** "
+                  f"(by position span: {', '.join(f'{v:.2f}' for v in s['tv_profile'])})",
+                  f"- code histogram total variation: {s['histogram_tv']:.3f}; codebook usage ratio "
+                  f"{s['codebook_usage_ratio']:.3f}",
+                  f"- wall-clock speedup vs the autoregressive teacher: **{s['speedup_wallclock']:.2f}x**", ""]
+    lines += [f"- spectral distance ratio (scratch; student-teacher / teacher-teacher, 1.0 = indistinguishable): "
+              f"**{r['spectral_distance_ratio']:.3f}** ({r['spectral_distance_student_teacher']:.4g} / "
+              f"{r['spectral_distance_teacher_teacher']:.4g}, FFT sizes {r['fft_sizes']})", ""]
     return "\n".join(lines)
 
 
@@ -168,22 +244,28 @@ def plot_report(r: dict, png: Path) -> Path | None:
     except ImportError:
         print("matplotlib is not installed (pip install 'fastjukebox[plots]'): no plot written", file=sys.stderr)
         return None
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(12, 3.5))
-    a.bar(["student", "teacher", "real"], [r["teacher_nll_student"], r["teacher_nll_teacher"], r["teacher_nll_real"]],
-          color=["tab:orange", "tab:blue", "tab:green"])
-    a.set_title("teacher NLL (bits/token)")
-    b.bar(["student", "teacher"], [r["seconds_per_window_student"], r["seconds_per_window_teacher"]],
-          color=["tab:orange", "tab:blue"])
-    b.set_title(f"seconds / window ({r['speedup_wallclock']:.1f}x)")
-    c.bar(["student-teacher", "teacher-teacher"], [r["spectral_distance_student_teacher"],
-                                                   r["spectral_distance_teacher_teacher"]], color=["tab:orange", "tab:blue"])
-    c.set_title(f"MR-STFT distance (ratio {r['spectral_distance_ratio']:.2f})")
+    names = list(r["settings"])
+    fig, axes = plt.subplots(len(names), 3, figsize=(13, 3.3 * len(names)), squeeze=False)
+    for row, name in zip(axes, names):
+        s = r["settings"][name]
+        a, b, h = row
+        a.bar(["student", "teacher", "real"], [s["teacher_nll_student"], s["teacher_nll_teacher"],
+                                               s["teacher_nll_real"]], color=["tab:orange", "tab:blue", "tab:green"])
+        a.set_title(f"{name}: teacher NLL (bits/token)")
+        b.plot(s["tv_profile"], marker="o")
+        b.set_ylim(0, 1)
+        b.set_title(f"{name}: next-token TV by position span (mean {s['tv_mean']:.2f})")
+        order = sorted(range(len(s["histogram_teacher"])), key=lambda i: -s["histogram_teacher"][i])
+        h.plot([s["histogram_teacher"][i] for i in order], label="teacher", color="tab:blue")
+        h.plot([s["histogram_student"][i] for i in order], label="student", color="tab:orange", alpha=0.8)
+        h.set_yscale("log")
+        h.set_title(f"{name}: code counts (teacher's order), TV {s['histogram_tv']:.2f}")
+        h.legend()
     fig.tight_layout()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return png
-
 
 def write_report(r: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
@@ -207,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="demo", help="teacher model directory or bundled name (default: demo)")
     p.add_argument("--data", default=None, help="audio directory (default: the demo corpus, held-out split)")
     p.add_argument("--out", default=None, help="output directory (default: ./distill-eval-<time>)")
-    p.add_argument("--windows", type=int, default=16)
-    p.add_argument("--passes", type=int, default=16, help="student passes per window (K)")
+    p.add_argument("--windows", type=int, default=64, help="held-out windows (half train the two-sample classifier)")
+    p.add_argument("--passes", type=int, default=None, help="student passes per window (K; default: the student's own)")
+    p.add_argument("--c2st-steps", type=int, default=300, help="training steps of the two-sample classifier")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1)
@@ -222,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     jb = fj.load(args.model, device=device)
     out = Path(args.out) if args.out else Path.cwd() / f"distill-eval-{datetime.now():%Y%m%d-%H%M%S}"
     r = evaluate(jb, student, data=args.data, windows=args.windows, passes=args.passes, batch_size=args.batch_size,
-                 temperature=args.temperature, seed=args.seed, out=out, progress=not args.quiet)
+                 temperature=args.temperature, seed=args.seed, out=out, progress=not args.quiet,
+                 c2st_steps=args.c2st_steps)
     print(format_markdown(r))
     print(f"written: {out / 'eval.json'}, {out / 'eval.md'}, {out / 'eval.png'}")
     return 0

@@ -4,6 +4,9 @@
   the teacher, and the entropy (bits) of the teacher's predictive distribution along them.
 * ``codebook_usage`` / ``unigram_entropy_bits``: distinct codes, and the entropy of the codes'
   empirical distribution (low values reveal collapse onto a few codes).
+* ``next_token_tv``: total variation between the student's and the teacher's next-token
+  distributions along teacher samples (the rejection rate of an exact speculative verifier).
+* ``code_histogram`` / ``histogram_tv``: code counts and the distance between two of them.
 * ``mr_stft_distance``: multi-resolution STFT distance between two batches of audio.
 * ``CallCounter``: counts a module's forward calls (sequential passes of a sampler).
 """
@@ -19,9 +22,10 @@ BITS = 1.0 / math.log(2.0)
 
 @torch.no_grad()
 def teacher_scores(prior, codes: torch.Tensor, upper: torch.Tensor, labels: torch.Tensor | None,
-                   batch_size: int = 16) -> tuple[float, float]:
+                   batch_size: int = 16, start: int = 0) -> tuple[float, float]:
     """Mean teacher NLL of ``codes`` (S, n_ctx) and mean entropy of the teacher's predictive
-    distribution at those positions, both in bits per token (temperature 1).
+    distribution at those positions, both in bits per token (temperature 1), over positions
+    ``[start, n_ctx)`` (a hopped window's new part: ``start`` = its known length).
 
     upper: (S, n_ctx // cond_downsample); labels: (S, label_len) or None."""
     dev = prior.prior.x_emb.weight.device
@@ -31,11 +35,71 @@ def teacher_scores(prior, codes: torch.Tensor, upper: torch.Tensor, labels: torc
         sl = slice(i, i + batch_size)
         z = codes[sl].to(dev)
         y = None if labels is None else labels[sl].to(dev)
-        logp = torch.log_softmax(prior.logits(z, upper[sl].to(dev), y).float(), dim=-1)  # (B, T, V)
-        nll += float(-logp.gather(-1, z[..., None]).sum())
+        logp = torch.log_softmax(prior.logits(z, upper[sl].to(dev), y).float(), dim=-1)[:, start:]  # (B, T', V)
+        nll += float(-logp.gather(-1, z[:, start:, None]).sum())
         ent += float(-(logp.exp() * logp).sum())
-        count += z.numel()
+        count += z[:, start:].numel()
     return nll / count * BITS, ent / count * BITS
+
+
+@torch.no_grad()
+def next_token_tv(prior, student, codes: torch.Tensor, upper: torch.Tensor, labels: torch.Tensor | None, *,
+                  known: int, positions: int = 16, generator: torch.Generator | None = None,
+                  bins: int = 8) -> dict:
+    """Total variation between the student's and the teacher's next-token distributions along
+    teacher samples ``codes`` (S, n_ctx), ``1 - sum_v min(p_t(v), q_t(v))``.
+
+    At ``positions`` positions ``t`` per window, drawn uniformly from ``[known, n_ctx)``: ``p_t``
+    is the teacher's distribution given codes ``[0, t)`` (teacher-forced), ``q_t`` the student's at
+    ``t`` given the same codes with ``[t, n_ctx)`` masked (its prefix layout with the window's
+    ``known`` codes when ``student.sampling.prefix_cache``), both at temperature 1. This is the
+    rejection rate an exact speculative verifier meets at the first drafted position after an
+    accepted prefix. Returns ``mean_tv``, ``stderr`` (over windows), ``profile`` (mean TV in
+    ``bins`` equal spans of ``[known, n_ctx)``), ``entropy_student`` / ``entropy_teacher``
+    (bits, of q and p at those positions), ``positions``."""
+    c = prior.config
+    n = c.n_ctx
+    if not 0 <= known < n:
+        raise ValueError(f"known must be in [0, n_ctx={n}), got {known}")
+    dev = prior.prior.x_emb.weight.device
+    prefix_len = known if student.sampling.prefix_cache else 0
+    per_window, prof_sum, prof_n = [], torch.zeros(bins, dtype=torch.float64), torch.zeros(bins, dtype=torch.float64)
+    ent_p = ent_q = 0.0
+    for i in range(codes.shape[0]):
+        z = codes[i:i + 1].to(dev)
+        u = upper[i:i + 1].to(dev)
+        y = None if labels is None else labels[i:i + 1].to(dev)
+        logp = torch.log_softmax(prior.logits(z, u, y).float()[0], dim=-1)           # (n, V)
+        t = torch.randint(known, n, (positions,), generator=generator).to(dev)        # (m,)
+        tokens = z.expand(positions, n).clone()
+        tokens[torch.arange(n, device=dev)[None, :] >= t[:, None]] = student.mask_id
+        cond = student.condition(u.expand(positions, -1), None if y is None else y.expand(positions, -1))
+        logq = torch.log_softmax(student.logits_unchecked(tokens, cond, prefix_len=prefix_len,
+                                                          positions=t[:, None])[:, 0], dim=-1)   # (m, V)
+        p, q = logp[t].exp(), logq.exp()
+        tv = (1.0 - torch.minimum(p, q).sum(-1)).clamp(min=0.0).double().cpu()      # (m,)
+        per_window.append(float(tv.mean()))
+        b = ((t - known).cpu() * bins // (n - known)).clamp(max=bins - 1)
+        prof_sum.index_add_(0, b, tv)
+        prof_n.index_add_(0, b, torch.ones_like(tv))
+        ent_p += float(-(p * logp[t]).sum())
+        ent_q += float(-(q * logq).sum())
+    m = torch.tensor(per_window, dtype=torch.float64)
+    count = codes.shape[0] * positions
+    return dict(mean_tv=float(m.mean()), stderr=float(m.std() / math.sqrt(len(m))) if len(m) > 1 else 0.0,
+                profile=(prof_sum / prof_n.clamp(min=1)).tolist(), entropy_teacher=ent_p / count * BITS,
+                entropy_student=ent_q / count * BITS, positions=positions)
+
+
+def code_histogram(codes: torch.Tensor, l_bins: int) -> list[int]:
+    """Count of every code in ``codes`` (any shape), ``l_bins`` entries."""
+    return torch.bincount(codes.reshape(-1).long().cpu(), minlength=l_bins).tolist()
+
+
+def histogram_tv(a: list[int], b: list[int]) -> float:
+    """Total variation between two code histograms (as distributions), in [0, 1]."""
+    pa, pb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return float(0.5 * (pa / pa.sum() - pb / pb.sum()).abs().sum())
 
 
 def codebook_usage(codes: torch.Tensor) -> int:

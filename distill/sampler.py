@@ -1,11 +1,16 @@
 """Iterative parallel decoding of one upsampler window with a ``ParallelStudent``.
 
 A window starts with its known codes (the overlap with the previous window) and every new
-position masked. Each pass runs the student once over the whole window, draws a code for every
-still-masked new position, and keeps the most confident draws (confidence: log-probability of
-the drawn code, plus optional annealed Gumbel noise); the others are masked again, so that the
-number still masked after pass ``k`` is ``schedules.masks_per_pass(n_new, passes)[k]``. Codes
-once kept are final. ``passes`` model evaluations decode the window.
+position masked. Each pass runs the student once, computes output heads only at the positions
+still masked, draws a code for each, and keeps the most confident draws (confidence:
+log-probability of the drawn code, plus optional annealed Gumbel noise); the others are masked
+again, so that the number still masked after pass ``k`` is
+``schedules.masks_per_pass(n_new, passes)[k]``. Codes once kept are final, known codes are never
+touched. ``passes`` model evaluations decode the window.
+
+With ``prefix_cache`` (students trained with ``distill.prefix_layout``) the known codes run once
+per window, and every pass runs only the positions after them against their cached keys and
+values; otherwise each pass runs the whole window with full bidirectional attention.
 
 The loop is sync-free: the mask counts are host integers from the schedule, selection is a
 ``topk`` with a static ``k``, and nothing reads device values back (no ``.item()``, no
@@ -51,6 +56,10 @@ class ParallelWindowSampler:
         student: a ``ParallelStudent`` (its device and dtype are used).
         passes: model evaluations per window; a window with fewer new positions than ``passes``
             uses one pass per position.
+        prefix_cache: run a window's known codes once under the prefix-cached layout
+            (``distill.prefix_layout``) and every pass over the other positions only; right for
+            students trained with that layout (``student.sampling.prefix_cache``).
+        level: the level the sampler is for, checked against the student's (optional).
         temperature_anneal: sample pass ``i`` at ``pass_temperature(temperature, i, passes)``
             (linear from ``temperature`` towards 0) instead of ``temperature`` throughout.
         confidence_noise: scale of the Gumbel noise added to the confidences, annealed linearly
@@ -64,13 +73,18 @@ class ParallelWindowSampler:
     (3.6-4.0 vs 5.3 bits/token). A sharper teacher (lower entropy) wants less noise.
     """
 
-    def __init__(self, student: ParallelStudent, passes: int = 16, temperature_anneal: bool | None = None,
-                 confidence_noise: float | None = None):
+    def __init__(self, student: ParallelStudent, passes: int | None = None, temperature_anneal: bool | None = None,
+                 confidence_noise: float | None = None, prefix_cache: bool | None = None, level: int | None = None):
         if not isinstance(student, ParallelStudent):
             raise TypeError(f"student must be a ParallelStudent, got {type(student).__name__}")
+        if level is not None and student.config.level != level:
+            raise ValueError(f"this student upsamples level {student.config.level}, not level {level} "
+                             f"(a student for another level)")
+        own = student.sampling
+        passes = own.passes if passes is None else passes
         if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
             raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
-        own = student.sampling
+        self.prefix_cache = own.prefix_cache if prefix_cache is None else bool(prefix_cache)
         temperature_anneal = own.temperature_anneal if temperature_anneal is None else temperature_anneal
         confidence_noise = own.confidence_noise if confidence_noise is None else confidence_noise
         if confidence_noise < 0:
@@ -134,25 +148,26 @@ class ParallelWindowSampler:
             return z.clone()
         tokens = torch.full((N, c.n_ctx), student.mask_id, dtype=torch.long, device=z.device)
         tokens[:, :K] = z
-        lo, hi = K, K + n_new
+        cache = student.prefix_cache(z, cond) if self.prefix_cache and K else None
         passes = min(self.passes, n_new)
-        masked = torch.ones(N, n_new, dtype=torch.bool, device=z.device)   # new positions not yet final
+        # absolute positions still masked, (N, remaining); their order follows the last topk
+        masked = torch.arange(K, K + n_new, device=z.device).expand(N, n_new)
         remaining = n_new
         for i, still in enumerate(masks_per_pass(n_new, passes)):
             t = pass_temperature(temperature, i, passes) if self.temperature_anneal else float(temperature)
-            logits = student.logits_unchecked(tokens, cond, lo, hi)        # (N, n_new, V) fp32
-            ids, conf = _draw(logits, t, top_k, top_p, generator)           # (N, n_new) each
+            logits = student.logits_unchecked(tokens, cond, cache=cache, positions=masked)   # (N, remaining, V)
+            ids, conf = _draw(logits, t, top_k, top_p, generator)                          # (N, remaining) each
             if self.confidence_noise:
                 e = torch.empty_like(conf).exponential_(1.0, generator=generator)
                 conf = conf - self.confidence_noise * (1.0 - i / passes) * e.log()   # + scaled Gumbel(0, 1)
-            conf = conf.masked_fill(~masked, float("inf"))                  # final codes are never re-masked
-            keep_masked = torch.zeros_like(masked)
             if still:
-                keep_masked.scatter_(1, torch.topk(conf, still, dim=1, largest=False).indices, True)
-            newly = masked & ~keep_masked
-            tokens[:, lo:hi] = torch.where(newly, ids, tokens[:, lo:hi])
-            masked = keep_masked
+                stay = torch.topk(conf, still, dim=1, largest=False).indices      # least confident stay masked
+                keep_masked = torch.zeros_like(masked, dtype=torch.bool).scatter_(1, stay, True)
+                tokens.scatter_(1, masked, torch.where(keep_masked, student.mask_id, ids))
+                masked = masked.gather(1, stay)
+            else:
+                tokens.scatter_(1, masked, ids)
             if on_progress is not None:
                 on_progress(remaining - still)
             remaining = still
-        return tokens[:, :hi].clone()
+        return tokens[:, :K + n_new].clone()

@@ -12,11 +12,19 @@ column layers see their whole block / column, previous-block layers still read t
 block. Conditioning on the level above and on labels is the teacher's, module for module, so
 ``from_teacher`` starts the student from every teacher weight.
 
+Attention layout: with ``prefix_len`` > 0 (a window whose first ``prefix_len`` codes are known)
+the known prefix attends only within itself and every other position sees everything
+(``distill.prefix_layout``), so the sampler computes the prefix once per window
+(``prefix_cache``) and each pass runs only the unknown positions, scoring only those still
+masked (``positions``). ``prefix_len`` 0 is full bidirectional attention. Students trained with
+the layout say so in ``sampling.prefix_cache``.
+
 Submodule names follow ``fastjukebox.Prior`` (``prior.*``, ``conditioner_blocks.0``, ``y_emb``).
 
 ``sampling`` holds the student's own defaults for ``ParallelWindowSampler`` (saved beside the
-weights as ``sampling.json``): how much choice noise its unmasking wants depends on how sharp the
-teacher is, so ``distill.train`` measures it on validation windows (``distill.tune``).
+weights as ``sampling.json``): its pass count, its layout, and how much choice noise its
+unmasking wants (it depends on how sharp the teacher is, so ``distill.train`` measures it on
+training-shard windows, ``distill.tune``).
 """
 from __future__ import annotations
 
@@ -37,6 +45,8 @@ from fastjukebox.config import PriorConfig
 from fastjukebox.prior import Conditioning, Prior, label_conditioner, upsampler_conditioner
 from fastjukebox.transformer import Transformer
 
+from .prefix_layout import PrefixCache, check_prefix_len, encode_prefix, full_forward, suffix_forward
+
 __all__ = ["ParallelStudent", "STUDENT_KIND", "SamplingDefaults", "SAMPLING_NAME"]
 
 SAMPLING_NAME = "sampling.json"
@@ -45,22 +55,34 @@ SAMPLING_NAME = "sampling.json"
 @dataclass(frozen=True)
 class SamplingDefaults:
     """A student's defaults for ``ParallelWindowSampler`` (see its arguments). The values here
-    are the ones used before a student has its own (chosen on the demo's level-1 student)."""
+    are the ones used before a student has its own (chosen on the demo's level-1 student).
+
+    ``passes``: decoding passes per window. ``prefix_cache``: the student was trained with the
+    prefix-cached attention layout (``distill.prefix_layout``), so the sampler runs a window's
+    known prefix once and every pass over the unknown positions only; students trained with
+    full bidirectional attention have False."""
 
     confidence_noise: float = 16.0
     temperature_anneal: bool = False
+    passes: int = 16
+    prefix_cache: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.confidence_noise, (int, float)) and self.confidence_noise >= 0):
             raise ValueError(f"confidence_noise must be a number >= 0, got {self.confidence_noise!r}")
         if not isinstance(self.temperature_anneal, bool):
             raise ValueError(f"temperature_anneal must be true or false, got {self.temperature_anneal!r}")
+        if isinstance(self.passes, bool) or not isinstance(self.passes, int) or self.passes < 1:
+            raise ValueError(f"passes must be an integer >= 1, got {self.passes!r}")
+        if not isinstance(self.prefix_cache, bool):
+            raise ValueError(f"prefix_cache must be true or false, got {self.prefix_cache!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingDefaults":
-        unknown = sorted(set(d) - {"confidence_noise", "temperature_anneal"})
+        known = ("confidence_noise", "temperature_anneal", "passes", "prefix_cache")
+        unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ValueError(f"unknown sampling settings {unknown} (known: confidence_noise, temperature_anneal)")
+            raise ValueError(f"unknown sampling settings {unknown} (known: {', '.join(known)})")
         return cls(**d)
 
 STUDENT_KIND = "student"
@@ -95,18 +117,59 @@ class MaskedTokenModel(nn.Module):
         """(l_bins, W): the output projection (the code rows of ``x_emb`` when tied)."""
         return self.x_emb.weight[: self.l_bins] if self.tied else self.x_out.weight
 
-    def forward(self, tokens: torch.Tensor, start: torch.Tensor | None, x_cond: torch.Tensor | None,
-                lo: int = 0, hi: int | None = None) -> torch.Tensor:
-        """tokens (N, n_ctx) ids in [0, l_bins] -> logits (N, hi - lo, l_bins) of positions [lo, hi)."""
-        x = self.x_emb(tokens) + self.pos_emb()                 # (N, T, W)
+    def embed(self, tokens: torch.Tensor, start: torch.Tensor | None, x_cond: torch.Tensor | None,
+              lo: int = 0) -> torch.Tensor:
+        """Input embeddings (N, T, W) of ``tokens`` (N, T) at positions [lo, lo + T)."""
+        hi = lo + tokens.shape[1]
+        x = self.x_emb(tokens) + self.pos_emb()[lo:hi]          # (N, T, W)
         if start is not None:
             x = x + start                                       # (N, 1, W) broadcast over positions
         if x_cond is not None:
-            x = x + x_cond
-        h = self.transformer(x, None, causal=False)[:, lo:hi]
+            x = x + x_cond[:, lo:hi]
+        return x
+
+    def head(self, h: torch.Tensor, x_cond: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        """Logits (N, S, l_bins) from hidden states ``h`` (N, S, W) at window positions
+        ``positions`` ((S,) or (N, S) long; they select the ``x_cond`` rows added back)."""
         if self.cond_after and x_cond is not None:
-            h = h + x_cond[:, lo:hi]
+            if positions.dim() == 1:
+                h = h + x_cond[:, positions]
+            else:
+                h = h + x_cond.gather(1, positions[..., None].expand(-1, -1, x_cond.shape[-1]))
         return F.linear(h, self.out_weight())
+
+    def forward(self, tokens: torch.Tensor, start: torch.Tensor | None, x_cond: torch.Tensor | None,
+                lo: int = 0, hi: int | None = None, prefix_len: int = 0, *, cache: PrefixCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """One pass: tokens (N, n_ctx) ids in [0, l_bins] -> logits (N, hi - lo, l_bins) of
+        positions [lo, hi), or (N, S, l_bins) of ``positions`` ((N, S) long) when given.
+
+        The attention layout has a known prefix of ``prefix_len`` positions
+        (``distill.prefix_layout``; 0: every position sees every other). With ``cache`` (from
+        ``encode_prefix`` of ``tokens[:, :P]``) only positions [P, n_ctx) are run, against it;
+        the positions scored must then lie in [P, n_ctx)."""
+        if cache is not None:
+            P = cache.prefix_len
+            h = self.suffix_hidden(tokens[:, P:], start, x_cond, cache)
+        else:
+            P = 0
+            h = full_forward(self.transformer, self.embed(tokens, start, x_cond), prefix_len)
+        if positions is None:
+            hi = tokens.shape[1] if hi is None else hi
+            return self.head(h[:, lo - P:hi - P], x_cond, torch.arange(lo, hi, device=tokens.device))
+        rows = (positions - P)[..., None].expand(-1, -1, h.shape[-1])
+        return self.head(h.gather(1, rows), x_cond, positions)
+
+    def encode_prefix(self, prefix: torch.Tensor, start: torch.Tensor | None,
+                      x_cond: torch.Tensor | None) -> PrefixCache:
+        """The known prefix (N, P) codes, run once: its keys and values for every later pass."""
+        return encode_prefix(self.transformer, self.embed(prefix, start, x_cond))
+
+    def suffix_hidden(self, suffix: torch.Tensor, start: torch.Tensor | None, x_cond: torch.Tensor | None,
+                      cache: PrefixCache) -> torch.Tensor:
+        """Hidden states (N, n_ctx - P, W) of positions [P, n_ctx) (``suffix`` their ids) after
+        the cached prefix."""
+        return suffix_forward(self.transformer, self.embed(suffix, start, x_cond, cache.prefix_len), cache)
 
 
 class ParallelStudent(nn.Module):
@@ -198,19 +261,29 @@ class ParallelStudent(nn.Module):
         if batch != n:
             raise ValueError(f"tokens have batch {n} but the conditioning has batch {batch}")
 
-    def logits_unchecked(self, tokens: torch.Tensor, cond: Conditioning, lo: int = 0,
-                         hi: int | None = None) -> torch.Tensor:
+    def logits_unchecked(self, tokens: torch.Tensor, cond: Conditioning, lo: int = 0, hi: int | None = None,
+                         prefix_len: int = 0, *, cache: PrefixCache | None = None,
+                         positions: torch.Tensor | None = None) -> torch.Tensor:
         """``forward`` without reading token values (no host sync): tokens must already be a
         valid (N, n_ctx) LongTensor on the model's device. Returns fp32 logits (N, hi - lo, l_bins)
-        of positions [lo, hi) only."""
-        return self.prior(tokens, cond.start, cond.x_cond, lo, hi).float()
+        of positions [lo, hi) only, or of ``positions`` (N, S); ``prefix_len``, ``cache`` as in
+        ``MaskedTokenModel.forward``."""
+        return self.prior(tokens, cond.start, cond.x_cond, lo, hi, prefix_len, cache=cache,
+                          positions=positions).float()
 
-    def forward(self, tokens, cond: Conditioning) -> torch.Tensor:
-        """tokens (N, n_ctx) codes, ``mask_id`` where unknown; cond from ``condition``.
-        Returns logits (N, n_ctx, l_bins) in fp32; logits[:, t] scores position t."""
+    def prefix_cache(self, known: torch.Tensor, cond: Conditioning) -> PrefixCache:
+        """Keys and values of a window's known prefix (N, P) codes under the prefix layout,
+        computed once and passed to every pass (``logits_unchecked(..., cache=...)``)."""
+        return self.prior.encode_prefix(known, cond.start, cond.x_cond)
+
+    def forward(self, tokens, cond: Conditioning, prefix_len: int = 0) -> torch.Tensor:
+        """tokens (N, n_ctx) codes, ``mask_id`` where unknown; cond from ``condition``;
+        ``prefix_len``: known positions under the prefix-cached layout (``distill.prefix_layout``;
+        0: full bidirectional attention). Returns logits (N, n_ctx, l_bins) in fp32; logits[:, t]
+        scores position t."""
         z = self.check_tokens(tokens)
         self.check_batch(z.shape[0], cond)
-        return self.logits_unchecked(z, cond)
+        return self.logits_unchecked(z, cond, prefix_len=check_prefix_len(prefix_len, self.config.n_ctx))
 
     # --- checkpoints ------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:

@@ -8,12 +8,14 @@
 
 1. Teacher samples: ``distill.data.generate_shards`` writes ``OUT/shards`` (shard ``i`` made by
    rank ``i % world_size``; finished shards are kept, so it resumes).
-2. Training of ``ParallelStudent.from_teacher(prior)``: masked-token cross-entropy on the masked
-   positions (mask ratio from ``distill.schedules``), plus ``--soft-weight`` x the KL from the
-   teacher's renormalised top-k to the student at masked positions of teacher samples. A
+2. Training of ``ParallelStudent.from_teacher(prior)`` (or of ``--init-student``): masked-token
+   cross-entropy on the masked positions (mask ratio from ``distill.schedules``), plus
+   ``--soft-weight`` x the KL from the teacher's renormalised top-k to the student at masked positions of teacher samples. A
    fraction ``--real-ratio`` of the examples uses the real codes of the window instead of the
    teacher's sample. With probability ``--prefix-prob`` the first half of the window is left
-   visible and only the second half is masked, as when the sampler continues a hopped window.
+   visible and only the second half is masked, as when the sampler continues a hopped window;
+   these examples run under the prefix-cached layout (``distill.prefix_layout``) unless
+   ``--no-prefix-layout``.
    AdamW, linear warmup then cosine decay; gradients synchronised by accelerate.
 3. Checkpoint ``OUT/checkpoint.pt`` (atomic; weights, optimiser state, step) every
    ``--ckpt-every`` steps; ``--resume`` continues from it. The randomness of step ``s`` (batch,
@@ -75,6 +77,8 @@ class DistillConfig:
     real_ratio: float = 0.25
     soft_weight: float = 0.25
     prefix_prob: float = 0.25
+    prefix_layout: bool = True         # prefix examples train the prefix-cached layout (distill.prefix_layout)
+    init_student: str | None = None    # start from this student directory instead of the teacher's weights
     seed: int = 0
     ckpt_every: int = 100
     log_every: int = 10
@@ -82,8 +86,8 @@ class DistillConfig:
     resume: bool = False
     skip_corrupt: bool = False
     evaluate: bool = True
-    eval_windows: int = 16
-    passes: int = 16
+    eval_windows: int = 64
+    passes: int = 4                          # decoding passes per window, saved with the student
     confidence_noise: float | None = None   # the student's unmasking noise; None: chosen (distill.tune)
     tune_windows: int = 16                   # shard windows the choice is measured on
     progress: bool = True
@@ -125,7 +129,7 @@ class DistillConfig:
         """Settings a resumed run must share with the checkpoint it continues."""
         keep = ("teacher", "model", "data", "steps", "shards", "shard_size", "batch_size", "lr", "min_lr_ratio",
                 "warmup", "weight_decay", "grad_clip", "k", "temperature", "real_ratio", "soft_weight",
-                "prefix_prob", "seed")
+                "prefix_prob", "prefix_layout", "init_student", "seed")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -148,7 +152,8 @@ def make_batch(data: dict[str, torch.Tensor], batch_size: int, mask_id: int, g: 
     """Draw ``batch_size`` windows and their masks.
 
     Returns ``inputs`` (B, n_ctx) with ``mask_id`` at masked positions, ``targets`` (B, n_ctx),
-    ``mask`` (B, n_ctx) bool, ``teacher`` (B,) bool (True: teacher sample), ``upper``, ``labels``
+    ``mask`` (B, n_ctx) bool, ``teacher`` (B,) bool (True: teacher sample), ``prefix`` (B,) bool
+    (True: the first half is visible and only the second half masked), ``upper``, ``labels``
     (or absent), ``topk_ids``/``topk_probs`` (B, n_ctx, k)."""
     S, n = data["codes"].shape
     idx = torch.randint(S, (batch_size,), generator=g)
@@ -161,22 +166,40 @@ def make_batch(data: dict[str, torch.Tensor], batch_size: int, mask_id: int, g: 
     prefix = torch.rand(batch_size, generator=g) < prefix_prob
     mask = torch.where(prefix[:, None], suffix, mask)
     out = dict(inputs=targets.masked_fill(mask, mask_id), targets=targets, mask=mask, teacher=teacher,
-               upper=data["upper"][idx], topk_ids=data["topk_ids"][idx], topk_probs=data["topk_probs"][idx])
+               prefix=prefix, upper=data["upper"][idx], topk_ids=data["topk_ids"][idx], topk_probs=data["topk_probs"][idx])
     if "labels" in data:
         out["labels"] = data["labels"][idx]
     return out
 
 
 class DistillLoss(nn.Module):
-    """Wraps the student so one forward (through DDP) computes conditioning, logits and losses."""
+    """Wraps the student so one forward (through DDP) computes conditioning, logits and losses.
 
-    def __init__(self, student: nn.Module, soft_weight: float):
+    ``prefix_len`` > 0: examples whose first ``prefix_len`` positions are all visible (``prefix``
+    rows of the batch) run under the prefix-cached layout with that prefix
+    (``distill.prefix_layout``), the others with full bidirectional attention."""
+
+    def __init__(self, student: nn.Module, soft_weight: float, prefix_len: int = 0):
         super().__init__()
-        self.student, self.soft_weight = student, soft_weight
+        self.student, self.soft_weight, self.prefix_len = student, soft_weight, prefix_len
 
-    def forward(self, inputs, targets, mask, teacher, upper, topk_ids, topk_probs, labels=None):
+    def _logits(self, inputs, cond, prefix):
+        if not self.prefix_len:
+            return self.student(inputs, cond)
+        logits = None
+        for rows, P in ((~prefix, 0), (prefix, self.prefix_len)):
+            if not bool(rows.any()):
+                continue
+            sub = type(cond)(**{k: (v[rows] if torch.is_tensor(v) else v) for k, v in vars(cond).items()})
+            part = self.student(inputs[rows], sub, prefix_len=P)
+            if logits is None:
+                logits = part.new_empty(inputs.shape[0], *part.shape[1:])
+            logits[rows] = part
+        return logits
+
+    def forward(self, inputs, targets, mask, teacher, upper, topk_ids, topk_probs, prefix, labels=None):
         cond = self.student.condition(upper, labels)
-        logits = self.student(inputs, cond)                                   # (B, n_ctx, V) fp32
+        logits = self._logits(inputs, cond, prefix)                          # (B, n_ctx, V) fp32
         logp = torch.log_softmax(logits, dim=-1)
         m = mask.float()
         nll = -logp.gather(-1, targets[..., None])[..., 0]                    # (B, n_ctx)
@@ -296,7 +319,8 @@ def _choose_noise(cfg: DistillConfig, prior, student, data: dict, result: dict) 
         print(f"[tune] choosing the unmasking noise on {n} shard windows ({cfg.passes} passes)", file=sys.stderr)
     noise, report = choose_confidence_noise(prior, student, data["codes"][idx].to(dev), data["upper"][idx].to(dev),
                                             labels, passes=cfg.passes, temperature=cfg.temperature,
-                                            batch_size=cfg.gen_batch_size, seed=cfg.seed + 3)
+                                            batch_size=cfg.gen_batch_size, seed=cfg.seed + 3,
+                                            known=prior.config.n_ctx // 2 if cfg.prefix_layout else 0)
     result["sampling_tune"] = report
     if cfg.progress:
         print(f"[tune] teacher NLL of its own samples {report['teacher_nll_teacher']:.3f} bits; student: "
@@ -345,7 +369,13 @@ def train(cfg: DistillConfig) -> dict:
 
     # 2. student, optimiser, resume
     torch.manual_seed(cfg.seed)
-    student = ParallelStudent.from_teacher(prior).float().train()
+    if cfg.init_student:
+        student = ParallelStudent.load(cfg.init_student, device=acc.device).float().train()
+        if student.config.to_dict() != prior.config.to_dict():
+            raise ValueError(f"--init-student {cfg.init_student}: a student for another teacher "
+                             f"(level {student.config.level}, not the level-{cfg.level} teacher's architecture)")
+    else:
+        student = ParallelStudent.from_teacher(prior).float().train()
     decay = [p for n, p in student.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in student.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -361,7 +391,8 @@ def train(cfg: DistillConfig) -> dict:
             print(f"resuming {ckpt} at step {start}/{cfg.steps}", file=sys.stderr)
     elif main and log.exists():
         log.unlink()                    # a log left by a run that never reached a checkpoint
-    wrapped, optimizer = acc.prepare(DistillLoss(student, cfg.soft_weight), optimizer)
+    prefix_len = prior.config.n_ctx // 2 if cfg.prefix_layout else 0
+    wrapped, optimizer = acc.prepare(DistillLoss(student, cfg.soft_weight, prefix_len), optimizer)
 
     # 3. training
     bar = tqdm(total=cfg.steps, initial=start, unit="step", desc=f"distill {cfg.teacher}",
@@ -406,12 +437,15 @@ def train(cfg: DistillConfig) -> dict:
     result = summary
     if main:
         student.eval()
-        student.sampling = SamplingDefaults(confidence_noise=_choose_noise(cfg, prior, student, data, result))
+        # the prefix layout has to be on while the noise is measured on hopped windows
+        student.sampling = SamplingDefaults(passes=cfg.passes, prefix_cache=cfg.prefix_layout)
+        student.sampling = SamplingDefaults(confidence_noise=_choose_noise(cfg, prior, student, data, result),
+                                            passes=cfg.passes, prefix_cache=cfg.prefix_layout)
         student.save(out / "student")
         plot_metrics(log, out / "metrics.png")
         if cfg.evaluate:
             from .evaluate import evaluate
-            result["eval"] = evaluate(jb, student, data=cfg.data, windows=cfg.eval_windows, passes=cfg.passes,
+            result["eval"] = evaluate(jb, student, data=cfg.data, windows=cfg.eval_windows,
                                       batch_size=cfg.gen_batch_size, seed=cfg.seed + 1, out=out / "eval",
                                       progress=cfg.progress)
         with atomic_path(out / "train_summary.json") as tmp:
@@ -444,6 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-ratio", type=float, default=0.25, help="fraction of examples on real codes")
     p.add_argument("--soft-weight", type=float, default=0.25, help="weight of the top-k KL (0: off)")
     p.add_argument("--prefix-prob", type=float, default=0.25, help="chance of keeping the first half visible")
+    p.add_argument("--no-prefix-layout", dest="prefix_layout", action="store_false",
+                   help="train full bidirectional attention only (no prefix-cached layout)")
+    p.add_argument("--init-student", default=None,
+                   help="start from this student directory (e.g. a shipped one) instead of the teacher's weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=10)
@@ -451,8 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
     p.add_argument("--skip-corrupt", action="store_true", help="leave corrupt shards out instead of stopping")
     p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the final evaluation")
-    p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--passes", type=int, default=16, help="student passes per window in the evaluation")
+    p.add_argument("--eval-windows", type=int, default=64, help="held-out windows of the final evaluation")
+    p.add_argument("--passes", type=int, default=4,
+                   help="decoding passes per window: saved with the student (sampling.json), used by the noise "
+                        "choice, the evaluation and sampling")
     p.add_argument("--confidence-noise", type=float, default=None,
                    help="the student's unmasking noise (default: chosen on shard windows after training)")
     p.add_argument("--tune-windows", type=int, default=16, help="shard windows the noise is chosen on")

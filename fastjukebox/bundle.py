@@ -100,7 +100,8 @@ class Jukebox(nn.Module):
             max_batch_size, seed, sampler ("ar", "ar-graph" (CUDA-graph decode steps on a GPU),
             "parallel" (distilled students for the upsamplers), "speculative" (the exact
             distribution, drafted by the students) or {level: name}), passes (parallel decoding
-            passes per window), gamma (positions the teacher verifies per call, "speculative"), progress.
+            passes per window; default: each student's own, from its sampling.json), gamma
+            (positions the teacher verifies per call, "speculative"), progress.
         Returns a ``SampleResult`` (codes per level, level 0 first; audio (N, T) in [-1, 1]).
         """
         from .generate import run, seconds_to_length
@@ -200,4 +201,7 @@ def load(path_or_name: str | os.PathLike = "demo", *, dtype: torch.dtype | None 
         if p.is_dir():
             from distill.student import ParallelStudent
             students[level] = ParallelStudent.load(p, device=device, dtype=dtype)
+            if students[level].config.level != level:
+                raise CheckpointError(f"{p}: holds a student for level {students[level].config.level}, "
+                                      f"not level {level}")
     return Jukebox(vqvae, priors, students, SamplingDefaults.load(path, vqvae.config.levels))

@@ -531,7 +531,8 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
                         "levels only, so 'parallel' alone means '1=parallel,0=parallel') or 'speculative' (exact: "
                         "the student drafts, the prior verifies; upsampler levels only), or pairs like "
                         "'1=parallel,0=ar' (default: ar)")
-    p.add_argument("--passes", type=int, default=16, help="decoding passes per window of the parallel sampler")
+    p.add_argument("--passes", type=int, default=None,
+                   help="decoding passes per window of the parallel sampler (default: the student's own)")
     p.add_argument("--gamma", type=_positive_int, default=8,
                    help="positions the prior verifies per call of the speculative sampler (default: 8)")
     p.add_argument("--chunk-size", default=_CHUNK_SIZE, metavar="C", type=_per_level(int, lambda v: v >= 1, "an integer >= 1"),

@@ -13,10 +13,11 @@ import torch
 from .labels import LabelIds, Labeller, Labels
 from .sampling import sample_levels
 
-def _parallel_sampler(jb, level: int, passes: int = 16, **_):
+def _parallel_sampler(jb, level: int, passes: int | None = None, **_):
+    """The level's student; ``passes`` None: the student's own (its ``sampling.json``)."""
     student = jb.student(level)
     from distill.sampler import ParallelWindowSampler
-    return ParallelWindowSampler(student, passes=passes)
+    return ParallelWindowSampler(student, passes=passes, level=level)
 
 
 def _graph_sampler(jb, level: int, **_):
@@ -88,7 +89,7 @@ def make_labels(jb, *, artist, genre, lyrics: str | Sequence[str], n_samples: in
     return out
 
 
-def _window_samplers(jb, sampler, levels, passes: int, gamma: int = 8) -> dict:
+def _window_samplers(jb, sampler, levels, passes: int | None, gamma: int = 8) -> dict:
     """Level -> window sampler for the levels not sampled autoregressively."""
     out = {}
     top = jb.vqvae.config.levels - 1
@@ -123,7 +124,7 @@ def _finish(jb, codes, decode_level: int | None) -> SampleResult:
 
 def run(jb, *, codes, levels, labels_kw: dict, sample_length: int, sampler=None, temperature=0.99,
         top_k=0, top_p=0.0, chunk_size=32, hop_fraction=(0.5, 0.5, 0.125), max_batch_size=16, seed=None,
-        progress=True, passes: int = 16, gamma: int = 8) -> SampleResult:
+        progress=True, passes: int | None = None, gamma: int = 8) -> SampleResult:
     window_samplers = _window_samplers(jb, sampler, levels, passes, gamma)
     top = jb.prior(max(levels)).config
     total = labels_kw.pop("total_length", None)

@@ -364,10 +364,13 @@ def test_seeded_runs_are_reproducible(tiny_student, gen):
 
 def _crafted(student, logits_fn, calls=None):
     """Replace the student's logits with ``logits_fn(tokens, lo, hi)``; record inputs in ``calls``."""
-    def fake(tokens, cond, lo=0, hi=None):
+    def fake(tokens, cond, lo=0, hi=None, prefix_len=0, *, cache=None, positions=None):
         if calls is not None:
             calls.append(tokens.clone())
-        return logits_fn(tokens, lo, hi)
+        if positions is None:
+            return logits_fn(tokens, lo, hi)
+        full = logits_fn(tokens, 0, tokens.shape[1])
+        return full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))
     student.logits_unchecked = fake
 
 

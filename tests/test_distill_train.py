@@ -18,7 +18,7 @@ import torch
 import fastjukebox as fj
 from distill.data import (CorruptShardError, GenerationConfig, generate_shards, load_pieces, load_shards, read_shard,
                           shard_path, write_shard)
-from distill.evaluate import REQUIRED_KEYS
+from distill.evaluate import REQUIRED_KEYS, SETTING_KEYS
 from distill.evaluate import main as evaluate_main
 from distill.train import DistillConfig, DistillLoss, main as train_main, make_batch, train
 
@@ -235,15 +235,22 @@ def test_evaluate_writes_every_key(tiny, audio_dir, tmp_path):
     ParallelStudent.from_teacher(tiny.prior(1)).save(tmp_path / "student")
     out = tmp_path / "eval"
     assert evaluate_main(["--student", str(tmp_path / "student"), "--model", "tiny", "--data", str(audio_dir),
-                          "--windows", "5", "--passes", "4", "--batch-size", "3", "--out", str(out), "--quiet"]) == 0
+                          "--windows", "6", "--passes", "4", "--batch-size", "3", "--c2st-steps", "5", "--out", str(out),
+                          "--quiet"]) == 0
     r = json.loads((out / "eval.json").read_text())
-    assert set(REQUIRED_KEYS) <= set(r)
-    for key in REQUIRED_KEYS:
-        if key != "device":
-            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), key
-    assert r["passes_per_window_student"] == 4 and r["passes_per_window_teacher"] == 64 and r["k"] == 4
-    assert 0 < r["codebook_usage_student"] <= 64 and r["spectral_distance_ratio"] > 0
-    assert r["teacher_nll_teacher"] < r["teacher_nll_real"]     # the teacher favours its own samples
+    assert set(REQUIRED_KEYS) <= set(r) and set(r["settings"]) == {"scratch", "hopped"}
+    for name, s in r["settings"].items():
+        assert set(SETTING_KEYS) <= set(s), name
+        for key in SETTING_KEYS:
+            assert isinstance(s[key], (int, float)) and math.isfinite(s[key]), (name, key)
+        assert s["passes_per_window_student"] == 4 and r["k"] == 4
+        assert 0 <= s["c2st_accuracy"] <= 1 and 0 <= s["tv_mean"] <= 1 and 0 <= s["histogram_tv"] <= 1
+        assert 0 < s["codebook_usage_student"] <= 64 and sum(s["histogram_student"]) == 6 * (64 - s["known"])
+        assert s["teacher_nll_teacher"] < s["teacher_nll_real"]     # the teacher favours its own samples
+    assert r["settings"]["scratch"]["known"] == 0 and r["settings"]["hopped"]["known"] == 32
+    assert r["settings"]["scratch"]["passes_per_window_teacher"] == 64
+    assert r["settings"]["hopped"]["passes_per_window_teacher"] < 64      # the known half is primed in chunks
+    assert r["spectral_distance_ratio"] > 0
     assert "spectral distance ratio" in (out / "eval.md").read_text()
     assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -276,7 +283,8 @@ def test_noise_is_chosen_on_shard_windows_and_saved(audio_dir, shard_dir, tmp_pa
     tune = result["sampling_tune"]
     assert [r["confidence_noise"] for r in tune["rows"]] == list(DEFAULT_GRID) and tune["windows"] == 6
     assert all(math.isfinite(r["teacher_nll"]) and r["teacher_nll"] > 0 for r in tune["rows"])
-    best = min(tune["rows"], key=lambda r: r["relative_gap"])
+    best = min(tune["rows"], key=lambda r: r["relative_gap"] + r["histogram_tv"])
+    assert tune["known"] == 32                          # hopped windows: the student has the prefix layout
     saved = ParallelStudent.load(tmp_path / "tuned" / "student").sampling
     assert saved.confidence_noise == best["confidence_noise"] and saved.temperature_anneal is False
     summary = json.loads((tmp_path / "tuned" / "train_summary.json").read_text())
@@ -308,6 +316,7 @@ def test_choose_confidence_noise_picks_the_closest(tiny, shard_dir, monkeypatch)
         return real_sample_windows(sampler, *a, **k)
 
     monkeypatch.setattr(tune, "teacher_scores", fake_scores)
+    monkeypatch.setattr(tune, "histogram_tv", lambda a, b: 0.0)
     monkeypatch.setattr(tune, "sample_windows", recording_sample_windows)
     noise, report = tune.choose_confidence_noise(prior, student, codes, upper, labels, passes=3, grid=(0, 2, 4, 8))
     assert noise == 4.0 and report["teacher_nll_teacher"] == 3.0
