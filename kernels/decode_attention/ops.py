@@ -21,7 +21,7 @@ import triton
 
 from .kernel import LAYOUTS, combine_splits_kernel, decode_attention_kernel
 
-__all__ = ["decode_attention", "supports", "plan_for", "plan_launch", "choose_num_splits", "LaunchPlan", "MAX_HEAD_DIM"]
+__all__ = ["decode_attention", "supports", "plan_for", "plan_launch", "choose_num_splits", "combine_tiles", "LaunchPlan", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 512
 MAX_SPLITS = 64
@@ -64,8 +64,11 @@ class LaunchPlan(NamedTuple):
 
 
 def plan_launch(N: int, T: int, H: int, D: int, pattern: str, n_keys: int, device: torch.device,
-                num_splits: int | None = None) -> LaunchPlan:
-    """Tiles and key splits for ``T`` queries of ``N * H`` rows reading up to ``n_keys`` keys."""
+                num_splits: int | None = None, sm_count: int | None = None) -> LaunchPlan:
+    """Tiles and key splits for ``T`` queries of ``N * H`` rows reading up to ``n_keys`` keys.
+
+    ``sm_count`` overrides the device's multiprocessor count (ahead-of-time planning for a GPU
+    that is not present)."""
     block_d = max(16, triton.next_power_of_2(D))
     if T >= DOT_MIN_QUERIES and pattern != "transpose":
         block_t, block_n = 16, (32 if block_d <= 256 else 16)
@@ -73,12 +76,20 @@ def plan_launch(N: int, T: int, H: int, D: int, pattern: str, n_keys: int, devic
         block_t, block_n = 1, max(16, min(64, 8192 // block_d))
     if num_splits is None:
         programs = N * H * triton.cdiv(T, block_t)
-        splits, split_len = choose_num_splits(n_keys, programs, _sm_count(device), block_n)
+        sms = _sm_count(device) if sm_count is None else int(sm_count)
+        splits, split_len = choose_num_splits(n_keys, programs, sms, block_n)
     else:
         if num_splits < 1:
             raise ValueError(f"num_splits must be >= 1, got {num_splits}")
         splits, split_len = _fit_splits(n_keys, min(int(num_splits), MAX_SPLITS), block_n)
     return LaunchPlan(block_t, block_n, block_d, splits, split_len)
+
+
+def combine_tiles(splits: int, block_d: int) -> tuple[int, int]:
+    """``(BLOCK_S, BLOCK_D)`` of ``combine_splits_kernel``: all splits by a slice of the head dim,
+    a tile of at most 8192 elements."""
+    block_s = max(2, triton.next_power_of_2(splits))
+    return block_s, min(block_d, max(16, 8192 // block_s))
 
 
 def _fit_splits(n_keys: int, splits: int, block_n: int) -> tuple[int, int]:
@@ -214,8 +225,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         IEEE=q.dtype == torch.float32, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
     )
     if splits > 1:
-        BLOCK_S = max(2, triton.next_power_of_2(splits))
-        BLOCK_DC = min(BLOCK_D, max(16, 8192 // BLOCK_S))        # a [BLOCK_S, BLOCK_DC] tile
+        BLOCK_S, BLOCK_DC = combine_tiles(splits, BLOCK_D)
         combine_splits_kernel[(N * H * T, triton.cdiv(D, BLOCK_DC))](
             out, m_part, l_part, acc_part, *out.stride(), T, H, D, splits,
             BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_DC,

@@ -84,6 +84,11 @@ def _tiles(pattern_id: int, D: int, elem_bytes: int, T: int, n_keys: int, C: int
     return dict(BT=BT, BS=BS, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages)
 
 
+def preprocess_tile(T: int) -> int:
+    """Rows per program of ``attn_bwd_preprocess_kernel``."""
+    return min(64, _pow2_at_least(T))
+
+
 def _grid(pattern_id: int, n: int, C: int, tile: int, B: int, H: int) -> tuple[int, int, int]:
     """Programs over ``n`` rows (queries or keys): contiguous tiles, or tiles per transpose column
     (only the ``min(C, n)`` columns that hold a position)."""
@@ -133,7 +138,7 @@ def attn_bwd(q, k, v, o, lse, do, pattern_id: int, C: int, causal: bool, n_keys:
     do = do.contiguous()
     cfg = _tiles(pattern_id, D, q.element_size(), T, n_keys, C, backward=True)
     delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    BT_pre = min(64, _pow2_at_least(T))
+    BT_pre = preprocess_tile(T)
     attn_bwd_preprocess_kernel[(triton.cdiv(T, BT_pre), H, B)](
         o=o, do=do, delta=delta, T=T, H=H, D=D, BT=BT_pre, BLOCK_D=cfg["BLOCK_D"])
 
