@@ -10,6 +10,7 @@ the sampling launcher's block size), evaluated at the shapes each released model
 - cached decoding: one-query steps (eager with a host position, and the CUDA-graph step with the
   position in device memory) and priming chunks, at batch 1 and 16, early and late in the window,
   with key splits planned for the target's multiprocessor count; the split-combine kernel;
+- fp32 only where ``auto`` sends fp32 to the kernels (head dims up to 128: the lyric encoder);
 - sampling: the models' vocabulary with temperature only, top-k, top-p and both.
 
 Runtime-only arguments (lengths, strides, positions) do not change the binary; ahead-of-time
@@ -25,9 +26,10 @@ from fastjukebox.attention import layer_patterns
 from fastjukebox.config import PRESETS
 
 from .decode_attention import kernel as decode_kernels
-from .decode_attention.ops import _visible_keys, combine_tiles, plan_launch
+from .decode_attention.ops import _visible_keys, combine_tiles, num_warps_for, plan_launch
+from .decode_attention.ops import takes as decode_takes
 from .factored_attention import kernel as attn_kernels
-from .factored_attention.ops import _PATTERN_IDS, _precision, _tiles, preprocess_tile
+from .factored_attention.ops import _PATTERN_IDS, _precision, _tiles, preprocess_tile, takes
 from .sampling import kernel as sampling_kernels
 from .sampling.ops import MAX_VOCAB, block_v
 
@@ -166,6 +168,8 @@ def _n_keys(m: Model, pattern: str) -> int:
 def _factored(m: Model, dtype: str):
     """(variant, use) pairs of the forward and backward passes of every pattern of ``m``."""
     torch_dtype = DTYPES[dtype]
+    if not takes(torch_dtype, m.head_dim):
+        return
     item = torch_dtype.itemsize
     for pattern in m.patterns:
         pid = _PATTERN_IDS[pattern]
@@ -192,6 +196,8 @@ def _decode_capacity(m: Model, pattern: str) -> int:
 
 def _decode(m: Model, dtype: str, sm_count: int):
     """(variant, use) pairs of cached decoding: steps and priming chunks, batch 1 and 16."""
+    if not decode_takes(DTYPES[dtype], m.head_dim):
+        return
     for pattern in m.patterns:
         cap = _decode_capacity(m, pattern)
         for batch in BATCHES:
@@ -208,7 +214,7 @@ def _decode(m: Model, dtype: str, sm_count: int):
                     yield Variant("decode_attention_kernel", dtype, dict(
                         LAYOUT=decode_kernels.LAYOUTS[pattern], POS_FROM_PTR=from_ptr, SPLIT=plan.splits > 1,
                         IEEE=dtype == "fp32", BLOCK_T=plan.block_t, BLOCK_N=plan.block_n,
-                        BLOCK_D=plan.block_d)), use
+                        BLOCK_D=plan.block_d), num_warps=num_warps_for(plan)), use
                     if plan.splits > 1:
                         block_s, block_dc = combine_tiles(plan.splits, plan.block_d)
                         yield Variant("combine_splits_kernel", dtype, dict(BLOCK_S=block_s, BLOCK_D=block_dc)), use

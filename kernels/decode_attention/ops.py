@@ -21,7 +21,7 @@ import triton
 
 from .kernel import LAYOUTS, combine_splits_kernel, decode_attention_kernel
 
-__all__ = ["decode_attention", "supports", "plan_for", "plan_launch", "choose_num_splits", "combine_tiles", "LaunchPlan", "MAX_HEAD_DIM"]
+__all__ = ["decode_attention", "supports", "plan_for", "plan_launch", "choose_num_splits", "combine_tiles", "num_warps_for", "takes", "LaunchPlan", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 512
 MAX_SPLITS = 64
@@ -30,11 +30,26 @@ DOT_MIN_QUERIES = 4        # from this many queries on (priming chunks), use tl.
 LOG2E = 1.4426950408889634
 
 
+FP32_MAX_HEAD_DIM = 128    # wider fp32 tiles spill registers on sm_90 (kernels.compile_check)
+
+
+def takes(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether ``auto`` sends this dtype and head dim to the kernels: fp16/bf16 up to
+    ``MAX_HEAD_DIM``, fp32 up to ``FP32_MAX_HEAD_DIM`` (wider fp32 runs the reference)."""
+    if dtype == torch.float32:
+        return 0 < head_dim <= FP32_MAX_HEAD_DIM
+    return dtype in (torch.float16, torch.bfloat16) and 0 < head_dim <= MAX_HEAD_DIM
+
+
 def supports(q: torch.Tensor) -> bool:
-    """Whether these queries can go to the Triton kernels under ``auto``: CUDA, fp16/bf16/fp32,
-    head dim up to 512."""
-    return (q.is_cuda and q.dim() == 4 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and 0 < q.shape[-1] <= MAX_HEAD_DIM)
+    """Whether these queries can go to the Triton kernels under ``auto``: CUDA, 4-D,
+    ``takes(dtype, head dim)``."""
+    return q.is_cuda and q.dim() == 4 and takes(q.dtype, q.shape[-1])
+
+
+def num_warps_for(plan: "LaunchPlan") -> int:
+    """Warps of ``decode_attention_kernel``: 8 for query tiles over heads wider than 128 (4 spill)."""
+    return 8 if plan.block_t > 1 and plan.block_d > 128 else 4
 
 
 def _sm_count(device: torch.device) -> int:
@@ -223,6 +238,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         T, H, D, block_len, capacity, split_len, splits, scale * LOG2E,
         LAYOUT=LAYOUTS[pattern], POS_FROM_PTR=pos_ptr is not None, SPLIT=splits > 1,
         IEEE=q.dtype == torch.float32, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        num_warps=num_warps_for(plan),
     )
     if splits > 1:
         BLOCK_S, BLOCK_DC = combine_tiles(splits, BLOCK_D)
