@@ -1,6 +1,7 @@
 """Compile every kernel variant ahead of time for sm_90 and sm_80 and check the limits, no GPU needed.
 
 ``python -m kernels.compile_check [--subset representative] [--arch 90 80] [--jobs N] [--out-dir DIR]``
+(also ``python -m benchmarks compile-check``)
 
 Each variant of ``kernels.variants`` goes through ``triton.compile`` for a ``GPUTarget`` down to
 PTX and cubin; the shared memory comes from the compiled metadata, registers and spills from the
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="compiler processes")
     ap.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--expect-triton", metavar="VERSION", help="fail unless this triton version is the one imported")
     args = ap.parse_args(argv)
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
@@ -200,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("TRITON_INTERPRET is set: the compile check needs Triton's compiler, not its interpreter")
     import triton
 
+    if args.expect_triton and triton.__version__ != args.expect_triton:
+        raise SystemExit(f"--expect-triton {args.expect_triton}: imported triton {triton.__version__} "
+                         f"from {triton.__file__}")
     t0 = time.perf_counter()
     results = run_check(args.arch, args.subset, args.jobs, progress=not args.quiet)
     wall = time.perf_counter() - t0
