@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import resource
 import sys
 import tempfile
 import time
@@ -55,6 +56,7 @@ class CheckResult:
     constexprs: dict
     uses: list
     compile_s: float
+    compile_cpu_s: float | None = None      # this process's and ptxas's CPU time: steadier on a shared machine
     shared_bytes: int | None = None
     registers: int | None = None
     spill_store_bytes: int | None = None
@@ -62,6 +64,11 @@ class CheckResult:
     stack_bytes: int | None = None
     error: str | None = None
     failures: list | None = None
+
+
+def _cpu_seconds() -> float:
+    child = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + child.ru_utime + child.ru_stime
 
 
 def _fresh_cache() -> None:
@@ -85,19 +92,21 @@ def compile_variant(variant, arch: int) -> CheckResult:
                 uses=list(variant.uses))
     knobs.nvidia.dump_ptxas_log = True
     log = io.StringIO()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     try:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(ASTSource(fn, variant.signature(), variant.constexprs),
                                       target=GPUTarget("cuda", arch, 32),
                                       options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
     except Exception as e:           # noqa: BLE001 - any compiler failure is a finding, reported per variant
-        res = CheckResult(**base, compile_s=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}"[:4000])
+        res = CheckResult(**base, compile_s=time.perf_counter() - t0, compile_cpu_s=_cpu_seconds() - c0,
+                          error=f"{type(e).__name__}: {e}"[:4000])
         res.failures = failures_of(res, variant.is_backward)
         return res
     text = log.getvalue()
     regs, spills, stack = _REGS.search(text), _SPILLS.search(text), _STACK.search(text)
-    res = CheckResult(**base, compile_s=time.perf_counter() - t0, shared_bytes=int(compiled.metadata.shared),
+    res = CheckResult(**base, compile_s=time.perf_counter() - t0, compile_cpu_s=_cpu_seconds() - c0,
+                      shared_bytes=int(compiled.metadata.shared),
                       registers=int(regs.group(1)) if regs else None,
                       spill_store_bytes=int(spills.group(1)) if spills else None,
                       spill_load_bytes=int(spills.group(2)) if spills else None,
@@ -168,12 +177,13 @@ def _md_table(results: list[CheckResult], version: str, subset: str, wall_s: flo
     n_fail = sum(bool(r.failures) for r in results)
     lines = [f"# Ahead-of-time compile check (triton {version}, {subset} set)", "",
              f"{len(results)} compilations, {n_fail} failing; {wall_s:.0f} s wall, "
-             f"{sum(r.compile_s for r in results):.0f} s of compile time summed over the variants. "
+             f"{sum(r.compile_s for r in results):.0f} s of compile time summed over the variants "
+             f"({sum(r.compile_cpu_s or 0 for r in results):.0f} CPU s). "
              f"Limits: shared memory per block {', '.join(f'sm_{a} {b // 1024} KiB' for a, b in SHARED_LIMIT.items())}; "
              f"no spills in forward, decode and sampling kernels; backward kernels at most "
              f"{BACKWARD_SPILL_BUDGET} B of spills per thread.", "",
-             "| arch | kernel | dtype | constexprs | warps | stages | shared B | regs | spill st/ld B | compile s | uses | result |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+             "| arch | kernel | dtype | constexprs | warps | stages | shared B | regs | spill st/ld B | compile s | CPU s | uses | result |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in sorted(results, key=lambda r: (-r.arch, r.kernel, r.dtype, r.variant)):
         c = ", ".join(f"{k}={v}" for k, v in r.constexprs.items() if k != "H")
         uses = "; ".join(r.uses[:3]) + (f"; +{len(r.uses) - 3}" if len(r.uses) > 3 else "")
@@ -181,7 +191,7 @@ def _md_table(results: list[CheckResult], version: str, subset: str, wall_s: flo
         verdict = "ok" if not r.failures else "FAIL: " + "; ".join(r.failures)
         lines.append(f"| sm_{r.arch} | {r.kernel} | {r.dtype} | {c} | {r.num_warps} | {r.num_stages} | "
                      f"{r.shared_bytes if r.shared_bytes is not None else ''} | {r.registers or ''} | {spill} | "
-                     f"{r.compile_s:.2f} | {uses} | {verdict} |")
+                     f"{r.compile_s:.2f} | {r.compile_cpu_s or 0:.2f} | {uses} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 

@@ -39,7 +39,7 @@ def number_or_none(x) -> bool:
 @pytest.fixture(scope="module")
 def gpu_dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-dry-run")
-    r = run_module("benchmarks", "gpu", "--dry-run", "--out-dir", str(out), "--budget-s", "1500", timeout=1500)
+    r = run_module("benchmarks", "gpu", "--dry-run", "--out-dir", str(out), timeout=1800)
     return r, out
 
 

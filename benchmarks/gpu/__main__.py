@@ -39,6 +39,7 @@ STAGES = (
     ("attention_speed", "benchmarks.gpu.attention_speed", [], ["--patterns", "prev_block", "dense"], 180),
     ("decode_speed", "benchmarks.gpu.decode_speed", [], ["--models", "prior_1b_lyrics", "--batches", "2"], 120),
 )
+DEFAULT_BUDGET_S = 480.0
 MARGIN_S = 15            # kept free at the end of the budget for writing the summary
 
 
@@ -71,9 +72,12 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", type=Path, default=None,
                    help=f"where results go (default {gb.RESULTS}; a new temporary folder for --dry-run)")
     p.add_argument("--resume", action="store_true", help="skip finished stages, resume the others")
-    p.add_argument("--budget-s", type=float, default=480.0, help="stop cleanly before this many seconds")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help=f"stop cleanly before this many seconds (default {DEFAULT_BUDGET_S:.0f}; a dry run: no limit)")
     p.add_argument("--stages", nargs="+", default=[s[0] for s in STAGES], choices=[s[0] for s in STAGES])
     args = p.parse_args(argv)
+    if args.budget_s is None:
+        args.budget_s = 86400.0 if args.dry_run else DEFAULT_BUDGET_S
     if args.budget_s <= MARGIN_S:
         raise SystemExit(f"--budget-s must exceed {MARGIN_S} s, got {args.budget_s}")
     gb.start("benchmarks.gpu", args.dry_run)
