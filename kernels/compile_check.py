@@ -179,10 +179,12 @@ def _md_table(results: list[CheckResult], version: str, subset: str, wall_s: flo
              f"{len(results)} compilations, {n_fail} failing; {wall_s:.0f} s wall, "
              f"{sum(r.compile_s for r in results):.0f} s of compile time summed over the variants "
              f"({sum(r.compile_cpu_s or 0 for r in results):.0f} CPU s). "
-             f"Limits: shared memory per block {', '.join(f'sm_{a} {b // 1024} KiB' for a, b in SHARED_LIMIT.items())}; "
+             "Limits: shared memory per block "
+             f"{', '.join(f'sm_{a} {b // 1024} KiB' for a, b in SHARED_LIMIT.items())}; "
              f"no spills in forward, decode and sampling kernels; backward kernels at most "
              f"{BACKWARD_SPILL_BUDGET} B of spills per thread.", "",
-             "| arch | kernel | dtype | constexprs | warps | stages | shared B | regs | spill st/ld B | compile s | CPU s | uses | result |",
+             "| arch | kernel | dtype | constexprs | warps | stages | shared B | regs | spill st/ld B | compile s "
+             "| CPU s | uses | result |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in sorted(results, key=lambda r: (-r.arch, r.kernel, r.dtype, r.variant)):
         c = ", ".join(f"{k}={v}" for k, v in r.constexprs.items() if k != "H")

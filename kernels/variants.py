@@ -39,8 +39,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SM_COUNTS = {90: 132, 80: 108}          # H100 SXM and A100: the key-split planner's input
 PRIMING_CHUNK = 32                      # fast_decode's default chunk size
 BATCHES = (1, 16)
-FORWARD_KERNELS = ("attn_fwd_kernel", "attn_bwd_preprocess_kernel", "decode_attention_kernel",
-                   "combine_splits_kernel", "sample_logits_kernel")
 BACKWARD_KERNELS = ("attn_bwd_dq_kernel", "attn_bwd_dkdv_kernel")
 
 
@@ -118,9 +116,9 @@ KERNELS = {
 }
 
 
-def _types(names_ptr: dict, v: Variant, floats: tuple = (), fn_name: str | None = None) -> dict:
+def _types(names_ptr: dict, v: Variant, floats: tuple = ()) -> dict:
     """Pointers as listed (``None``: the variant's dtype), floats as fp32, everything else i32."""
-    fn = KERNELS[fn_name or v.kernel]
+    fn = KERNELS[v.kernel]
     out = {}
     for a in fn.arg_names:
         if a in names_ptr:

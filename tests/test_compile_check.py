@@ -13,7 +13,7 @@ import pytest
 from fastjukebox.attention import layer_patterns
 from fastjukebox.config import PRESETS
 from kernels.compile_check import BACKWARD_SPILL_BUDGET, SHARED_LIMIT, CheckResult, failures_of
-from kernels.variants import KERNELS, MODELS, Variant, _features, released_variants, representative_subset
+from kernels.variants import KERNELS, _features, released_variants, representative_subset
 
 ROOT = Path(__file__).resolve().parent.parent
 
