@@ -183,7 +183,7 @@ def _factored(m: Model, dtype: str):
                 opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
                 yield Variant(kernel, dtype, {**common, **cfg}, **opts), use
             cfg = _tiles(pid, m.head_dim, item, m.seq_len, n_keys, m.block_len, backward=True)
-            pre = dict(H=m.heads, D=m.head_dim, BT=preprocess_tile(m.seq_len), BLOCK_D=cfg["BLOCK_D"])
+            pre = dict(H=m.heads, D=m.head_dim, BT=preprocess_tile(m.seq_len, cfg["BLOCK_D"]), BLOCK_D=cfg["BLOCK_D"])
             yield Variant("attn_bwd_preprocess_kernel", dtype, pre), use
 
 

@@ -86,8 +86,8 @@ extra = {
 kinds = sys.argv[1].split(",")
 todo = {**{k: v for k, v in picked.items() if k in kinds}, **{k: v for k, v in extra.items() if k in kinds}}
 out = {}
-for name, v in todo.items():
-    r = compile_variant(v, 90)
+for name, v in todo.items():   # the oversized tile stages 192 KiB: within sm_90's 227, not sm_80's 163
+    r = compile_variant(v, 80 if name == "oversized" else 90)
     out[name] = dict(failures=r.failures, registers=r.registers, shared=r.shared_bytes, spills=r.spill_store_bytes)
 print(json.dumps(out))
 """
@@ -104,11 +104,12 @@ def _compile(kinds: list[str]) -> dict:
 
 def test_real_compilations_pass_and_regressions_fail():
     """One released variant of the sampling and decode kernels compiles for sm_90 within the limits;
-    a forward tile that stages too much fails on shared memory, the old 5b forward tile on spills."""
+    a forward tile that stages too much fails on sm_80's shared memory, the old 5b forward tile
+    (BT 64) on spills."""
     out = _compile(["sample_logits_kernel", "decode_attention_kernel", "oversized", "spilling"])
     for name in ("sample_logits_kernel", "decode_attention_kernel"):
         assert out[name]["failures"] == [], out[name]
         assert 0 < out[name]["registers"] <= 255
     assert any("shared memory" in f for f in out["oversized"]["failures"]), out["oversized"]
-    assert out["oversized"]["shared"] > SHARED_LIMIT[90]
+    assert out["oversized"]["shared"] > SHARED_LIMIT[80]
     assert any("must not spill" in f for f in out["spilling"]["failures"]), out["spilling"]

@@ -48,8 +48,8 @@ def supports(q: torch.Tensor) -> bool:
 
 
 def num_warps_for(plan: "LaunchPlan") -> int:
-    """Warps of ``decode_attention_kernel``: 8 for query tiles over heads wider than 128 (4 spill)."""
-    return 8 if plan.block_t > 1 and plan.block_d > 128 else 4
+    """Warps of ``decode_attention_kernel``: 8 for heads wider than 128 (4 spill registers)."""
+    return 8 if plan.block_d > 128 else 4
 
 
 def _sm_count(device: torch.device) -> int:

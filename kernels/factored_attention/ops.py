@@ -64,9 +64,7 @@ def _tiles(pattern_id: int, D: int, elem_bytes: int, T: int, n_keys: int, C: int
     BLOCK_D = _pow2_at_least(D)
     # sized from sm_90 ptxas reports (kernels.compile_check): larger tiles spill registers
     BT = 64 if BLOCK_D <= 128 else 32 if BLOCK_D <= 256 else 16
-    BS = 64 if BLOCK_D <= 64 else 32 if BLOCK_D <= 256 else 16
-    if backward and BLOCK_D > 128:  # dk and dv accumulate side by side: [BS, BLOCK_D] twice (sm_80)
-        BS = 16
+    BS = 64 if BLOCK_D <= 64 else 32 if BLOCK_D <= 128 else 16
     if elem_bytes == 4:             # fp32 tiles (split in two for tf32x3) hold twice the registers
         BT, BS = (16, 16) if BLOCK_D >= 128 else (max(16, BT // 2), max(16, BS // 2))
     if pattern_id in (1, 3):        # a tile lies in one block when BT divides C
@@ -99,9 +97,10 @@ def _tiles(pattern_id: int, D: int, elem_bytes: int, T: int, n_keys: int, C: int
     return dict(BT=BT, BS=BS, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages)
 
 
-def preprocess_tile(T: int) -> int:
-    """Rows per program of ``attn_bwd_preprocess_kernel``."""
-    return min(64, _pow2_at_least(T))
+def preprocess_tile(T: int, block_d: int) -> int:
+    """Rows per program of ``attn_bwd_preprocess_kernel``: two fp32 ``[rows, block_d]`` tiles of at
+    most 4096 elements each (more spill registers under triton 3.6)."""
+    return min(64, max(16, 4096 // block_d), _pow2_at_least(T))
 
 
 def _grid(pattern_id: int, n: int, C: int, tile: int, B: int, H: int) -> tuple[int, int, int]:
@@ -155,7 +154,7 @@ def attn_bwd(q, k, v, o, lse, do, pattern_id: int, C: int, causal: bool, n_keys:
     do = do.contiguous()
     cfg = _tiles(pattern_id, D, q.element_size(), T, n_keys, C, backward=True)
     delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    BT_pre = preprocess_tile(T)
+    BT_pre = preprocess_tile(T, cfg["BLOCK_D"])
     attn_bwd_preprocess_kernel[(triton.cdiv(T, BT_pre), H, B)](
         o=o, do=do, delta=delta, T=T, H=H, D=D, BT=BT_pre, BLOCK_D=cfg["BLOCK_D"])
 
