@@ -79,15 +79,13 @@ picked = {}
 for v in vs:   # the first representative of each kernel
     picked.setdefault(v.kernel, v)
 fwd = dict(H=1, D=256, CAUSAL=True, PATTERN=0, INPUT_PRECISION="ieee", BLOCK_D=256)
-extra = {
-    "oversized": Variant("attn_fwd_kernel", "bf16", {**fwd, "BT": 128, "BS": 128}, num_warps=8, num_stages=3),
-    "spilling": Variant("attn_fwd_kernel", "bf16", {**fwd, "D": 150, "BT": 64, "BS": 32}, num_warps=8, num_stages=3),
-}
+extra = {"spilling": Variant("attn_fwd_kernel", "bf16", {**fwd, "D": 150, "BT": 64, "BS": 32}, num_warps=8,
+                            num_stages=3)}
 kinds = sys.argv[1].split(",")
 todo = {**{k: v for k, v in picked.items() if k in kinds}, **{k: v for k, v in extra.items() if k in kinds}}
 out = {}
-for name, v in todo.items():   # the oversized tile stages 192 KiB: within sm_90's 227, not sm_80's 163
-    r = compile_variant(v, 80 if name == "oversized" else 90)
+for name, v in todo.items():
+    r = compile_variant(v, 90)
     out[name] = dict(failures=r.failures, registers=r.registers, shared=r.shared_bytes, spills=r.spill_store_bytes)
 print(json.dumps(out))
 """
@@ -102,14 +100,12 @@ def _compile(kinds: list[str]) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_real_compilations_pass_and_regressions_fail():
+def test_real_compilations_pass_and_a_spilling_tile_fails():
     """One released variant of the sampling and decode kernels compiles for sm_90 within the limits;
-    a forward tile that stages too much fails on sm_80's shared memory, the old 5b forward tile
-    (BT 64) on spills."""
-    out = _compile(["sample_logits_kernel", "decode_attention_kernel", "oversized", "spilling"])
+    the old 5b forward tile (BT 64 at head dim 150) fails on spills. (Shared memory above the limit
+    is checked by ``test_failure_rules``: Triton lowers the pipeline depth to fit the target.)"""
+    out = _compile(["sample_logits_kernel", "decode_attention_kernel", "spilling"])
     for name in ("sample_logits_kernel", "decode_attention_kernel"):
         assert out[name]["failures"] == [], out[name]
         assert 0 < out[name]["registers"] <= 255
-    assert any("shared memory" in f for f in out["oversized"]["failures"]), out["oversized"]
-    assert out["oversized"]["shared"] > SHARED_LIMIT[80]
     assert any("must not spill" in f for f in out["spilling"]["failures"]), out["spilling"]
