@@ -1,6 +1,7 @@
-"""The GPU benchmark commands (``benchmarks.kernels``, ``benchmarks.decode``) on a CPU: their dry
-runs write well-formed results, they refuse to run without CUDA, and the decode roofline counts
-the bytes a step moves."""
+"""The benchmark entry point (``python -m benchmarks``) and its GPU runner on a CPU: one dry run of
+``python -m benchmarks gpu`` writes every stage's results (kernel correctness, fast-path check,
+attention and decode timings), the runner stops a stage at its budget, the GPU commands refuse
+to run without CUDA, and the decode roofline counts the bytes a step moves."""
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import decode as dec_bench
-from benchmarks.gpu_bench import DRY_RUN_NOTE, NO_CUDA_EXIT, sanitize
+from benchmarks.gpu import decode_speed as dec_bench
+from benchmarks.gpu.common import DRY_RUN_NOTE, NO_CUDA_EXIT, sanitize
 from fastjukebox.attention import layer_patterns
 from fastjukebox.config import PRESETS, PriorConfig
 from fastjukebox.prior import Prior
@@ -22,26 +23,74 @@ from fastjukebox.prior import Prior
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_module(module: str, *args: str, cuda: bool = True) -> subprocess.CompletedProcess:
+def run_module(module: str, *args: str, cuda: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)      # the command must set it itself for a dry run
     if not cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=timeout)
 
 
 def number_or_none(x) -> bool:
     return x is None or (isinstance(x, (int, float)) and math.isfinite(x) and x > 0)
 
 
-def test_kernels_dry_run_writes_results(tmp_path):
-    r = run_module("benchmarks.kernels", "--dry-run", "--out-dir", str(tmp_path), "--patterns", "prev_block", "dense")
-    assert r.returncode == 0, r.stderr[-3000:]
-    doc = json.loads((tmp_path / "kernels-cpu-dry-run.json").read_text())
-    md = (tmp_path / "kernels-cpu-dry-run.md").read_text()
+@pytest.fixture(scope="module")
+def gpu_dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-dry-run")
+    r = run_module("benchmarks", "gpu", "--dry-run", "--out-dir", str(out), timeout=1800)
+    return r, out
+
+
+def test_entry_point_lists_and_checks_commands():
+    r = run_module("benchmarks", "--help")
+    assert r.returncode == 0
+    for command in ("sampling", "report", "gpu", "compile-check", "suite"):
+        assert f"``{command}``" in r.stdout
+    bad = run_module("benchmarks", "nope")
+    assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr
+
+
+def test_gpu_dry_run_runs_every_stage(gpu_dry_run):
+    r, out = gpu_dry_run
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    doc = json.loads((out / "gpu-cpu-dry-run.json").read_text())
+    assert [s["stage"] for s in doc["stages"]] == ["kernel_check", "fast_path_check", "attention_speed",
+                                                   "decode_speed"]
+    assert all(s["status"] == "done" and s["results"] for s in doc["stages"]), doc["stages"]
+    assert DRY_RUN_NOTE in (out / "gpu-cpu-dry-run.md").read_text()
+
+
+def test_kernel_check_dry_run(gpu_dry_run):
+    _, out = gpu_dry_run
+    doc = json.loads((out / "kernel-check-cpu-dry-run.json").read_text())
+    assert doc["dry_run"] and doc["tolerance_rel_rms"]["float32"] == 1e-4
+    rows = doc["rows"]
+    assert {r["kernel"] for r in rows} == {"factored_attention", "decode_attention", "sample_logits"}
+    patterns = {"block", "dense", "prev_block", "prime", "transpose", "cross"}
+    assert {r["case"].split()[1] for r in rows if r["kernel"] == "factored_attention"} == patterns
+    assert {r["case"].split()[1] for r in rows if r["kernel"] == "decode_attention"} == patterns
+    for row in rows:
+        assert row["ok"], row
+        for name, err in row["errors"].items():
+            assert err == 0 if name == "mismatched_ids" else 0 <= err < 1e-5
+    assert {"o", "dq", "dk", "dv"} == set(next(r for r in rows if r["kernel"] == "factored_attention")["errors"])
+
+
+def test_fast_path_check_dry_run(gpu_dry_run):
+    _, out = gpu_dry_run
+    doc = json.loads((out / "fast-path-check-cpu-dry-run.json").read_text())
+    assert doc["passed"] and doc["graph_equals_eager"]
+    assert doc["max_rel_fast_vs_ref_bf16"] <= doc["tol"]
+
+
+def test_attention_speed_dry_run_writes_results(gpu_dry_run):
+    _, out = gpu_dry_run
+    doc = json.loads((out / "attention-speed-cpu-dry-run.json").read_text())
+    md = (out / "attention-speed-cpu-dry-run.md").read_text()
     assert doc["device"] == "cpu-dry-run" and doc["dry_run"] is True and doc["note"] == DRY_RUN_NOTE
-    assert DRY_RUN_NOTE in md and DRY_RUN_NOTE in r.stdout
+    assert DRY_RUN_NOTE in md
     # 2 toy shapes x (prev_block, dense causal, dense bidirectional) x 2 modes
     assert len(doc["rows"]) == 12
     seen = set()
@@ -65,18 +114,16 @@ def test_kernels_dry_run_writes_results(tmp_path):
     assert all(r_["checks"]["flex"]["ok"] for r_ in doc["rows"] if r_["mode"] == "fwd")
     assert md.count("\n| toy_") == 12 and "## fwd_bwd" in md
 
-    again = run_module("benchmarks.kernels", "--dry-run", "--out-dir", str(tmp_path), "--patterns", "prev_block",
-                       "--resume")
+    again = run_module("benchmarks.gpu.attention_speed", "--dry-run", "--out-dir", str(out), "--patterns",
+                       "prev_block", "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads((tmp_path / "kernels-cpu-dry-run.json").read_text())["rows"] == doc["rows"]
+    assert json.loads((out / "attention-speed-cpu-dry-run.json").read_text())["rows"] == doc["rows"]
 
 
-def test_decode_dry_run_writes_results(tmp_path):
-    r = run_module("benchmarks.decode", "--dry-run", "--out-dir", str(tmp_path), "--models", "prior_1b_lyrics",
-                   "--batches", "2")
-    assert r.returncode == 0, r.stderr[-3000:]
-    doc = json.loads((tmp_path / "decode-cpu-dry-run.json").read_text())
-    md = (tmp_path / "decode-cpu-dry-run.md").read_text()
+def test_decode_speed_dry_run_writes_results(gpu_dry_run):
+    _, out = gpu_dry_run
+    doc = json.loads((out / "decode-speed-cpu-dry-run.json").read_text())
+    md = (out / "decode-speed-cpu-dry-run.md").read_text()
     assert doc["device"] == "cpu-dry-run" and doc["dry_run"] is True and DRY_RUN_NOTE in md
     assert doc["copy_bandwidth_gbps"] > 0
     assert {(row["model"], row["batch"], row["attention"]) for row in doc["rows"]} == {
@@ -93,7 +140,16 @@ def test_decode_dry_run_writes_results(tmp_path):
     assert md.count("\n| toy_prior_1b_lyrics |") == 2
 
 
-@pytest.mark.parametrize("module", ["benchmarks.kernels", "benchmarks.decode"])
+def test_budget_stops_a_stage_cleanly(tmp_path):
+    r = run_module("benchmarks.gpu", "--dry-run", "--out-dir", str(tmp_path), "--budget-s", "20",
+                   "--stages", "kernel_check")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (stage,) = json.loads((tmp_path / "gpu-cpu-dry-run.json").read_text())["stages"]
+    assert stage["status"].startswith("stopped at the budget") and stage["wall_s"] < 10
+
+
+@pytest.mark.parametrize("module", ["benchmarks.gpu", "benchmarks.gpu.kernel_check", "benchmarks.gpu.attention_speed",
+                                    "benchmarks.gpu.decode_speed"])
 def test_refuses_without_cuda(module, tmp_path):
     r = run_module(module, "--out-dir", str(tmp_path), cuda=False)
     assert r.returncode == NO_CUDA_EXIT

@@ -15,7 +15,7 @@ import pytest
 from fastjukebox.config import PriorConfig
 from fastjukebox.kv_cache import KVCache
 from kernels.decode_attention.ops import (MAX_SPLITS, MIN_SPLIT_KEYS, choose_num_splits, decode_attention,
-                                          plan_for, supports)
+                                          plan_for, supports, takes)
 from kernels.decode_attention.reference import decode_attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -185,5 +185,7 @@ def test_bad_inputs_are_named(gen):
 def test_supports():
     q = torch.randn(1, 1, 2, 64)
     assert not supports(q)                       # CPU tensors go to the reference under auto
+    assert takes(torch.float32, 128) and not takes(torch.float32, 256)     # wider fp32 tiles spill
+    assert takes(torch.bfloat16, 480) and not takes(torch.float16, 600) and not takes(torch.float64, 64)
     if DEVICE == "cuda":
         assert supports(q.cuda().half()) and not supports(torch.randn(1, 1, 1, 600, device="cuda"))

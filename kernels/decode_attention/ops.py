@@ -21,7 +21,7 @@ import triton
 
 from .kernel import LAYOUTS, combine_splits_kernel, decode_attention_kernel
 
-__all__ = ["decode_attention", "supports", "plan_for", "plan_launch", "choose_num_splits", "LaunchPlan", "MAX_HEAD_DIM"]
+__all__ = ["decode_attention", "supports", "plan_for", "plan_launch", "choose_num_splits", "combine_tiles", "num_warps_for", "takes", "LaunchPlan", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 512
 MAX_SPLITS = 64
@@ -30,11 +30,26 @@ DOT_MIN_QUERIES = 4        # from this many queries on (priming chunks), use tl.
 LOG2E = 1.4426950408889634
 
 
+FP32_MAX_HEAD_DIM = 128    # wider fp32 tiles spill registers on sm_90 (kernels.compile_check)
+
+
+def takes(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether ``auto`` sends this dtype and head dim to the kernels: fp16/bf16 up to
+    ``MAX_HEAD_DIM``, fp32 up to ``FP32_MAX_HEAD_DIM`` (wider fp32 runs the reference)."""
+    if dtype == torch.float32:
+        return 0 < head_dim <= FP32_MAX_HEAD_DIM
+    return dtype in (torch.float16, torch.bfloat16) and 0 < head_dim <= MAX_HEAD_DIM
+
+
 def supports(q: torch.Tensor) -> bool:
-    """Whether these queries can go to the Triton kernels under ``auto``: CUDA, fp16/bf16/fp32,
-    head dim up to 512."""
-    return (q.is_cuda and q.dim() == 4 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and 0 < q.shape[-1] <= MAX_HEAD_DIM)
+    """Whether these queries can go to the Triton kernels under ``auto``: CUDA, 4-D,
+    ``takes(dtype, head dim)``."""
+    return q.is_cuda and q.dim() == 4 and takes(q.dtype, q.shape[-1])
+
+
+def num_warps_for(plan: "LaunchPlan") -> int:
+    """Warps of ``decode_attention_kernel``: 8 for heads wider than 128 (4 spill registers)."""
+    return 8 if plan.block_d > 128 else 4
 
 
 def _sm_count(device: torch.device) -> int:
@@ -64,8 +79,11 @@ class LaunchPlan(NamedTuple):
 
 
 def plan_launch(N: int, T: int, H: int, D: int, pattern: str, n_keys: int, device: torch.device,
-                num_splits: int | None = None) -> LaunchPlan:
-    """Tiles and key splits for ``T`` queries of ``N * H`` rows reading up to ``n_keys`` keys."""
+                num_splits: int | None = None, sm_count: int | None = None) -> LaunchPlan:
+    """Tiles and key splits for ``T`` queries of ``N * H`` rows reading up to ``n_keys`` keys.
+
+    ``sm_count`` overrides the device's multiprocessor count (ahead-of-time planning for a GPU
+    that is not present)."""
     block_d = max(16, triton.next_power_of_2(D))
     if T >= DOT_MIN_QUERIES and pattern != "transpose":
         block_t, block_n = 16, (32 if block_d <= 256 else 16)
@@ -73,12 +91,20 @@ def plan_launch(N: int, T: int, H: int, D: int, pattern: str, n_keys: int, devic
         block_t, block_n = 1, max(16, min(64, 8192 // block_d))
     if num_splits is None:
         programs = N * H * triton.cdiv(T, block_t)
-        splits, split_len = choose_num_splits(n_keys, programs, _sm_count(device), block_n)
+        sms = _sm_count(device) if sm_count is None else int(sm_count)
+        splits, split_len = choose_num_splits(n_keys, programs, sms, block_n)
     else:
         if num_splits < 1:
             raise ValueError(f"num_splits must be >= 1, got {num_splits}")
         splits, split_len = _fit_splits(n_keys, min(int(num_splits), MAX_SPLITS), block_n)
     return LaunchPlan(block_t, block_n, block_d, splits, split_len)
+
+
+def combine_tiles(splits: int, block_d: int) -> tuple[int, int]:
+    """``(BLOCK_S, BLOCK_D)`` of ``combine_splits_kernel``: all splits by a slice of the head dim,
+    a tile of at most 8192 elements."""
+    block_s = max(2, triton.next_power_of_2(splits))
+    return block_s, min(block_d, max(16, 8192 // block_s))
 
 
 def _fit_splits(n_keys: int, splits: int, block_n: int) -> tuple[int, int]:
@@ -212,10 +238,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         T, H, D, block_len, capacity, split_len, splits, scale * LOG2E,
         LAYOUT=LAYOUTS[pattern], POS_FROM_PTR=pos_ptr is not None, SPLIT=splits > 1,
         IEEE=q.dtype == torch.float32, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        num_warps=num_warps_for(plan),
     )
     if splits > 1:
-        BLOCK_S = max(2, triton.next_power_of_2(splits))
-        BLOCK_DC = min(BLOCK_D, max(16, 8192 // BLOCK_S))        # a [BLOCK_S, BLOCK_DC] tile
+        BLOCK_S, BLOCK_DC = combine_tiles(splits, BLOCK_D)
         combine_splits_kernel[(N * H * T, triton.cdiv(D, BLOCK_DC))](
             out, m_part, l_part, acc_part, *out.stride(), T, H, D, splits,
             BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_DC,

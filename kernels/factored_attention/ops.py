@@ -16,7 +16,7 @@ import triton
 from .kernel import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel, attn_fwd_kernel
 from .reference import PATTERNS, factored_attention_reference
 
-__all__ = ["factored_attention", "supports", "attn_fwd", "attn_bwd", "FactoredAttentionFunction", "MAX_HEAD_DIM",
+__all__ = ["factored_attention", "supports", "attn_fwd", "attn_bwd", "FactoredAttentionFunction", "MAX_HEAD_DIM", "takes",
            "KERNEL_PATTERNS"]
 
 MAX_HEAD_DIM = 512
@@ -31,9 +31,19 @@ def _interpreting() -> bool:
     return type(attn_fwd_kernel).__name__ == "InterpretedFunction"
 
 
+FP32_MAX_HEAD_DIM = 128   # wider fp32 tiles spill registers on sm_90 (kernels.compile_check)
+
+
+def takes(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether ``auto`` sends this dtype and head dim to the kernels: fp16/bf16 up to
+    ``MAX_HEAD_DIM``, fp32 up to ``FP32_MAX_HEAD_DIM`` (wider fp32 runs the reference)."""
+    limit = FP32_MAX_HEAD_DIM if dtype == torch.float32 else MAX_HEAD_DIM
+    return dtype in _DTYPES and 0 < head_dim <= limit
+
+
 def supports(q: torch.Tensor) -> bool:
-    """Whether the kernels take these queries: CUDA, fp32/fp16/bf16, head dim <= ``MAX_HEAD_DIM``."""
-    return q.is_cuda and q.dtype in _DTYPES and q.dim() == 4 and 0 < q.shape[-1] <= MAX_HEAD_DIM
+    """Whether the kernels take these queries under ``auto``: CUDA, 4-D, ``takes(dtype, head dim)``."""
+    return q.is_cuda and q.dim() == 4 and takes(q.dtype, q.shape[-1])
 
 
 def _pow2_at_least(n: int, floor: int = 16) -> int:
@@ -52,8 +62,11 @@ def _tiles(pattern_id: int, D: int, elem_bytes: int, T: int, n_keys: int, C: int
     the staged tiles fit ``SMEM_BUDGET`` (an estimate: resident tiles plus ``num_stages`` copies of
     the streamed ones; forward: q against k, v; dq: q, do against k, v; dk/dv: k, v against q, do)."""
     BLOCK_D = _pow2_at_least(D)
-    BT = 64 if BLOCK_D <= 256 else 32
-    BS = 64 if BLOCK_D <= 128 else 32
+    # sized from sm_90 ptxas reports (kernels.compile_check): larger tiles spill registers
+    BT = 64 if BLOCK_D <= 128 else 32 if BLOCK_D <= 256 else 16
+    BS = 64 if BLOCK_D <= 64 else 32 if BLOCK_D <= 128 else 16
+    if elem_bytes == 4:             # fp32 tiles (split in two for tf32x3) hold twice the registers
+        BT, BS = (16, 16) if BLOCK_D >= 128 else (max(16, BT // 2), max(16, BS // 2))
     if pattern_id in (1, 3):        # a tile lies in one block when BT divides C
         BT = min(BT, _pow2_at_least(C))
         BS = min(BS, _pow2_at_least(C))
@@ -80,8 +93,14 @@ def _tiles(pattern_id: int, D: int, elem_bytes: int, T: int, n_keys: int, C: int
             BT //= 2
         else:
             BS //= 2
-    num_warps = 4 if BLOCK_D <= 128 else 8
+    num_warps = 4 if BLOCK_D <= 64 else 8
     return dict(BT=BT, BS=BS, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages)
+
+
+def preprocess_tile(T: int, block_d: int) -> int:
+    """Rows per program of ``attn_bwd_preprocess_kernel``: two fp32 ``[rows, block_d]`` tiles of at
+    most 4096 elements each (more spill registers under triton 3.6)."""
+    return min(64, max(16, 4096 // block_d), _pow2_at_least(T))
 
 
 def _grid(pattern_id: int, n: int, C: int, tile: int, B: int, H: int) -> tuple[int, int, int]:
@@ -93,9 +112,11 @@ def _grid(pattern_id: int, n: int, C: int, tile: int, B: int, H: int) -> tuple[i
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # fp32 matches torch.matmul: tf32 only when torch allows it for matmuls.
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
+    """``tl.dot`` precision: fp32 inputs use tf32 only when torch allows it for matmuls, else
+    ``tf32x3`` (three tf32 products: about fp32 accuracy on the tensor cores; an ``ieee`` fp32
+    dot runs on the FMA units and spills kilobytes of registers per thread at these tiles)."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
     return "ieee"
 
 
@@ -133,7 +154,7 @@ def attn_bwd(q, k, v, o, lse, do, pattern_id: int, C: int, causal: bool, n_keys:
     do = do.contiguous()
     cfg = _tiles(pattern_id, D, q.element_size(), T, n_keys, C, backward=True)
     delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    BT_pre = min(64, _pow2_at_least(T))
+    BT_pre = preprocess_tile(T, cfg["BLOCK_D"])
     attn_bwd_preprocess_kernel[(triton.cdiv(T, BT_pre), H, B)](
         o=o, do=do, delta=delta, T=T, H=H, D=D, BT=BT_pre, BLOCK_D=cfg["BLOCK_D"])
 

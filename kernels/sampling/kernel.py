@@ -14,8 +14,9 @@ import triton
 import triton.language as tl
 
 
-KEY_MIN: tl.constexpr = -(2 ** 40)
-KEY_MAX: tl.constexpr = 2 ** 40
+# globals a kernel reads must be constexpr instances (an annotation is not enough for the compiler)
+KEY_MIN = tl.constexpr(-(2 ** 40))
+KEY_MAX = tl.constexpr(2 ** 40)
 
 
 @triton.jit

@@ -13,7 +13,7 @@ import triton
 from .kernel import sample_logits_kernel
 from .reference import exponential_noise
 
-__all__ = ["sample_logits", "supports", "MAX_VOCAB"]
+__all__ = ["sample_logits", "supports", "block_v", "MAX_VOCAB"]
 
 MAX_VOCAB = 4096
 
@@ -22,6 +22,11 @@ def supports(logits: torch.Tensor) -> bool:
     """Whether the kernel can take these logits on its own device (CUDA, 2-D, vocab <= 4096)."""
     return (logits.is_cuda and logits.dim() == 2 and 0 < logits.shape[1] <= MAX_VOCAB
             and logits.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+def block_v(V: int) -> int:
+    """The kernel's vocabulary tile: ``V`` rounded up to a power of two (at least 16)."""
+    return max(16, triton.next_power_of_2(V))
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
@@ -70,6 +75,6 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     sample_logits_kernel[(N,)](
         logits, noise, out, V, logits.stride(0), noise.stride(0), t, min(top_k, V), top_p,
         RECIPROCAL=reciprocal, USE_TOP_K=0 < top_k < V, USE_TOP_P=top_p > 0.0,
-        BLOCK_V=max(16, triton.next_power_of_2(V)),
+        BLOCK_V=block_v(V),
     )
     return out

@@ -283,6 +283,10 @@ def test_bad_input(case, match):
 def test_supports():
     x = torch.randn(1, 4, 2, 16)
     assert not ops.supports(x)
+    # fp32 goes to the kernels up to head dim 128 (wider fp32 tiles spill), 16-bit up to 512
+    assert ops.takes(torch.float32, 128) and not ops.takes(torch.float32, 150)
+    assert ops.takes(torch.bfloat16, 480) and ops.takes(torch.float16, 512) and not ops.takes(torch.bfloat16, 513)
+    assert not ops.takes(torch.float64, 64)
     if CUDA:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             assert ops.supports(x.to("cuda", dtype))

@@ -1,8 +1,8 @@
 """Factored attention kernels against FlexAttention, dense masked SDPA and xformers, on one GPU.
 
-    python -m benchmarks.kernels                                  # all models, patterns, modes
-    python -m benchmarks.kernels --models prior_5b --modes fwd_bwd --resume
-    python -m benchmarks.kernels --dry-run --out-dir /tmp/k       # CPU, toy sizes: code path only
+    python -m benchmarks.gpu.attention_speed                                  # all models, patterns, modes
+    python -m benchmarks.gpu.attention_speed --models prior_5b --modes fwd_bwd --resume
+    python -m benchmarks.gpu.attention_speed --dry-run --out-dir /tmp/k       # CPU, toy sizes: code path only
 
 Shapes come from the released presets (``fastjukebox.config.PRESETS``): each model's head dim
 (``width * m_attn / heads``: 480 for the upsamplers, 256 for 1b_lyrics, 150 for 5b), head count,
@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import gpu_bench as gb
+from . import common as gb
 
 MODELS = ("upsampler_level_0", "prior_1b_lyrics", "prior_5b")
 PATTERN_CASES = (("block", True), ("block", False), ("transpose", True), ("transpose", False),
@@ -47,7 +47,7 @@ PATTERN_CASES = (("block", True), ("block", False), ("transpose", True), ("trans
 MODES = ("fwd", "fwd_bwd")
 IMPLS = ("ours", "flex", "sdpa_dense", "xformers")
 TARGETS = {"flex": 1.5, "sdpa_dense": 5.0}          # fwd+bwd speed-ups over these baselines
-TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+TOL = gb.TOL
 XFORMERS_MAX_D = 256
 
 
@@ -302,7 +302,7 @@ def render(doc: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu.attention_speed", description=__doc__.split("\n\n")[0])
     gb.add_common_args(p)
     p.add_argument("--models", nargs="+", default=list(MODELS), help="presets whose attention shapes are timed")
     p.add_argument("--patterns", nargs="+", default=sorted({pt for pt, _ in PATTERN_CASES}),
@@ -313,7 +313,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="FlexAttention without torch.compile (slow path)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    gb.start("benchmarks.kernels", args.dry_run)
+    gb.start("benchmarks.gpu.attention_speed", args.dry_run)
 
     dry = args.dry_run
     device, dtype = ("cpu", torch.float32) if dry else ("cuda", torch.bfloat16)
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
     header = {**gb.run_info(), "dtype": str(dtype).removeprefix("torch."), "flex_compiled": compile_flex,
               "timing": {"warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "statistic": "median"},
               "targets_fwd_bwd": TARGETS, "tolerance_rel_rms": TOL[dtype], "shapes": [asdict(s) for s in shapes]}
-    results = gb.ResultsFile("kernels", gb.device_label(dry), args.out_dir, dry, header, row_key, render,
+    results = gb.ResultsFile("attention-speed", gb.device_label(dry), args.out_dir, dry, header, row_key, render,
                              resume=args.resume)
     todo = [(s, pt, c, m) for s in shapes for pt, c in PATTERN_CASES if pt in args.patterns for m in args.modes]
     todo = [t for t in todo if not results.done((t[0].model, t[1], t[2], t[3], t[0].n_ctx, t[0].batch))]

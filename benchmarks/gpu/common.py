@@ -1,4 +1,4 @@
-"""Plumbing shared by the GPU benchmark commands (``benchmarks.kernels``, ``benchmarks.decode``).
+"""Plumbing shared by the GPU benchmarks (``benchmarks.gpu``: attention_speed, decode_speed, kernel_check).
 
 * ``start(dry_run)``: refuses to run without CUDA (exit code ``NO_CUDA_EXIT``) unless this is a
   dry run; a dry run sets ``TRITON_INTERPRET=1`` first, so Triton (imported later, by the kernels
@@ -23,11 +23,14 @@ from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["NO_CUDA_EXIT", "RESULTS", "DRY_RUN_NOTE", "start", "device_label", "sanitize", "gpu_info",
+__all__ = ["NO_CUDA_EXIT", "TOL", "RESULTS", "DRY_RUN_NOTE", "start", "device_label", "sanitize", "gpu_info",
            "median_ms", "sync", "rel_rms", "ResultsFile", "add_common_args", "run_info", "fmt", "md_table"]
 
 NO_CUDA_EXIT = 2
-RESULTS = Path(__file__).resolve().parent / "results"
+# Relative RMS error allowed against the fp32 reference on upcast inputs, per input dtype: about
+# 8 and 4 ulps of bf16 / fp16 over a softmax of a few thousand keys; fp32 dots run as tf32x3.
+TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+RESULTS = Path(__file__).resolve().parent.parent / "results"
 DRY_RUN_NOTE = ("DRY RUN on the CPU at toy sizes (Triton interpreter, fp32): exercises the code path only. "
                 "These numbers are NOT measurements of kernel or decoding speed.")
 
@@ -76,7 +79,7 @@ def gpu_info() -> dict:
 
 def run_info() -> dict:
     """Machine, library version and GPU of this run (imports the library: call after ``start``)."""
-    from .sampling_speed import machine, source_version
+    from ..sampling_speed import machine, source_version
     import triton
     return {"machine": machine(), "source": source_version(), "gpu": gpu_info(), "triton": triton.__version__,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -1,8 +1,8 @@
 """Autoregressive decoding speed of the released priors on one GPU: tokens/s and HBM-roofline fraction.
 
-    python -m benchmarks.decode                                    # 3 models x batch 1, 16 x attention paths
-    python -m benchmarks.decode --models prior_5b --batches 16 --resume
-    python -m benchmarks.decode --dry-run --out-dir /tmp/d         # CPU, toy sizes: code path only
+    python -m benchmarks.gpu.decode_speed                                    # 3 models x batch 1, 16 x attention paths
+    python -m benchmarks.gpu.decode_speed --models prior_5b --batches 16 --resume
+    python -m benchmarks.gpu.decode_speed --dry-run --out-dir /tmp/d         # CPU, toy sizes: code path only
 
 Each released architecture (``upsampler_level_0``, ``prior_1b_lyrics``, ``prior_5b``) is built
 whole with random weights in bf16 on the GPU (built in fp32 there, then cast: the 5b peaks at
@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from . import gpu_bench as gb
+from . import common as gb
 
 MODELS = ("upsampler_level_0", "prior_1b_lyrics", "prior_5b")
 BATCHES = (1, 16)
@@ -309,7 +309,7 @@ def render(doc: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu.decode_speed", description=__doc__.split("\n\n")[0])
     gb.add_common_args(p)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--batches", nargs="+", type=int, default=list(BATCHES), help="(a dry run caps them at 2)")
@@ -319,7 +319,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    gb.start("benchmarks.decode", args.dry_run)
+    gb.start("benchmarks.gpu.decode_speed", args.dry_run)
     if any(b < 1 for b in args.batches) or args.steps < 1 or args.repeats < 1:
         p.error("--batches, --steps and --repeats must be positive")
 
@@ -340,7 +340,7 @@ def main(argv=None) -> int:
     header = {**gb.run_info(), "dtype": str(dtype).removeprefix("torch."), "known_fraction": args.known,
               "steps": steps, "repeats": repeats, "temperature": TEMPERATURE,
               "copy_bandwidth_gbps": bandwidth / 1e9, "attention_paths": paths}
-    results = gb.ResultsFile("decode", gb.device_label(dry), args.out_dir, dry, header, row_key, render,
+    results = gb.ResultsFile("decode-speed", gb.device_label(dry), args.out_dir, dry, header, row_key, render,
                              resume=args.resume)
 
     from tqdm.auto import tqdm

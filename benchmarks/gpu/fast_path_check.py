@@ -1,6 +1,6 @@
 """GPU check of the fast sampling path: bf16 logits of the captured step against the reference path.
 
-    python -m benchmarks.gpu_fast_path_check [--preset upsampler_level_0] [--batch 4] [--steps 64]
+    python -m benchmarks.gpu.fast_path_check [--preset upsampler_level_0] [--batch 4] [--steps 64]
 
 An upsampler-sized prior with random weights is converted to bf16 once; a window is primed just
 before a block boundary and ``--steps`` tokens are sampled by ``StaticStepDecoder`` replaying a
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="CPU, toy size, no graphs or Triton: code path only")
     args = p.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
-        print("gpu_fast_path_check: no CUDA device is available; this check compares the CUDA-graph / Triton "
+        print("fast_path_check: no CUDA device is available; this check compares the CUDA-graph / Triton "
               "fast path with the reference path on a GPU and refuses to run on the CPU (--dry-run checks the "
               "code path at toy size).", file=sys.stderr)
         return NO_CUDA_EXIT
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
         with atomic_path(args.out) as tmp:
             tmp.write_text(json.dumps(res, indent=2) + "\n")
     if not ok:
-        print("gpu_fast_path_check: FAILED (see max_rel_fast_vs_ref_bf16 / max_rel_graph_vs_eager)", file=sys.stderr)
+        print("fast_path_check: FAILED (see max_rel_fast_vs_ref_bf16 / max_rel_graph_vs_eager)", file=sys.stderr)
     return 0 if ok else 1
 
 
