@@ -5,6 +5,10 @@
                     growing-cache loop and full recompute (``benchmarks.sampling_speed``)
 ``report``          seconds per minute of audio, per level and end to end, per sampler
                     (``benchmarks.report``; ``--device cuda`` on a GPU)
+``speculative``     exact speculative sampling against ``ar`` on the demo upsamplers: tokens/s,
+                    acceptance, gamma 4 / 8 / 16 (``benchmarks.speculative``)
+``students``        the parallel students at each pass count against exact AR, first and hopped
+                    windows, batch 1 and 16 (``benchmarks.student_speed``)
 ``gpu``             all GPU work in one call: kernel correctness, the CUDA-graph decode check,
                     attention and decode timings, within ``--budget-s`` (``benchmarks.gpu``)
 ``compile-check``   every kernel variant compiled ahead of time for sm_90 / sm_80, no GPU needed:
@@ -24,6 +28,8 @@ import sys
 COMMANDS = {
     "sampling": "benchmarks.sampling_speed",
     "report": "benchmarks.report",
+    "speculative": "benchmarks.speculative",
+    "students": "benchmarks.student_speed",
     "gpu": "benchmarks.gpu.__main__",
     "compile-check": "kernels.compile_check",
 }

@@ -36,7 +36,7 @@ from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+from fastjukebox.progress import progress_bar  # noqa: E402
 
 from fastjukebox.atomic import atomic_path  # noqa: E402
 
@@ -291,8 +291,9 @@ def main(argv=None) -> int:
     jobs = [j for s in subjects for j in plan(s, args.batches, args.passes)]
     by_name = {s.name: s for s in subjects}
     results = []
-    bar = tqdm(jobs, unit="meas", desc="speed report", dynamic_ncols=True)
-    for job in bar:
+    bar = progress_bar(len(jobs), "speed report", "meas")
+    for job in jobs:
+        bar.update(1)
         bar.set_postfix_str(f"{job.subject} b{job.batch} {job.kind} {job.sampler} L{job.level}"
                             + (f" K={job.passes}" if job.passes else ""))
         if job.key in done:

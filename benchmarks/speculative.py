@@ -1,7 +1,7 @@
 """Speculative sampling (``distill.speculative``) against exact AR sampling on the demo upsamplers.
 
-    python -m benchmarks.speculative                 # levels 0 and 1, batch 1 and 16, gamma 4 / 8 / 16
-    python -m benchmarks.speculative --quick         # level 0, batch 1, gamma 8, one round (a smoke run)
+    python -m benchmarks speculative                 # levels 0 and 1, batch 1 and 16, gamma 4 / 8 / 16
+    python -m benchmarks speculative --quick         # level 0, batch 1, gamma 8, one round (a smoke run)
 
 Per level and batch: the upper-level codes are the demo VQ-VAE's encoding of a rendered chord
 progression (``fastjukebox.demo.synth``); the *first* window has no known codes and 1024 new
@@ -31,7 +31,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+from fastjukebox.progress import progress_bar  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HOP = 512           # the demo upsamplers hop half their 1024-token window
@@ -118,7 +118,7 @@ def run(levels=(0, 1), batches=(1, 16), gammas=(4, 8, 16), repeats: int = 2, see
     rows = []
     jobs = [(l, b) for l in levels for b in batches]
     n_variants = len(gammas) + (len(POLICIES) - 1 if 8 in gammas else 0)
-    bar = tqdm(total=len(jobs) * 2 * repeats * (1 + n_variants), unit="window", desc="speculative benchmark")
+    bar = progress_bar(len(jobs) * 2 * repeats * (1 + n_variants), "speculative benchmark", "window")
     for level, batch in jobs:
         prior = jb.prior(level)
         win = Window(jb, level, batch, codes)
@@ -204,7 +204,7 @@ def render_markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.speculative", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks speculative", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="level 0, batch 1, gamma 8, one round; writes *-quick files")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS)

@@ -1,6 +1,6 @@
 """Parallel students against exact AR sampling, per window and per minute of audio, in one run.
 
-    python -m benchmarks.student_speed [--model demo] [--students DIR] [--passes 1,2,4,8,16]
+    python -m benchmarks students [--model demo] [--students DIR] [--passes 1,2,4,8,16]
         [--batches 1,16] [--rounds 3] [--out benchmarks/results/student-speed-cpu]
 
 For each upsampler level of the family and each batch size, one window of each kind is timed:
@@ -75,9 +75,9 @@ def plan(jb, students, passes, batches) -> list[dict]:
 
 @torch.no_grad()
 def run_cases(cases: list[dict], rounds: int, progress: bool = True) -> list[dict]:
-    from tqdm.auto import tqdm
+    from fastjukebox.progress import progress_bar
     times = [[] for _ in cases]
-    bar = tqdm(total=(rounds + 1) * len(cases), unit="run", desc="student speed", disable=not progress)
+    bar = progress_bar((rounds + 1) * len(cases), "student speed", "run", enabled=progress)
     for r in range(rounds + 1):                      # round 0: warm-up
         for i, case in enumerate(cases):
             run = case["prepare"]()
@@ -139,7 +139,7 @@ def format_markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.student_speed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks students", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="demo", help="model family (default: demo)")
     p.add_argument("--students", default=None,
                    help="directory holding student_level_{1,0}/ to time instead of the family's own")
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             students[level] = jb.student(level)
         students[level].eval().requires_grad_(False)
     results = run_cases(plan(jb, students, args.passes, args.batches), args.rounds, progress=not args.quiet)
-    report = dict(command="python -m benchmarks.student_speed " + " ".join(argv if argv is not None else sys.argv[1:]),
+    report = dict(command="python -m benchmarks students " + " ".join(argv if argv is not None else sys.argv[1:]),
                   machine=dict(processor=platform.processor() or platform.machine(), torch=torch.__version__,
                                threads=torch.get_num_threads()),
                   rounds=args.rounds, results=results, summary=summarise(jb, results), projection=projection())

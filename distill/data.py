@@ -311,7 +311,7 @@ def generate_shards(prior: Prior, vqvae: VQVAE, pieces: Sequence[SourcePiece], d
                     gen: GenerationConfig, *, rank: int = 0, world_size: int = 1, progress: bool = True) -> list[Path]:
     """Make this rank's missing shards (``i % world_size == rank``); complete shards are kept,
     corrupt ones are reported by name and made again. Returns this rank's shard paths."""
-    from tqdm.auto import tqdm
+    from fastjukebox.progress import progress_bar
     _check_upsampler(prior)
     if prior.config.level != gen.level or prior.config.n_ctx != gen.n_ctx:
         raise ValueError(f"generation settings are for level {gen.level} (n_ctx {gen.n_ctx}), the teacher is "
@@ -333,8 +333,8 @@ def generate_shards(prior: Prior, vqvae: VQVAE, pieces: Sequence[SourcePiece], d
             except CorruptShardError as e:
                 warnings.warn(f"{e}; generating it again")
         todo.append(i)
-    bar = tqdm(total=len(todo) * gen.shard_size, unit="win", desc=f"teacher samples (rank {rank})",
-               disable=not progress or not todo)
+    bar = progress_bar(len(todo) * gen.shard_size, f"teacher samples (rank {rank})", "win",
+                       enabled=progress and bool(todo))
     decoders: dict = {}
     dev = prior.prior.x_emb.weight.device
     for i in todo:

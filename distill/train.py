@@ -333,7 +333,7 @@ def train(cfg: DistillConfig) -> dict:
     """Generate teacher data, train the student, save it and (unless ``cfg.evaluate`` is False)
     evaluate it. Returns the summary (with the evaluation under ``"eval"``)."""
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
+    from fastjukebox.progress import progress_bar
 
     import fastjukebox as fj
     from .student import ParallelStudent, SamplingDefaults
@@ -395,8 +395,7 @@ def train(cfg: DistillConfig) -> dict:
     wrapped, optimizer = acc.prepare(DistillLoss(student, cfg.soft_weight, prefix_len), optimizer)
 
     # 3. training
-    bar = tqdm(total=cfg.steps, initial=start, unit="step", desc=f"distill {cfg.teacher}",
-               disable=not (cfg.progress and main))
+    bar = progress_bar(cfg.steps, f"distill {cfg.teacher}", "step", initial=start, enabled=cfg.progress and main)
     t0 = time.time()
     for step in range(start, cfg.steps):
         g = step_generator(cfg.seed, step, acc.process_index)

@@ -10,7 +10,7 @@ import fastjukebox
 from distill.draft import span_bounds
 from distill.speculative import SpeculativeWindowSampler
 from distill.student import ParallelStudent
-from fastjukebox import Prior, PriorConfig
+from fastjukebox import Prior, PriorConfig, load_prior
 from fastjukebox.bundle import Jukebox
 from fastjukebox.cli import main as cli_main
 from fastjukebox.decoding import WindowDecoder
@@ -123,7 +123,7 @@ def test_a_wrong_rule_fails_the_same_test(mutation, monkeypatch):
 @pytest.mark.parametrize("gamma", [1, 3, 16])
 def test_greedy_reproduces_the_original_fixtures(name, gamma):
     """Temperature 0 gives the teacher's argmax at every position: the original's greedy runs."""
-    prior = Prior.from_pretrained(DATA / f"{name}.pth.tar", dtype=torch.float64)
+    prior = load_prior(DATA / f"{name}.pth.tar", dtype=torch.float64)
     io = np.load(DATA / f"{name}_io.npz")
     z, upper, y = (torch.from_numpy(io[k]) for k in ("z", "z_cond", "y"))
     sampler = SpeculativeWindowSampler(prior, ParallelStudent.from_teacher(prior), gamma=gamma)
@@ -260,7 +260,7 @@ def test_chunked_scoring_equals_one_token_steps(name, order):
             p.normal_(0, 0.3)
         z, upper, y = torch.randint(0, 32, (2, 48)), None, None
     else:
-        prior = Prior.from_pretrained(DATA / f"{name}.pth.tar", dtype=torch.float64)
+        prior = load_prior(DATA / f"{name}.pth.tar", dtype=torch.float64)
         io = np.load(DATA / f"{name}_io.npz")
         z, y = torch.from_numpy(io["z"]), torch.from_numpy(io["y"])
         upper = torch.from_numpy(io["z_cond"]) if "z_cond" in io else None

@@ -333,10 +333,11 @@ def main(argv=None) -> int:
     todo = [t for t in todo if not results.done((t[0].model, t[1], t[2], t[3], t[0].n_ctx, t[0].batch))]
     timing = dict(dry_run=dry, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
 
-    from tqdm.auto import tqdm
+    from fastjukebox.progress import progress_bar
     failed = []
-    with tqdm(todo, desc="kernels", unit="case") as bar:
-        for i, (shape, pattern, causal, mode) in enumerate(bar):
+    with progress_bar(len(todo), "kernels", "case") as bar:
+        for i, (shape, pattern, causal, mode) in enumerate(todo):
+            bar.update(1)
             bar.set_postfix_str(f"{shape.model} {pattern}{' causal' if causal else ''} {mode}")
             row = run_case(shape, pattern, causal, mode, device=device, dtype=dtype, compile_flex=compile_flex,
                            timing=timing, seed=args.seed + i)

@@ -343,10 +343,10 @@ def main(argv=None) -> int:
     results = gb.ResultsFile("decode-speed", gb.device_label(dry), args.out_dir, dry, header, row_key, render,
                              resume=args.resume)
 
-    from tqdm.auto import tqdm
+    from fastjukebox.progress import progress_bar
     todo = [(m, b, a) for m in configs for b in batches for a in args.attention
             if not results.done((m, b, a))]
-    bar = tqdm(total=len(todo), desc="decode", unit="case")
+    bar = progress_bar(len(todo), "decode", "case")
     failed = []
     for name, config in configs.items():
         mine = [t for t in todo if t[0] == name]

@@ -143,10 +143,10 @@ def main(argv=None) -> int:
                              resume=args.resume)
     todo = [c for c in _cases(_models(dry, args.n_ctx), dtypes, dry) if not results.done(c[:3])]
 
-    from tqdm.auto import tqdm
+    from fastjukebox.progress import track
     failed = []
     gen = torch.Generator().manual_seed(0)
-    for kernel, case, dname, run in tqdm(todo, desc="kernel check", unit="case"):
+    for kernel, case, dname, run in track(todo, "kernel check", "case"):
         row = dict(kernel=kernel, case=case, dtype=dname, errors={})
         try:
             row["errors"] = run(device, gen)

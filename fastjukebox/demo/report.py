@@ -150,14 +150,17 @@ def score_table(rec: dict, held, samples: torch.Tensor, upsampled: torch.Tensor)
     return rows
 
 
-def excerpt_table(jb, seed: int = 0, progress: bool = False) -> list[dict]:
-    """Per shipped excerpt, what the main command does (``upsample_excerpt``, seed ``seed``, the
-    family's sampling settings): rows ``{name, piece, seconds, own, other, wall}``."""
+MAIN_COMMAND_SAMPLER = "parallel"   # the README's main command: the students with their own settings
+
+
+def excerpt_table(jb, seed: int = 0, sampler: str = MAIN_COMMAND_SAMPLER, progress: bool = False) -> list[dict]:
+    """Per shipped excerpt, what the main command does (``upsample_excerpt`` with ``sampler``, seed
+    ``seed``, the family's and students' own settings): rows ``{name, piece, seconds, own, other, wall}``."""
     from .excerpts import excerpt_agreement, read_manifest, upsample_excerpt
     rows = []
     for e in read_manifest():
         t0 = time.perf_counter()
-        out = upsample_excerpt(jb, e, seed=seed, progress=progress)
+        out = upsample_excerpt(jb, e, seed=seed, sampler=sampler, progress=progress)
         wall = time.perf_counter() - t0
         agree = excerpt_agreement(out.audio[0].numpy(), e)
         rows.append({"name": e.name, "piece": e.piece, "seconds": e.seconds, "own": agree["own"],
@@ -296,9 +299,10 @@ def _markdown(info, rec, usage, nll, tonal, score, excerpts, held, eval_s, sampl
           "notes of a sample come from the top prior, which holds a chord rather than moving from chord "
           "to chord as a chorale does (spectrogram below)."]
     L += ["", "## The main command: upsampling the shipped excerpts", "",
-          "`fastjukebox upsample --model demo --from-audio demo:<name> --seed 0` on each held-out "
-          "excerpt (`fastjukebox/assets/demo/excerpts/`, never used in training): encoded to top-level "
-          "codes, levels 1 and 0 sampled autoregressively with the family's settings. Agreement as above; "
+          f"`fastjukebox upsample --model demo --from-audio demo:<name> --sampler {MAIN_COMMAND_SAMPLER} "
+          "--seed 0` on each held-out excerpt (`fastjukebox/assets/demo/excerpts/`, never used in training): "
+          "encoded to top-level codes, levels 1 and 0 sampled by the distilled students with their own "
+          "settings (`student_level_{1,0}/sampling.json`). Agreement as above; "
           "the chance level is the same audio against the other excerpts' scores. Sampling time is wall "
           "time on this machine, one CPU thread.", "",
           "| excerpt | piece | seconds | its own score | other excerpts' scores | sampling (s) |",
