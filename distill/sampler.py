@@ -49,6 +49,30 @@ def _draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     return ids, logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
+def check_window_call(known, n_new, temperature, top_k, top_p, config, device) -> torch.Tensor:
+    """The arguments of a window sampler's call, checked (named errors): ``known`` as (N, K) long
+    codes on ``device``."""
+    c = config
+    if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 0:
+        raise ValueError(f"n_new must be an integer >= 0, got {n_new!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0 or not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_k must be >= 0 and top_p in [0, 1]; got top_k={top_k}, top_p={top_p}")
+    z = torch.as_tensor(known)
+    if z.is_floating_point() or z.is_complex() or z.dtype == torch.bool:
+        raise ValueError(f"known must be an integer tensor of codes, got {z.dtype}")
+    if z.dim() != 2:
+        raise ValueError(f"known must be (N, K) codes, got shape {tuple(z.shape)}")
+    K = z.shape[1]
+    if K + n_new > c.n_ctx:
+        raise ValueError(f"{K} known + {n_new} new codes exceed the window (n_ctx={c.n_ctx})")
+    z = z.long().to(device)
+    if z.numel() and (int(z.min()) < 0 or int(z.max()) >= c.l_bins):
+        raise ValueError(f"known codes must be in [0, {c.l_bins}); got values in [{int(z.min())}, {int(z.max())}]")
+    return z
+
+
 class ParallelWindowSampler:
     """Samples one window in ``passes`` student evaluations (``passes`` sequential model calls).
 
@@ -97,25 +121,8 @@ class ParallelWindowSampler:
         return self.student.config
 
     def _check(self, known, n_new, temperature, top_k, top_p) -> torch.Tensor:
-        c = self.config
-        if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 0:
-            raise ValueError(f"n_new must be an integer >= 0, got {n_new!r}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k < 0 or not 0.0 <= top_p <= 1.0:
-            raise ValueError(f"top_k must be >= 0 and top_p in [0, 1]; got top_k={top_k}, top_p={top_p}")
-        z = torch.as_tensor(known)
-        if z.is_floating_point() or z.is_complex() or z.dtype == torch.bool:
-            raise ValueError(f"known must be an integer tensor of codes, got {z.dtype}")
-        if z.dim() != 2:
-            raise ValueError(f"known must be (N, K) codes, got shape {tuple(z.shape)}")
-        K = z.shape[1]
-        if K + n_new > c.n_ctx:
-            raise ValueError(f"{K} known + {n_new} new codes exceed the window (n_ctx={c.n_ctx})")
-        z = z.long().to(self.student.prior.x_emb.weight.device)
-        if z.numel() and (int(z.min()) < 0 or int(z.max()) >= c.l_bins):
-            raise ValueError(f"known codes must be in [0, {c.l_bins}); got values in [{int(z.min())}, {int(z.max())}]")
-        return z
+        return check_window_call(known, n_new, temperature, top_k, top_p, self.config,
+                                 self.student.prior.x_emb.weight.device)
 
     @torch.no_grad()
     def __call__(self, known, n_new: int, upper=None, labels=None, *, temperature: float = 1.0, top_k: int = 0,

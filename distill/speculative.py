@@ -38,6 +38,7 @@ from fastjukebox.prior import Prior
 from kernels.sampling.reference import exponential_noise_
 
 from .draft import StudentDraft, proposal_probs
+from .sampler import check_window_call
 from .student import ParallelStudent
 
 __all__ = ["SpeculativeWindowSampler", "WindowReport", "accept", "residual"]
@@ -138,19 +139,8 @@ class SpeculativeWindowSampler:
         return self.decoder
 
     def _check(self, known, n_new, temperature, top_k, top_p) -> torch.Tensor:
-        c = self.config
-        if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 0:
-            raise ValueError(f"n_new must be an integer >= 0, got {n_new!r}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k < 0 or not 0.0 <= top_p <= 1.0:
-            raise ValueError(f"top_k must be >= 0 and top_p in [0, 1]; got top_k={top_k}, top_p={top_p}")
-        z = torch.as_tensor(known)
-        if z.dim() != 2 or z.is_floating_point() or z.dtype == torch.bool:
-            raise ValueError(f"known must be (N, K) integer codes, got {z.dtype} of shape {tuple(z.shape)}")
-        if z.shape[1] + n_new > c.n_ctx:
-            raise ValueError(f"{z.shape[1]} known + {n_new} new codes exceed the window (n_ctx={c.n_ctx})")
-        return z.long().to(self.prior.prior.x_emb.weight.device)
+        return check_window_call(known, n_new, temperature, top_k, top_p, self.config,
+                                 self.prior.prior.x_emb.weight.device)
 
     @torch.no_grad()
     def __call__(self, known, n_new: int, upper=None, labels=None, *, temperature: float = 1.0, top_k: int = 0,
