@@ -116,11 +116,13 @@ class LogProgress:
 
 
 class _NoProgress:
-    n = 0
-    total = None
+    """Takes the calls and shows nothing; ``total`` and ``n`` stay readable and writable."""
+
+    def __init__(self, total: int | None = None, initial: int = 0):
+        self.total, self.n = total, initial
 
     def update(self, n: int = 1) -> None:
-        pass
+        self.n += n
 
     def refresh(self) -> None:
         pass
@@ -153,7 +155,7 @@ def progress_bar(total: int | None, desc: str, unit: str = "it", *, enabled: boo
     """A progress display for ``total`` units of work: tqdm on a terminal, ``LogProgress``
     elsewhere, nothing when ``enabled`` is false. ``tqdm_kwargs`` (e.g. ``position``) go to tqdm."""
     if not enabled:
-        return _NoProgress()
+        return _NoProgress(total, initial)
     target = stream if stream is not None else sys.stderr
     if _is_terminal(target):
         from tqdm import tqdm
