@@ -353,15 +353,6 @@ def cmd_sample(args) -> int:
     return _write(args, jb, result, settings, None if prompt is None else (str(args.prompt), prompt))
 
 
-def _whole_top_codes(jb, audio: torch.Tensor, what: str) -> torch.Tensor:
-    """(1, T) audio cut to a whole number of top-level codes."""
-    hop = jb.vqvae.hop_lengths[-1]
-    keep = audio.shape[0] // hop * hop
-    if keep == 0:
-        raise ValueError(f"{what} is shorter than one top-level code ({hop} samples at {jb.sr} Hz)")
-    return audio[None, :keep]
-
-
 def _upsample_audio(args) -> int:
     """``upsample --from-audio``: a file or a shipped demo excerpt, encoded to top-level codes."""
     from .audio import load_audio
@@ -385,7 +376,7 @@ def _upsample_audio(args) -> int:
             audio = audio[: int(round(args.seconds * jb.sr))]
     sampling = _sampling_kw(args, jb)
     with torch.inference_mode():
-        top = jb.vqvae.encode(_whole_top_codes(jb, audio, f"'{src}'"), levels=(jb.vqvae.config.levels - 1,))[-1]
+        top = jb.vqvae.encode(jb.vqvae.whole_top_codes(audio, f"'{src}'"), levels=(jb.vqvae.config.levels - 1,))[-1]
         result = jb.upsample(top, **_label_kw(labels), **sampling)
     settings = _run_settings("upsample", args, labels, sampling)
     settings.update(source=src, source_seconds=top.shape[1] * jb.vqvae.hop_lengths[-1] / jb.sr)
@@ -459,7 +450,7 @@ def cmd_encode(args) -> int:
         raise ValueError(f"--out {args.out!r}: the codes file must end in .npz")
     jb = _load_model(args)
     audio = load_audio(args.audio, sr=jb.sr, duration=args.seconds, offset=args.offset)
-    audio = _whole_top_codes(jb, audio, f"'{args.audio}'")
+    audio = jb.vqvae.whole_top_codes(audio, f"'{args.audio}'")
     keep = audio.shape[1]
     with torch.inference_mode():
         codes = jb.vqvae.encode(audio)

@@ -59,6 +59,14 @@ class VQVAE(nn.Module):
         """A released architecture with fresh weights (works under ``torch.device("meta")``)."""
         return cls(resolve_config(name, "vqvae"))
 
+    def whole_top_codes(self, audio: torch.Tensor, what: str = "audio") -> torch.Tensor:
+        """Mono audio (T,) as a batch of one (1, T'), cut to a whole number of top-level codes."""
+        hop = self.hop_lengths[-1]
+        keep = audio.shape[0] // hop * hop
+        if keep == 0:
+            raise ValueError(f"{what} is shorter than one top-level code ({hop} samples at {self.config.sr} Hz)")
+        return audio[None, :keep]
+
     def original_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights under the original key names (the module tree already uses them)."""
         return dict(self.state_dict())

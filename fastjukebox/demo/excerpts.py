@@ -144,7 +144,7 @@ def upsample_excerpt(jb, excerpt: Excerpt, *, seconds: float | None = None, **sa
     audio = excerpt_audio(excerpt)
     if seconds is not None:
         audio = audio[: int(round(seconds * jb.sr))]
-    hop = jb.vqvae.hop_lengths[-1]
-    top = jb.vqvae.encode(audio[None, : len(audio) // hop * hop], levels=(jb.vqvae.config.levels - 1,))[-1]
+    top = jb.vqvae.encode(jb.vqvae.whole_top_codes(audio, f"excerpt {excerpt.name!r}"),
+                          levels=(jb.vqvae.config.levels - 1,))[-1]
     return jb.upsample(top, artist=excerpt.artist, genre=excerpt.genre, total_seconds=excerpt.piece_seconds,
                        offset_seconds=excerpt.offset_seconds, **sampling)
