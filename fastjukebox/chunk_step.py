@@ -34,6 +34,30 @@ class ChunkStep(TokenStep):
     """The transformer of ``model`` for positions ``[pos, pos + T)`` inside one block:
     ``(x: (N, T, W), pos, cache) -> (N, T, W)``, keys/values written into ``cache``."""
 
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self._bias: torch.Tensor | None = None
+
+    def causal_bias(self, T: int, first: int, like: torch.Tensor) -> torch.Tensor:
+        """Additive mask ``(T, first + T)``: 0 where key ``j <= first + r`` for query row ``r``,
+        ``-inf`` elsewhere; a view of one template (a float mask takes the CPU's fused attention
+        kernel without the conversion a boolean one costs, and nothing is built per call).
+
+        The template ``B`` is ``(rows, span)`` with ``B[r, j] = 0`` iff ``j <= span - rows + r``;
+        the mask is ``B[:T, off:off + first + T]`` with ``off = span - rows - first``."""
+        b = self._bias
+        if b is None or b.shape[0] < T or b.shape[1] - b.shape[0] < first or b.dtype != like.dtype \
+                or b.device != like.device:
+            rows = max(16, T, 0 if b is None else b.shape[0])
+            span = rows + max(first, self.layers[0].block_len if self.layers else 0,
+                              0 if b is None else b.shape[1] - b.shape[0])
+            keep = torch.ones(rows, span, dtype=torch.bool, device=like.device).tril_(span - rows)
+            b = self._bias = torch.zeros(rows, span, dtype=like.dtype, device=like.device).masked_fill_(
+                ~keep, float("-inf"))
+        rows, span = b.shape
+        off = span - rows - first
+        return b[:T, off:off + first + T]
+
     def __call__(self, x: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
         N, T, W = x.shape
         x = x.reshape(N * T, W)
@@ -59,9 +83,11 @@ class ChunkStep(TokenStep):
             return attend_cached(q, kc, vc, L.pattern, pos, L.block_len, L.prime_len).reshape(N * T, L.n_state)
         b, s0 = divmod(pos, L.block_len)
         mask = None
-        if L.pattern == "transpose":          # (N, T, H, 1, D) against (N, T, H, b + 1, D)
-            k, v = (c[:, s0:s0 + T, :b + 1].transpose(2, 3) for c in (kc, vc))
-            a = F.scaled_dot_product_attention(q.unsqueeze(-2), k, v)
+        if L.pattern == "transpose":          # (N T, H, 1, D) against (N T, H, b + 1, D)
+            # 4-D, as the CPU's fused kernel takes (a 5-D batch falls back to the unfused math path)
+            k, v = (c[:, s0:s0 + T, :b + 1].transpose(2, 3).reshape(N * T, L.heads, b + 1, L.head_dim)
+                    for c in (kc, vc))
+            a = F.scaled_dot_product_attention(q.reshape(N * T, L.heads, 1, L.head_dim), k, v)
             return a.reshape(N * T, L.n_state)
         if L.pattern == "block":
             first, k, v = s0, kc[:, :s0 + T], vc[:, :s0 + T]
@@ -75,6 +101,6 @@ class ChunkStep(TokenStep):
             S = pos + T if L.pattern == "dense" else min(pos + T, L.prime_len)
             first, k, v = pos, kc[:, :S], vc[:, :S]
         if first is not None and T > 1:       # query r sees keys j <= first + r
-            mask = torch.ones(T, k.shape[1], dtype=torch.bool, device=q.device).tril_(first)
+            mask = self.causal_bias(T, first, q)[:, :k.shape[1]]      # prime: cut at prime_len
         a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return a.transpose(1, 2).reshape(N * T, L.n_state)

@@ -32,6 +32,7 @@ from .factored_attention import kernel as attn_kernels
 from .factored_attention.ops import _PATTERN_IDS, _precision, _tiles, preprocess_tile, takes
 from .sampling import kernel as sampling_kernels
 from .sampling.ops import MAX_VOCAB, block_v
+from .sampling.ops import num_warps_for as sampling_warps
 
 __all__ = ["Variant", "released_variants", "representative_subset", "MODELS", "DTYPES", "SM_COUNTS"]
 
@@ -224,7 +225,8 @@ def _sampling(m: Model, dtype: str):
         for top_p in (False, True):
             use = f"{m.name} sampling{' top-k' if top_k else ''}{' top-p' if top_p else ''}"
             yield Variant("sample_logits_kernel", dtype, dict(
-                RECIPROCAL=True, USE_TOP_K=top_k, USE_TOP_P=top_p, BLOCK_V=tile)), use
+                RECIPROCAL=True, USE_TOP_K=top_k, USE_TOP_P=top_p, BLOCK_V=tile),
+                num_warps=sampling_warps(tile)), use
 
 
 def released_variants(arch: int = 90, models: tuple[Model, ...] = MODELS) -> list[Variant]:

@@ -56,8 +56,8 @@ def test_gpu_dry_run_runs_every_stage(gpu_dry_run):
     r, out = gpu_dry_run
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     doc = json.loads((out / "gpu-cpu-dry-run.json").read_text())
-    assert [s["stage"] for s in doc["stages"]] == ["kernel_check", "fast_path_check", "attention_speed",
-                                                   "decode_speed"]
+    assert [s["stage"] for s in doc["stages"]] == ["kernel_check", "fast_path_check", "decode_speed",
+                                                   "attention_speed"]
     assert all(s["status"] == "done" and s["results"] for s in doc["stages"]), doc["stages"]
     assert DRY_RUN_NOTE in (out / "gpu-cpu-dry-run.md").read_text()
 

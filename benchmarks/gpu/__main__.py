@@ -10,9 +10,10 @@ Stages, most valuable first (each writes its own JSON + markdown, named with the
 1. ``kernel_check``: every Triton kernel against its PyTorch reference, bf16 / fp16 / fp32;
 2. ``fast_path_check``: the captured CUDA-graph decode step against the same step run eagerly and
    against the bf16 reference path;
-3. ``attention_speed``: factored attention forward and forward + backward against FlexAttention,
-   dense masked SDPA and xformers (``triton.testing.do_bench``, compiled and warmed up first);
-4. ``decode_speed``: AR decode tokens/s at batch 1 and 16 against the HBM roofline.
+3. ``decode_speed``: AR decode tokens/s at batch 1 and 16 against the HBM roofline;
+4. ``attention_speed``: factored attention forward and forward + backward against FlexAttention,
+   dense masked SDPA and xformers at the upsampler's shapes (``triton.testing.do_bench``; every
+   case first compiled untimed in parallel child processes, then timed alone).
 
 Each stage runs in its own process and is stopped when the budget is spent; the stages rewrite
 their result files after every case, so a stopped stage keeps what it measured and ``--resume``
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,14 +34,21 @@ from pathlib import Path
 
 from . import common as gb
 
+# Child processes that compile side by side in the stages that take --workers / --warm-workers:
+# half the host's cores (a GPU host has 16 or more), at most 8.
+WORKERS = str(max(1, min(8, (os.cpu_count() or 2) // 2)))
+
 # (stage, module, arguments of a full run, arguments of a dry run, seconds to its first result on
 # an H100-class machine: a projection, Triton compile at 1.41 CPU s per variant as measured by
 # kernels.compile_check, plus model set-up). A stage is started only when that much time is left.
+# The full run times attention at the upsampler's shapes (where sampling spends its time); the
+# priors' shapes: python -m benchmarks.gpu.attention_speed --models prior_1b_lyrics prior_5b.
 STAGES = (
-    ("kernel_check", "benchmarks.gpu.kernel_check", [], [], 30),
+    ("kernel_check", "benchmarks.gpu.kernel_check", ["--workers", WORKERS], ["--workers", "2"], 30),
     ("fast_path_check", "benchmarks.gpu.fast_path_check", [], [], 60),
-    ("attention_speed", "benchmarks.gpu.attention_speed", [], ["--patterns", "prev_block", "dense"], 60),
     ("decode_speed", "benchmarks.gpu.decode_speed", [], ["--models", "prior_1b_lyrics", "--batches", "2"], 90),
+    ("attention_speed", "benchmarks.gpu.attention_speed", ["--models", "upsampler_level_0", "--warm-workers", WORKERS],
+     ["--patterns", "prev_block", "dense", "--warm-workers", "2"], 60),
 )
 DEFAULT_BUDGET_S = 480.0
 MARGIN_S = 15            # kept free at the end of the budget for writing the summary
@@ -110,11 +119,15 @@ def main(argv=None) -> int:
             cmd = _stage_command(module, dry_args if dry else full_args, out_dir, device, dry, args.resume)
             print(f"[benchmarks.gpu] {stage}: {' '.join(cmd[1:])} ({left:.0f} s left)", flush=True)
             s0 = time.perf_counter()
+            # its own process group, so a stop at the budget also ends the stage's worker processes
+            proc = subprocess.Popen(cmd, env=env, start_new_session=True)
             try:
-                r = subprocess.run(cmd, env=env, timeout=max(left, 1))
-                entry.update(status="done" if r.returncode == 0 else "failed", exit=r.returncode)
-                failed |= r.returncode != 0
+                code = proc.wait(timeout=max(left, 1))
+                entry.update(status="done" if code == 0 else "failed", exit=code)
+                failed |= code != 0
             except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
                 entry["status"] = "stopped at the budget (partial results kept; --resume continues)"
             entry["wall_s"] = time.perf_counter() - s0
         found = sorted(f.name for f in out_dir.glob(f"{stage.replace('_', '-')}-{device}.*"))

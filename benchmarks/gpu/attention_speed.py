@@ -34,6 +34,7 @@ import argparse
 import math
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -312,6 +313,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="override the batch (default max(1, 4 // heads))")
     p.add_argument("--no-compile", action="store_true", help="FlexAttention without torch.compile (slow path)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warm-workers", type=int, default=0,
+                   help="first run the cases untimed in this many child processes at once, to fill the Triton "
+                        "and Inductor caches (their compiles then load from disk in the timed run)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only every N-th case from the I-th (0-based); set by --warm-workers")
     args = p.parse_args(argv)
     gb.start("benchmarks.gpu.attention_speed", args.dry_run)
 
@@ -330,8 +336,16 @@ def main(argv=None) -> int:
     results = gb.ResultsFile("attention-speed", gb.device_label(dry), args.out_dir, dry, header, row_key, render,
                              resume=args.resume)
     todo = [(s, pt, c, m) for s in shapes for pt, c in PATTERN_CASES if pt in args.patterns for m in args.modes]
-    todo = [t for t in todo if not results.done((t[0].model, t[1], t[2], t[3], t[0].n_ctx, t[0].batch))]
+    todo = [t for t in gb.shard(todo, args.shard)
+            if not results.done((t[0].model, t[1], t[2], t[3], t[0].n_ctx, t[0].batch))]
     timing = dict(dry_run=dry, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+    if args.warm_workers > 0 and todo:
+        # compiles are the slow part on a fresh machine and run one core each: do them side by side
+        # (untimed, results thrown away), then time every case alone with warm caches
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="attention-speed-warm-") as tmp:
+            gb.run_workers("benchmarks.gpu.attention_speed", sys.argv[1:] if argv is None else argv,
+                           args.warm_workers, Path(tmp), extra=("--warmup-ms", "1", "--rep-ms", "1"))
 
     from fastjukebox.progress import progress_bar
     failed = []

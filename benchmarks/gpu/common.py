@@ -5,6 +5,9 @@
   or by FlexAttention) runs its CPU interpreter.
 * ``median_ms``: ``triton.testing.do_bench`` (CUDA events, L2 flushed before each run, median)
   on a GPU; a short ``perf_counter`` median in a dry run, whose numbers mean nothing.
+* ``shard`` / ``run_workers``: a stage's cases cut into ``--shard I/N`` slices run by ``N`` child
+  processes at once (Triton and Inductor compile on the CPU, one core per process; the GPU has 16
+  cores beside it), their rows merged by the parent;
 * ``ResultsFile``: rows kept in ``<name>-<device>.json`` with a markdown table beside it, both
   rewritten atomically after every row, so an interrupted run resumes (``--resume``) where it
   stopped.
@@ -23,7 +26,7 @@ from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["NO_CUDA_EXIT", "TOL", "RESULTS", "DRY_RUN_NOTE", "start", "device_label", "sanitize", "gpu_info",
+__all__ = ["add_worker_args", "shard", "run_workers", "NO_CUDA_EXIT", "TOL", "RESULTS", "DRY_RUN_NOTE", "start", "device_label", "sanitize", "gpu_info",
            "median_ms", "sync", "rel_rms", "ResultsFile", "add_common_args", "run_info", "fmt", "md_table"]
 
 NO_CUDA_EXIT = 2
@@ -43,6 +46,62 @@ def add_common_args(p) -> None:
     p.add_argument("--resume", action="store_true", help="keep the rows already in the output JSON, run the rest")
     p.add_argument("--warmup-ms", type=float, default=50.0, help="do_bench warm-up time per measurement")
     p.add_argument("--rep-ms", type=float, default=300.0, help="do_bench repetition time per measurement")
+
+
+def add_worker_args(p, what: str) -> None:
+    p.add_argument("--workers", type=int, default=1,
+                   help=f"child processes that {what} at once, one slice of the cases each (default 1: none)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only every N-th case from the I-th (0-based); set by --workers for its children")
+
+
+def shard(cases: list, spec: str | None) -> list:
+    """The ``I/N`` slice of ``cases`` (every ``N``-th from the ``I``-th); all of them for ``None``."""
+    if spec is None:
+        return list(cases)
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard must be I/N with integers, got {spec!r}") from None
+    if not 0 <= i < n:
+        raise SystemExit(f"--shard {spec}: need 0 <= I < N")
+    return list(cases)[i::n]
+
+
+_PARENT_ONLY = {"--workers": 1, "--warm-workers": 1, "--out-dir": 1, "--shard": 1, "--resume": 0}
+
+
+def run_workers(module: str, argv: list[str], n: int, out_root: Path, extra: tuple[str, ...] = ()) -> list[dict]:
+    """Run ``python -m module`` ``n`` times at once with this command's arguments (less the
+    parent-only ones) plus ``--shard i/n --out-dir out_root/i`` and ``extra``; return the result
+    documents (JSON) they wrote, whatever their exit status (failed cases are rows too)."""
+    import subprocess
+    args, skip = [], 0
+    for a in argv:
+        if skip:
+            skip -= 1
+            continue
+        name = a.split("=", 1)[0]
+        if name in _PARENT_ONLY:
+            skip = _PARENT_ONLY[name] if "=" not in a else 0
+            continue
+        args.append(a)
+    procs = []
+    for i in range(n):
+        d = Path(out_root) / str(i)
+        d.mkdir(parents=True, exist_ok=True)
+        procs.append((d, subprocess.Popen([sys.executable, "-m", module, *args, *extra, "--shard", f"{i}/{n}",
+                                           "--out-dir", str(d)])))
+    docs = []
+    try:
+        for d, proc in procs:
+            proc.wait()
+            docs += [json.loads(f.read_text(encoding="utf-8")) for f in sorted(d.glob("*.json"))]
+    finally:
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return docs
 
 
 def start(command: str, dry_run: bool) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -133,6 +134,7 @@ def main(argv=None) -> int:
     gb.add_common_args(p)
     p.add_argument("--n-ctx", type=int, default=2048, help="cut every model's window to this many positions")
     p.add_argument("--dtypes", nargs="+", default=None, choices=sorted(DTYPES))
+    gb.add_worker_args(p, "compile and check")
     args = p.parse_args(argv)
     gb.start("benchmarks.gpu.kernel_check", args.dry_run)
     dry = args.dry_run
@@ -141,10 +143,25 @@ def main(argv=None) -> int:
     header = {**gb.run_info(), "tolerance_rel_rms": {str(k).removeprefix("torch."): v for k, v in gb.TOL.items()}}
     results = gb.ResultsFile("kernel-check", gb.device_label(dry), args.out_dir, dry, header, row_key, render,
                              resume=args.resume)
-    todo = [c for c in _cases(_models(dry, args.n_ctx), dtypes, dry) if not results.done(c[:3])]
+    todo = [c for c in gb.shard(_cases(_models(dry, args.n_ctx), dtypes, dry), args.shard) if not results.done(c[:3])]
+    failed = []
+    if args.workers > 1 and todo:
+        # each Triton compile runs on one core: cut the cases among child processes, merge their rows
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="kernel-check-workers-") as tmp:
+            docs = gb.run_workers("benchmarks.gpu.kernel_check", sys.argv[1:] if argv is None else argv,
+                                  args.workers, Path(tmp))
+        came = {row_key(r): r for d in docs for r in d["rows"]}
+        for case in todo:                       # in the cases' order, whichever worker ran them
+            if case[:3] in came:
+                results.add(came[case[:3]])
+        missing = [c[:3] for c in todo if not results.done(c[:3])]
+        failed = [row_key(r) for r in results.doc["rows"] if not r["ok"]] + missing
+        if missing:
+            print(f"kernel check: {len(missing)} case(s) came back from no worker: {missing}", file=sys.stderr)
+        return gb.finish(results, render, dry, failed, "kernel check failed")
 
     from fastjukebox.progress import track
-    failed = []
     gen = torch.Generator().manual_seed(0)
     for kernel, case, dname, run in track(todo, "kernel check", "case"):
         row = dict(kernel=kernel, case=case, dtype=dname, errors={})

@@ -27,6 +27,10 @@ MAX_HEAD_DIM = 512
 MAX_SPLITS = 64
 MIN_SPLIT_KEYS = 64        # a split reads at least this many keys: shorter reads are not worth a combine
 DOT_MIN_QUERIES = 4        # from this many queries on (priming chunks), use tl.dot query tiles
+# widest head (padded) for the tl.dot query tiles: at 512 the tile spills 32-100 B per thread under
+# triton 3.6 whatever the warps or stages (kernels.compile_check), so wider heads take one query
+# per program
+DOT_MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
 
 
@@ -48,7 +52,11 @@ def supports(q: torch.Tensor) -> bool:
 
 
 def num_warps_for(plan: "LaunchPlan") -> int:
-    """Warps of ``decode_attention_kernel``: 8 for heads wider than 128 (4 spill registers)."""
+    """Warps of ``decode_attention_kernel``: 8 for heads wider than 128 (4 spill registers), except
+    one query per program at ``block_d = 512``: there 8 warps spilled 4 B on sm_80 (triton 3.9) and
+    4 warps spill nothing with either triton (``kernels.compile_check``)."""
+    if plan.block_t == 1 and plan.block_d >= 512:
+        return 4
     return 8 if plan.block_d > 128 else 4
 
 
@@ -85,10 +93,10 @@ def plan_launch(N: int, T: int, H: int, D: int, pattern: str, n_keys: int, devic
     ``sm_count`` overrides the device's multiprocessor count (ahead-of-time planning for a GPU
     that is not present)."""
     block_d = max(16, triton.next_power_of_2(D))
-    if T >= DOT_MIN_QUERIES and pattern != "transpose":
-        block_t, block_n = 16, (32 if block_d <= 256 else 16)
+    if T >= DOT_MIN_QUERIES and pattern != "transpose" and block_d <= DOT_MAX_HEAD_DIM:
+        block_t, block_n = 16, (32 if block_d <= 128 else 16)
     else:
-        block_t, block_n = 1, max(16, min(64, 8192 // block_d))
+        block_t, block_n = 1, (64 if block_d <= 128 else 4096 // block_d)   # a [block_n, block_d] tile of 8192 elements, 4096 past head dim 128
     if num_splits is None:
         programs = N * H * triton.cdiv(T, block_t)
         sms = _sm_count(device) if sm_count is None else int(sm_count)

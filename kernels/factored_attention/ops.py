@@ -77,7 +77,13 @@ def _tiles(pattern_id: int, D: int, elem_bytes: int, T: int, n_keys: int, C: int
     else:
         BT = min(BT, _pow2_at_least(T))
         BS = min(BS, _pow2_at_least(n_keys))
-    num_stages = 3
+    # Fewer pipeline stages where the pipeline's extra live registers spilled (kernels.compile_check):
+    # backward above BLOCK_D 256 (sm_80 causal transpose dk/dv: 136 B with 3 stages, 0 with 1), and
+    # forward at BLOCK_D 256 under triton 3.6 on sm_80 (40-124 B with 3 stages, 0 with 2).
+    if backward:
+        num_stages = 1 if BLOCK_D > 256 else 3
+    else:
+        num_stages = 2 if BLOCK_D == 256 else 3
 
     def staged_bytes() -> int:
         if backward:
@@ -99,8 +105,9 @@ def _tiles(pattern_id: int, D: int, elem_bytes: int, T: int, n_keys: int, C: int
 
 def preprocess_tile(T: int, block_d: int) -> int:
     """Rows per program of ``attn_bwd_preprocess_kernel``: two fp32 ``[rows, block_d]`` tiles of at
-    most 4096 elements each (more spill registers under triton 3.6)."""
-    return min(64, max(16, 4096 // block_d), _pow2_at_least(T))
+    most 4096 elements each (larger ones spill registers: 16 rows at head dim 480 spilled 260 B on
+    sm_90). No ``tl.dot`` here, so any power of two works."""
+    return min(64, max(1, 4096 // block_d), _pow2_at_least(T, floor=1))
 
 
 def _grid(pattern_id: int, n: int, C: int, tile: int, B: int, H: int) -> tuple[int, int, int]:

@@ -13,7 +13,7 @@ import triton
 from .kernel import sample_logits_kernel
 from .reference import exponential_noise
 
-__all__ = ["sample_logits", "supports", "block_v", "MAX_VOCAB"]
+__all__ = ["sample_logits", "supports", "block_v", "num_warps_for", "MAX_VOCAB"]
 
 MAX_VOCAB = 4096
 
@@ -27,6 +27,12 @@ def supports(logits: torch.Tensor) -> bool:
 def block_v(V: int) -> int:
     """The kernel's vocabulary tile: ``V`` rounded up to a power of two (at least 16)."""
     return max(16, triton.next_power_of_2(V))
+
+
+def num_warps_for(block: int) -> int:
+    """Warps of ``sample_logits_kernel`` for a vocabulary tile: at most 16 logits per thread (with
+    4 warps a 4096 tile and top-k spilled 4 B on sm_90; kernels.compile_check)."""
+    return max(1, min(8, block // 512))
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
@@ -75,6 +81,6 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     sample_logits_kernel[(N,)](
         logits, noise, out, V, logits.stride(0), noise.stride(0), t, min(top_k, V), top_p,
         RECIPROCAL=reciprocal, USE_TOP_K=0 < top_k < V, USE_TOP_P=top_p > 0.0,
-        BLOCK_V=block_v(V),
+        BLOCK_V=block_v(V), num_warps=num_warps_for(block_v(V)),
     )
     return out
