@@ -97,6 +97,10 @@ class SpeculativeWindowSampler:
     ``WindowReport`` per call, ``progress_note()`` the acceptance so far (for progress bars).
     """
 
+    # batch 1 judges a chunk with Python numbers (the same decisions as the batched rule, in a
+    # third of its tensor operations); tests switch it off to compare the two
+    one_row_fast_path = True
+
     def __init__(self, prior: Prior, student: ParallelStudent, gamma: int = 8, draft_passes: int = 1,
                  redraft_below: float = 0.0, lookback: int = 4):
         if not isinstance(prior, Prior):
@@ -170,8 +174,7 @@ class SpeculativeWindowSampler:
         noise = torch.empty(N, c.n_ctx, c.l_bins, device=dev)
         frontier = torch.full((N,), K, dtype=torch.long, device=dev)   # row b decided before frontier[b]
         rows, steps = torch.arange(N, device=dev), torch.arange(self.gamma, device=dev)[None, :]
-        accepted = torch.zeros((), dtype=torch.long, device=dev)
-        verified = torch.zeros((), dtype=torch.long, device=dev)
+        accepted, verified = 0, 0                    # ints, or 0-dim tensors once rows add to them
         C, pos, even = c.block_len, K, True          # even: every row's frontier is at pos
         recent: list[tuple[int, int]] = []           # (accepted, verified) per call since the draft
         redraft = True
@@ -190,22 +193,34 @@ class SpeculativeWindowSampler:
             report.teacher_calls += 1
             x = tokens[:, pos:pos + T]
             ok = accept(p.gather(-1, x[..., None])[..., 0], q_x[:, pos:pos + T], u[:, pos:pos + T])
-            ahead = 0
-            if not even:                  # rows that decided further keep those tokens (forced)
-                ahead = (frontier - pos).clamp_(0, T)
-                ok |= steps[:, :T] < ahead[:, None]
-            kept = ok.long().cumprod(dim=1).sum(dim=1)               # (N,) decided run from pos
-            rejected = kept < T
-            at = pos + kept.clamp(max=T - 1)                          # first rejected position
-            fix = (residual(p[rows, at - pos], q[rows, at]) / noise[rows, at]).argmax(dim=-1)
-            tokens[rows, at] = torch.where(rejected, fix, tokens[rows, at])
-            decided = kept + rejected
-            n_acc, n_ver = (kept - ahead).sum(), (decided - ahead).sum()
-            accepted += n_acc
-            verified += n_ver
-            frontier = pos + decided if even else torch.maximum(frontier, pos + decided)
-            lo, far = torch.aminmax(frontier)
-            new_pos, even = int(lo), bool(far == lo)
+            if N == 1 and self.one_row_fast_path:   # the decisions as Python numbers: fewer tensor ops
+                run = ok[0].tolist()
+                kept = run.index(False) if False in run else T
+                if kept < T:              # the first rejection: draw its position from the residual
+                    at = pos + kept
+                    tokens[0, at] = (residual(p[0, kept], q[0, at]) / noise[0, at]).argmax()
+                n_acc, n_ver = kept, kept + (kept < T)
+                accepted += n_acc
+                verified += n_ver
+                new_pos = pos + n_ver
+                frontier.fill_(new_pos)
+            else:
+                ahead = 0
+                if not even:              # rows that decided further keep those tokens (forced)
+                    ahead = (frontier - pos).clamp_(0, T)
+                    ok |= steps[:, :T] < ahead[:, None]
+                kept = ok.long().cumprod(dim=1).sum(dim=1)           # (N,) decided run from pos
+                rejected = kept < T
+                at = pos + kept.clamp(max=T - 1)                      # first rejected position
+                fix = (residual(p[rows, at - pos], q[rows, at]) / noise[rows, at]).argmax(dim=-1)
+                tokens[rows, at] = torch.where(rejected, fix, tokens[rows, at])
+                decided = kept + rejected
+                n_acc, n_ver = (kept - ahead).sum(), (decided - ahead).sum()
+                accepted += n_acc
+                verified += n_ver
+                frontier = pos + decided if even else torch.maximum(frontier, pos + decided)
+                lo, far = torch.aminmax(frontier)
+                new_pos, even = int(lo), bool(far == lo)
             dec.rewind(new_pos)
             if on_progress is not None:
                 on_progress(new_pos - pos)

@@ -13,6 +13,18 @@ scored), the setting of every window of a level but the first.
 ``distill.train`` runs it after training on windows of the teacher-sample shards (train data, not
 the held-out windows of ``distill.evaluate``), whose teacher samples are already there, and saves
 the choice with the student.
+
+``choose_passes`` picks the pass count the same way, by a rule fixed before any number is seen:
+for each candidate K, smallest first, the noise is chosen as above; the first K whose chosen
+setting keeps the teacher NLL within ``max_gap`` (relative) of the teacher's own samples and uses
+at least ``min_usage`` of the codes the teacher's samples use is taken (none: the largest K).
+Fewer passes are faster; the rule says how much fidelity may be given for it, on training windows.
+
+    python -m distill.tune --teacher middle --student DIR --shards DIR [--passes 1 2 4] [--write]
+
+re-chooses an existing student's pass count and noise on a shard directory (``distill.train``'s
+``OUT/shards``), prints the table, writes ``DIR/tune.json`` and with ``--write`` the student's
+``sampling.json``.
 """
 from __future__ import annotations
 
@@ -22,9 +34,12 @@ from .data import sample_windows
 from .metrics import code_histogram, histogram_tv, teacher_scores
 from .sampler import ParallelWindowSampler
 
-__all__ = ["choose_confidence_noise", "DEFAULT_GRID"]
+__all__ = ["choose_confidence_noise", "choose_passes", "DEFAULT_GRID", "PASSES_GRID"]
 
 DEFAULT_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
+PASSES_GRID = (1, 2, 4)
+MAX_GAP = 0.05           # choose_passes: relative teacher-NLL gap allowed
+MIN_USAGE = 0.95         # choose_passes: share of the teacher's used codes the student must use
 
 
 @torch.no_grad()
@@ -63,9 +78,95 @@ def choose_confidence_noise(prior, student, teacher_codes: torch.Tensor, upper: 
         nll, _ = teacher_scores(prior, z, upper, labels, bs, start=known)
         gap = abs(nll - target) / target
         tv = histogram_tv(code_histogram(z[:, known:], prior.config.l_bins), hist_teacher)
+        used = int((code_histogram(z[:, known:], prior.config.l_bins) > 0).sum())
         rows.append({"confidence_noise": noise, "teacher_nll": nll, "relative_gap": gap, "histogram_tv": tv,
-                     "score": gap + tv})
+                     "score": gap + tv, "codes_used": used})
     best = min(rows, key=lambda r: r["score"])
     return best["confidence_noise"], {"teacher_nll_teacher": target, "passes": passes, "known": known,
                                       "windows": int(upper.shape[0]), "rows": rows,
+                                      "codes_used_teacher": int((hist_teacher > 0).sum()),
                                       "criterion": "relative teacher-NLL gap + code-histogram TV"}
+
+
+def choose_passes(prior, student, teacher_codes: torch.Tensor, upper: torch.Tensor, labels: torch.Tensor | None,
+                  *, candidates=PASSES_GRID, max_gap: float = MAX_GAP, min_usage: float = MIN_USAGE,
+                  **kwargs) -> tuple[int, float, dict]:
+    """``(passes, noise, report)`` by the module's rule; ``kwargs`` go to ``choose_confidence_noise``
+    (``passes`` excepted). ``report["by_passes"]`` holds each candidate's noise report."""
+    cands = sorted({int(k) for k in candidates})
+    if not cands or cands[0] < 1:
+        raise ValueError(f"pass-count candidates must be integers >= 1, got {list(candidates)}")
+    reports, chosen = [], None
+    for k in cands:
+        noise, rep = choose_confidence_noise(prior, student, teacher_codes, upper, labels, passes=k, **kwargs)
+        best = next(r for r in rep["rows"] if r["confidence_noise"] == noise)
+        rep["meets"] = best["relative_gap"] <= max_gap and best["codes_used"] >= min_usage * rep["codes_used_teacher"]
+        reports.append(rep)
+        if rep["meets"]:
+            chosen = (k, noise)
+            break
+    if chosen is None:                  # no candidate meets the rule: the most passes, its noise
+        chosen = (cands[-1], min(reports[-1]["rows"], key=lambda r: r["score"])["confidence_noise"])
+    return chosen[0], float(chosen[1]), {"by_passes": reports, "max_gap": max_gap, "min_usage": min_usage,
+                                         "rule": "smallest K whose chosen noise keeps the relative teacher-NLL "
+                                                 f"gap <= {max_gap} and uses >= {min_usage:.0%} of the teacher's codes"}
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    import sys
+    from dataclasses import asdict, replace
+    from pathlib import Path
+
+    import fastjukebox as fj
+    from fastjukebox.atomic import atomic_path
+    from .data import load_shards
+    from .student import SAMPLING_NAME, ParallelStudent
+    from .train import TEACHERS
+
+    p = argparse.ArgumentParser(prog="python -m distill.tune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", required=True, choices=sorted(TEACHERS))
+    p.add_argument("--model", default="demo", help="family holding the teacher (default: the embedded demo)")
+    p.add_argument("--student", required=True, type=Path, help="student directory")
+    p.add_argument("--shards", required=True, type=Path, help="teacher-sample shards (training data)")
+    p.add_argument("--passes", type=int, nargs="+", default=list(PASSES_GRID))
+    p.add_argument("--windows", type=int, default=16, help="shard windows to choose on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="the shards' sampling temperature")
+    p.add_argument("--out", type=Path, default=Path("tune.json"), help="where the report goes (JSON)")
+    p.add_argument("--write", action="store_true", help="save the choice in the student's sampling.json")
+    args = p.parse_args(argv)
+    prior = fj.load(args.model).prior(TEACHERS[args.teacher])
+    student = ParallelStudent.load(args.student)
+    if student.config.level != prior.config.level:
+        raise SystemExit(f"{args.student} is a level-{student.config.level} student; --teacher {args.teacher} "
+                         f"is level {prior.config.level}")
+    data = load_shards(args.shards)
+    n = min(args.windows, data["upper"].shape[0])
+    idx = torch.randperm(data["upper"].shape[0], generator=torch.Generator().manual_seed(args.seed + 2))[:n]
+    labels = data["labels"][idx] if "labels" in data else None
+    known = prior.config.n_ctx // 2 if student.sampling.prefix_cache else 0
+    passes, noise, report = choose_passes(prior, student, data["codes"][idx], data["upper"][idx], labels,
+                                          candidates=args.passes, temperature=args.temperature,
+                                          seed=args.seed + 3, known=known)
+    for rep in report["by_passes"]:
+        for r in rep["rows"]:
+            print(f"K={rep['passes']} noise {r['confidence_noise']:g}: teacher NLL {r['teacher_nll']:.3f} "
+                  f"(teacher {rep['teacher_nll_teacher']:.3f}), gap {r['relative_gap']:.3f}, "
+                  f"histogram TV {r['histogram_tv']:.3f}, codes {r['codes_used']}/{rep['codes_used_teacher']}")
+        print(f"K={rep['passes']}: {'meets' if rep['meets'] else 'does not meet'} the rule")
+    print(f"chosen: {passes} passes, noise {noise:g} ({report['rule']}; {n} shard windows, {known} codes known)")
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(json.dumps({"student": str(args.student), "shards": str(args.shards), "passes": passes,
+                                   "confidence_noise": noise, **report}, indent=1) + "\n")
+    if args.write:                      # only the settings file: the weights stay as they are
+        settings = replace(student.sampling, passes=passes, confidence_noise=noise)
+        with atomic_path(args.student / SAMPLING_NAME) as tmp:
+            tmp.write_text(json.dumps(asdict(settings), indent=1))
+        print(f"wrote {args.student / SAMPLING_NAME}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -84,6 +84,27 @@ def _speculative_histogram(teacher, student, upper, known, n_new, temperature, t
     return torch.bincount(index, minlength=V ** n_new).double(), sampler.reports[-1]
 
 
+@pytest.mark.parametrize("temperature,top_k,gamma", [(1.0, 0, 3), (0.7, 3, 8)])
+def test_one_row_path_makes_the_batched_decisions(temperature, top_k, gamma):
+    """Batch 1 takes a scalar path; with the same random numbers it decides exactly as the batched
+    rule (which the chi-square test checks), over many windows with rejections and corrections."""
+    teacher, student, upper = _random_pair(l_bins=8, n_ctx=8)
+    fast = SpeculativeWindowSampler(teacher, student, gamma=gamma)
+    slow = SpeculativeWindowSampler(teacher, student, gamma=gamma)
+    slow.one_row_fast_path = False
+    corrections = 0
+    for seed in range(40):
+        known = torch.randint(0, 8, (1, seed % 4))
+        kw = dict(temperature=temperature, top_k=top_k)
+        a = fast(known, 8 - known.shape[1], upper, None, generator=torch.Generator().manual_seed(seed), **kw)
+        b = slow(known, 8 - known.shape[1], upper, None, generator=torch.Generator().manual_seed(seed), **kw)
+        assert torch.equal(a, b), seed
+        ra, rb = fast.reports[-1], slow.reports[-1]
+        assert ra == rb, seed
+        corrections += ra.verified - ra.accepted
+    assert corrections > 20          # the poor draft is rejected often: the residual path ran
+
+
 # three new positions crossing the block boundary at 4 (chunks stop there), and the window's end
 CASES = [dict(known=2, n_new=3, temperature=1.0, top_k=0, gamma=4),
          dict(known=5, n_new=3, temperature=0.7, top_k=3, gamma=2)]

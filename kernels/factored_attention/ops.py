@@ -64,6 +64,9 @@ def _tiles(pattern_id: int, D: int, elem_bytes: int, T: int, n_keys: int, C: int
     BLOCK_D = _pow2_at_least(D)
     # sized from sm_90 ptxas reports (kernels.compile_check): larger tiles spill registers
     BT = 64 if BLOCK_D <= 128 else 32 if BLOCK_D <= 256 else 16
+    forward_256 = not backward and BLOCK_D == 256 and elem_bytes < 4
+    if forward_256:
+        BT = 16                     # 32 spilled 40-124 B in the forward on sm_80 under triton 3.6
     BS = 64 if BLOCK_D <= 64 else 32 if BLOCK_D <= 128 else 16
     if elem_bytes == 4:             # fp32 tiles (split in two for tf32x3) hold twice the registers
         BT, BS = (16, 16) if BLOCK_D >= 128 else (max(16, BT // 2), max(16, BS // 2))
@@ -77,13 +80,9 @@ def _tiles(pattern_id: int, D: int, elem_bytes: int, T: int, n_keys: int, C: int
     else:
         BT = min(BT, _pow2_at_least(T))
         BS = min(BS, _pow2_at_least(n_keys))
-    # Fewer pipeline stages where the pipeline's extra live registers spilled (kernels.compile_check):
-    # backward above BLOCK_D 256 (sm_80 causal transpose dk/dv: 136 B with 3 stages, 0 with 1), and
-    # forward at BLOCK_D 256 under triton 3.6 on sm_80 (40-124 B with 3 stages, 0 with 2).
-    if backward:
-        num_stages = 1 if BLOCK_D > 256 else 3
-    else:
-        num_stages = 2 if BLOCK_D == 256 else 3
+    # backward above BLOCK_D 256: the software pipeline's extra live registers spilled dk/dv
+    # (sm_80 causal transpose: 136 B with 3 stages, 0 with 1; kernels.compile_check)
+    num_stages = 1 if backward and BLOCK_D > 256 else 3
 
     def staged_bytes() -> int:
         if backward:
@@ -100,6 +99,8 @@ def _tiles(pattern_id: int, D: int, elem_bytes: int, T: int, n_keys: int, C: int
         else:
             BS //= 2
     num_warps = 4 if BLOCK_D <= 64 else 8
+    if forward_256:
+        num_warps = 4               # with 8 the 16-row tile still spilled 4 B (sm_90, cross, triton 3.9)
     return dict(BT=BT, BS=BS, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages)
 
 
