@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from .data import sample_windows
-from .metrics import code_histogram, histogram_tv, teacher_scores
+from .metrics import code_histogram, codebook_usage, histogram_tv, teacher_scores
 from .sampler import ParallelWindowSampler
 
 __all__ = ["choose_confidence_noise", "choose_passes", "DEFAULT_GRID", "PASSES_GRID"]
@@ -78,13 +78,13 @@ def choose_confidence_noise(prior, student, teacher_codes: torch.Tensor, upper: 
         nll, _ = teacher_scores(prior, z, upper, labels, bs, start=known)
         gap = abs(nll - target) / target
         tv = histogram_tv(code_histogram(z[:, known:], prior.config.l_bins), hist_teacher)
-        used = int((code_histogram(z[:, known:], prior.config.l_bins) > 0).sum())
+        used = codebook_usage(z[:, known:])
         rows.append({"confidence_noise": noise, "teacher_nll": nll, "relative_gap": gap, "histogram_tv": tv,
                      "score": gap + tv, "codes_used": used})
     best = min(rows, key=lambda r: r["score"])
     return best["confidence_noise"], {"teacher_nll_teacher": target, "passes": passes, "known": known,
                                       "windows": int(upper.shape[0]), "rows": rows,
-                                      "codes_used_teacher": int((hist_teacher > 0).sum()),
+                                      "codes_used_teacher": codebook_usage(teacher_codes[:, known:]),
                                       "criterion": "relative teacher-NLL gap + code-histogram TV"}
 
 
