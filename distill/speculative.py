@@ -180,6 +180,8 @@ class SpeculativeWindowSampler:
         redraft = True
         while pos < hi:
             if redraft:
+                if N == 1 and self.one_row_fast_path:
+                    frontier.fill_(pos)          # the scalar path keeps the frontier as ``pos`` only
                 passes_before = self.drafter.evaluations
                 report.drafted += self.drafter.draft(tokens, q, frontier, pos, hi, generator=generator, **knobs)
                 report.student_passes += self.drafter.evaluations - passes_before
@@ -203,7 +205,6 @@ class SpeculativeWindowSampler:
                 accepted += n_acc
                 verified += n_ver
                 new_pos = pos + n_ver
-                frontier.fill_(new_pos)
             else:
                 ahead = 0
                 if not even:              # rows that decided further keep those tokens (forced)

@@ -310,14 +310,14 @@ def _choose_noise(cfg: DistillConfig, prior, student, data: dict, result: dict) 
     windows (recorded in ``result["sampling_tune"]``)."""
     if cfg.confidence_noise is not None:
         return float(cfg.confidence_noise)
-    from .tune import choose_confidence_noise
+    from .tune import choose_confidence_noise, shard_windows
     dev = prior.prior.x_emb.weight.device
-    n = min(cfg.tune_windows, data["upper"].shape[0])
-    idx = torch.randperm(data["upper"].shape[0], generator=torch.Generator().manual_seed(cfg.seed + 2))[:n]
-    labels = data["labels"][idx].to(dev) if "labels" in data else None
+    codes, upper, labels = (None if t is None else t.to(dev) for t in shard_windows(data, cfg.tune_windows,
+                                                                                      cfg.seed + 2))
     if cfg.progress:
-        print(f"[tune] choosing the unmasking noise on {n} shard windows ({cfg.passes} passes)", file=sys.stderr)
-    noise, report = choose_confidence_noise(prior, student, data["codes"][idx].to(dev), data["upper"][idx].to(dev),
+        print(f"[tune] choosing the unmasking noise on {upper.shape[0]} shard windows ({cfg.passes} passes)",
+              file=sys.stderr)
+    noise, report = choose_confidence_noise(prior, student, codes, upper,
                                             labels, passes=cfg.passes, temperature=cfg.temperature,
                                             batch_size=cfg.gen_batch_size, seed=cfg.seed + 3,
                                             known=prior.config.n_ctx // 2 if cfg.prefix_layout else 0)

@@ -34,7 +34,7 @@ from .data import sample_windows
 from .metrics import code_histogram, codebook_usage, histogram_tv, teacher_scores
 from .sampler import ParallelWindowSampler
 
-__all__ = ["choose_confidence_noise", "choose_passes", "DEFAULT_GRID", "PASSES_GRID"]
+__all__ = ["choose_confidence_noise", "choose_passes", "teacher_reference", "shard_windows", "DEFAULT_GRID", "PASSES_GRID"]
 
 DEFAULT_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
 PASSES_GRID = (1, 2, 4)
@@ -43,16 +43,35 @@ MIN_USAGE = 0.95         # choose_passes: share of the teacher's used codes the 
 
 
 @torch.no_grad()
+def teacher_reference(prior, teacher_codes: torch.Tensor, upper: torch.Tensor, labels: torch.Tensor | None,
+                      batch_size: int, known: int) -> tuple[float, list[int], int]:
+    """What the student's samples are compared with: the teacher NLL (bits/token) of its own samples
+    after ``known`` codes, their code histogram and the number of codes they use."""
+    target, _ = teacher_scores(prior, teacher_codes, upper, labels, min(batch_size, upper.shape[0]), start=known)
+    new = teacher_codes[:, known:]
+    return target, code_histogram(new, prior.config.l_bins), codebook_usage(new)
+
+
+def shard_windows(data: dict, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``n`` windows of loaded shards (``distill.data.load_shards``) drawn with ``seed``: their
+    teacher codes, upper codes and labels (None without labels)."""
+    n = min(n, data["upper"].shape[0])
+    idx = torch.randperm(data["upper"].shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    return data["codes"][idx], data["upper"][idx], (data["labels"][idx] if "labels" in data else None)
+
+
+@torch.no_grad()
 def choose_confidence_noise(prior, student, teacher_codes: torch.Tensor, upper: torch.Tensor,
                             labels: torch.Tensor | None, *, passes: int = 16, grid=DEFAULT_GRID,
                             temperature: float = 1.0, batch_size: int = 16, seed: int = 0,
-                            known: int = 0) -> tuple[float, dict]:
+                            known: int = 0, reference: tuple | None = None) -> tuple[float, dict]:
     """Returns ``(noise, report)``; ``report``: ``teacher_nll_teacher``, ``known`` and per grid
     value ``{"confidence_noise", "teacher_nll", "relative_gap", "histogram_tv", "score"}`` (rows in
     grid order; ``score`` = relative_gap + histogram_tv, the smallest is chosen).
 
     teacher_codes: the teacher's own samples of the windows (S, n_ctx), at ``temperature``;
-    upper, labels: the windows' conditioning, (S, n_ctx // cond_downsample) and (S, label_len) or None."""
+    upper, labels: the windows' conditioning, (S, n_ctx // cond_downsample) and (S, label_len) or None;
+    reference: ``teacher_reference(...)`` of these windows when the caller already has it."""
     grid = [float(g) for g in grid]
     if not grid or any(g < 0 for g in grid):
         raise ValueError(f"the noise grid must hold values >= 0, got {grid}")
@@ -65,8 +84,7 @@ def choose_confidence_noise(prior, student, teacher_codes: torch.Tensor, upper: 
     bs = min(batch_size, upper.shape[0])
     if not 0 <= known < n_ctx:
         raise ValueError(f"known must be in [0, n_ctx={n_ctx}), got {known}")
-    target, _ = teacher_scores(prior, teacher_codes, upper, labels, bs, start=known)
-    hist_teacher = code_histogram(teacher_codes[:, known:], prior.config.l_bins)
+    target, hist_teacher, used_teacher = reference or teacher_reference(prior, teacher_codes, upper, labels, bs, known)
     prefix = teacher_codes[:, :known] if known else None
     gen = torch.Generator(device=dev)
     rows = []
@@ -84,7 +102,7 @@ def choose_confidence_noise(prior, student, teacher_codes: torch.Tensor, upper: 
     best = min(rows, key=lambda r: r["score"])
     return best["confidence_noise"], {"teacher_nll_teacher": target, "passes": passes, "known": known,
                                       "windows": int(upper.shape[0]), "rows": rows,
-                                      "codes_used_teacher": codebook_usage(teacher_codes[:, known:]),
+                                      "codes_used_teacher": used_teacher,
                                       "criterion": "relative teacher-NLL gap + code-histogram TV"}
 
 
@@ -96,9 +114,12 @@ def choose_passes(prior, student, teacher_codes: torch.Tensor, upper: torch.Tens
     cands = sorted({int(k) for k in candidates})
     if not cands or cands[0] < 1:
         raise ValueError(f"pass-count candidates must be integers >= 1, got {list(candidates)}")
+    reference = teacher_reference(prior, teacher_codes, upper, labels, kwargs.get("batch_size", 16),
+                                  kwargs.get("known", 0))
     reports, chosen = [], None
     for k in cands:
-        noise, rep = choose_confidence_noise(prior, student, teacher_codes, upper, labels, passes=k, **kwargs)
+        noise, rep = choose_confidence_noise(prior, student, teacher_codes, upper, labels, passes=k,
+                                             reference=reference, **kwargs)
         best = next(r for r in rep["rows"] if r["confidence_noise"] == noise)
         rep["meets"] = best["relative_gap"] <= max_gap and best["codes_used"] >= min_usage * rep["codes_used_teacher"]
         reports.append(rep)
@@ -142,12 +163,10 @@ def main(argv=None) -> int:
     if student.config.level != prior.config.level:
         raise SystemExit(f"{args.student} is a level-{student.config.level} student; --teacher {args.teacher} "
                          f"is level {prior.config.level}")
-    data = load_shards(args.shards)
-    n = min(args.windows, data["upper"].shape[0])
-    idx = torch.randperm(data["upper"].shape[0], generator=torch.Generator().manual_seed(args.seed + 2))[:n]
-    labels = data["labels"][idx] if "labels" in data else None
+    codes, upper, labels = shard_windows(load_shards(args.shards), args.windows, args.seed + 2)
+    n = upper.shape[0]
     known = prior.config.n_ctx // 2 if student.sampling.prefix_cache else 0
-    passes, noise, report = choose_passes(prior, student, data["codes"][idx], data["upper"][idx], labels,
+    passes, noise, report = choose_passes(prior, student, codes, upper, labels,
                                           candidates=args.passes, temperature=args.temperature,
                                           seed=args.seed + 3, known=known)
     for rep in report["by_passes"]:

@@ -29,6 +29,7 @@ def _fake(results):
 def test_smallest_pass_count_meeting_the_rule(monkeypatch, results, expect, tried):
     choose, calls = _fake(results)
     monkeypatch.setattr(tune, "choose_confidence_noise", choose)
+    monkeypatch.setattr(tune, "teacher_reference", lambda *a: (3.0, [], 100))
     passes, noise, report = tune.choose_passes(None, None, None, None, None, candidates=(4, 1, 2))
     assert (passes, noise) == (expect, 8.0)
     assert calls == tried
