@@ -34,12 +34,14 @@ from .data import sample_windows
 from .metrics import code_histogram, codebook_usage, histogram_tv, teacher_scores
 from .sampler import ParallelWindowSampler
 
-__all__ = ["choose_confidence_noise", "choose_passes", "teacher_reference", "shard_windows", "DEFAULT_GRID", "PASSES_GRID"]
+__all__ = ["choose_confidence_noise", "choose_passes", "teacher_reference", "shard_windows", "DEFAULT_GRID",
+           "PASSES_GRID"]
 
 DEFAULT_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
 PASSES_GRID = (1, 2, 4)
 MAX_GAP = 0.05           # choose_passes: relative teacher-NLL gap allowed
 MIN_USAGE = 0.95         # choose_passes: share of the teacher's used codes the student must use
+BATCH_SIZE = 16          # windows scored / sampled together
 
 
 @torch.no_grad()
@@ -63,7 +65,7 @@ def shard_windows(data: dict, n: int, seed: int) -> tuple[torch.Tensor, torch.Te
 @torch.no_grad()
 def choose_confidence_noise(prior, student, teacher_codes: torch.Tensor, upper: torch.Tensor,
                             labels: torch.Tensor | None, *, passes: int = 16, grid=DEFAULT_GRID,
-                            temperature: float = 1.0, batch_size: int = 16, seed: int = 0,
+                            temperature: float = 1.0, batch_size: int = BATCH_SIZE, seed: int = 0,
                             known: int = 0, reference: tuple | None = None) -> tuple[float, dict]:
     """Returns ``(noise, report)``; ``report``: ``teacher_nll_teacher``, ``known`` and per grid
     value ``{"confidence_noise", "teacher_nll", "relative_gap", "histogram_tv", "score"}`` (rows in
@@ -108,18 +110,18 @@ def choose_confidence_noise(prior, student, teacher_codes: torch.Tensor, upper: 
 
 def choose_passes(prior, student, teacher_codes: torch.Tensor, upper: torch.Tensor, labels: torch.Tensor | None,
                   *, candidates=PASSES_GRID, max_gap: float = MAX_GAP, min_usage: float = MIN_USAGE,
-                  **kwargs) -> tuple[int, float, dict]:
-    """``(passes, noise, report)`` by the module's rule; ``kwargs`` go to ``choose_confidence_noise``
-    (``passes`` excepted). ``report["by_passes"]`` holds each candidate's noise report."""
+                  batch_size: int = BATCH_SIZE, known: int = 0, **kwargs) -> tuple[int, float, dict]:
+    """``(passes, noise, report)`` by the module's rule; ``batch_size``, ``known`` and ``kwargs`` go to
+    ``choose_confidence_noise`` (``passes`` excepted). ``report["by_passes"]`` holds each candidate's
+    noise report."""
     cands = sorted({int(k) for k in candidates})
     if not cands or cands[0] < 1:
         raise ValueError(f"pass-count candidates must be integers >= 1, got {list(candidates)}")
-    reference = teacher_reference(prior, teacher_codes, upper, labels, kwargs.get("batch_size", 16),
-                                  kwargs.get("known", 0))
+    reference = teacher_reference(prior, teacher_codes, upper, labels, batch_size, known)
     reports, chosen = [], None
     for k in cands:
-        noise, rep = choose_confidence_noise(prior, student, teacher_codes, upper, labels, passes=k,
-                                             reference=reference, **kwargs)
+        noise, rep = choose_confidence_noise(prior, student, teacher_codes, upper, labels, passes=k, batch_size=batch_size,
+                                             known=known, reference=reference, **kwargs)
         best = next(r for r in rep["rows"] if r["confidence_noise"] == noise)
         rep["meets"] = best["relative_gap"] <= max_gap and best["codes_used"] >= min_usage * rep["codes_used_teacher"]
         reports.append(rep)
