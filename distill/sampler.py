@@ -6,7 +6,9 @@ still masked, draws a code for each, and keeps the most confident draws (confide
 log-probability of the drawn code, plus optional annealed Gumbel noise); the others are masked
 again, so that the number still masked after pass ``k`` is
 ``schedules.masks_per_pass(n_new, passes)[k]``. Codes once kept are final, known codes are never
-touched. ``passes`` model evaluations decode the window.
+touched. ``passes`` model evaluations decode the window. With ``order="spread"`` a pass instead
+makes final the next positions of a fixed order that spreads them evenly over the window
+(``schedules.spread_order``), and output heads run only at those positions.
 
 With ``prefix_cache`` (students trained with ``distill.prefix_layout``) the known codes run once
 per window, and every pass runs only the positions after them against their cached keys and
@@ -24,8 +26,8 @@ import torch
 
 from fastjukebox.sampling import filter_logits
 
-from .schedules import masks_per_pass, pass_temperature
-from .student import ParallelStudent
+from .schedules import masks_per_pass, pass_temperature, spread_order
+from .student import ORDERS, ParallelStudent
 
 __all__ = ["ParallelWindowSampler"]
 
@@ -88,6 +90,10 @@ class ParallelWindowSampler:
             (linear from ``temperature`` towards 0) instead of ``temperature`` throughout.
         confidence_noise: scale of the Gumbel noise added to the confidences, annealed linearly
             to 0 over the passes (MaskGIT's choice temperature); 0 ranks by probability alone.
+        temperature_scale: codes are drawn at the call's temperature times this (> 0).
+        order: ``"confidence"`` (each pass keeps its most confident draws) or ``"spread"`` (each
+            pass makes final the next positions of ``schedules.spread_order``; no ranking, so
+            ``confidence_noise`` plays no part).
 
     ``None`` (the default) takes the student's own setting (``student.sampling``, saved with it;
     ``distill.train`` chooses the noise on validation windows). Without one the defaults are
@@ -98,7 +104,8 @@ class ParallelWindowSampler:
     """
 
     def __init__(self, student: ParallelStudent, passes: int | None = None, temperature_anneal: bool | None = None,
-                 confidence_noise: float | None = None, prefix_cache: bool | None = None, level: int | None = None):
+                 confidence_noise: float | None = None, prefix_cache: bool | None = None, level: int | None = None,
+                 temperature_scale: float | None = None, order: str | None = None):
         if not isinstance(student, ParallelStudent):
             raise TypeError(f"student must be a ParallelStudent, got {type(student).__name__}")
         if level is not None and student.config.level != level:
@@ -113,8 +120,15 @@ class ParallelWindowSampler:
         confidence_noise = own.confidence_noise if confidence_noise is None else confidence_noise
         if confidence_noise < 0:
             raise ValueError(f"confidence_noise must be >= 0, got {confidence_noise}")
+        temperature_scale = own.temperature_scale if temperature_scale is None else temperature_scale
+        if not temperature_scale > 0:
+            raise ValueError(f"temperature_scale must be > 0, got {temperature_scale}")
+        order = own.order if order is None else order
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
         self.student, self.passes = student, passes
         self.temperature_anneal, self.confidence_noise = bool(temperature_anneal), float(confidence_noise)
+        self.temperature_scale, self.order = float(temperature_scale), order
 
     @property
     def config(self):
@@ -157,23 +171,33 @@ class ParallelWindowSampler:
         tokens[:, :K] = z
         cache = student.prefix_cache(z, cond) if self.prefix_cache and K else None
         passes = min(self.passes, n_new)
-        # absolute positions still masked, (N, remaining); their order follows the last topk
-        masked = torch.arange(K, K + n_new, device=z.device).expand(N, n_new)
+        spread = self.order == "spread"
+        # absolute positions still masked, (N, remaining); their order follows the last topk, or
+        # with ``spread`` the spread order, whose first columns each pass makes final
+        offsets = spread_order(n_new) if spread else range(n_new)
+        masked = (K + torch.tensor(offsets, dtype=torch.long, device=z.device)).expand(N, n_new)
         remaining = n_new
+        temperature = float(temperature) * self.temperature_scale
         for i, still in enumerate(masks_per_pass(n_new, passes)):
-            t = pass_temperature(temperature, i, passes) if self.temperature_anneal else float(temperature)
-            logits = student.logits_unchecked(tokens, cond, cache=cache, positions=masked)   # (N, remaining, V)
-            ids, conf = _draw(logits, t, top_k, top_p, generator)                          # (N, remaining) each
-            if self.confidence_noise:
-                e = torch.empty_like(conf).exponential_(1.0, generator=generator)
-                conf = conf - self.confidence_noise * (1.0 - i / passes) * e.log()   # + scaled Gumbel(0, 1)
-            if still:
-                stay = torch.topk(conf, still, dim=1, largest=False).indices      # least confident stay masked
-                keep_masked = torch.zeros_like(masked, dtype=torch.bool).scatter_(1, stay, True)
-                tokens.scatter_(1, masked, torch.where(keep_masked, student.mask_id, ids))
-                masked = masked.gather(1, stay)
+            t = pass_temperature(temperature, i, passes) if self.temperature_anneal else temperature
+            if spread:                  # the next positions of the order become final; heads only there
+                final, masked = masked[:, :remaining - still], masked[:, remaining - still:]
+                ids, _ = _draw(student.logits_unchecked(tokens, cond, cache=cache, positions=final),
+                               t, top_k, top_p, generator)
+                tokens.scatter_(1, final, ids)
             else:
-                tokens.scatter_(1, masked, ids)
+                logits = student.logits_unchecked(tokens, cond, cache=cache, positions=masked)  # (N, remaining, V)
+                ids, conf = _draw(logits, t, top_k, top_p, generator)                         # (N, remaining) each
+                if self.confidence_noise:
+                    e = torch.empty_like(conf).exponential_(1.0, generator=generator)
+                    conf = conf - self.confidence_noise * (1.0 - i / passes) * e.log()   # + scaled Gumbel(0, 1)
+                if still:
+                    stay = torch.topk(conf, still, dim=1, largest=False).indices      # least confident stay masked
+                    keep_masked = torch.zeros_like(masked, dtype=torch.bool).scatter_(1, stay, True)
+                    tokens.scatter_(1, masked, torch.where(keep_masked, student.mask_id, ids))
+                    masked = masked.gather(1, stay)
+                else:
+                    tokens.scatter_(1, masked, ids)
             if on_progress is not None:
                 on_progress(remaining - still)
             remaining = still

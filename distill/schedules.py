@@ -13,7 +13,7 @@ import math
 import torch
 
 __all__ = ["mask_ratio", "masks_per_pass", "pass_temperature", "sample_training_mask_ratio",
-           "sample_training_mask"]
+           "sample_training_mask", "spread_order"]
 
 
 def mask_ratio(r: float | torch.Tensor) -> float | torch.Tensor:
@@ -57,6 +57,23 @@ def pass_temperature(t0: float, pass_index: int, passes: int) -> float:
     if t0 < 0:
         raise ValueError(f"temperature must be >= 0, got {t0}")
     return float(t0) * (passes - pass_index) / passes
+
+
+def spread_order(n: int) -> list[int]:
+    """A permutation of ``range(n)`` whose every prefix is spread evenly over ``[0, n)``: offsets
+    sorted by the bit-reversal of their index (the van der Corput sequence: 0, n/2, n/4, 3n/4,
+    ...), so the first ``m`` entries lie about ``n / m`` apart for every ``m``. Decoding a window
+    in this order, a pass's positions are far from each other and every later position sits
+    between positions decoded before it."""
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    bits = max(1, (n - 1).bit_length())
+
+    def reversed_bits(i: int) -> int:
+        return int(format(i, f"0{bits}b")[::-1], 2)
+
+    return sorted(range(n), key=reversed_bits)
 
 
 def sample_training_mask_ratio(shape: int | tuple[int, ...], generator: torch.Generator | None = None,

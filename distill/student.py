@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -47,7 +47,9 @@ from fastjukebox.transformer import Transformer
 
 from .prefix_layout import PrefixCache, check_prefix_len, encode_prefix, full_forward, suffix_forward
 
-__all__ = ["ParallelStudent", "STUDENT_KIND", "SamplingDefaults", "SAMPLING_NAME"]
+__all__ = ["ParallelStudent", "STUDENT_KIND", "SamplingDefaults", "SAMPLING_NAME", "ORDERS"]
+
+ORDERS = ("confidence", "spread")    # ways a sampler pass picks the positions it makes final
 
 SAMPLING_NAME = "sampling.json"
 
@@ -60,12 +62,18 @@ class SamplingDefaults:
     ``passes``: decoding passes per window. ``prefix_cache``: the student was trained with the
     prefix-cached attention layout (``distill.prefix_layout``), so the sampler runs a window's
     known prefix once and every pass over the unknown positions only; students trained with
-    full bidirectional attention have False."""
+    full bidirectional attention have False. ``temperature_scale``: the student draws at the
+    caller's temperature times this (below 1 sharpens a student whose per-position marginals
+    are flatter than the teacher's conditionals). ``order``: which positions a pass makes final,
+    ``"confidence"`` (the most confident draws) or ``"spread"`` (a fixed order that spreads every
+    pass's positions evenly over the window, ``schedules.spread_order``)."""
 
     confidence_noise: float = 16.0
     temperature_anneal: bool = False
     passes: int = 16
     prefix_cache: bool = False
+    temperature_scale: float = 1.0
+    order: str = "confidence"
 
     def __post_init__(self):
         if not (isinstance(self.confidence_noise, (int, float)) and self.confidence_noise >= 0):
@@ -76,10 +84,15 @@ class SamplingDefaults:
             raise ValueError(f"passes must be an integer >= 1, got {self.passes!r}")
         if not isinstance(self.prefix_cache, bool):
             raise ValueError(f"prefix_cache must be true or false, got {self.prefix_cache!r}")
+        if isinstance(self.temperature_scale, bool) or not (isinstance(self.temperature_scale, (int, float))
+                                                             and self.temperature_scale > 0):
+            raise ValueError(f"temperature_scale must be a number > 0, got {self.temperature_scale!r}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingDefaults":
-        known = ("confidence_noise", "temperature_anneal", "passes", "prefix_cache")
+        known = tuple(f.name for f in fields(cls))
         unknown = sorted(set(d) - set(known))
         if unknown:
             raise ValueError(f"unknown sampling settings {unknown} (known: {', '.join(known)})")

@@ -305,28 +305,32 @@ def _mixed_precision(choice: str) -> str:
     return "no"
 
 
-def _choose_noise(cfg: DistillConfig, prior, student, data: dict, result: dict) -> float:
-    """``cfg.confidence_noise``, or the value ``distill.tune`` picks on ``cfg.tune_windows`` shard
-    windows (recorded in ``result["sampling_tune"]``)."""
+def _choose_sampling(cfg: DistillConfig, prior, student, data: dict, result: dict) -> dict:
+    """The student's sampler setting (``SamplingDefaults`` fields ``order``, ``confidence_noise``,
+    ``temperature_scale``): ``cfg.confidence_noise`` as given, or the noise ``distill.tune`` picks
+    on ``cfg.tune_windows`` shard windows (recorded in ``result["sampling_tune"]``). Training
+    chooses among confidence-order settings at the caller's temperature (``TRAIN_GRID``);
+    ``python -m distill.tune`` re-chooses over the full grid, spread order and temperature
+    scales included."""
     if cfg.confidence_noise is not None:
-        return float(cfg.confidence_noise)
-    from .tune import choose_confidence_noise, shard_windows
+        return {"confidence_noise": float(cfg.confidence_noise)}
+    from .tune import TRAIN_GRID, choose_sampling, describe, shard_windows
     dev = prior.prior.x_emb.weight.device
     codes, upper, labels = (None if t is None else t.to(dev) for t in shard_windows(data, cfg.tune_windows,
                                                                                       cfg.seed + 2))
     if cfg.progress:
-        print(f"[tune] choosing the unmasking noise on {upper.shape[0]} shard windows ({cfg.passes} passes)",
+        print(f"[tune] choosing the sampler setting on {upper.shape[0]} shard windows ({cfg.passes} passes)",
               file=sys.stderr)
-    noise, report = choose_confidence_noise(prior, student, codes, upper,
-                                            labels, passes=cfg.passes, temperature=cfg.temperature,
-                                            batch_size=cfg.gen_batch_size, seed=cfg.seed + 3,
-                                            known=prior.config.n_ctx // 2 if cfg.prefix_layout else 0)
+    setting, report = choose_sampling(prior, student, codes, upper, labels, passes=cfg.passes, grid=TRAIN_GRID,
+                                      temperature=cfg.temperature, batch_size=cfg.gen_batch_size,
+                                      seed=cfg.seed + 3,
+                                      known=prior.config.n_ctx // 2 if cfg.prefix_layout else 0)
     result["sampling_tune"] = report
     if cfg.progress:
         print(f"[tune] teacher NLL of its own samples {report['teacher_nll_teacher']:.3f} bits; student: "
-              + ", ".join(f"noise {r['confidence_noise']:g} -> {r['teacher_nll']:.3f}" for r in report["rows"])
-              + f"; chosen {noise:g}", file=sys.stderr)
-    return noise
+              + ", ".join(f"{describe(r)} -> {r['teacher_nll']:.3f}" for r in report["rows"])
+              + f"; chosen {describe(setting)}", file=sys.stderr)
+    return setting
 
 
 def train(cfg: DistillConfig) -> dict:
@@ -438,7 +442,7 @@ def train(cfg: DistillConfig) -> dict:
         student.eval()
         # the prefix layout has to be on while the noise is measured on hopped windows
         student.sampling = SamplingDefaults(passes=cfg.passes, prefix_cache=cfg.prefix_layout)
-        student.sampling = SamplingDefaults(confidence_noise=_choose_noise(cfg, prior, student, data, result),
+        student.sampling = SamplingDefaults(**_choose_sampling(cfg, prior, student, data, result),
                                             passes=cfg.passes, prefix_cache=cfg.prefix_layout)
         student.save(out / "student")
         plot_metrics(log, out / "metrics.png")

@@ -1,28 +1,33 @@
-"""Choosing a student's unmasking noise (``SamplingDefaults.confidence_noise``) on validation windows.
+"""Choosing a student's sampler settings (``SamplingDefaults``) on validation windows.
 
-How much choice noise confidence-based unmasking needs depends on the teacher: with a flat
-teacher (high entropy per token) ranking by probability alone gives samples far *more* likely
-than the teacher's own, and noise brings them back; with a sharp teacher the same noise lets
-incoherent tokens in early and samples become far *less* likely. ``choose_confidence_noise``
-lets the student sample windows with every value of a grid and keeps the value with the smallest
-sum of two distances to the teacher's own samples of the same windows: the relative gap of their
-teacher NLL (bits/token) and the total variation between their code histograms. Two criteria,
-so that the choice is not the evaluation's NLL ratio matched alone; with ``known`` > 0 the
-windows are hopped ones (their first ``known`` codes are the teacher's, the rest is sampled and
-scored), the setting of every window of a level but the first.
+A setting is an unmasking order, a choice noise and a temperature scale. How much choice noise
+confidence-based unmasking needs depends on the teacher: with a flat teacher (high entropy per
+token) ranking by probability alone gives samples far *more* likely than the teacher's own, and
+noise brings them back; with a sharp teacher the same noise lets incoherent tokens in early and
+samples become far *less* likely. A student whose per-position marginals are flatter than the
+teacher's conditionals (tokens of one pass are drawn independently, so their joint is flatter
+still) wants a temperature scale below 1; a teacher with strong local structure may prefer the
+``"spread"`` order, which never decodes neighbours in one pass.
+``choose_sampling`` lets the student sample windows with every setting of a grid and keeps the
+one with the smallest sum of two distances to the teacher's own samples of the same windows: the
+relative gap of their teacher NLL (bits/token) and the total variation between their code
+histograms. Two criteria, so that the choice is not the evaluation's NLL ratio matched alone
+(a sharper temperature lowers the NLL and moves the histogram towards the popular codes); with
+``known`` > 0 the windows are hopped ones (their first ``known`` codes are the teacher's, the
+rest is sampled and scored), the setting of every window of a level but the first.
 ``distill.train`` runs it after training on windows of the teacher-sample shards (train data, not
 the held-out windows of ``distill.evaluate``), whose teacher samples are already there, and saves
 the choice with the student.
 
 ``choose_passes`` picks the pass count the same way, by a rule fixed before any number is seen:
-for each candidate K, smallest first, the noise is chosen as above; the first K whose chosen
+for each candidate K, smallest first, the setting is chosen as above; the first K whose chosen
 setting keeps the teacher NLL within ``max_gap`` (relative) of the teacher's own samples and uses
 at least ``min_usage`` of the codes the teacher's samples use is taken (none: the largest K).
 Fewer passes are faster; the rule says how much fidelity may be given for it, on training windows.
 
     python -m distill.tune --teacher middle --student DIR --shards DIR [--passes 1 2 4] [--write]
 
-re-chooses an existing student's pass count and noise on a shard directory (``distill.train``'s
+re-chooses an existing student's pass count and setting on a shard directory (``distill.train``'s
 ``OUT/shards``), prints the table, writes ``DIR/tune.json`` and with ``--write`` the student's
 ``sampling.json``.
 """
@@ -33,15 +38,40 @@ import torch
 from .data import sample_windows
 from .metrics import code_histogram, codebook_usage, histogram_tv, teacher_scores
 from .sampler import ParallelWindowSampler
+from .student import ORDERS, SamplingDefaults
 
-__all__ = ["choose_confidence_noise", "choose_passes", "teacher_reference", "shard_windows", "DEFAULT_GRID",
-           "PASSES_GRID"]
+__all__ = ["choose_sampling", "choose_passes", "teacher_reference", "shard_windows", "sampling_grid",
+           "NOISE_GRID", "TEMPERATURE_GRID", "PASSES_GRID", "TRAIN_GRID"]
 
-DEFAULT_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
+NOISE_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
+TEMPERATURE_GRID = (1.0, 0.85, 0.7)
 PASSES_GRID = (1, 2, 4)
 MAX_GAP = 0.05           # choose_passes: relative teacher-NLL gap allowed
 MIN_USAGE = 0.95         # choose_passes: share of the teacher's used codes the student must use
 BATCH_SIZE = 16          # windows scored / sampled together
+SETTING_KEYS = ("order", "confidence_noise", "temperature_scale")
+
+
+def sampling_grid(noise=NOISE_GRID, temperature_scale=TEMPERATURE_GRID, orders=ORDERS) -> list[dict]:
+    """The settings ``choose_sampling`` tries: confidence order with every noise and temperature
+    scale, spread order (which has no ranking, so no noise) with every temperature scale."""
+    grid = []
+    for order in orders:
+        for t in temperature_scale:
+            for n in (noise if order == "confidence" else (0.0,)):
+                grid.append({"order": order, "confidence_noise": float(n), "temperature_scale": float(t)})
+    return grid
+
+
+# what ``distill.train`` chooses among after training: the confidence order at the caller's
+# temperature, every noise (the re-choice by ``python -m distill.tune`` takes the full grid)
+TRAIN_GRID = tuple(sampling_grid(orders=("confidence",), temperature_scale=(1.0,)))
+
+
+def describe(setting: dict) -> str:
+    """A setting in a few words, for tables and logs."""
+    noise = f", noise {setting['confidence_noise']:g}" if setting["order"] == "confidence" else ""
+    return f"{setting['order']}{noise}, temperature x{setting['temperature_scale']:g}"
 
 
 @torch.no_grad()
@@ -63,20 +93,27 @@ def shard_windows(data: dict, n: int, seed: int) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def choose_confidence_noise(prior, student, teacher_codes: torch.Tensor, upper: torch.Tensor,
-                            labels: torch.Tensor | None, *, passes: int = 16, grid=DEFAULT_GRID,
-                            temperature: float = 1.0, batch_size: int = BATCH_SIZE, seed: int = 0,
-                            known: int = 0, reference: tuple | None = None) -> tuple[float, dict]:
-    """Returns ``(noise, report)``; ``report``: ``teacher_nll_teacher``, ``known`` and per grid
-    value ``{"confidence_noise", "teacher_nll", "relative_gap", "histogram_tv", "score"}`` (rows in
-    grid order; ``score`` = relative_gap + histogram_tv, the smallest is chosen).
+def choose_sampling(prior, student, teacher_codes: torch.Tensor, upper: torch.Tensor,
+                    labels: torch.Tensor | None, *, passes: int = 16, grid=None,
+                    temperature: float = 1.0, batch_size: int = BATCH_SIZE, seed: int = 0,
+                    known: int = 0, reference: tuple | None = None) -> tuple[dict, dict]:
+    """Returns ``(setting, report)``: ``setting`` holds ``order``, ``confidence_noise`` and
+    ``temperature_scale`` (``SamplingDefaults`` fields); ``report``: ``teacher_nll_teacher``,
+    ``known`` and per grid setting its fields and ``{"teacher_nll", "relative_gap",
+    "histogram_tv", "score", "codes_used"}`` (rows in grid order; ``score`` = relative_gap +
+    histogram_tv, the smallest is chosen).
 
     teacher_codes: the teacher's own samples of the windows (S, n_ctx), at ``temperature``;
     upper, labels: the windows' conditioning, (S, n_ctx // cond_downsample) and (S, label_len) or None;
+    grid: settings (dicts with the three fields; default ``sampling_grid()``);
     reference: ``teacher_reference(...)`` of these windows when the caller already has it."""
-    grid = [float(g) for g in grid]
-    if not grid or any(g < 0 for g in grid):
-        raise ValueError(f"the noise grid must hold values >= 0, got {grid}")
+    grid = sampling_grid() if grid is None else [dict(g) for g in grid]
+    if not grid:
+        raise ValueError("the settings grid is empty")
+    for g in grid:
+        if sorted(g) != sorted(SETTING_KEYS):
+            raise ValueError(f"a grid setting must have exactly the fields {', '.join(SETTING_KEYS)}, got {g}")
+        SamplingDefaults(**g)           # named errors for bad values
     if upper.shape[0] < 1:
         raise ValueError("no validation windows")
     if teacher_codes.shape[0] != upper.shape[0]:
@@ -90,8 +127,8 @@ def choose_confidence_noise(prior, student, teacher_codes: torch.Tensor, upper: 
     prefix = teacher_codes[:, :known] if known else None
     gen = torch.Generator(device=dev)
     rows = []
-    for noise in grid:
-        sampler = ParallelWindowSampler(student, passes=passes, confidence_noise=noise, temperature_anneal=False)
+    for setting in grid:
+        sampler = ParallelWindowSampler(student, passes=passes, temperature_anneal=False, **setting)
         gen.manual_seed(seed)
         z = sample_windows(sampler, n_ctx, upper, labels, temperature=temperature, batch_size=bs, generator=gen,
                            device=dev, known=prefix)
@@ -99,40 +136,41 @@ def choose_confidence_noise(prior, student, teacher_codes: torch.Tensor, upper: 
         gap = abs(nll - target) / target
         tv = histogram_tv(code_histogram(z[:, known:], prior.config.l_bins), hist_teacher)
         used = codebook_usage(z[:, known:])
-        rows.append({"confidence_noise": noise, "teacher_nll": nll, "relative_gap": gap, "histogram_tv": tv,
+        rows.append({**setting, "teacher_nll": nll, "relative_gap": gap, "histogram_tv": tv,
                      "score": gap + tv, "codes_used": used})
     best = min(rows, key=lambda r: r["score"])
-    return best["confidence_noise"], {"teacher_nll_teacher": target, "passes": passes, "known": known,
-                                      "windows": int(upper.shape[0]), "rows": rows,
-                                      "codes_used_teacher": used_teacher,
-                                      "criterion": "relative teacher-NLL gap + code-histogram TV"}
+    return {k: best[k] for k in SETTING_KEYS}, {
+        "teacher_nll_teacher": target, "passes": passes, "known": known, "windows": int(upper.shape[0]),
+        "rows": rows, "codes_used_teacher": used_teacher,
+        "criterion": "relative teacher-NLL gap + code-histogram TV"}
 
 
 def choose_passes(prior, student, teacher_codes: torch.Tensor, upper: torch.Tensor, labels: torch.Tensor | None,
                   *, candidates=PASSES_GRID, max_gap: float = MAX_GAP, min_usage: float = MIN_USAGE,
-                  batch_size: int = BATCH_SIZE, known: int = 0, **kwargs) -> tuple[int, float, dict]:
-    """``(passes, noise, report)`` by the module's rule; ``batch_size``, ``known`` and ``kwargs`` go to
-    ``choose_confidence_noise`` (``passes`` excepted). ``report["by_passes"]`` holds each candidate's
-    noise report."""
+                  batch_size: int = BATCH_SIZE, known: int = 0, **kwargs) -> tuple[int, dict, dict]:
+    """``(passes, setting, report)`` by the module's rule; ``batch_size``, ``known`` and ``kwargs`` go
+    to ``choose_sampling`` (``passes`` excepted). ``report["by_passes"]`` holds each candidate's
+    report."""
     cands = sorted({int(k) for k in candidates})
     if not cands or cands[0] < 1:
         raise ValueError(f"pass-count candidates must be integers >= 1, got {list(candidates)}")
     reference = teacher_reference(prior, teacher_codes, upper, labels, batch_size, known)
     reports, chosen = [], None
     for k in cands:
-        noise, rep = choose_confidence_noise(prior, student, teacher_codes, upper, labels, passes=k, batch_size=batch_size,
-                                             known=known, reference=reference, **kwargs)
-        best = next(r for r in rep["rows"] if r["confidence_noise"] == noise)
+        setting, rep = choose_sampling(prior, student, teacher_codes, upper, labels, passes=k, batch_size=batch_size,
+                                       known=known, reference=reference, **kwargs)
+        best = next(r for r in rep["rows"] if all(r[f] == setting[f] for f in SETTING_KEYS))
         rep["meets"] = best["relative_gap"] <= max_gap and best["codes_used"] >= min_usage * rep["codes_used_teacher"]
         reports.append(rep)
         if rep["meets"]:
-            chosen = (k, noise)
+            chosen = (k, setting)
             break
-    if chosen is None:                  # no candidate meets the rule: the most passes, its noise
-        chosen = (cands[-1], min(reports[-1]["rows"], key=lambda r: r["score"])["confidence_noise"])
-    return chosen[0], float(chosen[1]), {"by_passes": reports, "max_gap": max_gap, "min_usage": min_usage,
-                                         "rule": "smallest K whose chosen noise keeps the relative teacher-NLL "
-                                                 f"gap <= {max_gap} and uses >= {min_usage:.0%} of the teacher's codes"}
+    if chosen is None:                  # no candidate meets the rule: the most passes, its setting
+        best = min(reports[-1]["rows"], key=lambda r: r["score"])
+        chosen = (cands[-1], {f: best[f] for f in SETTING_KEYS})
+    return chosen[0], chosen[1], {"by_passes": reports, "max_gap": max_gap, "min_usage": min_usage,
+                                  "rule": "smallest K whose chosen setting keeps the relative teacher-NLL "
+                                          f"gap <= {max_gap} and uses >= {min_usage:.0%} of the teacher's codes"}
 
 
 def main(argv=None) -> int:
@@ -168,21 +206,21 @@ def main(argv=None) -> int:
     codes, upper, labels = shard_windows(load_shards(args.shards), args.windows, args.seed + 2)
     n = upper.shape[0]
     known = prior.config.n_ctx // 2 if student.sampling.prefix_cache else 0
-    passes, noise, report = choose_passes(prior, student, codes, upper, labels,
-                                          candidates=args.passes, temperature=args.temperature,
-                                          seed=args.seed + 3, known=known)
+    passes, setting, report = choose_passes(prior, student, codes, upper, labels,
+                                            candidates=args.passes, temperature=args.temperature,
+                                            seed=args.seed + 3, known=known)
     for rep in report["by_passes"]:
         for r in rep["rows"]:
-            print(f"K={rep['passes']} noise {r['confidence_noise']:g}: teacher NLL {r['teacher_nll']:.3f} "
+            print(f"K={rep['passes']} {describe(r)}: teacher NLL {r['teacher_nll']:.3f} "
                   f"(teacher {rep['teacher_nll_teacher']:.3f}), gap {r['relative_gap']:.3f}, "
                   f"histogram TV {r['histogram_tv']:.3f}, codes {r['codes_used']}/{rep['codes_used_teacher']}")
         print(f"K={rep['passes']}: {'meets' if rep['meets'] else 'does not meet'} the rule")
-    print(f"chosen: {passes} passes, noise {noise:g} ({report['rule']}; {n} shard windows, {known} codes known)")
+    print(f"chosen: {passes} passes, {describe(setting)} ({report['rule']}; {n} shard windows, {known} codes known)")
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps({"student": str(args.student), "shards": str(args.shards), "passes": passes,
-                                   "confidence_noise": noise, **report}, indent=1) + "\n")
+                                   **setting, **report}, indent=1) + "\n")
     if args.write:                      # only the settings file: the weights stay as they are
-        settings = replace(student.sampling, passes=passes, confidence_noise=noise)
+        settings = replace(student.sampling, passes=passes, **setting)
         with atomic_path(args.student / SAMPLING_NAME) as tmp:
             tmp.write_text(json.dumps(asdict(settings), indent=1))
         print(f"wrote {args.student / SAMPLING_NAME}", file=sys.stderr)

@@ -96,8 +96,9 @@ def test_full_forward_refuses_cross_attention():
         full_forward(t, torch.zeros(1, 8, 16), 4)
 
 
+@pytest.mark.parametrize("order", ["confidence", "spread"])
 @pytest.mark.parametrize("K,n_new,passes", [(20, 20, 4), (13, 27, 2), (16, 24, 1), (0, 40, 3), (8, 16, 5)])
-def test_a_pass_never_changes_known_or_final_tokens(K, n_new, passes):
+def test_a_pass_never_changes_known_or_final_tokens(K, n_new, passes, order):
     """Recorded inputs of every pass: known codes never change, a code once unmasked keeps its
     value through every later pass and into the output; with the prefix cache and without (full
     bidirectional passes)."""
@@ -111,7 +112,8 @@ def test_a_pass_never_changes_known_or_final_tokens(K, n_new, passes):
         seen = []
         hook = student.prior.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
         try:
-            sampler = ParallelWindowSampler(student, passes=passes, prefix_cache=cached, confidence_noise=1.0)
+            sampler = ParallelWindowSampler(student, passes=passes, prefix_cache=cached, confidence_noise=1.0,
+                                            order=order)
             out = sampler(known, n_new, upper, labels, generator=torch.Generator().manual_seed(5))
         finally:
             hook.remove()

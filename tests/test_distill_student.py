@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import distill.sampler as sampler_mod
 from distill.sampler import ParallelWindowSampler
 from distill.schedules import (mask_ratio, masks_per_pass, pass_temperature, sample_training_mask,
-                               sample_training_mask_ratio)
+                               sample_training_mask_ratio, spread_order)
 from distill.student import ParallelStudent, SamplingDefaults
 from fastjukebox import PriorConfig, Prior, load_prior
 from fastjukebox.checkpoint import CheckpointError, save_component
@@ -469,3 +469,72 @@ def test_sampler_bad_input(tiny_student, gen):
         ParallelWindowSampler(tiny_student, passes=0)
     with pytest.raises(TypeError, match="ParallelStudent"):
         ParallelWindowSampler(_teacher(0))
+
+
+def test_spread_order_decodes_its_prefixes_evenly(gen):
+    """Greedy spread decoding on crafted logits: after pass k exactly the first positions of
+    ``spread_order`` are final (whatever the confidences), heads run only where codes become
+    final, and every code is the argmax."""
+    student = ParallelStudent(_small_config())
+    c = student.config
+    upper, labels = _inputs(c, 2, gen)
+    K, n_new, passes = 5, 33, 4
+    logits = torch.randn(2, c.n_ctx, c.l_bins, generator=gen)
+    calls, scored = [], []
+    real = student.logits_unchecked
+
+    def spy(tokens, cond, lo=0, hi=None, prefix_len=0, *, cache=None, positions=None):
+        calls.append(tokens.clone())
+        scored.append(positions.clone())
+        return logits.gather(1, positions[..., None].expand(-1, -1, c.l_bins))
+
+    student.logits_unchecked = spy
+    sampler = ParallelWindowSampler(student, passes=passes, order="spread", confidence_noise=5.0)
+    out = sampler(torch.randint(0, c.l_bins, (2, K), generator=gen), n_new, upper, labels, temperature=0.0)
+    student.logits_unchecked = real
+    order = torch.tensor(spread_order(n_new)) + K
+    done = 0
+    for k, still in enumerate(masks_per_pass(n_new, passes)):
+        final_before = calls[k][0, K:K + n_new] != student.mask_id
+        assert torch.equal(final_before.nonzero().flatten().sort().values + K, order[:done].sort().values)
+        assert torch.equal(scored[k][0], order[done:n_new - still])
+        done = n_new - still
+    assert torch.equal(out[:, K:], logits[:, K:K + n_new].argmax(-1))
+    adjacent = (order[:n_new // 4].sort().values.diff() == 1).sum()
+    assert adjacent == 0          # the first quarter of the order holds no two neighbours
+
+
+def test_temperature_scale_multiplies_the_callers_temperature(monkeypatch, tiny_student, gen):
+    c = tiny_student.config
+    upper, labels = _inputs(c, 1, gen)
+    temps = []
+    draw = sampler_mod._draw
+
+    def spy(logits, temperature, *args):
+        temps.append(temperature)
+        return draw(logits, temperature, *args)
+
+    monkeypatch.setattr(sampler_mod, "_draw", spy)
+    tiny_student.sampling = SamplingDefaults(temperature_scale=0.5, order="spread")
+    s = ParallelWindowSampler(tiny_student, passes=3)
+    assert (s.temperature_scale, s.order) == (0.5, "spread")
+    s(torch.zeros(1, 0, dtype=torch.long), 40, upper, labels, temperature=0.8, generator=gen)
+    assert temps == [pytest.approx(0.4)] * 3
+    tiny_student.sampling = SamplingDefaults()
+    for kw, match in ((dict(temperature_scale=0.0), "temperature_scale"), (dict(order="random"), "order")):
+        with pytest.raises(ValueError, match=match):
+            ParallelWindowSampler(tiny_student, **kw)
+        with pytest.raises(ValueError, match=match):
+            SamplingDefaults(**kw)
+
+
+def test_spread_order_is_a_permutation_with_even_prefixes():
+    for n in (1, 2, 5, 8, 37, 512):
+        order = spread_order(n)
+        assert sorted(order) == list(range(n))
+        for m in (2, 4, 8):
+            if n >= 2 * m:
+                gaps = torch.tensor(sorted(order[:m])).diff()
+                assert gaps.min() >= n // (2 * m), (n, m, order[:m])
+    with pytest.raises(ValueError, match="n must be"):
+        spread_order(-1)

@@ -275,18 +275,19 @@ def test_bad_input_is_named(tiny, tmp_path, capsys):
 
 def test_noise_is_chosen_on_shard_windows_and_saved(audio_dir, shard_dir, tmp_path):
     from distill.student import ParallelStudent
-    from distill.tune import DEFAULT_GRID
+    from distill.tune import TRAIN_GRID
     base = dict(teacher="middle", model="tiny", data=str(audio_dir), shards_dir=str(shard_dir), steps=10,
                 shards=SHARDS, shard_size=SHARD_SIZE, k=K, gen_batch_size=5, batch_size=6, warmup=2,
                 evaluate=False, progress=False, passes=4, tune_windows=6)
     result = train(DistillConfig(out=str(tmp_path / "tuned"), **base))
     tune = result["sampling_tune"]
-    assert [r["confidence_noise"] for r in tune["rows"]] == list(DEFAULT_GRID) and tune["windows"] == 6
+    assert [{f: r[f] for f in TRAIN_GRID[0]} for r in tune["rows"]] == list(TRAIN_GRID) and tune["windows"] == 6
     assert all(math.isfinite(r["teacher_nll"]) and r["teacher_nll"] > 0 for r in tune["rows"])
     best = min(tune["rows"], key=lambda r: r["relative_gap"] + r["histogram_tv"])
     assert tune["known"] == 32                          # hopped windows: the student has the prefix layout
     saved = ParallelStudent.load(tmp_path / "tuned" / "student").sampling
     assert saved.confidence_noise == best["confidence_noise"] and saved.temperature_anneal is False
+    assert (saved.order, saved.temperature_scale) == ("confidence", 1.0)
     summary = json.loads((tmp_path / "tuned" / "train_summary.json").read_text())
     assert summary["sampling_tune"]["rows"] == tune["rows"]
     # a given value is kept as is, with no measurement
@@ -297,32 +298,48 @@ def test_noise_is_chosen_on_shard_windows_and_saved(audio_dir, shard_dir, tmp_pa
         DistillConfig(out=str(tmp_path / "bad"), confidence_noise=-1.0, **base)
 
 
-def test_choose_confidence_noise_picks_the_closest(tiny, shard_dir, monkeypatch):
+def test_choose_sampling_picks_the_closest(tiny, shard_dir, monkeypatch):
     import distill.tune as tune
     from distill.student import ParallelStudent
     data = load_shards(shard_dir)
     prior = tiny.prior(1)
     student = ParallelStudent.from_teacher(prior)
     codes, upper, labels = data["codes"][:4], data["upper"][:4], data["labels"][:4] if "labels" in data else None
-    # score every sample by the noise that made it: 2 + noise / 4 bits; the teacher's own 3 bits
+    # score every sample by the setting that made it: 2 + noise / 4 bits (+1 bit for the spread
+    # order, -0.5 bit at temperature scale 0.5); the teacher's own: 3 bits
     made_with = []
     real_sample_windows = tune.sample_windows
 
     def fake_scores(prior_, z, *a, **k):
-        return (3.0, 0.0) if z is codes else (2.0 + made_with[-1] / 4, 0.0)   # the teacher's own: 3 bits
+        if z is codes:
+            return 3.0, 0.0
+        s = made_with[-1]
+        return 2.0 + s.confidence_noise / 4 + (s.order == "spread") - 0.5 * (s.temperature_scale == 0.5), 0.0
 
     def recording_sample_windows(sampler, *a, **k):
-        made_with.append(sampler.confidence_noise)
+        made_with.append(sampler)
         return real_sample_windows(sampler, *a, **k)
 
     monkeypatch.setattr(tune, "teacher_scores", fake_scores)
     monkeypatch.setattr(tune, "histogram_tv", lambda a, b: 0.0)
     monkeypatch.setattr(tune, "sample_windows", recording_sample_windows)
-    noise, report = tune.choose_confidence_noise(prior, student, codes, upper, labels, passes=3, grid=(0, 2, 4, 8))
-    assert noise == 4.0 and report["teacher_nll_teacher"] == 3.0
+    grid = tune.sampling_grid(noise=(0, 2, 4, 8), temperature_scale=(1.0,), orders=("confidence",))
+    setting, report = tune.choose_sampling(prior, student, codes, upper, labels, passes=3, grid=grid)
+    assert setting == {"order": "confidence", "confidence_noise": 4.0, "temperature_scale": 1.0}
+    assert report["teacher_nll_teacher"] == 3.0
     assert [r["teacher_nll"] for r in report["rows"]] == [2.0, 2.5, 3.0, 4.0]
-    for grid in ((), (-1.0, 2.0)):
-        with pytest.raises(ValueError, match="grid"):
-            tune.choose_confidence_noise(prior, student, codes, upper, labels, grid=grid)
+    # the spread order (no noise) and a sharper temperature are candidates of the full grid
+    grid = tune.sampling_grid(noise=(0, 8), temperature_scale=(1.0, 0.5))
+    setting, report = tune.choose_sampling(prior, student, codes, upper, labels, passes=3, grid=grid)
+    assert len(report["rows"]) == 6 and {r["order"] for r in report["rows"]} == {"confidence", "spread"}
+    assert all(r["confidence_noise"] == 0 for r in report["rows"] if r["order"] == "spread")
+    assert setting == {"order": "spread", "confidence_noise": 0.0, "temperature_scale": 1.0}
+    assert [(s.order, s.temperature_scale) for s in made_with[-6:]] == [(r["order"], r["temperature_scale"])
+                                                                          for r in report["rows"]]
+    for bad, match in (((), "grid is empty"), ([{"confidence_noise": 1.0}], "exactly the fields"),
+                       ([{"order": "confidence", "confidence_noise": -1.0, "temperature_scale": 1.0}],
+                        "confidence_noise")):
+        with pytest.raises(ValueError, match=match):
+            tune.choose_sampling(prior, student, codes, upper, labels, grid=bad)
     with pytest.raises(ValueError, match="teacher samples"):
-        tune.choose_confidence_noise(prior, student, codes[:3], upper, labels)
+        tune.choose_sampling(prior, student, codes[:3], upper, labels)

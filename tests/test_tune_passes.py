@@ -5,18 +5,20 @@ import pytest
 import distill.tune as tune
 
 
+WORSE = {"order": "confidence", "confidence_noise": 2.0, "temperature_scale": 1.0}
+BEST = {"order": "spread", "confidence_noise": 0.0, "temperature_scale": 0.85}
+
+
 def _fake(results):
-    """A stand-in for ``choose_confidence_noise``: per pass count, (relative gap, codes used)."""
+    """A stand-in for ``choose_sampling``: per pass count, (relative gap, codes used)."""
     calls = []
 
     def choose(prior, student, codes, upper, labels, *, passes, **kw):
         calls.append(passes)
         gap, used = results[passes]
-        rows = [{"confidence_noise": 2.0, "relative_gap": gap + 0.1, "histogram_tv": 0.1, "score": gap + 0.2,
-                 "codes_used": used},
-                {"confidence_noise": 8.0, "relative_gap": gap, "histogram_tv": 0.1, "score": gap + 0.1,
-                 "codes_used": used}]
-        return 8.0, {"passes": passes, "rows": rows, "codes_used_teacher": 100, "teacher_nll_teacher": 3.0}
+        rows = [{**WORSE, "relative_gap": gap + 0.1, "histogram_tv": 0.1, "score": gap + 0.2, "codes_used": used},
+                {**BEST, "relative_gap": gap, "histogram_tv": 0.1, "score": gap + 0.1, "codes_used": used}]
+        return dict(BEST), {"passes": passes, "rows": rows, "codes_used_teacher": 100, "teacher_nll_teacher": 3.0}
     return choose, calls
 
 
@@ -28,10 +30,10 @@ def _fake(results):
 ])
 def test_smallest_pass_count_meeting_the_rule(monkeypatch, results, expect, tried):
     choose, calls = _fake(results)
-    monkeypatch.setattr(tune, "choose_confidence_noise", choose)
+    monkeypatch.setattr(tune, "choose_sampling", choose)
     monkeypatch.setattr(tune, "teacher_reference", lambda *a: (3.0, [], 100))
-    passes, noise, report = tune.choose_passes(None, None, None, None, None, candidates=(4, 1, 2))
-    assert (passes, noise) == (expect, 8.0)
+    passes, setting, report = tune.choose_passes(None, None, None, None, None, candidates=(4, 1, 2))
+    assert (passes, setting) == (expect, BEST)
     assert calls == tried
     assert [r["meets"] for r in report["by_passes"]][-1] == (results[expect][0] <= 0.05)
 
