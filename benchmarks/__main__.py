@@ -9,6 +9,8 @@
                     acceptance, gamma 4 / 8 / 16 (``benchmarks.speculative``)
 ``students``        the parallel students at each pass count against exact AR, first and hopped
                     windows, batch 1 and 16 (``benchmarks.student_speed``)
+``student-diagnosis`` why a student falls short of its teacher: unmasking orders and pass counts
+                    on held-out hopped windows (``benchmarks.student_diagnosis``)
 ``gpu``             all GPU work in one call: kernel correctness, the CUDA-graph decode check,
                     attention and decode timings, within ``--budget-s`` (``benchmarks.gpu``)
 ``compile-check``   every kernel variant compiled ahead of time for sm_90 / sm_80, no GPU needed:
@@ -30,6 +32,7 @@ COMMANDS = {
     "report": "benchmarks.report",
     "speculative": "benchmarks.speculative",
     "students": "benchmarks.student_speed",
+    "student-diagnosis": "benchmarks.student_diagnosis",
     "gpu": "benchmarks.gpu.__main__",
     "compile-check": "kernels.compile_check",
 }

@@ -1,7 +1,8 @@
 """Measures used to compare a parallel student with its autoregressive teacher.
 
 * ``teacher_scores``: teacher-forced negative log-likelihood (bits/token) of given windows under
-  the teacher, and the entropy (bits) of the teacher's predictive distribution along them.
+  the teacher, and the entropy (bits) of the teacher's predictive distribution along them;
+  ``teacher_token_scores`` the same per token.
 * ``codebook_usage`` / ``unigram_entropy_bits``: distinct codes, and the entropy of the codes'
   empirical distribution (low values reveal collapse onto a few codes).
 * ``next_token_tv``: total variation between the student's and the teacher's next-token
@@ -21,25 +22,32 @@ BITS = 1.0 / math.log(2.0)
 
 
 @torch.no_grad()
-def teacher_scores(prior, codes: torch.Tensor, upper: torch.Tensor, labels: torch.Tensor | None,
-                   batch_size: int = 16, start: int = 0) -> tuple[float, float]:
-    """Mean teacher NLL of ``codes`` (S, n_ctx) and mean entropy of the teacher's predictive
-    distribution at those positions, both in bits per token (temperature 1), over positions
-    ``[start, n_ctx)`` (a hopped window's new part: ``start`` = its known length).
+def teacher_token_scores(prior, codes: torch.Tensor, upper: torch.Tensor, labels: torch.Tensor | None,
+                         batch_size: int = 16, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token of ``codes`` (S, n_ctx) at positions ``[start, n_ctx)``: the teacher-forced NLL
+    under the teacher and the entropy of the teacher's predictive distribution there, both in bits
+    (temperature 1); two float64 CPU tensors (S, n_ctx - start).
 
     upper: (S, n_ctx // cond_downsample); labels: (S, label_len) or None."""
     dev = prior.prior.x_emb.weight.device
-    nll = ent = 0.0
-    count = 0
+    nll, ent = [], []
     for i in range(0, codes.shape[0], batch_size):
         sl = slice(i, i + batch_size)
         z = codes[sl].to(dev)
         y = None if labels is None else labels[sl].to(dev)
         logp = torch.log_softmax(prior.logits(z, upper[sl].to(dev), y).float(), dim=-1)[:, start:]  # (B, T', V)
-        nll += float(-logp.gather(-1, z[:, start:, None]).sum())
-        ent += float(-(logp.exp() * logp).sum())
-        count += z[:, start:].numel()
-    return nll / count * BITS, ent / count * BITS
+        nll.append(-logp.gather(-1, z[:, start:, None])[..., 0].double().cpu())
+        ent.append(-(logp.exp() * logp).sum(-1).double().cpu())
+    return torch.cat(nll) * BITS, torch.cat(ent) * BITS
+
+
+def teacher_scores(prior, codes: torch.Tensor, upper: torch.Tensor, labels: torch.Tensor | None,
+                   batch_size: int = 16, start: int = 0) -> tuple[float, float]:
+    """Mean teacher NLL of ``codes`` (S, n_ctx) and mean entropy of the teacher's predictive
+    distribution at those positions, both in bits per token, over positions ``[start, n_ctx)``
+    (a hopped window's new part: ``start`` = its known length); see ``teacher_token_scores``."""
+    nll, ent = teacher_token_scores(prior, codes, upper, labels, batch_size, start)
+    return float(nll.mean()), float(ent.mean())
 
 
 @torch.no_grad()

@@ -8,7 +8,8 @@ again, so that the number still masked after pass ``k`` is
 ``schedules.masks_per_pass(n_new, passes)[k]``. Codes once kept are final, known codes are never
 touched. ``passes`` model evaluations decode the window. With ``order="spread"`` a pass instead
 makes final the next positions of a fixed order that spreads them evenly over the window
-(``schedules.spread_order``), and output heads run only at those positions.
+(``schedules.spread_order``), with ``order="random"`` of a random order drawn per window, and
+output heads run only at those positions.
 
 With ``prefix_cache`` (students trained with ``distill.prefix_layout``) the known codes run once
 per window, and every pass runs only the positions after them against their cached keys and
@@ -91,9 +92,10 @@ class ParallelWindowSampler:
         confidence_noise: scale of the Gumbel noise added to the confidences, annealed linearly
             to 0 over the passes (MaskGIT's choice temperature); 0 ranks by probability alone.
         temperature_scale: codes are drawn at the call's temperature times this (> 0).
-        order: ``"confidence"`` (each pass keeps its most confident draws) or ``"spread"`` (each
-            pass makes final the next positions of ``schedules.spread_order``; no ranking, so
-            ``confidence_noise`` plays no part).
+        order: ``"confidence"`` (each pass keeps its most confident draws), ``"spread"`` (each
+            pass makes final the next positions of ``schedules.spread_order``) or ``"random"``
+            (of a random permutation per window); the fixed orders rank nothing, so
+            ``confidence_noise`` plays no part in them.
 
     ``None`` (the default) takes the student's own setting (``student.sampling``, saved with it;
     ``distill.train`` chooses the noise on validation windows). Without one the defaults are
@@ -171,16 +173,19 @@ class ParallelWindowSampler:
         tokens[:, :K] = z
         cache = student.prefix_cache(z, cond) if self.prefix_cache and K else None
         passes = min(self.passes, n_new)
-        spread = self.order == "spread"
+        fixed = self.order != "confidence"
         # absolute positions still masked, (N, remaining); their order follows the last topk, or
-        # with ``spread`` the spread order, whose first columns each pass makes final
-        offsets = spread_order(n_new) if spread else range(n_new)
-        masked = (K + torch.tensor(offsets, dtype=torch.long, device=z.device)).expand(N, n_new)
+        # with a fixed order (spread, random) that order, whose first columns each pass makes final
+        if self.order == "random":
+            offsets = torch.rand(N, n_new, generator=generator, device=z.device).argsort(dim=1)
+        else:
+            offsets = torch.tensor(spread_order(n_new) if fixed else range(n_new), device=z.device).expand(N, n_new)
+        masked = K + offsets
         remaining = n_new
         temperature = float(temperature) * self.temperature_scale
         for i, still in enumerate(masks_per_pass(n_new, passes)):
             t = pass_temperature(temperature, i, passes) if self.temperature_anneal else temperature
-            if spread:                  # the next positions of the order become final; heads only there
+            if fixed:                   # the next positions of the order become final; heads only there
                 final, masked = masked[:, :remaining - still], masked[:, remaining - still:]
                 ids, _ = _draw(student.logits_unchecked(tokens, cond, cache=cache, positions=final),
                                t, top_k, top_p, generator)

@@ -49,7 +49,7 @@ from .prefix_layout import PrefixCache, check_prefix_len, encode_prefix, full_fo
 
 __all__ = ["ParallelStudent", "STUDENT_KIND", "SamplingDefaults", "SAMPLING_NAME", "ORDERS"]
 
-ORDERS = ("confidence", "spread")    # ways a sampler pass picks the positions it makes final
+ORDERS = ("confidence", "spread", "random")    # ways a sampler pass picks the positions it makes final
 
 SAMPLING_NAME = "sampling.json"
 
@@ -65,8 +65,9 @@ class SamplingDefaults:
     full bidirectional attention have False. ``temperature_scale``: the student draws at the
     caller's temperature times this (below 1 sharpens a student whose per-position marginals
     are flatter than the teacher's conditionals). ``order``: which positions a pass makes final,
-    ``"confidence"`` (the most confident draws) or ``"spread"`` (a fixed order that spreads every
-    pass's positions evenly over the window, ``schedules.spread_order``)."""
+    ``"confidence"`` (the most confident draws), ``"spread"`` (a fixed order that spreads every
+    pass's positions evenly over the window, ``schedules.spread_order``) or ``"random"`` (a random
+    order per window)."""
 
     confidence_noise: float = 16.0
     temperature_anneal: bool = False

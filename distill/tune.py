@@ -38,7 +38,7 @@ import torch
 from .data import sample_windows
 from .metrics import code_histogram, codebook_usage, histogram_tv, teacher_scores
 from .sampler import ParallelWindowSampler
-from .student import ORDERS, SamplingDefaults
+from .student import SamplingDefaults
 
 __all__ = ["choose_sampling", "choose_passes", "teacher_reference", "shard_windows", "sampling_grid",
            "NOISE_GRID", "TEMPERATURE_GRID", "PASSES_GRID", "TRAIN_GRID"]
@@ -52,9 +52,10 @@ BATCH_SIZE = 16          # windows scored / sampled together
 SETTING_KEYS = ("order", "confidence_noise", "temperature_scale")
 
 
-def sampling_grid(noise=NOISE_GRID, temperature_scale=TEMPERATURE_GRID, orders=ORDERS) -> list[dict]:
+def sampling_grid(noise=NOISE_GRID, temperature_scale=TEMPERATURE_GRID, orders=("confidence", "spread")) -> list[dict]:
     """The settings ``choose_sampling`` tries: confidence order with every noise and temperature
-    scale, spread order (which has no ranking, so no noise) with every temperature scale."""
+    scale, each fixed order (spread; random if asked: no ranking, so no noise) with every
+    temperature scale."""
     grid = []
     for order in orders:
         for t in temperature_scale:

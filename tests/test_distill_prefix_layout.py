@@ -96,7 +96,7 @@ def test_full_forward_refuses_cross_attention():
         full_forward(t, torch.zeros(1, 8, 16), 4)
 
 
-@pytest.mark.parametrize("order", ["confidence", "spread"])
+@pytest.mark.parametrize("order", ["confidence", "spread", "random"])
 @pytest.mark.parametrize("K,n_new,passes", [(20, 20, 4), (13, 27, 2), (16, 24, 1), (0, 40, 3), (8, 16, 5)])
 def test_a_pass_never_changes_known_or_final_tokens(K, n_new, passes, order):
     """Recorded inputs of every pass: known codes never change, a code once unmasked keeps its
@@ -125,7 +125,10 @@ def test_a_pass_never_changes_known_or_final_tokens(K, n_new, passes, order):
             assert (after[:, K + n_new:] == student.mask_id).all()
         assert torch.equal(out[:, :K], known)
         outs[cached] = out
-    if K:                               # the two layouts give the unknown positions different inputs
+    # the two layouts give the unknown positions different inputs (a property of the layouts,
+    # checked once: with this small student only a few draws differ, so other orders' noise may
+    # happen to hide it)
+    if K and order == "confidence":
         assert not torch.equal(outs[True], outs[False])
 
 

@@ -521,7 +521,7 @@ def test_temperature_scale_multiplies_the_callers_temperature(monkeypatch, tiny_
     s(torch.zeros(1, 0, dtype=torch.long), 40, upper, labels, temperature=0.8, generator=gen)
     assert temps == [pytest.approx(0.4)] * 3
     tiny_student.sampling = SamplingDefaults()
-    for kw, match in ((dict(temperature_scale=0.0), "temperature_scale"), (dict(order="random"), "order")):
+    for kw, match in ((dict(temperature_scale=0.0), "temperature_scale"), (dict(order="zigzag"), "order")):
         with pytest.raises(ValueError, match=match):
             ParallelWindowSampler(tiny_student, **kw)
         with pytest.raises(ValueError, match=match):
@@ -538,3 +538,40 @@ def test_spread_order_is_a_permutation_with_even_prefixes():
                 assert gaps.min() >= n // (2 * m), (n, m, order[:m])
     with pytest.raises(ValueError, match="n must be"):
         spread_order(-1)
+
+
+def test_random_order_is_a_fresh_permutation_per_window(gen):
+    """``order="random"``: each pass makes final the next positions of a permutation drawn per
+    window from the generator (rows differ, a seed repeats them), as many per pass as the mask
+    schedule says, and heads run only there."""
+    student = ParallelStudent(_small_config())
+    c = student.config
+    upper, labels = _inputs(c, 3, gen)
+    K, n_new, passes = 7, 29, 4
+    logits = torch.randn(3, c.n_ctx, c.l_bins, generator=gen)
+    real = student.logits_unchecked
+
+    def run(seed):
+        scored = []
+
+        def spy(tokens, cond, lo=0, hi=None, prefix_len=0, *, cache=None, positions=None):
+            scored.append(positions.clone())
+            return logits.gather(1, positions[..., None].expand(-1, -1, c.l_bins))
+
+        student.logits_unchecked = spy
+        sampler = ParallelWindowSampler(student, passes=passes, order="random")
+        out = sampler(torch.randint(0, c.l_bins, (3, K), generator=gen), n_new, upper, labels, temperature=0.0,
+                      generator=torch.Generator().manual_seed(seed))
+        student.logits_unchecked = real
+        return out, scored
+
+    out, scored = run(1)
+    sizes = [n_new - still for still in masks_per_pass(n_new, passes)]
+    assert [p.shape[1] for p in scored] == [b - a for a, b in zip([0] + sizes, sizes)]
+    order = torch.cat(scored, dim=1)
+    for row in order:
+        assert sorted(row.tolist()) == list(range(K, K + n_new))
+    assert not torch.equal(order[0], order[1]) and not torch.equal(order[1], order[2])
+    assert torch.equal(torch.cat(run(1)[1], dim=1), order)
+    assert not torch.equal(torch.cat(run(2)[1], dim=1), order)
+    assert torch.equal(out[:, K:], logits[:, K:K + n_new].argmax(-1))

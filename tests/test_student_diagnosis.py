@@ -1,0 +1,87 @@
+"""The student diagnosis (``benchmarks.student_diagnosis``): which pass decided each code, and the
+per-token teacher scores it reads (``distill.metrics.teacher_token_scores``)."""
+import math
+
+import pytest
+import torch
+
+from benchmarks.student_diagnosis import _per_pass, _student_run, decided_pass
+from distill.metrics import teacher_scores, teacher_token_scores
+from distill.sampler import ParallelWindowSampler
+from distill.schedules import masks_per_pass, spread_order
+from distill.student import ParallelStudent
+from fastjukebox import PriorConfig
+
+
+class _FixedTeacher:
+    """A stand-in teacher whose logits are given: ``prior.logits`` returns them whatever the codes."""
+
+    def __init__(self, logits: torch.Tensor):
+        self._logits = logits
+        self.prior = torch.nn.Module()
+        self.prior.x_emb = torch.nn.Embedding(1, 1)
+
+    def logits(self, z, upper, labels):
+        return self._logits[: z.shape[0]]
+
+
+def test_teacher_token_scores_on_a_hand_computed_window():
+    """Window of 4 positions over 4 codes. Position 2: uniform logits, so NLL and entropy are
+    both 2 bits. Position 3: probabilities (1/2, 1/4, 1/8, 1/8) and code 1 drawn: NLL 2 bits,
+    entropy 1.75 bits. Positions before ``start`` = 2 are left out."""
+    logits = torch.zeros(1, 4, 4)
+    logits[0, 0] = torch.tensor([5.0, 0, 0, 0])           # scored only without ``start``
+    logits[0, 3] = torch.tensor([0.5, 0.25, 0.125, 0.125]).log()
+    codes = torch.tensor([[0, 3, 2, 1]])
+    teacher = _FixedTeacher(logits)
+    nll, ent = teacher_token_scores(teacher, codes, torch.zeros(1, 1), None, start=2)
+    assert nll.shape == (1, 2) and nll.dtype == torch.float64
+    assert nll[0].tolist() == pytest.approx([2.0, 2.0])
+    assert ent[0].tolist() == pytest.approx([2.0, 1.75])
+    mean_nll, mean_ent = teacher_scores(teacher, codes, torch.zeros(1, 1), None, start=2)
+    assert (mean_nll, mean_ent) == pytest.approx((2.0, 1.875))
+    # position 0: p(code 0) = e^5 / (e^5 + 3)
+    nll0, _ = teacher_token_scores(teacher, codes, torch.zeros(1, 1), None)
+    assert float(nll0[0, 0]) == pytest.approx(-math.log2(math.exp(5) / (math.exp(5) + 3)))
+
+
+def _student():
+    c = PriorConfig(level=0, n_ctx=40, width=32, depth=2, heads=2, attn_order=2, blocks=5, l_bins=27,
+                    y_bins=(6, 9), max_bow_genre_size=2, cond_width=8, cond_depth=1, cond_dilation_cycle=None,
+                    labels=False)
+    torch.manual_seed(0)
+    return ParallelStudent(c).eval()
+
+
+@pytest.mark.parametrize("order", ["confidence", "spread", "random"])
+def test_decided_pass_follows_the_mask_schedule(order):
+    student = _student()
+    c = student.config
+    g = torch.Generator().manual_seed(3)
+    K, n_new, passes = 11, 29, 4
+    upper = torch.randint(0, c.l_bins, (5, c.n_ctx // c.cond_downsample), generator=g)
+    prefix = torch.randint(0, c.l_bins, (5, K), generator=g)
+    sampler = ParallelWindowSampler(student, passes=passes, order=order, confidence_noise=1.0)
+    codes, decided = _student_run(student, sampler, prefix, n_new, upper, None, temperature=1.0, batch_size=2,
+                                  generator=torch.Generator().manual_seed(4))
+    assert codes.shape == (5, K + n_new) and torch.equal(codes[:, :K], prefix)
+    assert decided.shape == (5, n_new) and student.logits_unchecked.__func__ is ParallelStudent.logits_unchecked
+    sizes = [n_new - still for still in masks_per_pass(n_new, passes)]
+    per_pass = [b - a for a, b in zip([0] + sizes, sizes)]
+    for row in decided:
+        assert torch.bincount(row, minlength=passes).tolist() == per_pass
+    if order == "spread":                  # the k-th block of the spread order is decided in pass k
+        expect = torch.empty(n_new, dtype=torch.long)
+        for k, (a, b) in enumerate(zip([0] + sizes, sizes)):
+            expect[spread_order(n_new)[a:b]] = k
+        assert (decided == expect).all()
+
+
+def test_decided_pass_reads_the_inputs():
+    """Three passes over 4 new positions after 1 known code (mask id 9): position 0 final from
+    the first pass's output, positions 2, 3 from the second, position 1 last."""
+    m = 9
+    calls = [torch.tensor([[5, m, m, m, m]]), torch.tensor([[5, 1, m, m, m]]), torch.tensor([[5, 1, m, 2, 3]])]
+    assert decided_pass(calls, m, known=1, n_new=4).tolist() == [[0, 2, 1, 1]]
+    nll = torch.tensor([[1.0, 3.0, 5.0, 7.0]])
+    assert _per_pass(nll, torch.tensor([[0, 2, 1, 1]])) == {"first": 1.0, "middle": 6.0, "last": 3.0}
