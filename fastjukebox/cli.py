@@ -27,16 +27,26 @@ def _kind_of(path: Path, hps) -> str:
 
 
 def cmd_convert(args) -> int:
-    """SRC -> DST between the original ``.pth.tar`` layout and our directories.
+    """SRC -> DST between the original ``.pth.tar`` layout, Hugging Face ``JukeboxModel``
+    directories and our directories.
 
-    * file -> directory: one component;  * release directory -> bundle directory;
-    * component directory -> ``.pth.tar``: back to the original layout.
+    * file -> directory: one component;  * release or Hugging Face directory -> bundle directory;
+    * component directory -> ``.pth.tar``: back to the original layout;
+    * any model directory with ``--to hf`` -> a directory transformers' ``JukeboxModel`` loads.
     """
     from .bundle import load
     from .checkpoint import load_component, save_component, save_original
+    from .hf_checkpoint import is_hf_directory
     src, dst = Path(args.src), Path(args.dst)
     dtype = parse_dtype(args.dtype)
-    if src.is_dir() and not (src / "config.json").exists():
+    if args.to == "hf":
+        jb = load(src)
+        if dtype is not None:
+            jb.to(dtype)
+        jb.save_hf(dst)
+        print(f"wrote Hugging Face JukeboxModel directory {dst}")
+        return 0
+    if src.is_dir() and (is_hf_directory(src) or not (src / "config.json").exists()):
         load(src).save(dst, dtype)
         print(f"wrote bundle {dst}")
         return 0
@@ -81,7 +91,8 @@ def cmd_info(args) -> int:
             models = [VQVAE.from_preset(target) if target == "vqvae" else Prior.from_preset(target)]
     else:
         p = Path(target)
-        if p.is_dir() and not (p / "config.json").exists() or not p.exists():
+        from .hf_checkpoint import is_hf_directory
+        if p.is_dir() and (not (p / "config.json").exists() or is_hf_directory(p)) or not p.exists():
             jb = load(target)
             models = [jb.vqvae] + [jb.prior(l) for l in reversed(jb.levels)]
             if jb.sampling_defaults.overrides:
@@ -98,11 +109,14 @@ def cmd_info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fastjukebox", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("convert", help="convert between original .pth.tar files and fastjukebox directories")
+    c = sub.add_parser("convert", help="convert between original .pth.tar files, Hugging Face JukeboxModel "
+                                       "directories and fastjukebox directories")
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--hps", help="preset name or hyperparameter JSON (when the checkpoint has none)")
     c.add_argument("--dtype", choices=sorted(DTYPES), help="store weights in this dtype")
+    c.add_argument("--to", choices=("fastjukebox", "hf"), default="fastjukebox",
+                   help="hf: write a Hugging Face JukeboxModel directory (transformers 4.40) from a model directory")
     c.set_defaults(func=cmd_convert)
     i = sub.add_parser("info", help="architecture, parameters and KV-cache size of a model or preset")
     i.add_argument("model", help="preset name (e.g. prior_5b), component, model directory or 'demo'")
