@@ -108,7 +108,8 @@ class Jukebox(nn.Module):
             "parallel" (distilled students for the upsamplers), "speculative" (the exact
             distribution, drafted by the students) or {level: name}), passes (parallel decoding
             passes per window; default: each student's own, from its sampling.json), gamma
-            (positions the teacher verifies per call, "speculative"), progress.
+            (positions the teacher verifies per call, "speculative"), progress, sample_seeds (one
+            seed per sample: each sample is drawn from its own generator, see ``sample_seeds``).
         Returns a ``SampleResult`` (codes per level, level 0 first; audio (N, T) in [-1, 1]).
         """
         from .generate import run, seconds_to_length
