@@ -126,9 +126,12 @@ def test_cli_convert_both_ways(tiny, hf_dir, tmp_path, capsys):
 
 
 def _hub_style(config: dict) -> dict:
-    """What a hub snapshot looks like: no fastjukebox entry, shared fields at the top level (the
-    port copies them into every prior), and values that differ from the original's."""
+    """A config as the port writes it: no fastjukebox entry, the VQ-VAE's config saved as its
+    difference from the port's defaults, and top-level values that differ from the original's
+    (the port's default min_duration of 0, its default genre count)."""
+    from fastjukebox.hf_checkpoint import HF_VQVAE_DEFAULTS
     d = {k: v for k, v in config.items() if k != "fastjukebox"}
+    d["vqvae_config"] = {k: v for k, v in d["vqvae_config"].items() if HF_VQVAE_DEFAULTS.get(k) != v}
     d.update(min_duration=0, max_nb_genres=5)
     return d
 
@@ -143,6 +146,17 @@ def test_released_architectures_are_built_from_the_presets_and_differences_are_n
     (note,) = [n for n in notes if "level-2" in n]
     assert "prior_1b_lyrics" in note and "min_duration 0.0 (released: 17.84)" in note
     assert "max_bow_genre_size 5 (released: 1)" in note
+
+
+def test_the_top_level_fields_override_the_priors_as_in_the_port(hf_dir, tmp_path):
+    def edit(d):
+        del d["fastjukebox"]
+        d.update(max_nb_genres=2, sampling_rate=22050)
+        for p in d["prior_config_list"]:
+            p.update(max_nb_genres=9, sampling_rate=16000)
+    jb = load(_edit_config(hf_dir, tmp_path, edit))
+    assert jb.sr == 22050
+    assert all(jb.prior(l).config.max_bow_genre_size == 2 and jb.prior(l).config.sr == 22050 for l in jb.levels)
 
 
 def test_hub_style_directory_loads_with_notes(tiny, hf_dir, tmp_path):
