@@ -182,3 +182,17 @@ def test_round_trip_through_the_port_is_bit_identical(pair, tmp_path):
         assert a.keys() == b.keys(), name
         for k in a:
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), f"{name}: {k}"
+
+
+def test_bundled_family_through_the_port_keeps_its_configs(tmp_path):
+    """A family whose configs the port's fields cannot all carry (here the conditioners' key
+    layout, cond_c_res) comes back the same: the port keeps our own entry in config.json."""
+    tiny = load("tiny")
+    tiny.save_hf(tmp_path / "to_port")
+    JukeboxModel.from_pretrained(tmp_path / "to_port").save_pretrained(tmp_path / "from_port",
+                                                                         safe_serialization=False)
+    back = load(tmp_path / "from_port")
+    for level in tiny.levels:
+        assert back.prior(level).config == tiny.prior(level).config
+        a, b = tiny.prior(level).state_dict(), back.prior(level).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
