@@ -97,6 +97,8 @@ class ARWindowSampler:
     ``(known (N, K), n_new, upper, labels, *, temperature, top_k, top_p, chunk_size, generator,
     on_progress) -> (N, K + n_new)`` codes."""
 
+    per_sample_generators = True   # takes SampleGenerators: one generator per row
+
     def __init__(self, prior: Prior, batch: int, device=None):
         self.decoder = WindowDecoder(prior, batch, device=device)
 
@@ -147,7 +149,8 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
         sample_seeds: one seed per sample (``sample_seeds.sample_seed``): each sample draws from its
             own generator, so its codes do not depend on the other samples of the batch (``seed`` is
             then unused). ``"ar"`` levels still decode the batch together; other window samplers
-            take the samples one at a time.
+            take the samples one at a time unless they take ``SampleGenerators``
+            (``per_sample_generators``).
     Returns:
         codes per level, level 0 first (levels not sampled are returned as given, or None).
     """
@@ -230,10 +233,11 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
 
 def _row_groups(sl: slice, n: int, fill, rows: SampleGenerators | None, knobs: dict):
     """(rows, knobs) of the calls that decode batch slice ``sl``: the slice at once with the run's
-    generator or the rows' own (``ARWindowSampler``), else row by row with each row's generator."""
+    generator or the rows' own (window samplers with ``per_sample_generators``), else row by row
+    with each row's generator."""
     if rows is None:
         return [(sl, knobs)]
-    if isinstance(fill, ARWindowSampler):
+    if getattr(fill, "per_sample_generators", False):
         return [(sl, dict(knobs, generator=rows[sl]))]
     return [(slice(r, r + 1), dict(knobs, generator=rows.generators[r])) for r in range(*sl.indices(n))]
 

@@ -60,6 +60,9 @@ def test_per_sample_seeds_do_not_depend_on_the_batch():
     assert not torch.equal(together.codes[2][0], together.codes[2][1])
     # sample 0 is seeded with the run's seed: a one-sample run draws what it always drew
     assert torch.equal(jb.sample(n_samples=1, seed=9, **kw).codes[2], alone[0].codes[2])
+    # the device-position step takes the same per-sample generators, batched
+    graph = jb.sample(n_samples=3, sample_seeds=[sample_seed(9, i) for i in range(3)], sampler="ar-graph", **kw)
+    assert torch.equal(graph.codes[2], together.codes[2])
 
 
 def test_two_processes_sample_and_continue_as_one(tmp_path):
