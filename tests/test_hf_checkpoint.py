@@ -136,16 +136,20 @@ def _hub_style(config: dict) -> dict:
     return d
 
 
-def test_released_architectures_are_built_from_the_presets_and_differences_are_named():
-    vq, top = PRESETS["vqvae"], PRESETS["prior_1b_lyrics"]
-    priors = {0: PRESETS["upsampler_level_0"], 1: PRESETS["upsampler_level_1"], 2: top}
+@pytest.mark.parametrize("top", ["prior_5b", "prior_5b_lyrics", "prior_1b_lyrics"])
+def test_released_architectures_are_built_from_the_presets_and_differences_are_named(top):
+    vq = PRESETS["vqvae"]
+    priors = {0: PRESETS["upsampler_level_0"], 1: PRESETS["upsampler_level_1"], 2: PRESETS[top]}
     config, notes = hf_config(vq, priors)
-    assert any("genre count" in n for n in notes)   # the port gives the upsamplers the top's count
+    # the port gives the upsamplers the top prior's genre count (1b_lyrics: 1, the upsamplers: 5)
+    assert any("genre count" in n for n in notes) == (top == "prior_1b_lyrics")
     got_vq, got, notes = configs_from_hf(_hub_style(config))
     assert got_vq == vq and got == priors
     (note,) = [n for n in notes if "level-2" in n]
-    assert "prior_1b_lyrics" in note and "min_duration 0.0 (released: 17.84)" in note
-    assert "max_bow_genre_size 5 (released: 1)" in note
+    released = PRESETS[top]
+    assert top in note and f"min_duration 0.0 (released: {released.min_duration})" in note
+    if released.max_bow_genre_size != 5:
+        assert f"max_bow_genre_size 5 (released: {released.max_bow_genre_size})" in note
 
 
 def test_the_top_level_fields_override_the_priors_as_in_the_port(hf_dir, tmp_path):
