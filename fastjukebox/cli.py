@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +28,24 @@ def _kind_of(path: Path, hps) -> str:
     return "vqvae" if path.name.startswith("vqvae") else "prior"
 
 
+@contextlib.contextmanager
+def _notes_printed():
+    """``ConfigNote`` warnings (hyperparameters taken from elsewhere than a model's own config)
+    as plain ``note:`` lines on stderr."""
+    from .bundle import ConfigNote
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConfigNote)
+            yield
+    finally:   # after the recording: other warnings go where they would have gone
+        for w in caught:
+            if issubclass(w.category, ConfigNote):
+                print(f"note: {w.message}", file=sys.stderr)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def cmd_convert(args) -> int:
     """SRC -> DST between the original ``.pth.tar`` layout, Hugging Face ``JukeboxModel``
     directories and our directories.
@@ -40,14 +60,17 @@ def cmd_convert(args) -> int:
     src, dst = Path(args.src), Path(args.dst)
     dtype = parse_dtype(args.dtype)
     if args.to == "hf":
-        jb = load(src)
-        if dtype is not None:
-            jb.to(dtype)
-        jb.save_hf(dst)
+        with _notes_printed():
+            jb = load(src)
+            if dtype is not None:
+                jb.to(dtype)
+            jb.save_hf(dst)
         print(f"wrote Hugging Face JukeboxModel directory {dst}")
         return 0
     if src.is_dir() and (is_hf_directory(src) or not (src / "config.json").exists()):
-        load(src).save(dst, dtype)
+        with _notes_printed():
+            jb = load(src)
+        jb.save(dst, dtype)
         print(f"wrote bundle {dst}")
         return 0
     kind = _kind_of(src, args.hps)
@@ -93,7 +116,8 @@ def cmd_info(args) -> int:
         p = Path(target)
         from .hf_checkpoint import is_hf_directory
         if p.is_dir() and (not (p / "config.json").exists() or is_hf_directory(p)) or not p.exists():
-            jb = load(target)
+            with _notes_printed():
+                jb = load(target)
             models = [jb.vqvae] + [jb.prior(l) for l in reversed(jb.levels)]
             if jb.sampling_defaults.overrides:
                 notes.append(f"recommended sampling settings (sampling.json): {json.dumps(jb.sampling_defaults.to_json())}")

@@ -163,7 +163,7 @@ def test_the_top_level_fields_override_the_priors_as_in_the_port(hf_dir, tmp_pat
     assert all(jb.prior(l).config.max_bow_genre_size == 2 and jb.prior(l).config.sr == 22050 for l in jb.levels)
 
 
-def test_hub_style_directory_loads_with_notes(tiny, hf_dir, tmp_path):
+def test_hub_style_directory_loads_with_notes(tiny, hf_dir, tmp_path, capsys):
     out = _copy(hf_dir, tmp_path / "hub")
     d = json.loads((out / "config.json").read_text())
     del d["fastjukebox"]
@@ -173,6 +173,9 @@ def test_hub_style_directory_loads_with_notes(tiny, hf_dir, tmp_path):
     with pytest.warns(ConfigNote, match="mask is false"):
         jb = load(out)
     assert all(torch.equal(jb.prior(l).prior.x_emb.weight, tiny.prior(l).prior.x_emb.weight) for l in tiny.levels)
+    assert main(["convert", str(out), str(tmp_path / "ours")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note: ") == 3 and "mask is false" in err
 
 
 # --- named errors ---------------------------------------------------------------------------------
