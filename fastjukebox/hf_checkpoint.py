@@ -489,7 +489,7 @@ def read_hf_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{index_file}: not a readable shard index ({type(e).__name__}: {e})") from None
     sd: dict[str, torch.Tensor] = {}
     for fname in files:
-        if Path(fname).name != fname:
+        if not isinstance(fname, str) or Path(fname).name != fname:
             raise CheckpointError(f"{index_file}: shard name {fname!r} is not a file in the directory")
         shard = _read_file(directory / fname)
         listed = {k for k, f in weight_map.items() if f == fname}
