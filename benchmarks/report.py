@@ -209,15 +209,11 @@ def summarise(results: list[dict], passes) -> tuple[list[dict], list[dict]]:
     return summary, speedups
 
 
-def peer_status() -> list[dict]:
-    """The optional Hugging Face transformers Jukebox port (extra ``peers``)."""
-    try:
-        import transformers
-    except ImportError:
-        return [{"peer": "transformers", "status": "skipped",
-                 "reason": "transformers is not installed (pip install -e '.[peers]')"}]
-    return [{"peer": "transformers", "version": transformers.__version__, "status": "skipped",
-             "reason": "conversion of fastjukebox weights to the transformers Jukebox key names is not implemented"}]
+def peer_status(args) -> list[dict]:
+    """The optional Hugging Face transformers Jukebox port (extra ``peers``): measured against
+    ours on the report's model family (``benchmarks.transformers_peer``)."""
+    from .transformers_peer import peer_rows
+    return peer_rows(args.model or ("tiny" if args.quick else "demo"), args.batches, args.ar_tokens, args.rounds)
 
 
 def _jsonable(r: dict) -> dict:
@@ -322,7 +318,7 @@ def main(argv=None) -> int:
                                           "parameters": sum(x.numel() for x in p.parameters()),
                                           "geometry": asdict(geometry(p.config, s.vqvae.hop_lengths[l]))}
                                  for l, p in sorted(s.priors.items(), reverse=True)}} for s in subjects],
-        "results": results, "summary": summary, "speedups": speedups, "peers": peer_status(),
+        "results": results, "summary": summary, "speedups": speedups, "peers": peer_status(args),
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     paths = {ext: args.out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png")}

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .transformers_peer import describe
+
 __all__ = ["markdown", "plot", "sampler_label"]
 
 LABELS = {"original_style": "(b) original-style loop", "ours": "ours (static cache)"}
@@ -110,7 +112,7 @@ def markdown(report: dict, png_name: str) -> str:
     if src.get("library_modified"):
         source += " with uncommitted changes"
     hw = m.get("gpu") or m["cpu"]
-    peers = "\n".join(f"- {p['peer']}: {p['status']} ({p['reason']})" for p in report["peers"])
+    peers = "\n".join(f"- {describe(p)}" for p in report["peers"])
     sections = "\n".join(_subject_section(report, s) for s in report["subjects"])
     return f"""# Speed report: {st['device']}{' (quick run)' if st['quick'] else ''}
 

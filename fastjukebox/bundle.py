@@ -4,7 +4,9 @@ Directory layouts understood by ``load``:
 
 * ours: ``vqvae/`` and ``prior_level_{0,1,2}/`` component directories (``config.json`` +
   ``model.safetensors``);
-* the original release: ``vqvae.pth.tar`` and ``prior_level_{0,1,2}.pth.tar``.
+* the original release: ``vqvae.pth.tar`` and ``prior_level_{0,1,2}.pth.tar``;
+* a Hugging Face ``JukeboxModel`` directory (``config.json`` of ``model_type: "jukebox"``; see
+  :mod:`.hf_checkpoint`), read without transformers.
 
 Missing prior levels are allowed (e.g. upsamplers only); the VQ-VAE is required. Distilled
 parallel upsamplers (``distill``) are found beside the priors as ``student_level_{0,1}/``, and
@@ -13,6 +15,7 @@ the family's recommended sampling settings in ``sampling.json`` (:mod:`.sampling
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,6 +27,10 @@ from .sampling_defaults import SamplingDefaults
 from .vqvae import VQVAE
 
 ASSETS = Path(__file__).parent / "assets"
+
+
+class ConfigNote(UserWarning):
+    """A hyperparameter of a loaded model taken from elsewhere than its own config, with why."""
 
 
 class Jukebox(nn.Module):
@@ -101,7 +108,8 @@ class Jukebox(nn.Module):
             "parallel" (distilled students for the upsamplers), "speculative" (the exact
             distribution, drafted by the students) or {level: name}), passes (parallel decoding
             passes per window; default: each student's own, from its sampling.json), gamma
-            (positions the teacher verifies per call, "speculative"), progress.
+            (positions the teacher verifies per call, "speculative"), progress, sample_seeds (one
+            seed per sample: each sample is drawn from its own generator, see ``sample_seeds``).
         Returns a ``SampleResult`` (codes per level, level 0 first; audio (N, T) in [-1, 1]).
         """
         from .generate import run, seconds_to_length
@@ -166,6 +174,15 @@ class Jukebox(nn.Module):
         self.sampling_defaults.save(directory)
         return directory
 
+    def save_hf(self, directory: str | os.PathLike, **kwargs) -> Path:
+        """Write a Hugging Face ``JukeboxModel`` directory (see ``hf_checkpoint.write_hf``); what
+        the port cannot keep is warned about as a ``ConfigNote``."""
+        from .hf_checkpoint import write_hf
+        out, notes = write_hf(self.vqvae, {level: self.prior(level) for level in self.levels}, directory, **kwargs)
+        for note in notes:
+            warnings.warn(note, ConfigNote, stacklevel=2)
+        return out
+
 
 def _component(directory: Path, name: str) -> Path | None:
     for candidate in (directory / name, directory / f"{name}.pth.tar"):
@@ -184,6 +201,12 @@ def load(path_or_name: str | os.PathLike = "demo", *, dtype: torch.dtype | None 
         bundled = sorted(p.name for p in ASSETS.glob("*") if p.is_dir())
         raise CheckpointError(f"{path_or_name!r} is not a model directory"
                               + (f" or a bundled model ({', '.join(bundled)})" if bundled else ""))
+    from .hf_checkpoint import is_hf_directory, read_hf
+    if is_hf_directory(path):
+        vqvae, priors, notes = read_hf(path, dtype=dtype, device=device)
+        for note in notes:
+            warnings.warn(note, ConfigNote, stacklevel=2)
+        return Jukebox(vqvae, priors)
     vq_path = _component(path, "vqvae")
     if vq_path is None:
         raise CheckpointError(f"{path}: no vqvae/ or vqvae.pth.tar")

@@ -80,7 +80,8 @@ def _model_class(kind: str):
     return VQVAE if kind == "vqvae" else Prior
 
 
-def _meta_model(kind: str, config):
+def meta_model(kind: str, config):
+    """The model of ``config`` on the meta device (its keys and shapes, no memory)."""
     with torch.device("meta"):
         return _model_class(kind)(config)
 
@@ -109,7 +110,7 @@ def infer_preset(sd: dict[str, torch.Tensor], kind: str) -> str | None:
     for name, cfg in PRESETS.items():
         if isinstance(cfg, VQVAEConfig) != (kind == "vqvae"):
             continue
-        expected = _meta_model(kind, cfg).state_dict()
+        expected = meta_model(kind, cfg).state_dict()
         if expected.keys() == sd.keys() and all(tuple(expected[k].shape) == tuple(sd[k].shape) for k in sd):
             return name
     return None
@@ -140,8 +141,10 @@ def _config_for_original(sd, hps_arg, stored_hps, kind: str, source: str):
     return cfg
 
 
-def _assign(model_cfg, kind: str, sd: dict[str, torch.Tensor], source: str, dtype, device):
-    meta = _meta_model(kind, model_cfg)
+def assign_weights(model_cfg, kind: str, sd: dict[str, torch.Tensor], source: str, dtype, device):
+    """A model of ``model_cfg`` holding the state dict ``sd`` (checked key by key and shape by
+    shape first; a tied ``prior.x_out.weight`` may be absent)."""
+    meta = meta_model(kind, model_cfg)
     expected = meta.state_dict()
     tied = kind == "prior" and meta.prior.tied
     if tied and "prior.x_out.weight" not in sd and "prior.x_emb.weight" in sd:
@@ -165,13 +168,13 @@ def load_component(path, kind: str, hps=None, *, dtype: torch.dtype | None = Non
     path = Path(path)
     if _is_ours(path):
         cfg = read_config(path, kind) if hps is None else resolve_config(hps, kind)
-        return _assign(cfg, kind, read_weights(path), str(path), dtype, device)
+        return assign_weights(cfg, kind, read_weights(path), str(path), dtype, device)
     if path.is_dir():
         raise CheckpointError(f"{path}: a directory without {CONFIG_NAME}; expected one of our component "
                               f"directories or an original .pth.tar file")
     sd, stored = read_original(path)
     cfg = _config_for_original(sd, hps, stored, kind, str(path))
-    return _assign(cfg, kind, sd, str(path), dtype, device)
+    return assign_weights(cfg, kind, sd, str(path), dtype, device)
 
 
 def load_vqvae(path, hps=None, *, dtype: torch.dtype | None = None,

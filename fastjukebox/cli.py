@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,18 +28,49 @@ def _kind_of(path: Path, hps) -> str:
     return "vqvae" if path.name.startswith("vqvae") else "prior"
 
 
-def cmd_convert(args) -> int:
-    """SRC -> DST between the original ``.pth.tar`` layout and our directories.
+@contextlib.contextmanager
+def _notes_printed():
+    """``ConfigNote`` warnings (hyperparameters taken from elsewhere than a model's own config)
+    as plain ``note:`` lines on stderr."""
+    from .bundle import ConfigNote
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConfigNote)
+            yield
+    finally:   # after the recording: other warnings go where they would have gone
+        for w in caught:
+            if issubclass(w.category, ConfigNote):
+                print(f"note: {w.message}", file=sys.stderr)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
-    * file -> directory: one component;  * release directory -> bundle directory;
-    * component directory -> ``.pth.tar``: back to the original layout.
+
+def cmd_convert(args) -> int:
+    """SRC -> DST between the original ``.pth.tar`` layout, Hugging Face ``JukeboxModel``
+    directories and our directories.
+
+    * file -> directory: one component;  * release or Hugging Face directory -> bundle directory;
+    * component directory -> ``.pth.tar``: back to the original layout;
+    * any model directory with ``--to hf`` -> a directory transformers' ``JukeboxModel`` loads.
     """
     from .bundle import load
     from .checkpoint import load_component, save_component, save_original
+    from .hf_checkpoint import is_hf_directory
     src, dst = Path(args.src), Path(args.dst)
     dtype = parse_dtype(args.dtype)
-    if src.is_dir() and not (src / "config.json").exists():
-        load(src).save(dst, dtype)
+    if args.to == "hf":
+        with _notes_printed():
+            jb = load(src)
+            if dtype is not None:
+                jb.to(dtype)
+            jb.save_hf(dst)
+        print(f"wrote Hugging Face JukeboxModel directory {dst}")
+        return 0
+    if src.is_dir() and (is_hf_directory(src) or not (src / "config.json").exists()):
+        with _notes_printed():
+            jb = load(src)
+        jb.save(dst, dtype)
         print(f"wrote bundle {dst}")
         return 0
     kind = _kind_of(src, args.hps)
@@ -81,8 +114,10 @@ def cmd_info(args) -> int:
             models = [VQVAE.from_preset(target) if target == "vqvae" else Prior.from_preset(target)]
     else:
         p = Path(target)
-        if p.is_dir() and not (p / "config.json").exists() or not p.exists():
-            jb = load(target)
+        from .hf_checkpoint import is_hf_directory
+        if p.is_dir() and (not (p / "config.json").exists() or is_hf_directory(p)) or not p.exists():
+            with _notes_printed():
+                jb = load(target)
             models = [jb.vqvae] + [jb.prior(l) for l in reversed(jb.levels)]
             if jb.sampling_defaults.overrides:
                 notes.append(f"recommended sampling settings (sampling.json): {json.dumps(jb.sampling_defaults.to_json())}")
@@ -98,11 +133,14 @@ def cmd_info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fastjukebox", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("convert", help="convert between original .pth.tar files and fastjukebox directories")
+    c = sub.add_parser("convert", help="convert between original .pth.tar files, Hugging Face JukeboxModel "
+                                       "directories and fastjukebox directories")
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--hps", help="preset name or hyperparameter JSON (when the checkpoint has none)")
     c.add_argument("--dtype", choices=sorted(DTYPES), help="store weights in this dtype")
+    c.add_argument("--to", choices=("fastjukebox", "hf"), default="fastjukebox",
+                   help="hf: write a Hugging Face JukeboxModel directory (transformers 4.40) from a model directory")
     c.set_defaults(func=cmd_convert)
     i = sub.add_parser("info", help="architecture, parameters and KV-cache size of a model or preset")
     i.add_argument("model", help="preset name (e.g. prior_5b), component, model directory or 'demo'")

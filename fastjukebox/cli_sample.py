@@ -15,6 +15,11 @@ a file (``--codes``); the labels they use default to those stored in it (artist,
 files, total and offset seconds), and options given on the command line take precedence. A demo
 excerpt's labels come from its manifest the same way. ``--plot`` also writes ``OUT.png``: the
 spectrograms of the input (where there is one) and of the output.
+
+Sample ``i`` of a run draws from its own generator, seeded from ``--seed`` and ``i``
+(``sample_seeds``), so ``sample``, ``upsample`` and ``continue`` give the same codes whether
+``accelerate launch -m fastjukebox ...`` splits the samples over several processes or one process
+samples them all (``cli_processes``).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import json
 import os
 import re
 import secrets
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +38,7 @@ import torch
 
 from .atomic import atomic_path
 from .cli_options import DTYPES, parse_dtype
+from .cli_processes import Processes, current
 from .sampling_defaults import complete_levels
 
 CODES_KEY = "codes_level{}"
@@ -210,17 +217,19 @@ def _check_out(out: str) -> Path:
     return path
 
 
-def _device(name: str | None) -> str:
+def _device(name: str | None, procs: Processes | None = None) -> str:
     if name is None:
+        if procs is not None and procs.device is not None:
+            return str(procs.device)
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
     return name
 
 
-def _load_model(args):
+def _load_model(args, procs: Processes | None = None):
     from .bundle import load
-    return load(args.model, dtype=parse_dtype(args.dtype), device=_device(args.device))
+    return load(args.model, dtype=parse_dtype(args.dtype), device=_device(args.device, procs))
 
 
 def _label_settings(args, stored: dict | None = None) -> dict:
@@ -267,15 +276,20 @@ def _label_kw(labels: dict) -> dict:
                 offset_seconds=labels["offset_seconds"] or 0.0, ids=_ids(labels))
 
 
-def _sampling_kw(args, jb) -> dict:
+def _agreed_seed(args, procs: Processes) -> int:
+    """``--seed``, else a random one; the main process's in every process."""
+    return procs.agree(args.seed if args.seed is not None else secrets.randbelow(2**31))
+
+
+def _sampling_kw(args, jb, seed: int, rows: range) -> dict:
     """Sampling keyword arguments, resolved so the run's settings record what was used: the
     options given, the model's recommended settings (``sampling.json``) for the knobs and levels
-    left out."""
+    left out; ``rows``: the run's samples this process draws (each from its own seed)."""
+    from .sample_seeds import sample_seed
     kw = jb.sampling_defaults.fill({k: getattr(args, k) for k in _FAMILY_KNOBS})
     kw["chunk_size"] = complete_levels(args.chunk_size, _CHUNK_SIZE, jb.vqvae.config.levels, "--chunk-size")
     kw.update(sampler=args.sampler, passes=args.passes, gamma=args.gamma, max_batch_size=args.max_batch_size,
-              seed=args.seed if args.seed is not None else secrets.randbelow(2**31),
-              progress=not args.quiet)
+              seed=seed, sample_seeds=[sample_seed(seed, i) for i in rows], progress=not args.quiet)
     return kw
 
 
@@ -302,18 +316,20 @@ def _plot(args, result, source: tuple[str, torch.Tensor] | None) -> Path:
     return spectrogram_figure(rows, Path(args.out).with_suffix(".png"), result.sr)
 
 
+def _write_codes_file(args, jb, codes, sr: int, settings: dict) -> Path:
+    top = max(l for l, z in enumerate(codes) if z is not None)
+    settings = dict(settings, sr=sr, seconds=codes[top].shape[1] * jb.vqvae.hop_lengths[top] / sr,
+                    n_samples=int(codes[top].shape[0]),
+                    levels_present=[l for l, z in enumerate(codes) if z is not None])
+    return write_codes(Path(args.out).with_suffix(".npz"), codes, _jsonable(settings))
+
+
 def _write(args, jb, result, settings: dict, source: tuple[str, torch.Tensor] | None = None) -> int:
     """Audio, codes file and (``--plot``) spectrograms; ``source``: (title, audio) of the input."""
     from .audio import save_audio
-    out = Path(args.out)
-    paths = save_audio(out, result.audio.float().cpu(), result.sr)
+    paths = save_audio(Path(args.out), result.audio.float().cpu(), result.sr)
     paths = paths if isinstance(paths, list) else [paths]
-    top = max(l for l, z in enumerate(result.codes) if z is not None)
-    settings = dict(settings, sr=result.sr,
-                    seconds=result.codes[top].shape[1] * jb.vqvae.hop_lengths[top] / result.sr,
-                    n_samples=int(result.audio.shape[0]),
-                    levels_present=[l for l, z in enumerate(result.codes) if z is not None])
-    npz = write_codes(out.with_suffix(".npz"), result.codes, _jsonable(settings))
+    npz = _write_codes_file(args, jb, result.codes, result.sr, settings)
     for p in paths:
         print(p)
     print(npz)
@@ -322,10 +338,61 @@ def _write(args, jb, result, settings: dict, source: tuple[str, torch.Tensor] | 
     return 0
 
 
+def _write_rows(args, result, rows: range, n: int) -> list[Path]:
+    """This process's samples of a run of ``n``, under the names a one-process run gives them."""
+    from .audio import save_audio
+    out = Path(args.out)
+    audio = result.audio.float().cpu()
+    return [save_audio(out if n == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}"), audio[j], result.sr)
+            for j, i in enumerate(rows)]
+
+
+def _run_share(args, procs: Processes, n: int, body) -> int:
+    """Sample this process's share of the run's ``n`` samples with ``body(rows) -> (jb, result
+    or None, settings, source)`` and write the outputs (module docstring); one process: ``_write``."""
+    rows = procs.share(n)
+    if procs.world == 1:
+        jb, result, settings, source = body(rows)
+        return _write(args, jb, result, settings, source)
+    prog = f"fastjukebox {args.command}"
+    failure = codes = None
+    try:
+        jb, result, settings, source = body(rows)
+        if result is not None:
+            for p in _write_rows(args, result, rows, n):
+                print(p)
+            codes = [None if z is None else z.cpu().numpy() for z in result.codes]
+    except Exception as exc:   # every process must reach the gather below, failed or not
+        failure = f"{procs.describe(rows)} failed: {exc if isinstance(exc, ValueError) else repr(exc)}"
+        print(f"{prog}: error: {failure}", file=sys.stderr, flush=True)
+    parts = procs.gather((failure, codes))
+    failed = [f for f, _ in parts if f is not None]
+    if failed:
+        if procs.is_main:
+            print(f"{prog}: error: {len(failed)} of {procs.world} processes failed; no codes file written",
+                  file=sys.stderr, flush=True)
+        return 1
+    if not procs.is_main:
+        return 0
+    shares = [c for _, c in parts if c is not None]
+    combined = [None if shares[0][l] is None else np.concatenate([c[l] for c in shares])
+                for l in range(len(shares[0]))]
+    print(_write_codes_file(args, jb, combined, result.sr, dict(settings, processes=procs.world)))
+    if getattr(args, "plot", False):
+        print(_plot(args, result, source))
+    return 0
+
+
+def _rows(codes) -> int:
+    """Samples in a codes file's arrays (``read_codes`` checked that the levels agree)."""
+    return next(z.shape[0] for z in codes if z is not None)
+
+
 def _run_settings(command: str, args, labels: dict, sampling: dict) -> dict:
     s = {"command": command, "model": str(args.model)}
     s.update(labels)
-    s.update({k: v for k, v in sampling.items() if k != "progress"})
+    s.update({k: v for k, v in sampling.items() if k not in ("progress", "sample_seeds")})
+    s["per_sample_seeds"] = True
     return s
 
 
@@ -337,20 +404,26 @@ def cmd_sample(args) -> int:
     _check_out(args.out)
     _check_plot(args)
     labels = _label_settings(args)
-    prompt = None
+    from .audio import load_audio
     if args.prompt is not None:
-        from .audio import load_audio
         load_audio(args.prompt, duration=0.01)  # fail early, before loading the model
-    jb = _load_model(args)
-    if args.prompt is not None:
-        prompt = load_audio(args.prompt, sr=jb.sr, duration=args.seconds)
-    sampling = _sampling_kw(args, jb)
-    with torch.inference_mode():
-        result = jb.sample(seconds=args.seconds, n_samples=args.n_samples, levels=args.levels, prompt=prompt,
-                           **_label_kw(labels), **sampling)
-    settings = _run_settings("sample", args, labels, sampling)
-    settings.update(prompt=args.prompt, sampled_levels=list(args.levels) if args.levels else jb.levels[::-1])
-    return _write(args, jb, result, settings, None if prompt is None else (str(args.prompt), prompt))
+    procs = current()
+    seed = _agreed_seed(args, procs)
+
+    def body(rows):
+        jb = _load_model(args, procs)
+        prompt = None if args.prompt is None else load_audio(args.prompt, sr=jb.sr, duration=args.seconds)
+        sampling = _sampling_kw(args, jb, seed, rows)
+        result = None
+        if rows:
+            with torch.inference_mode():
+                result = jb.sample(seconds=args.seconds, n_samples=len(rows), levels=args.levels, prompt=prompt,
+                                   **_label_kw(labels), **sampling)
+        settings = _run_settings("sample", args, labels, sampling)
+        settings.update(prompt=args.prompt, sampled_levels=list(args.levels) if args.levels else jb.levels[::-1])
+        return jb, result, settings, None if prompt is None else (str(args.prompt), prompt)
+
+    return _run_share(args, procs, args.n_samples, body)
 
 
 def _upsample_audio(args) -> int:
@@ -365,27 +438,35 @@ def _upsample_audio(args) -> int:
                                          "total_seconds": excerpt.piece_seconds,
                                          "offset_seconds": excerpt.offset_seconds}
     labels = _label_settings(args, stored)
-    jb = _load_model(args)
-    if excerpt is None:
-        audio = load_audio(src, sr=jb.sr, duration=args.seconds)
-    else:
-        if jb.sr != 44100:
-            raise ValueError(f"demo excerpts are at 44100 Hz; model '{args.model}' samples at {jb.sr} Hz")
-        audio = excerpt_audio(excerpt)
-        if args.seconds is not None:
-            audio = audio[: int(round(args.seconds * jb.sr))]
-    sampling = _sampling_kw(args, jb)
-    with torch.inference_mode():
-        top = jb.vqvae.encode(jb.vqvae.whole_top_codes(audio, f"'{src}'"), levels=(jb.vqvae.config.levels - 1,))[-1]
-        result = jb.upsample(top, **_label_kw(labels), **sampling)
-    settings = _run_settings("upsample", args, labels, sampling)
-    settings.update(source=src, source_seconds=top.shape[1] * jb.vqvae.hop_lengths[-1] / jb.sr)
-    if excerpt is not None:
-        settings.update(excerpt_piece=excerpt.piece,
-                        score_agreement=excerpt_agreement(result.audio[0].float().cpu().numpy(), excerpt))
-    code = _write(args, jb, result, settings, (src, audio))
-    if excerpt is not None:
-        own, chance = settings["score_agreement"]["own"], settings["score_agreement"]["other_excerpts"]
+    procs = current()
+    seed = _agreed_seed(args, procs)
+    agreement = {}
+
+    def body(rows):
+        jb = _load_model(args, procs)
+        if excerpt is None:
+            audio = load_audio(src, sr=jb.sr, duration=args.seconds)
+        else:
+            if jb.sr != 44100:
+                raise ValueError(f"demo excerpts are at 44100 Hz; model '{args.model}' samples at {jb.sr} Hz")
+            audio = excerpt_audio(excerpt)
+            if args.seconds is not None:
+                audio = audio[: int(round(args.seconds * jb.sr))]
+        sampling = _sampling_kw(args, jb, seed, rows)
+        with torch.inference_mode():
+            top = jb.vqvae.encode(jb.vqvae.whole_top_codes(audio, f"'{src}'"),
+                                  levels=(jb.vqvae.config.levels - 1,))[-1]
+            result = jb.upsample(top, **_label_kw(labels), **sampling) if rows else None
+        settings = _run_settings("upsample", args, labels, sampling)
+        settings.update(source=src, source_seconds=top.shape[1] * jb.vqvae.hop_lengths[-1] / jb.sr)
+        if excerpt is not None and result is not None:
+            agreement.update(excerpt_agreement(result.audio[0].float().cpu().numpy(), excerpt))
+            settings.update(excerpt_piece=excerpt.piece, score_agreement=agreement)
+        return jb, result, settings, (src, audio)
+
+    code = _run_share(args, procs, 1, body)
+    if excerpt is not None and procs.is_main and code == 0:
+        own, chance = agreement["own"], agreement["other_excerpts"]
         print(f"note agreement with {excerpt.piece}'s score: {own:.2f} (with the other excerpts' scores: "
               f"{chance:.2f})")
     return code
@@ -405,18 +486,27 @@ def cmd_upsample(args) -> int:
         raise ValueError("--seconds goes with --from-audio; with --codes the codes file sets the length")
     codes, stored = read_codes(args.codes)
     labels = _label_settings(args, stored)
-    jb = _load_model(args)
-    top = jb.vqvae.config.levels - 1
-    if len(codes) <= top or codes[top] is None:
-        present = [l for l, z in enumerate(codes) if z is not None]
-        raise ValueError(f"codes file '{args.codes}' has no top-level codes ({CODES_KEY.format(top)}); "
-                         f"it has level(s) {', '.join(map(str, present))}")
-    sampling = _sampling_kw(args, jb)
-    with torch.inference_mode():
-        result = jb.upsample(torch.from_numpy(codes[top]), **_label_kw(labels), **sampling)
-    settings = _run_settings("upsample", args, labels, sampling)
-    settings.update(parent=str(args.codes))
-    return _write(args, jb, result, settings)
+    procs = current()
+    seed = _agreed_seed(args, procs)
+
+    def body(rows):
+        jb = _load_model(args, procs)
+        top = jb.vqvae.config.levels - 1
+        if len(codes) <= top or codes[top] is None:
+            present = [l for l, z in enumerate(codes) if z is not None]
+            raise ValueError(f"codes file '{args.codes}' has no top-level codes ({CODES_KEY.format(top)}); "
+                             f"it has level(s) {', '.join(map(str, present))}")
+        sampling = _sampling_kw(args, jb, seed, rows)
+        result = None
+        if rows:
+            with torch.inference_mode():
+                result = jb.upsample(torch.from_numpy(codes[top][rows.start:rows.stop]), **_label_kw(labels),
+                                     **sampling)
+        settings = _run_settings("upsample", args, labels, sampling)
+        settings.update(parent=str(args.codes))
+        return jb, result, settings, None
+
+    return _run_share(args, procs, _rows(codes), body)
 
 
 def cmd_continue(args) -> int:
@@ -424,24 +514,32 @@ def cmd_continue(args) -> int:
     _check_plot(args)
     codes, stored = read_codes(args.codes)
     labels = _label_settings(args, stored)
-    jb = _load_model(args)
-    n = jb.vqvae.config.levels
-    if len(codes) > n:
-        raise ValueError(f"codes file '{args.codes}' has level-{len(codes) - 1} codes; this model has "
-                         f"levels 0..{n - 1}")
-    codes = codes + [None] * (n - len(codes))
-    levels = args.levels
-    if levels is None:
-        levels = tuple(l for l in range(n - 1, -1, -1) if codes[l] is not None and l in jb.levels)
-        if not levels:
-            raise ValueError(f"this model has no prior for the levels in '{args.codes}'")
-    sampling = _sampling_kw(args, jb)
-    with torch.inference_mode():
-        result = jb.continue_([None if z is None else torch.from_numpy(z) for z in codes], seconds=args.seconds,
-                              levels=levels, **_label_kw(labels), **sampling)
-    settings = _run_settings("continue", args, labels, sampling)
-    settings.update(parent=str(args.codes), sampled_levels=list(levels))
-    return _write(args, jb, result, settings)
+    procs = current()
+    seed = _agreed_seed(args, procs)
+
+    def body(rows):
+        jb = _load_model(args, procs)
+        n = jb.vqvae.config.levels
+        if len(codes) > n:
+            raise ValueError(f"codes file '{args.codes}' has level-{len(codes) - 1} codes; this model has "
+                             f"levels 0..{n - 1}")
+        given = codes + [None] * (n - len(codes))
+        levels = args.levels
+        if levels is None:
+            levels = tuple(l for l in range(n - 1, -1, -1) if given[l] is not None and l in jb.levels)
+            if not levels:
+                raise ValueError(f"this model has no prior for the levels in '{args.codes}'")
+        sampling = _sampling_kw(args, jb, seed, rows)
+        result = None
+        if rows:
+            with torch.inference_mode():
+                result = jb.continue_([None if z is None else torch.from_numpy(z[rows.start:rows.stop]) for z in given],
+                                      seconds=args.seconds, levels=levels, **_label_kw(labels), **sampling)
+        settings = _run_settings("continue", args, labels, sampling)
+        settings.update(parent=str(args.codes), sampled_levels=list(levels))
+        return jb, result, settings, None
+
+    return _run_share(args, procs, _rows(codes), body)
 
 
 def cmd_encode(args) -> int:

@@ -54,6 +54,7 @@ from . import attention as _attention
 from .decoding import WindowDecoder
 from .layers import quick_gelu
 from .prior import Prior
+from .sample_seeds import SampleGenerators
 from .sampling import filter_logits, sample_logits
 
 __all__ = ["StaticStepDecoder", "GraphWindowSampler", "cuda_graphs_enabled", "resolve_backend", "GRAPHS_ENV"]
@@ -172,7 +173,7 @@ class StaticStepDecoder:
         return self._views[n]
 
     def bind(self, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
-             generator: torch.Generator | None = None) -> None:
+             generator: torch.Generator | SampleGenerators | None = None) -> None:
         """Take over the decoder's current window (after ``begin``/``prime`` and, at position 0,
         one ``WindowDecoder.step``/``push``): copy its conditioning into the static buffer, its
         position into ``pos``, and fix the sampling knobs."""
@@ -191,8 +192,10 @@ class StaticStepDecoder:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
         if not 0.0 <= top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1], got {top_p}")
-        if generator is not None and torch.device(generator.device).type != self.device.type:
-            raise ValueError(f"the generator is on {generator.device}, the decoder on {self.device}")
+        per_row = generator.generators if isinstance(generator, SampleGenerators) else [generator]
+        for g in per_row:
+            if g is not None and torch.device(g.device).type != self.device.type:
+                raise ValueError(f"the generator is on {g.device}, the decoder on {self.device}")
         n = dec.n
         xc = cond.x_cond
         if xc is not None:
@@ -271,7 +274,11 @@ class StaticStepDecoder:
         return (probs / noise).argmax(dim=-1)
 
     def _draw_noise(self) -> None:
-        exponential_noise_(self._noise[: self.n], self._generator)
+        if isinstance(self._generator, SampleGenerators):   # row i from sample i's generator
+            for i, g in enumerate(self._generator.generators):
+                exponential_noise_(self._noise[i:i + 1], g)
+        else:
+            exponential_noise_(self._noise[: self.n], self._generator)
 
     @torch.no_grad()
     def _body(self) -> None:
@@ -375,6 +382,8 @@ class GraphWindowSampler:
     ``StaticStepDecoder.step`` (a CUDA graph replay on CUDA, eager elsewhere). The decoder is
     allocated for the largest batch seen so far (``batch`` if given)."""
 
+    per_sample_generators = True   # takes SampleGenerators: one generator per row
+
     def __init__(self, prior: Prior, batch: int | None = None, device=None, *, backend: str | None = None,
                  cuda_graphs: bool | None = None):
         self.prior = prior
@@ -391,9 +400,10 @@ class GraphWindowSampler:
             self.fast = StaticStepDecoder(self.decoder, backend=self._backend, cuda_graphs=self._cuda_graphs)
 
     def __call__(self, known, n_new: int, upper=None, labels=None, *, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 0.0, chunk_size: int = 32, generator: torch.Generator | None = None,
+                 top_p: float = 0.0, chunk_size: int = 32, generator: torch.Generator | SampleGenerators | None = None,
                  on_progress: Callable[[int], None] | None = None, report_every: int = 64) -> torch.Tensor:
-        """Prime ``known`` (N, K) codes, sample ``n_new`` more -> (N, K + n_new) codes."""
+        """Prime ``known`` (N, K) codes, sample ``n_new`` more -> (N, K + n_new) codes; ``generator``
+        may be one per sample (``SampleGenerators``)."""
         known = torch.as_tensor(known)
         if known.dim() != 2:
             raise ValueError(f"known codes must be (N, K), got shape {tuple(known.shape)}")

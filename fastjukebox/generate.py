@@ -124,7 +124,7 @@ def _finish(jb, codes, decode_level: int | None) -> SampleResult:
 
 def run(jb, *, codes, levels, labels_kw: dict, sample_length: int, sampler=None, temperature=0.99,
         top_k=0, top_p=0.0, chunk_size=32, hop_fraction=(0.5, 0.5, 0.125), max_batch_size=16, seed=None,
-        progress=True, passes: int | None = None, gamma: int = 8) -> SampleResult:
+        progress=True, passes: int | None = None, gamma: int = 8, sample_seeds=None) -> SampleResult:
     window_samplers = _window_samplers(jb, sampler, levels, passes, gamma)
     top = jb.prior(max(levels)).config
     total = labels_kw.pop("total_length", None)
@@ -136,5 +136,5 @@ def run(jb, *, codes, levels, labels_kw: dict, sample_length: int, sampler=None,
     zs = sample_levels(jb.vqvae, priors, labels, sample_length, codes=codes, levels=levels,
                        hop_fraction=hop_fraction, chunk_size=chunk_size, temperature=temperature,
                        top_k=top_k, top_p=top_p, max_batch_size=max_batch_size, seed=seed, progress=progress,
-                       window_samplers=window_samplers)
+                       window_samplers=window_samplers, sample_seeds=sample_seeds)
     return _finish(jb, zs, min(levels))

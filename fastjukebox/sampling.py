@@ -18,23 +18,28 @@ from .decoding import WindowDecoder
 from .labels import Labels, get_starts, window_labels
 from .prior import Prior
 from .progress import progress_bar
+from .sample_seeds import SampleGenerators
 from .vqvae import VQVAE
 
 PerLevel = float | int | Sequence | Mapping
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | SampleGenerators | None = None) -> torch.Tensor:
     """Categorical draw from ``softmax(filter(logits / temperature))``, (N, V) -> (N,).
 
     Uses ``argmax(p / E)`` with ``E ~ Exp(1)``, an exact categorical sample that needs no host
     round trip (unlike ``torch.multinomial`` on some devices). On CUDA one fused Triton kernel
-    (``kernels.sampling``) does it from the same noise; elsewhere the PyTorch reference."""
+    (``kernels.sampling``) does it from the same noise; elsewhere the PyTorch reference.
+    ``generator``: one for the batch, or ``SampleGenerators`` (row ``i`` drawn from its own)."""
+    noise = None
+    if isinstance(generator, SampleGenerators):
+        noise, generator = generator.exponential_noise(tuple(logits.shape), logits.device), None
     if logits.is_cuda:
         ops = _cuda_sampling()
         if ops is not None and ops.supports(logits):
-            return ops.sample_logits(logits, temperature, top_k, top_p, generator)
-    return sample_logits_reference(logits, temperature, top_k, top_p, generator)
+            return ops.sample_logits(logits, temperature, top_k, top_p, generator, noise=noise)
+    return sample_logits_reference(logits, temperature, top_k, top_p, generator, noise=noise)
 
 
 @lru_cache(maxsize=1)
@@ -92,6 +97,8 @@ class ARWindowSampler:
     ``(known (N, K), n_new, upper, labels, *, temperature, top_k, top_p, chunk_size, generator,
     on_progress) -> (N, K + n_new)`` codes."""
 
+    per_sample_generators = True   # takes SampleGenerators: one generator per row
+
     def __init__(self, prior: Prior, batch: int, device=None):
         self.decoder = WindowDecoder(prior, batch, device=device)
 
@@ -122,7 +129,8 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
                   temperature: PerLevel = 0.99, top_k: PerLevel = 0, top_p: PerLevel = 0.0,
                   max_batch_size: int = 16, seed: int | None = None, progress: bool = True,
                   decoders: dict | None = None,
-                  window_samplers: Mapping[int, Callable[..., torch.Tensor]] | None = None) -> list[torch.Tensor]:
+                  window_samplers: Mapping[int, Callable[..., torch.Tensor]] | None = None,
+                  sample_seeds: Sequence[int] | None = None) -> list[torch.Tensor]:
     """Sample ``levels`` (top first) of ``sample_length`` audio samples.
 
     Args:
@@ -138,6 +146,11 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
         decoders: optional cache of ``ARWindowSampler`` keyed by (level, batch), reused across calls.
         window_samplers: level -> a window sampler to use instead of exact autoregressive
             sampling (e.g. ``distill.sampler.ParallelWindowSampler``; see ``ARWindowSampler``).
+        sample_seeds: one seed per sample (``sample_seeds.sample_seed``): each sample draws from its
+            own generator, so its codes do not depend on the other samples of the batch (``seed`` is
+            then unused). ``"ar"`` levels still decode the batch together; other window samplers
+            take the samples one at a time unless they take ``SampleGenerators``
+            (``per_sample_generators``).
     Returns:
         codes per level, level 0 first (levels not sampled are returned as given, or None).
     """
@@ -150,6 +163,11 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
     device = first.prior.x_emb.weight.device if first is not None else torch.device("cpu")
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else torch.seed())
+    rows = None
+    if sample_seeds is not None:
+        if len(sample_seeds) != n:
+            raise ValueError(f"{len(sample_seeds)} sample seeds for {n} samples")
+        rows = SampleGenerators(sample_seeds, device)
     decoders = {} if decoders is None else decoders
     for level in sorted(levels, reverse=True):
         if level not in priors:
@@ -198,10 +216,11 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
             parts = []
             for i in range(0, n, bs):
                 sl = slice(i, i + bs)
-                parts.append(fill(
-                    z[sl, start:start + known], new,
-                    None if upper is None else upper[sl].to(device), None if y is None else y[sl],
-                    on_progress=lambda k, rows=min(bs, n - i): bar.update(k * rows), **knobs))
+                for part, part_knobs in _row_groups(sl, n, fill, rows, knobs):
+                    parts.append(fill(
+                        z[part, start:start + known], new,
+                        None if upper is None else upper[part].to(device), None if y is None else y[part],
+                        on_progress=lambda k, r=len(range(*part.indices(n))): bar.update(k * r), **part_knobs))
             window = torch.cat(parts, dim=0)
             note = getattr(fill, "progress_note", None)     # e.g. the speculative sampler's acceptance
             if note is not None:
@@ -210,6 +229,17 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
         bar.close()
         zs[level] = z
     return zs
+
+
+def _row_groups(sl: slice, n: int, fill, rows: SampleGenerators | None, knobs: dict):
+    """(rows, knobs) of the calls that decode batch slice ``sl``: the slice at once with the run's
+    generator or the rows' own (window samplers with ``per_sample_generators``), else row by row
+    with each row's generator."""
+    if rows is None:
+        return [(sl, knobs)]
+    if getattr(fill, "per_sample_generators", False):
+        return [(sl, dict(knobs, generator=rows[sl]))]
+    return [(slice(r, r + 1), dict(knobs, generator=rows.generators[r])) for r in range(*sl.indices(n))]
 
 
 def _batch_size(zs, labels, priors) -> int:

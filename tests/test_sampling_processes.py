@@ -1,0 +1,114 @@
+"""Sampling across processes: ``accelerate launch -m fastjukebox sample|upsample|continue`` with
+two CPU processes (gloo) gives the codes of one process, token for token; a failing process names
+itself and no codes file appears."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from fastjukebox.bundle import load
+from fastjukebox.cli import main
+from fastjukebox.cli_processes import share
+from fastjukebox.sample_seeds import sample_seed
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--model", "tiny", "--seconds", "0.1", "-q"]
+
+
+def _codes(path) -> dict[int, np.ndarray]:
+    with np.load(path) as f:
+        return {int(k.removeprefix("codes_level")): f[k] for k in f.files if k.startswith("codes_level")}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp_path, *argv, script: Path | None = None) -> subprocess.CompletedProcess:
+    """Two processes on the CPU (gloo) under accelerate launch."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    target = [str(script)] if script is not None else ["-m", "fastjukebox"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), *target, *map(str, argv)]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_shares_are_contiguous_and_cover_the_run():
+    for n in range(0, 7):
+        for world in (1, 2, 3):
+            parts = [share(n, world, r) for r in range(world)]
+            assert [i for p in parts for i in p] == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_per_sample_seeds_do_not_depend_on_the_batch():
+    jb = load("tiny")
+    kw = dict(seconds=0.1, artist=3, genre=4, levels=(2,), progress=False)
+    together = jb.sample(n_samples=3, sample_seeds=[sample_seed(9, i) for i in range(3)], **kw)
+    alone = [jb.sample(n_samples=1, sample_seeds=[sample_seed(9, i)], **kw) for i in range(3)]
+    assert torch.equal(together.codes[2], torch.cat([a.codes[2] for a in alone]))
+    assert not torch.equal(together.codes[2][0], together.codes[2][1])
+    # sample 0 is seeded with the run's seed: a one-sample run draws what it always drew
+    assert torch.equal(jb.sample(n_samples=1, seed=9, **kw).codes[2], alone[0].codes[2])
+    # the device-position step takes the same per-sample generators, batched
+    graph = jb.sample(n_samples=3, sample_seeds=[sample_seed(9, i) for i in range(3)], sampler="ar-graph", **kw)
+    assert torch.equal(graph.codes[2], together.codes[2])
+
+
+def test_two_processes_sample_and_continue_as_one(tmp_path):
+    assert main(["sample", *TINY, "--n-samples", "3", "--seed", "5", "--out", str(tmp_path / "one.wav")]) == 0
+    run = _launch(tmp_path, "sample", *TINY, "--n-samples", "3", "--seed", "5", "--out", tmp_path / "two.wav")
+    assert run.returncode == 0, run.stderr[-2000:]
+    one, two = _codes(tmp_path / "one.npz"), _codes(tmp_path / "two.npz")
+    assert sorted(two) == [0, 1, 2]
+    for level in one:
+        assert two[level].shape[0] == 3
+        np.testing.assert_array_equal(two[level], one[level])
+    for i in range(3):   # every sample's audio, written by the process that drew it (decoded in a
+        # batch of another size, so the float arithmetic may round the last 16-bit step otherwise)
+        a, _ = sf.read(tmp_path / f"two_{i}.wav", dtype="int16")
+        b, _ = sf.read(tmp_path / f"one_{i}.wav", dtype="int16")
+        assert a.shape == b.shape and np.abs(a.astype(int) - b).max() <= 1
+
+    cont = ["continue", "--model", "tiny", "--codes", tmp_path / "one.npz", "--seconds", "0.15", "--levels", "2",
+            "--seed", "4", "-q"]
+    assert main([*map(str, cont), "--out", str(tmp_path / "c1.wav")]) == 0
+    run = _launch(tmp_path, *cont, "--out", tmp_path / "c2.wav")
+    assert run.returncode == 0, run.stderr[-2000:]
+    np.testing.assert_array_equal(_codes(tmp_path / "c2.npz")[2], _codes(tmp_path / "c1.npz")[2])
+
+
+FAILING_RANK_1 = """\
+import os, sys
+from fastjukebox import bundle
+if os.environ.get("RANK") == "1":
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
+    bundle.Jukebox.upsample = broken
+from fastjukebox.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_failing_process_names_itself_and_no_codes_file_appears(tmp_path):
+    assert main(["sample", *TINY, "--levels", "2", "--n-samples", "2", "--seed", "1",
+                 "--out", str(tmp_path / "top.wav")]) == 0
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_RANK_1)
+    run = _launch(tmp_path, "upsample", "--model", "tiny", "--codes", tmp_path / "top.npz", "--seed", "2", "-q",
+                  "--out", tmp_path / "up.wav", script=script)
+    assert run.returncode != 0
+    assert "process 1 of 2 (sample 1) failed: RuntimeError('injected failure')" in run.stderr
+    assert "1 of 2 processes failed; no codes file written" in run.stderr
+    assert not (tmp_path / "up.npz").exists()
+    assert (tmp_path / "up_0.wav").exists()   # the healthy process's own sample
