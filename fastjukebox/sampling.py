@@ -25,12 +25,13 @@ PerLevel = float | int | Sequence | Mapping
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Categorical draw from ``softmax(filter(logits / temperature))``, (N, V) -> (N,).
+    """Categorical draw from ``softmax(filter(logits / temperature))``, (N, V) -> (N,); temperature
+    0 is greedy (the argmax after top-k / top-p).
 
     Uses ``argmax(p / E)`` with ``E ~ Exp(1)``, an exact categorical sample that needs no host
     round trip (unlike ``torch.multinomial`` on some devices). On CUDA one fused Triton kernel
     (``kernels.sampling``) does it from the same noise; elsewhere the PyTorch reference."""
-    if logits.is_cuda:
+    if logits.is_cuda and temperature != 0:     # temperature 0 (greedy): the reference's argmax
         ops = _cuda_sampling()
         if ops is not None and ops.supports(logits):
             return ops.sample_logits(logits, temperature, top_k, top_p, generator)

@@ -14,26 +14,17 @@ the built-in defaults (temperature 0.99, top-k and top-p off), as the original d
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
 from .atomic import atomic_path
 from .checkpoint import CheckpointError
+from .settings import knob_error
 
 __all__ = ["SAMPLING_FILE", "BUILTIN", "SamplingDefaults", "complete_levels"]
 
 SAMPLING_FILE = "sampling.json"
 BUILTIN = {"temperature": 0.99, "top_k": 0, "top_p": 0.0}
-
-_VALID = {
-    "temperature": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf,
-                    "a positive number"),
-    "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
-    "top_p": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
-              "a number in [0, 1]"),
-}
-
 
 def complete_levels(value, default, levels: int, what: str):
     """A per-level mapping ``value`` completed with ``default`` for the levels it leaves out (a
@@ -55,20 +46,20 @@ class SamplingDefaults:
         self.overrides: dict[str, dict[int, float | int]] = {}
         for knob, value in (overrides or {}).items():
             if knob not in BUILTIN:
-                raise CheckpointError(f"{source}: unknown setting {knob!r} (known: {', '.join(BUILTIN)})")
+                raise CheckpointError(f"{source}: unknown field {knob!r} (known: {', '.join(BUILTIN)})")
             per_level = value if isinstance(value, dict) else {l: value for l in range(self.levels)}
-            check, what = _VALID[knob]
             resolved = {}
             for key, v in per_level.items():
                 try:
                     level = int(key)
                 except (TypeError, ValueError):
-                    raise CheckpointError(f"{source}: {knob} level {key!r} is not a level number") from None
+                    raise CheckpointError(f"{source}: field {knob!r}: level {key!r} is not a level number") from None
                 if not 0 <= level < self.levels:
-                    raise CheckpointError(f"{source}: {knob} names level {level}; the family has levels "
+                    raise CheckpointError(f"{source}: field {knob!r} names level {level}; the family has levels "
                                           f"0..{self.levels - 1}")
-                if not check(v):
-                    raise CheckpointError(f"{source}: {knob} for level {level} must be {what}, got {v!r}")
+                why = knob_error(knob, v)
+                if why is not None:
+                    raise CheckpointError(f"{source}: field {knob!r}, level {level}: {why}")
                 resolved[level] = v
             if resolved:
                 self.overrides[knob] = resolved
