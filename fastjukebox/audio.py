@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from .atomic import atomic_path
 
-__all__ = ["AudioError", "SUPPORTED_SUFFIXES", "audio_paths", "fit_peak", "load_audio", "resample", "save_audio"]
+__all__ = ["AudioError", "SUPPORTED_SUFFIXES", "audio_paths", "warn_if_loud", "load_audio", "resample", "save_audio"]
 
 #: Suffixes ``save_audio`` writes, with the libsndfile major format used for each.
 SUPPORTED_SUFFIXES: dict[str, str] = {".wav": "WAV", ".flac": "FLAC"}
@@ -228,8 +228,8 @@ def load_audio(path: str | os.PathLike, sr: int = 44100, resample: bool = True,
     is resampled, up to the filter's length of neighbouring audio is read on either side, so the
     segment comes out as it would have inside the resampled whole file.
 
-    A file that peaks above full scale (a float file, e.g. at 9.5) is scaled down to a peak of 1
-    with a warning, not clipped.
+    A file that peaks above full scale (a float file, e.g. at 9.5) is clipped to [-1, 1] with a
+    warning naming its peak (normalise it first to keep its shape).
 
     Raises :class:`AudioError` (naming the file) when it is missing, unreadable, corrupt, empty
     or contains non-finite samples, and ``ImportError`` when soundfile is not installed.
@@ -295,7 +295,7 @@ def load_audio(path: str | os.PathLike, sr: int = 44100, resample: bool = True,
         raise AudioError(f"audio file '{name}' contains non-finite (NaN or infinite) samples")
     mono = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1, dtype=np.float64),
                                                  dtype=np.float32))
-    mono = fit_peak(mono, f"audio file '{name}'")     # a float file louder than full scale
+    warn_if_loud(mono, f"audio file '{name}'")       # a float file louder than full scale
     if sr_file != sr:
         count = min(data.shape[0] - lead, stop - start)
         up, down, _, _ = _ratio(sr_file, sr)
@@ -338,14 +338,13 @@ def audio_paths(path: str | os.PathLike, n: int) -> list[Path]:
     return [target.with_name(f"{target.stem}_{i}{target.suffix}") for i in range(n)]
 
 
-def fit_peak(audio: torch.Tensor, name: str) -> torch.Tensor:
-    """``audio`` scaled down to a peak of 1 when it peaks above 1 (a warning says by how much),
-    else unchanged: loud input is normalised, never clipped."""
+def warn_if_loud(audio: torch.Tensor, name: str) -> torch.Tensor:
+    """``audio`` unchanged; a warning names its peak when it exceeds 1 (full scale), since the
+    models take [-1, 1] and the louder samples are clipped there."""
     peak = float(audio.abs().max()) if audio.numel() else 0.0
     if peak > 1.0:
-        warnings.warn(f"{name} peaks at {peak:.3g}, above 1: scaled down by {peak:.3g} to fit [-1, 1] "
-                      f"(normalised, not clipped)", UserWarning, stacklevel=2)
-        return audio / peak
+        warnings.warn(f"{name} peaks at {peak:.3g}, above full scale: clipped to [-1, 1]; divide it by "
+                      f"{peak:.3g} (normalise it) for an unclipped input", UserWarning, stacklevel=2)
     return audio
 
 

@@ -119,8 +119,8 @@ class Jukebox(nn.Module):
         settings = resolve_sampling(self, levels, sampling)
         codes = None
         if prompt is not None:
-            from .audio import fit_peak
-            audio = fit_peak(torch.as_tensor(prompt, dtype=torch.float32), "the prompt")
+            from .audio import warn_if_loud
+            audio = warn_if_loud(torch.as_tensor(prompt, dtype=torch.float32), "the prompt")
             audio = audio[None] if audio.dim() == 1 else audio
             if audio.shape[0] == 1 and n_samples > 1:
                 audio = audio.expand(n_samples, -1)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path, atomic_paths, check_target
-from .cli_options import DTYPES, parse_dtype
+from .cli_options import DTYPES, HelpFormatter, parse_dtype
 from .settings import KNOB_RULES, SettingsError, check_device, check_seconds, knob_error, resolve_sampling
 
 CODES_KEY = "codes_level{}"
@@ -593,7 +593,7 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
 def add_commands(sub) -> None:
     """Add ``sample``, ``upsample``, ``continue``, ``encode`` and ``decode`` to ``sub``."""
     p = sub.add_parser("sample", help="sample new audio; writes OUT.wav/.flac and OUT.npz (codes + settings)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=HelpFormatter)
     _model_options(p)
     p.add_argument("--seconds", type=_seconds, default=10.0, help="length to sample, at most 3600 (default: 10)")
     p.add_argument("--n-samples", type=_positive_int, default=1, help="number of samples (default: 1)")
@@ -606,7 +606,7 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("upsample", help="sample the lower levels from the top-level codes of a codes file "
                                         "or of audio (--from-audio)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=HelpFormatter)
     _model_options(p)
     p.add_argument("--codes", help="codes file (.npz) of an earlier run (default: none; give this or --from-audio)")
     p.add_argument("--from-audio", metavar="SRC",
@@ -620,7 +620,7 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_upsample)
 
     p = sub.add_parser("continue", help="extend the codes of a codes file to --seconds in total",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=HelpFormatter)
     _model_options(p)
     p.add_argument("--codes", required=True, help="codes file (.npz) of an earlier run")
     p.add_argument("--seconds", type=_seconds, required=True, help="total length after continuing, at most 3600")
@@ -630,7 +630,8 @@ def add_commands(sub) -> None:
     p.add_argument("--out", default="continued.wav", help="audio file, .wav or .flac (default: continued.wav)")
     p.set_defaults(func=cmd_continue)
 
-    p = sub.add_parser("encode", help="encode an audio file into codes at every level (.npz)")
+    p = sub.add_parser("encode", help="encode an audio file into codes at every level (.npz)",
+                       formatter_class=HelpFormatter)
     _model_options(p)
     p.add_argument("audio", help="audio file (resampled to the model's rate, mixed down to mono)")
     p.add_argument("--seconds", type=_seconds, help="encode at most this many seconds (default: all of it)")
@@ -638,7 +639,7 @@ def add_commands(sub) -> None:
     p.add_argument("--out", default="codes.npz", help="codes file (default: codes.npz)")
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("decode", help="decode one level of a codes file to audio")
+    p = sub.add_parser("decode", help="decode one level of a codes file to audio", formatter_class=HelpFormatter)
     _model_options(p)
     p.add_argument("--codes", required=True, help="codes file (.npz)")
     p.add_argument("--level", type=_nonneg_int, help="level to decode (default: the lowest in the file)")

@@ -211,7 +211,7 @@ def bad_files(tmp_path):
     (["sample", "--model", "tiny", "--sampler", "1=fast"], "unknown sampler 'fast'"),
     (["sample", "--model", "tiny", "--sampler", "parallel"], "no parallel student for level 1"),
     (["sample", "--model", "tiny", "--artist", "99"], "artist id"),
-    (["sample", "--model", "tiny", "--temperature", "7=0.5"], "levels 0..2"),
+    (["sample", "--model", "tiny", "--temperature", "7=0.5"], "it samples level(s) 2, 1, 0"),
     (["sample", "--model", "tiny", "--out", "{d}/x.mp3"], ".wav or .flac"),
     (["upsample", "--model", "tiny", "--codes", "{d}/missing.npz"], "no such file"),
     (["upsample", "--model", "tiny", "--codes", "{d}/nocodes.npz"], "no codes arrays"),

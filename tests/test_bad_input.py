@@ -1,0 +1,295 @@
+"""Bad input, named before any sampling: one table per command line and one for the API.
+
+Each row is a bad input and the text its error must contain. Command lines exit with status 2
+and one ``error:`` line on stderr (no traceback) and leave no output behind; the API raises a
+``ValueError`` subclass (``SettingsError``, ``CheckpointError``, ...). The errors fire before
+any model work, so the whole table runs in seconds on the bundled tiny and demo families.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fastjukebox as fj
+from fastjukebox import cli
+from fastjukebox.bundle import ASSETS
+from fastjukebox.checkpoint import CheckpointError
+from fastjukebox.settings import MAX_SECONDS, SettingsError
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Inputs the rows refer to as {d}/..."""
+    d = tmp_path_factory.mktemp("bad")
+    (d / "dir.wav").mkdir()                     # an --out that is a directory
+    (d / "side.npz").mkdir()                    # a directory where the .npz sidecar goes
+    (d / "side_plot.png").mkdir()               # ... and where --plot's PNG goes
+    (d / "afile").write_text("not a directory")  # a parent that is a file
+    (d / "dir.npz").mkdir()
+    top = np.random.default_rng(0).integers(0, 16, (1, 8))
+    np.savez(d / "float.npz", codes_level2=top.astype(np.float32))
+    np.savez(d / "bool.npz", codes_level2=np.ones((1, 8), dtype=bool))
+    np.savez(d / "top.npz", codes_level2=top, settings=np.array("{}"))
+    for name, mutate in (("list", lambda c: []), ("missing", lambda c: {"kind": "prior"}),
+                         ("width", lambda c: {**c, "width": "abc"})):
+        m = d / f"model_{name}"
+        shutil.copytree(ASSETS / "tiny", m)
+        cfg = m / "prior_level_1" / "config.json"
+        cfg.write_text(json.dumps(mutate(json.loads(cfg.read_text()))))
+    m = d / "student_bad"
+    shutil.copytree(ASSETS / "demo" / "student_level_1", m)
+    cfg = m / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "depth": "two"}))
+    return d
+
+
+def _cli(capsys, argv, files, main=cli.main) -> tuple[int, str]:
+    before = {p.name for p in files.iterdir()}
+    try:
+        rc = main([a.format(d=files) for a in argv])
+    except SystemExit as e:            # argparse: bad option values
+        rc = e.code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    assert {p.name for p in files.iterdir()} == before, "a bad input left output behind"
+    return rc, err
+
+
+def _one_error_line(err: str, message: str) -> None:
+    lines = [l for l in err.splitlines() if "error:" in l]
+    assert len(lines) == 1, err
+    assert message in lines[0], err
+
+
+TINY = ["--model", "tiny", "-q", "--seed", "0"]
+SAMPLE = ["sample", *TINY, "--seconds", "0.1", "--out", "{d}/o.wav"]
+UPSAMPLE = ["upsample", *TINY, "--codes", "{d}/top.npz", "--out", "{d}/o.wav"]
+EXCERPT = ["upsample", "--model", "demo", "-q", "--from-audio", "demo:organ", "--seconds", "2"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    # silent wrong results before
+    (SAMPLE + ["--temperature", "nan"], "'nan' is not a finite number >= 0"),
+    (SAMPLE + ["--temperature", "-0.5"], "'-0.5' is not a finite number >= 0"),
+    (SAMPLE + ["--temperature", "inf"], "'inf' is not a finite number >= 0"),
+    (SAMPLE + ["--temperature", "2=0.9,1=nan"], "'nan' is not a finite number >= 0"),
+    (SAMPLE + ["--top-p", "1.5"], "'1.5' is not a number in [0, 1]"),
+    (SAMPLE + ["--sampler", "3=parallel"], "sampler names level(s) 3, which this call does not sample; "
+                                           "it samples level(s) 2, 1, 0"),
+    (SAMPLE + ["--levels", "2", "--top-k", "1=5"], "top_k names level(s) 1, which this call does not sample; "
+                                                     "it samples level(s) 2"),
+    (SAMPLE + ["--levels", "3"], "this model has priors for level(s) 2, 1, 0, not 3"),
+    # a hang and an overflow before
+    (SAMPLE + ["--seconds", "1e9"], f"the length must be at most {MAX_SECONDS:g}"),
+    (SAMPLE + ["--seconds", "1e300"], f"the length must be at most {MAX_SECONDS:g}"),
+    (SAMPLE + ["--seconds", "nan"], "the length must be a finite number > 0"),
+    (SAMPLE + ["--n-samples", "0"], "expected an integer >= 1"),
+    (SAMPLE + ["--total-seconds", "inf"], "the length must be a finite number > 0"),
+    # work lost after sampling before
+    (SAMPLE + ["--out", "{d}/dir.wav"], "--out '{d}/dir.wav' is a directory"),
+    (SAMPLE + ["--out", "{d}/afile/x.wav"], "'{d}/afile' is a file, not a directory"),
+    (SAMPLE + ["--out", "{d}/side.wav"], "output '{d}/side.npz' is a directory"),
+    (SAMPLE + ["--n-samples", "2", "--out", "{d}/dir.wav"], "output '{d}/dir.npz' is a directory"),
+    # tracebacks before
+    (SAMPLE + ["--device", "tpu"], "unknown device 'tpu'"),
+    (SAMPLE + ["--model", ""], "--model is empty"),
+    (SAMPLE + ["--model", "{d}/model_list"], "model_list/prior_level_1/config.json: expected a JSON object, got list"),
+    (SAMPLE + ["--model", "{d}/model_missing"], "model_missing/prior_level_1/config.json: field 'level' is missing"),
+    (SAMPLE + ["--model", "{d}/model_width"], "model_width/prior_level_1/config.json: field 'width' must be an "
+                                              "integer, got 'abc'"),
+])
+def test_sample_bad_input(files, capsys, argv, message):
+    rc, err = _cli(capsys, argv, files)
+    assert rc == 2
+    _one_error_line(err, message.format(d=files))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (EXCERPT + ["--sampler", "3=parallel", "--out", "{d}/o.wav"],
+     "sampler names level(s) 3, which this call does not sample; it samples level(s) 1, 0"),
+    (EXCERPT + ["--temperature", "2=0.5", "--out", "{d}/o.wav"], "temperature names level(s) 2"),
+    (EXCERPT + ["--out", "{d}/side.wav", "--plot"], "output '{d}/side.npz' is a directory"),
+    (UPSAMPLE[:-2] + ["--out", "{d}/side_plot.wav", "--plot"], "output '{d}/side_plot.png' is a directory"),
+    (UPSAMPLE[:-4] + ["--codes", "{d}/float.npz", "--out", "{d}/o.wav"], "must be integer codes"),
+    (UPSAMPLE[:-4] + ["--codes", "{d}/bool.npz", "--out", "{d}/o.wav"], "must be integer codes"),
+    (UPSAMPLE + ["--temperature", "1=-1"], "'-1' is not a finite number >= 0"),
+    (UPSAMPLE + ["--device", "tpu"], "unknown device 'tpu'"),
+    (UPSAMPLE[:-2] + ["--out", "{d}/dir.wav"], "is a directory"),
+])
+def test_upsample_bad_input(files, capsys, argv, message):
+    rc, err = _cli(capsys, argv, files)
+    assert rc == 2
+    _one_error_line(err, message.format(d=files))
+
+
+CONTINUE = ["continue", *TINY, "--codes", "{d}/top.npz"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (CONTINUE + ["--seconds", "1e9", "--out", "{d}/o.wav"], f"must be at most {MAX_SECONDS:g}"),
+    (CONTINUE + ["--seconds", "0.1", "--out", "{d}/dir.wav"], "is a directory"),
+    (CONTINUE + ["--seconds", "0.1", "--levels", "2", "--sampler", "1=ar", "--out", "{d}/o.wav"],
+     "sampler names level(s) 1, which this call does not sample; it samples level(s) 2"),
+    (CONTINUE + ["--seconds", "0.1", "--temperature", "nan", "--out", "{d}/o.wav"], "is not a finite number"),
+])
+def test_continue_bad_input(files, capsys, argv, message):
+    rc, err = _cli(capsys, argv, files)
+    assert rc == 2
+    _one_error_line(err, message.format(d=files))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["encode", "--model", "tiny", "x.wav", "--out", "{d}/dir.npz"], "--out '{d}/dir.npz' is a directory"),
+    (["encode", "--model", "tiny", "x.wav", "--seconds", "nan", "--out", "{d}/c.npz"], "finite number > 0"),
+    (["encode", "--model", "tiny", "x.wav", "--device", "tpu", "--out", "{d}/c.npz"], "unknown device 'tpu'"),
+    (["decode", "--model", "tiny", "--codes", "{d}/top.npz", "--out", "{d}/dir.wav"], "is a directory"),
+    (["decode", "--model", "tiny", "--codes", "{d}/top.npz", "--level", "-1", "--out", "{d}/o.wav"],
+     "expected an integer >= 0"),
+    (["info", "{d}/model_width"], "field 'width' must be an integer"),
+    (["info", "{d}/model_list/prior_level_1"], "expected a JSON object, got list"),
+    (["convert", "{d}/model_missing/prior_level_1", "{d}/converted"], "field 'level' is missing"),
+])
+def test_codec_and_model_commands_bad_input(files, capsys, argv, message):
+    rc, err = _cli(capsys, argv, files)
+    assert rc == 2
+    _one_error_line(err, message.format(d=files))
+
+
+def _train_main(argv):
+    from distill.train import main
+    return main(argv)
+
+
+def _evaluate_main(argv):
+    from distill.evaluate import main
+    return main(argv)
+
+
+def _tune_main(argv):
+    from distill.tune import main
+    return main(argv)
+
+
+@pytest.mark.parametrize("main, argv, message", [
+    (_train_main, ["--teacher", "middle", "--model", "no_such_model", "--out", "{d}/run"], "not a model directory"),
+    (_train_main, ["--teacher", "middle", "--data", "{d}/no_audio_here", "--out", "{d}/run"], "not a directory"),
+    (_train_main, ["--teacher", "middle", "--init-student", "{d}/student_bad", "--out", "{d}/run"],
+     "student_bad/config.json: field 'depth' must be an integer"),
+    (_train_main, ["--teacher", "middle", "--out", "{d}/afile"], "a file, not a directory"),
+    (_train_main, ["--teacher", "middle", "--steps", "0", "--out", "{d}/run"], "--steps must be >= 1"),
+    # the README's commands before any run
+    (_evaluate_main, ["--student", "{d}/distill-run/student"], "no such directory; train a student first"),
+    (_evaluate_main, ["--student", "{d}/student_bad"], "field 'depth' must be an integer"),
+    (_evaluate_main, ["--student", "{d}/student_bad", "--device", "tpu"], "unknown device 'tpu'"),
+    (_tune_main, ["--teacher", "middle", "--student", "{d}/distill-run/student", "--shards",
+                  "{d}/distill-run/shards", "--write"], "no such directory; run python -m distill.train first"),
+    (_tune_main, ["--teacher", "middle", "--student", "{d}/dir.wav", "--shards", "{d}/dir.wav", "--passes", "0"],
+     "--passes must be an integer >= 1"),
+])
+def test_distill_commands_bad_input(files, capsys, main, argv, message):
+    rc, err = _cli(capsys, argv, files, main=main)
+    assert rc == 2
+    _one_error_line(err, message.format(d=files))
+
+
+# --------------------------------------------------------------------------------------------
+# the API
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    return fj.load("tiny")
+
+
+TOP = torch.randint(0, 16, (1, 8))
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda jb: jb.upsample(TOP, temperature=float("nan")), SettingsError,
+     "temperature must be a finite number >= 0 (0: greedy), got nan"),
+    (lambda jb: jb.upsample(TOP, temperature=-1.0), SettingsError, "temperature must be a finite number >= 0"),
+    (lambda jb: jb.upsample(TOP, temperature=float("inf")), SettingsError, "temperature must be a finite number"),
+    (lambda jb: jb.upsample(TOP, temperature={0: 0.5, 2: 0.5}), SettingsError,
+     "temperature names level(s) 2, which this call does not sample; it samples level(s) 1, 0"),
+    (lambda jb: jb.upsample(TOP, sampler={3: "parallel"}), SettingsError,
+     "sampler names level(s) 3, which this call does not sample; it samples level(s) 1, 0"),
+    (lambda jb: jb.upsample(TOP, sampler={0: "fast"}), SettingsError, "unknown sampler 'fast' for level 0"),
+    (lambda jb: jb.upsample(TOP, sampler="parallel"), ValueError, "no parallel student for level 1"),
+    (lambda jb: jb.upsample(TOP, top_k=2.5), SettingsError, "top_k must be an integer >= 0"),
+    (lambda jb: jb.upsample(TOP, top_p=float("nan")), SettingsError, "top_p must be a number in [0, 1]"),
+    (lambda jb: jb.upsample(TOP, chunk_size=0), SettingsError, "chunk_size must be an integer >= 1"),
+    (lambda jb: jb.upsample(TOP, max_batch_size=0), SettingsError, "max_batch_size must be an integer >= 1"),
+    (lambda jb: jb.upsample(TOP, gamma=True), SettingsError, "gamma must be an integer >= 1"),
+    (lambda jb: jb.upsample(TOP, seed=1.5), SettingsError, "seed must be an integer or None"),
+    (lambda jb: jb.upsample(TOP, temprature=0.5), SettingsError, "unknown sampling setting(s) temprature"),
+    (lambda jb: jb.upsample(TOP.bool()), SettingsError, "level-2 codes must be integer codes, got torch.bool"),
+    (lambda jb: jb.upsample(TOP.float()), SettingsError, "level-2 codes must be integer codes, got torch.float32"),
+    (lambda jb: jb.upsample(TOP[:, :0]), SettingsError, "level-2 codes are empty (shape (1, 0))"),
+    (lambda jb: jb.sample(seconds=float("nan")), SettingsError, "seconds must be a finite number > 0, got nan"),
+    (lambda jb: jb.sample(seconds=1e9), SettingsError, f"seconds must be at most {MAX_SECONDS:g}"),
+    (lambda jb: jb.sample(seconds=1e300), SettingsError, f"seconds must be at most {MAX_SECONDS:g}"),
+    (lambda jb: jb.sample(seconds=1, n_samples=0), SettingsError, "n_samples must be an integer >= 1, got 0"),
+    (lambda jb: jb.sample(seconds=1, levels=(3,)), SettingsError, "this model has priors for level(s) 2, 1, 0"),
+    (lambda jb: jb.continue_([None, None, TOP], seconds=float("inf")), SettingsError,
+     "seconds must be a finite number > 0"),
+    (lambda jb: fj.load(""), CheckpointError, "no model given"),
+    (lambda jb: fj.load("tiny", device="tpu"), SettingsError, "unknown device 'tpu'"),
+])
+def test_api_bad_input(tiny, call, error, message):
+    with pytest.raises(error) as e:
+        call(tiny)
+    assert isinstance(e.value, ValueError)
+    assert message in str(e.value)
+
+
+def test_half_on_cpu_warns_once_with_the_cost(monkeypatch):
+    import fastjukebox.settings as settings
+    monkeypatch.setattr(settings, "_warned_half", False)
+    with pytest.warns(UserWarning, match=r"bfloat16 on a CPU is about \d+x slower than float32"):
+        fj.load("tiny", dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fj.load("tiny", dtype=torch.float16)          # once per process
+
+
+def test_bad_config_json_names_file_and_field(files):
+    with pytest.raises(CheckpointError, match=r"model_width/prior_level_1/config\.json: field 'width'"):
+        fj.load(files / "model_width")
+    from distill.student import ParallelStudent
+    with pytest.raises(CheckpointError, match=r"student_bad/config\.json.*field 'depth' must be an integer"):
+        ParallelStudent.load(files / "student_bad")
+
+
+# --------------------------------------------------------------------------------------------
+# every flag documented, with its default
+# --------------------------------------------------------------------------------------------
+
+def _parsers():
+    from distill.evaluate import build_parser as evaluate_parser
+    from distill.train import build_parser as train_parser
+    from distill.tune import build_parser as tune_parser
+    top = cli.build_parser()
+    sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    out = [(f"fastjukebox {name}", p) for name, p in sub.choices.items()]
+    return out + [("distill.train", train_parser()), ("distill.evaluate", evaluate_parser()),
+                  ("distill.tune", tune_parser())]
+
+
+@pytest.mark.parametrize("name, parser", _parsers(), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_flag_has_help_showing_its_default(name, parser):
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        flag = "/".join(action.option_strings) or action.dest
+        assert action.help, f"{name}: {flag} has no help text"
+        if action.option_strings and not action.required:
+            shown = formatter._get_help_string(action) % {"default": action.default}
+            assert "default" in shown, f"{name}: {flag} does not show its default: {shown!r}"
