@@ -291,7 +291,13 @@ def _write_meta(directory: Path, gen: GenerationConfig) -> None:
     path = directory / META_NAME
     want = asdict(gen)
     if path.exists():
-        have = json.loads(path.read_text())
+        try:
+            have = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a readable JSON file ({e}); delete it (the shards beside it are "
+                             f"checked on their own) or use another directory") from None
+        if not isinstance(have, dict):
+            raise ValueError(f"{path}: expected a JSON object of generation settings, got {type(have).__name__}")
         diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v and k != "shards"}
         if diff:
             raise ValueError(f"{directory} holds shards made with other settings "

@@ -76,6 +76,8 @@ def atomic_paths(targets):
 
 
 def _commit(targets: list[Path], tmps: list[Path]) -> None:
+    for t in targets:                  # again: a directory may have appeared since the first check
+        check_target(t)
     backups: list[Path | None] = []
     done: list[Path] = []
     try:

@@ -18,6 +18,7 @@ from .decoding import WindowDecoder
 from .labels import Labels, get_starts, window_labels
 from .prior import Prior
 from .progress import progress_bar
+from .settings import check_knob
 from .vqvae import VQVAE
 
 PerLevel = float | int | Sequence | Mapping
@@ -152,6 +153,9 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else torch.seed())
     decoders = {} if decoders is None else decoders
+    per_level_knobs = {level: {name: check_knob(name, _per_level(value, level, name), level) for name, value in
+                               (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+                                ("chunk_size", chunk_size))} for level in levels}   # all, before any sampling
     for level in sorted(levels, reverse=True):
         if level not in priors:
             raise ValueError(f"no prior for level {level}")
@@ -179,9 +183,7 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
         lab = _labels_for(labels, level, prior)
         hop = int(_per_level(hop_fraction, level, "hop_fraction") * c.n_ctx)
         windows = level_windows(total, c.n_ctx, hop, z.shape[1])
-        knobs = dict(temperature=_per_level(temperature, level, "temperature"),
-                     top_k=_per_level(top_k, level, "top_k"), top_p=_per_level(top_p, level, "top_p"),
-                     chunk_size=_per_level(chunk_size, level, "chunk_size"), generator=gen)
+        knobs = dict(per_level_knobs[level], generator=gen)
         bar = progress_bar(sum(w[2] for w in windows) * n, f"level {level}", "tok",
                            enabled=progress and bool(windows), leave=False)
         bs = min(n, max_batch_size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -293,3 +294,72 @@ def test_every_flag_has_help_showing_its_default(name, parser):
         if action.option_strings and not action.required:
             shown = formatter._get_help_string(action) % {"default": action.default}
             assert "default" in shown, f"{name}: {flag} does not show its default: {shown!r}"
+
+
+# --------------------------------------------------------------------------------------------
+# outputs: all or none, and the settings as used
+# --------------------------------------------------------------------------------------------
+
+def test_outputs_are_written_as_a_set(tmp_path, monkeypatch):
+    from fastjukebox.atomic import atomic_paths
+    a, b = tmp_path / "a.wav", tmp_path / "a.npz"
+    a.write_text("old audio")
+    with pytest.raises(RuntimeError):
+        with atomic_paths([a, b]) as (ta, tb):
+            ta.write_text("new audio")
+            raise RuntimeError("the second file failed")
+    assert a.read_text() == "old audio" and not b.exists()
+    # a directory that appears while the work runs: refused before any file is replaced
+    c = tmp_path / "c.png"
+    with pytest.raises(ValueError, match="is a directory"):
+        with atomic_paths([a, b, c]) as (ta, tb, tc):
+            for t in (ta, tb, tc):
+                t.write_text("new")
+            c.mkdir()
+    assert a.read_text() == "old audio" and not b.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "c.png"]
+    c.rmdir()
+    # a rename that fails half way puts back what it replaced and removes what it added
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == c:
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_paths([a, b, c]) as (ta, tb, tc):
+            for t in (ta, tb, tc):
+                t.write_text("new")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert a.read_text() == "old audio" and not b.exists() and not c.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav"]
+    with atomic_paths([a, b]) as (ta, tb):
+        ta.write_text("new audio")
+        tb.write_text("codes")
+    assert a.read_text() == "new audio" and b.read_text() == "codes"
+
+
+def test_corrupt_shard_meta_is_named(tmp_path):
+    from distill.data import META_NAME, GenerationConfig, _write_meta
+    (tmp_path / META_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match=rf"{META_NAME}: not a readable JSON file"):
+        _write_meta(tmp_path, GenerationConfig(level=1, n_ctx=8, shards=1, shard_size=1, k=2, temperature=1.0,
+                                               seed=0, batch_size=1))
+
+
+def test_npz_records_the_settings_as_used(tmp_path, capsys):
+    def run(name, *extra):
+        rc = cli.main(["sample", "--model", "tiny", "--seconds", "0.1", "--levels", "2", "-q", "--temperature",
+                       "0.5", "--out", str(tmp_path / f"{name}.wav"), *extra])
+        assert rc == 0, capsys.readouterr().err
+        with np.load(tmp_path / f"{name}.npz") as f:
+            return f["codes_level2"], json.loads(str(f["settings"]))
+
+    codes, s = run("first")                       # no --seed: a random one, recorded
+    assert (s["artist"], s["genre"], s["sampler"]) == (0, 0, {"2": "ar"})
+    assert (s["temperature"], s["top_k"], s["top_p"], s["chunk_size"]) == (0.5, 0, 0.0, 32)
+    assert s["sampled_levels"] == [2] and isinstance(s["seed"], int)
+    replay, _ = run("again", "--seed", str(s["seed"]))
+    np.testing.assert_array_equal(replay, codes)
