@@ -152,10 +152,10 @@ class Jukebox(nn.Module):
         from .generate import run, seconds_to_length
         if len(codes) != self.vqvae.config.levels:
             raise ValueError(f"codes must list {self.vqvae.config.levels} levels, level 0 first; got {len(codes)}")
-        n = next((torch.as_tensor(z).reshape(-1, torch.as_tensor(z).shape[-1]).shape[0]
-                  for z in codes if z is not None), None)
-        if n is None:
-            raise ValueError("no codes given to continue from")
+        first = next(((l, z) for l, z in enumerate(codes) if z is not None), None)
+        if first is None:
+            raise SettingsError("no codes given to continue from")
+        n = self._check_codes(first[1], first[0]).shape[0]
         zs = [None if z is None else self._check_codes(z, l, n) for l, z in enumerate(codes)]
         length = seconds_to_length(self, check_seconds(seconds))
         for l, z in enumerate(zs):

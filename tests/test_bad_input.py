@@ -240,6 +240,10 @@ TOP = torch.randint(0, 16, (1, 8))
     (lambda jb: jb.sample(seconds=1, levels=(3,)), SettingsError, "this model has priors for level(s) 2, 1, 0"),
     (lambda jb: jb.continue_([None, None, TOP], seconds=float("inf")), SettingsError,
      "seconds must be a finite number > 0"),
+    (lambda jb: jb.continue_([None, None, TOP[:, :0]], seconds=1.0), SettingsError, "level-2 codes are empty"),
+    (lambda jb: jb.continue_([None, None, None], seconds=1.0), SettingsError, "no codes given to continue from"),
+    (lambda jb: jb.continue_([None, None, TOP], seconds=1.0, sampler={0: "ar"}, levels=(2,)), SettingsError,
+     "sampler names level(s) 0, which this call does not sample; it samples level(s) 2"),
     (lambda jb: fj.load(""), CheckpointError, "no model given"),
     (lambda jb: fj.load("tiny", device="tpu"), SettingsError, "unknown device 'tpu'"),
 ])
