@@ -21,8 +21,7 @@ import torch.nn as nn
 from .checkpoint import CheckpointError, load_component, save_component
 from .prior import Prior
 from .sampling_defaults import SamplingDefaults
-from .settings import SettingsError, check_codes, check_count, check_device, check_seconds, resolve_sampling, \
-    warn_half_on_cpu
+from .settings import SettingsError, check_codes, check_count, check_device, check_seconds, warn_half_on_cpu
 from .vqvae import VQVAE
 
 ASSETS = Path(__file__).parent / "assets"
@@ -95,6 +94,13 @@ class Jukebox(nn.Module):
             raise SettingsError(f"level-{level} codes have {z.shape[0]} samples, expected {n}")
         return z.long()
 
+    def resolve_sampling(self, levels, sampling: dict) -> dict:
+        """``sampling`` (keyword arguments of a sampling call) checked and resolved for ``levels``
+        (``fastjukebox.settings.resolve_sampling``): named errors before any model work."""
+        from .generate import SAMPLERS, STUDENT_SAMPLERS
+        from .settings import resolve_sampling
+        return resolve_sampling(self, levels, sampling, SAMPLERS, STUDENT_SAMPLERS)
+
     def sample(self, artist=0, genre=0, lyrics: str = "", *, seconds: float = 10.0, n_samples: int = 1,
                total_seconds: float | None = None, offset_seconds: float = 0.0, levels=None, prompt=None,
                ids=None, **sampling):
@@ -116,7 +122,7 @@ class Jukebox(nn.Module):
         levels = tuple(sorted(self.levels, reverse=True)) if levels is None else tuple(levels)
         n_samples = check_count(n_samples, "n_samples")
         length = seconds_to_length(self, check_seconds(seconds))
-        settings = resolve_sampling(self, levels, sampling)
+        settings = self.resolve_sampling(levels, sampling)
         codes = None
         if prompt is not None:
             from .audio import warn_if_loud
@@ -141,7 +147,7 @@ class Jukebox(nn.Module):
         z = self._check_codes(top_codes, top)
         codes = [None] * top + [z]
         levels = self.upsampler_levels
-        settings = resolve_sampling(self, levels, sampling)
+        settings = self.resolve_sampling(levels, sampling)
         return run(self, codes=codes, levels=levels, sample_length=z.shape[1] * self.vqvae.hop_lengths[-1],
                    labels_kw=self._labels_kw(artist, genre, lyrics, z.shape[0], total_seconds, offset_seconds, ids),
                    **settings)
@@ -163,7 +169,7 @@ class Jukebox(nn.Module):
                 raise ValueError(f"level-{l} codes ({z.shape[1]}) already exceed {seconds} s "
                                  f"({length // self.vqvae.hop_lengths[l]} codes)")
         levels = tuple(sorted(self.levels, reverse=True)) if levels is None else tuple(levels)
-        settings = resolve_sampling(self, levels, sampling)
+        settings = self.resolve_sampling(levels, sampling)
         return run(self, codes=zs, levels=levels, sample_length=length,
                    labels_kw=self._labels_kw(artist, genre, lyrics, n, total_seconds, offset_seconds, ids),
                    **settings)

@@ -31,13 +31,12 @@ import torch
 
 from .atomic import atomic_path, atomic_paths, check_target
 from .cli_options import DTYPES, HelpFormatter, parse_dtype
-from .settings import KNOB_RULES, SettingsError, check_device, check_seconds, knob_error, resolve_sampling
+from .settings import KNOB_RULES, SettingsError, check_device, check_seconds, knob_error
 
 CODES_KEY = "codes_level{}"
 _CODES_RE = re.compile(r"^codes_level(\d+)$")
 _LABEL_KEYS = ("artist", "genre", "lyrics", "artist_ids", "genre_ids", "ids_dir", "total_seconds",
                "offset_seconds")
-_CHUNK_SIZE = 32
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,7 +374,7 @@ def cmd_sample(args) -> int:
         load_audio(args.prompt, duration=0.01)  # fail early, before loading the model
     jb = _load_model(args)
     levels = args.levels if args.levels else tuple(sorted(jb.levels, reverse=True))
-    sampling = resolve_sampling(jb, levels, _sampling_kw(args))      # named errors before any model work
+    sampling = jb.resolve_sampling(levels, _sampling_kw(args))      # named errors before any model work
     if args.prompt is not None:
         prompt = load_audio(args.prompt, sr=jb.sr, duration=args.seconds)
     with torch.inference_mode():
@@ -399,7 +398,7 @@ def _upsample_audio(args) -> int:
                                          "offset_seconds": excerpt.offset_seconds}
     labels = _label_settings(args, stored)
     jb = _load_model(args)
-    sampling = resolve_sampling(jb, jb.upsampler_levels, _sampling_kw(args))   # before the encoding
+    sampling = jb.resolve_sampling(jb.upsampler_levels, _sampling_kw(args))   # before the encoding
     if excerpt is None:
         audio = load_audio(src, sr=jb.sr, duration=args.seconds)
     else:
@@ -578,8 +577,8 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
                    help="decoding passes per window of the parallel sampler (default: the student's own)")
     p.add_argument("--gamma", type=_positive_int, default=8,
                    help="positions the prior verifies per call of the speculative sampler (default: 8)")
-    p.add_argument("--chunk-size", default=_CHUNK_SIZE, metavar="C", type=_per_level("chunk_size", int),
-                   help=f"tokens primed per step (one value or per level; default: {_CHUNK_SIZE})")
+    p.add_argument("--chunk-size", metavar="C", type=_per_level("chunk_size", int),
+                   help=f"tokens primed per step (one value or per level; default: {KNOB_RULES['chunk_size'][2]})")
     p.add_argument("--max-batch-size", type=_positive_int, default=16, help="samples decoded together (default: 16)")
     p.add_argument("--seed", type=int, help="random seed (default: a random one, stored in the codes file)")
     p.add_argument("-q", "--quiet", action="store_true",

@@ -15,7 +15,8 @@ Every value a sampling call takes is checked here and resolved to what the run w
 
 A bad value is a ``SettingsError`` (a ``ValueError``) naming the setting, the value and what it
 must be. ``resolve_sampling`` returns the settings as used, one value per sampled level, which
-``SampleResult.settings`` carries and the command line records in its ``.npz``.
+``SampleResult.settings`` carries and the command line records in its ``.npz``
+(``Jukebox.resolve_sampling`` is the entry point: it knows the registered samplers).
 """
 from __future__ import annotations
 
@@ -168,12 +169,8 @@ def _per_level_values(name: str, value, levels: tuple[int, ...], n_levels: int, 
         for l in levels:
             if l in value:
                 out[l] = value[l]
-            elif isinstance(fallback, Mapping):
-                out[l] = fallback[l]
-            elif isinstance(fallback, (list, tuple)):
-                out[l] = fallback[l]
             else:
-                out[l] = fallback
+                out[l] = fallback[l] if isinstance(fallback, (Mapping, list, tuple)) else fallback
     elif isinstance(value, (list, tuple)):
         if len(value) != n_levels:
             raise SettingsError(f"{name} as a sequence needs one value per level (level 0 first, "
@@ -186,8 +183,7 @@ def _per_level_values(name: str, value, levels: tuple[int, ...], n_levels: int, 
     return out
 
 
-def _resolve_samplers(jb, sampler, levels: tuple[int, ...]) -> dict[int, str]:
-    from .generate import SAMPLERS, STUDENT_SAMPLERS
+def _resolve_samplers(jb, sampler, levels: tuple[int, ...], samplers, student_samplers) -> dict[int, str]:
     top = jb.vqvae.config.levels - 1
     if isinstance(sampler, Mapping):
         _check_keys("sampler", sampler, levels)
@@ -197,23 +193,25 @@ def _resolve_samplers(jb, sampler, levels: tuple[int, ...]) -> dict[int, str]:
     else:
         raise SettingsError(f"sampler must be a name or {{level: name}}, got {sampler!r}")
     for l, name in names.items():
-        if not isinstance(name, str) or name not in SAMPLERS:
-            raise SettingsError(f"unknown sampler {name!r} for level {l}; available: {', '.join(sorted(SAMPLERS))}")
-        if name in STUDENT_SAMPLERS and l == top:
+        if not isinstance(name, str) or name not in samplers:
+            raise SettingsError(f"unknown sampler {name!r} for level {l}; available: {', '.join(sorted(samplers))}")
+        if name in student_samplers and l == top:
             if isinstance(sampler, Mapping):
                 raise SettingsError(f"the {name} sampler covers the upsamplers (levels {top - 1}..0); the top "
                                     f"level {top} is sampled autoregressively ('ar')")
             names[l] = "ar"   # one name for every level: the student's sampler where there is a student
-        if names[l] in STUDENT_SAMPLERS:
+        if names[l] in student_samplers:
             jb.student(l)     # named error when the family has no student for the level
     return names
 
 
-def resolve_sampling(jb, levels, sampling: dict) -> dict:
+def resolve_sampling(jb, levels, sampling: dict, samplers=("ar",), student_samplers=()) -> dict:
     """The sampling keyword arguments of a ``Jukebox`` call, checked and resolved for the sampled
     ``levels``: per-level knobs as ``{level: value}`` (the caller's, else the family's
-    ``sampling.json``, else the built-in default), ``sampler`` as ``{level: name}``, and the other
-    options as given or defaulted. Raises ``SettingsError`` naming the first bad setting."""
+    ``sampling.json``, else the built-in default), ``sampler`` as ``{level: name}`` (one of
+    ``samplers``; ``student_samplers`` need a student and cover the upsamplers only), and the
+    other options as given or defaulted. Raises ``SettingsError`` naming the first bad setting.
+    ``Jukebox.resolve_sampling`` calls it with the registered samplers."""
     unknown = sorted(set(sampling) - set(PER_LEVEL) - set(_OTHER))
     if unknown:
         raise SettingsError(f"unknown sampling setting(s) {', '.join(unknown)}; known: "
@@ -235,7 +233,7 @@ def resolve_sampling(jb, levels, sampling: dict) -> dict:
         fallback = defaults.per_level(name) if name in ("temperature", "top_k", "top_p") else KNOB_RULES[name][2]
         out[name] = _per_level_values(name, fallback if value is None else value, levels, n_levels, fallback,
                                       given=value is not None)
-    out["sampler"] = _resolve_samplers(jb, sampling.get("sampler"), levels)
+    out["sampler"] = _resolve_samplers(jb, sampling.get("sampler"), levels, samplers, student_samplers)
     out["max_batch_size"] = check_count(sampling.get("max_batch_size", 16), "max_batch_size")
     out["gamma"] = check_count(sampling.get("gamma", 8), "gamma")
     out["passes"] = check_count(sampling.get("passes"), "passes", allow_none=True)
