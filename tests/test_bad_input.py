@@ -44,6 +44,12 @@ def files(tmp_path_factory):
         shutil.copytree(ASSETS / "tiny", m)
         cfg = m / "prior_level_1" / "config.json"
         cfg.write_text(json.dumps(mutate(json.loads(cfg.read_text()))))
+    m = d / "model_sampling"
+    shutil.copytree(ASSETS / "tiny", m)
+    (m / "sampling.json").write_text(json.dumps({"temperature": "hot"}))
+    m = d / "student_sampling"
+    shutil.copytree(ASSETS / "demo" / "student_level_1", m)
+    (m / "sampling.json").write_text(json.dumps({"passes": 0}))
     m = d / "student_bad"
     shutil.copytree(ASSETS / "demo" / "student_level_1", m)
     cfg = m / "config.json"
@@ -148,53 +154,96 @@ def test_continue_bad_input(files, capsys, argv, message):
 
 @pytest.mark.parametrize("argv, message", [
     (["encode", "--model", "tiny", "x.wav", "--out", "{d}/dir.npz"], "--out '{d}/dir.npz' is a directory"),
+    (["encode", "--model", "tiny", "x.wav", "--out", "{d}/afile/c.npz"], "'{d}/afile' is a file, not a directory"),
     (["encode", "--model", "tiny", "x.wav", "--seconds", "nan", "--out", "{d}/c.npz"], "finite number > 0"),
     (["encode", "--model", "tiny", "x.wav", "--device", "tpu", "--out", "{d}/c.npz"], "unknown device 'tpu'"),
-    (["decode", "--model", "tiny", "--codes", "{d}/top.npz", "--out", "{d}/dir.wav"], "is a directory"),
-    (["decode", "--model", "tiny", "--codes", "{d}/top.npz", "--level", "-1", "--out", "{d}/o.wav"],
-     "expected an integer >= 0"),
-    (["info", "{d}/model_width"], "field 'width' must be an integer"),
-    (["info", "{d}/model_list/prior_level_1"], "expected a JSON object, got list"),
-    (["convert", "{d}/model_missing/prior_level_1", "{d}/converted"], "field 'level' is missing"),
 ])
-def test_codec_and_model_commands_bad_input(files, capsys, argv, message):
+def test_encode_bad_input(files, capsys, argv, message):
     rc, err = _cli(capsys, argv, files)
     assert rc == 2
     _one_error_line(err, message.format(d=files))
 
 
-def _train_main(argv):
-    from distill.train import main
-    return main(argv)
-
-
-def _evaluate_main(argv):
-    from distill.evaluate import main
-    return main(argv)
-
-
-def _tune_main(argv):
-    from distill.tune import main
-    return main(argv)
-
-
-@pytest.mark.parametrize("main, argv, message", [
-    (_train_main, ["--teacher", "middle", "--model", "no_such_model", "--out", "{d}/run"], "not a model directory"),
-    (_train_main, ["--teacher", "middle", "--data", "{d}/no_audio_here", "--out", "{d}/run"], "not a directory"),
-    (_train_main, ["--teacher", "middle", "--init-student", "{d}/student_bad", "--out", "{d}/run"],
-     "student_bad/config.json: field 'depth' must be an integer"),
-    (_train_main, ["--teacher", "middle", "--out", "{d}/afile"], "a file, not a directory"),
-    (_train_main, ["--teacher", "middle", "--steps", "0", "--out", "{d}/run"], "--steps must be >= 1"),
-    # the README's commands before any run
-    (_evaluate_main, ["--student", "{d}/distill-run/student"], "no such directory; train a student first"),
-    (_evaluate_main, ["--student", "{d}/student_bad"], "field 'depth' must be an integer"),
-    (_evaluate_main, ["--student", "{d}/student_bad", "--device", "tpu"], "unknown device 'tpu'"),
-    (_tune_main, ["--teacher", "middle", "--student", "{d}/distill-run/student", "--shards",
-                  "{d}/distill-run/shards", "--write"], "no such directory; run python -m distill.train first"),
-    (_tune_main, ["--teacher", "middle", "--student", "{d}/dir.wav", "--shards", "{d}/dir.wav", "--passes", "0"],
-     "--passes must be an integer >= 1"),
+@pytest.mark.parametrize("argv, message", [
+    (["decode", "--model", "tiny", "--codes", "{d}/top.npz", "--out", "{d}/dir.wav"], "is a directory"),
+    (["decode", "--model", "tiny", "--codes", "{d}/top.npz", "--level", "-1", "--out", "{d}/o.wav"],
+     "expected an integer >= 0"),
+    (["decode", "--model", "tiny", "--codes", "{d}/float.npz", "--out", "{d}/o.wav"], "must be integer codes"),
+    (["decode", "--model", "{d}/model_sampling", "--codes", "{d}/top.npz", "--out", "{d}/o.wav"],
+     "model_sampling/sampling.json: field 'temperature', level 0: temperature must be a finite number >= 0"),
 ])
-def test_distill_commands_bad_input(files, capsys, main, argv, message):
+def test_decode_bad_input(files, capsys, argv, message):
+    rc, err = _cli(capsys, argv, files)
+    assert rc == 2
+    _one_error_line(err, message.format(d=files))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "{d}/model_width"], "field 'width' must be an integer"),
+    (["info", "{d}/model_list/prior_level_1"], "expected a JSON object, got list"),
+    (["info", "{d}/model_sampling"], "sampling.json: field 'temperature'"),
+    (["info", "{d}/student_sampling"], "student_sampling holds a 'student' component, expected 'prior'"),
+])
+def test_info_bad_input(files, capsys, argv, message):
+    rc, err = _cli(capsys, argv, files)
+    assert rc == 2
+    _one_error_line(err, message.format(d=files))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["convert", "{d}/model_missing/prior_level_1", "{d}/converted"], "field 'level' is missing"),
+    (["convert", "{d}/model_width", "{d}/converted"], "field 'width' must be an integer"),
+    (["convert", "{d}/no_such_file.pth.tar", "{d}/converted"], "no such checkpoint file"),
+])
+def test_convert_bad_input(files, capsys, argv, message):
+    rc, err = _cli(capsys, argv, files)
+    assert rc == 2
+    _one_error_line(err, message.format(d=files))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--teacher", "middle", "--model", "no_such_model", "--out", "{d}/run"], "not a model directory"),
+    (["--teacher", "middle", "--data", "{d}/no_audio_here", "--out", "{d}/run"], "not a directory"),
+    (["--teacher", "middle", "--init-student", "{d}/student_bad", "--out", "{d}/run"],
+     "student_bad/config.json: field 'depth' must be an integer"),
+    (["--teacher", "middle", "--out", "{d}/afile"], "a file, not a directory"),
+    (["--teacher", "middle", "--steps", "0", "--out", "{d}/run"], "--steps must be >= 1"),
+])
+def test_distill_train_bad_input(files, capsys, argv, message):
+    from distill.train import main
+    rc, err = _cli(capsys, argv, files, main=main)
+    assert rc == 2
+    _one_error_line(err, message.format(d=files))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--student", "{d}/distill-run/student"], "no such directory; train a student first"),   # the README's
+    (["--student", "{d}/distill-run"], "no such directory; train a student first"),
+    (["--student", "{d}/student_bad"], "field 'depth' must be an integer"),
+    (["--student", "{d}/student_sampling"], "student_sampling/sampling.json: not valid sampling settings "
+                                            "(passes must be an integer >= 1, got 0)"),
+    (["--student", "{d}/student_bad", "--device", "tpu"], "unknown device 'tpu'"),
+    (["--student", "{d}/student_bad", "--windows", "0"], "--windows must be an integer >= 1"),
+])
+def test_distill_evaluate_bad_input(files, capsys, argv, message):
+    from distill.evaluate import main
+    rc, err = _cli(capsys, argv, files, main=main)
+    assert rc == 2
+    _one_error_line(err, message.format(d=files))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--teacher", "middle", "--student", "{d}/distill-run/student", "--shards", "{d}/distill-run/shards",
+      "--write"], "no such directory; run python -m distill.train first"),                   # the README's
+    (["--teacher", "middle", "--student", "{d}/dir.wav", "--shards", "{d}/dir.wav", "--passes", "0"],
+     "--passes must be an integer >= 1"),
+    (["--teacher", "middle", "--student", "{d}/student_bad", "--shards", "{d}/dir.wav", "--out", "{d}/dir.npz"],
+     "--out '{d}/dir.npz' is a directory"),
+    (["--teacher", "middle", "--student", "{d}/student_bad", "--shards", "{d}/dir.wav", "--out", "{d}/t.json"],
+     "field 'depth' must be an integer"),
+])
+def test_distill_tune_bad_input(files, capsys, argv, message):
+    from distill.tune import main
     rc, err = _cli(capsys, argv, files, main=main)
     assert rc == 2
     _one_error_line(err, message.format(d=files))
@@ -367,3 +416,32 @@ def test_npz_records_the_settings_as_used(tmp_path, capsys):
     assert s["sampled_levels"] == [2] and isinstance(s["seed"], int)
     replay, _ = run("again", "--seed", str(s["seed"]))
     np.testing.assert_array_equal(replay, codes)
+
+
+# --------------------------------------------------------------------------------------------
+# what is warned about, in one line
+# --------------------------------------------------------------------------------------------
+
+def test_cli_warns_of_half_precision_on_a_cpu(tmp_path, capsys, monkeypatch):
+    import fastjukebox.settings as settings
+    monkeypatch.setattr(settings, "_warned_half", False)
+    rc = cli.main(["sample", "--model", "tiny", "--device", "cpu", "--dtype", "bf16", "--seconds", "0.1",
+                   "--levels", "2", "-q", "--out", str(tmp_path / "o.wav")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert err.splitlines() == ["fastjukebox sample: warning: bfloat16 on a CPU is about 11x slower than float32 "
+                                "(the CPU has no fast bfloat16 matrix products); use float32 on a CPU"]
+
+
+def test_loud_input_audio_is_named(tmp_path, capsys):
+    import soundfile as sf
+    t = np.arange(44100) / 44100
+    sf.write(tmp_path / "loud.wav", (9.5 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 44100, subtype="FLOAT")
+    rc = cli.main(["encode", "--model", "tiny", str(tmp_path / "loud.wav"), "--out", str(tmp_path / "c.npz")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert len(err.splitlines()) == 1 and "warning: audio file" in err and "peaks at 9.5, above full scale" in err
+    from fastjukebox.audio import load_audio
+    with pytest.warns(UserWarning, match="peaks at 9.5"):
+        audio = load_audio(tmp_path / "loud.wav")
+    assert float(audio.abs().max()) == 1.0
