@@ -57,3 +57,21 @@ def test_temperature_zero_applies_after_top_k_and_top_p():
         gen = torch.Generator().manual_seed(1)
         torch.testing.assert_close(sample_logits(logits, 0.0, top_k, top_p, gen), want, rtol=0, atol=0)
     assert not torch.equal(sample_logits(logits, 1.0, 0, 0.0, torch.Generator().manual_seed(1)), want)
+
+
+def test_cli_accepts_temperature_zero(tmp_path, capsys):
+    import numpy as np
+
+    from fastjukebox.cli import main
+    for seed in (1, 2):
+        assert main(["sample", "--model", "tiny", "--seconds", "0.1", "--levels", "2", "-q", "--temperature", "0",
+                     "--seed", str(seed), "--out", str(tmp_path / f"g{seed}.wav")]) == 0, capsys.readouterr().err
+    codes = [np.load(tmp_path / f"g{seed}.npz")["codes_level2"] for seed in (1, 2)]
+    np.testing.assert_array_equal(codes[0], codes[1])          # greedy: the seed does not matter
+    jb = fj.load("tiny")
+    SAMPLERS["argmax-reference"] = lambda jb, level, **_: ArgmaxWindowSampler(jb.prior(level))
+    try:
+        want = jb.sample(seconds=0.1, levels=(2,), sampler="argmax-reference", progress=False).codes[2]
+    finally:
+        del SAMPLERS["argmax-reference"]
+    np.testing.assert_array_equal(codes[0], want.numpy())

@@ -32,19 +32,26 @@ def _top_codes(jb, seed: int = 3, **sampling) -> torch.Tensor:
     return jb.sample(seconds=0.2, levels=(2,), seed=seed, progress=False, **sampling).codes[2]
 
 
-def test_values_per_level_and_fill():
+def test_values_per_level_and_their_use():
     d = SamplingDefaults(LEVELS, {"temperature": {"2": 0.8}, "top_p": 0.9})
     assert [d.value("temperature", l) for l in range(LEVELS)] == [0.99, 0.99, 0.8]
     assert d.per_level("temperature") == {0: 0.99, 1: 0.99, 2: 0.8}
     assert d.per_level("top_p") == {0: 0.9, 1: 0.9, 2: 0.9}
     assert d.per_level("top_k") == 0                         # not overridden: the built-in value
-    filled = d.fill({"temperature": 0.5, "top_k": None, "seed": 1})
-    assert filled == {"temperature": 0.5, "top_k": 0, "top_p": {0: 0.9, 1: 0.9, 2: 0.9}, "seed": 1}
-    assert SamplingDefaults(LEVELS).fill({}) == {"temperature": 0.99, "top_k": 0, "top_p": 0.0}
+    jb = fj.load("tiny")
+    jb.sampling_defaults = d
+    used = jb.resolve_sampling((2, 1, 0), {"temperature": 0.5, "top_k": None, "seed": 1})
+    assert (used["temperature"], used["top_k"], used["top_p"], used["seed"]) == \
+        ({2: 0.5, 1: 0.5, 0: 0.5}, {2: 0, 1: 0, 0: 0}, {2: 0.9, 1: 0.9, 0: 0.9}, 1)
+    jb.sampling_defaults = SamplingDefaults(LEVELS)
+    used = jb.resolve_sampling((2, 1, 0), {})
+    assert (used["temperature"], used["top_k"], used["top_p"]) == ({2: 0.99, 1: 0.99, 0: 0.99}, {2: 0, 1: 0, 0: 0},
+                                                                   {2: 0.0, 1: 0.0, 0: 0.0})
     # a per-level mapping is completed with the family's values for the levels it leaves out
-    assert d.fill({"temperature": {0: 0.5}})["temperature"] == {0: 0.5, 1: 0.99, 2: 0.8}
-    with pytest.raises(ValueError, match="temperature: this model has levels 0..2, not 7"):
-        d.fill({"temperature": {7: 0.5}})
+    jb.sampling_defaults = d
+    assert jb.resolve_sampling((2, 1, 0), {"temperature": {0: 0.5}})["temperature"] == {0: 0.5, 1: 0.99, 2: 0.8}
+    with pytest.raises(ValueError, match=r"temperature names level\(s\) 7, which this call does not sample"):
+        jb.resolve_sampling((2, 1, 0), {"temperature": {7: 0.5}})
 
 
 @pytest.mark.parametrize("settings, message", [
