@@ -21,7 +21,8 @@ import torch.nn as nn
 from .checkpoint import CheckpointError, load_component, save_component
 from .prior import Prior
 from .sampling_defaults import SamplingDefaults
-from .settings import SettingsError, check_codes, check_count, check_device, check_seconds, warn_half_on_cpu
+from .settings import (SettingsError, check_codes, check_count, check_device, check_seconds, resolve_sampling,
+                       warn_half_on_cpu)
 from .vqvae import VQVAE
 
 ASSETS = Path(__file__).parent / "assets"
@@ -98,7 +99,6 @@ class Jukebox(nn.Module):
         """``sampling`` (keyword arguments of a sampling call) checked and resolved for ``levels``
         (``fastjukebox.settings.resolve_sampling``): named errors before any model work."""
         from .generate import SAMPLERS, STUDENT_SAMPLERS
-        from .settings import resolve_sampling
         return resolve_sampling(self, levels, sampling, SAMPLERS, STUDENT_SAMPLERS)
 
     def sample(self, artist=0, genre=0, lyrics: str = "", *, seconds: float = 10.0, n_samples: int = 1,
@@ -109,14 +109,19 @@ class Jukebox(nn.Module):
         artist, genre: names (with ``ids``: the original id files as ``LabelIds``) or numeric ids.
         prompt: audio (T,) or (N, T) at ``sr``; it is encoded at every level and continued
             (the original's primed mode).
-        sampling: temperature, top_k, top_p (one value or per level; unset: the family's
+        seconds: finite, at most ``fastjukebox.settings.MAX_SECONDS``.
+        sampling: temperature (0: greedy), top_k, top_p (one value, or per level as
+            {level: value} naming sampled levels only; unset: the family's
             ``sampling_defaults``, else 0.99 / off / off), chunk_size, hop_fraction,
             max_batch_size, seed, sampler ("ar", "ar-graph" (CUDA-graph decode steps on a GPU),
             "parallel" (distilled students for the upsamplers), "speculative" (the exact
             distribution, drafted by the students) or {level: name}), passes (parallel decoding
             passes per window; default: each student's own, from its sampling.json), gamma
             (positions the teacher verifies per call, "speculative"), progress.
-        Returns a ``SampleResult`` (codes per level, level 0 first; audio (N, T) in [-1, 1]).
+        Every setting is checked before any model work (``fastjukebox.settings``: a
+        ``SettingsError`` names a bad one).
+        Returns a ``SampleResult`` (codes per level, level 0 first; audio (N, T) in [-1, 1];
+        ``settings``: the settings as used, the drawn seed included).
         """
         from .generate import run, seconds_to_length
         levels = tuple(sorted(self.levels, reverse=True)) if levels is None else tuple(levels)
