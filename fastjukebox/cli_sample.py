@@ -536,7 +536,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES),
                    help="compute in this dtype (default: as stored); float16/bfloat16 are for GPUs: on a CPU "
-                        "they run about 11x slower than float32 (a warning says so)")
+                        "they run 3 to 11 times slower than float32 (a warning says so)")
 
 
 def _label_options(p: argparse.ArgumentParser, stored: bool) -> None:

@@ -306,7 +306,7 @@ def test_api_bad_input(tiny, call, error, message):
 def test_half_on_cpu_warns_once_with_the_cost(monkeypatch):
     import fastjukebox.settings as settings
     monkeypatch.setattr(settings, "_warned_half", False)
-    with pytest.warns(UserWarning, match=r"bfloat16 on a CPU is about \d+x slower than float32"):
+    with pytest.warns(UserWarning, match=r"bfloat16 on a CPU runs 3 to 11 times slower than float32"):
         fj.load("tiny", dtype=torch.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -429,8 +429,8 @@ def test_cli_warns_of_half_precision_on_a_cpu(tmp_path, capsys, monkeypatch):
                    "--levels", "2", "-q", "--out", str(tmp_path / "o.wav")])
     err = capsys.readouterr().err
     assert rc == 0, err
-    assert err.splitlines() == ["fastjukebox sample: warning: bfloat16 on a CPU is about 11x slower than float32 "
-                                "(the CPU has no fast bfloat16 matrix products); use float32 on a CPU"]
+    assert len(err.splitlines()) == 1
+    assert err.startswith("fastjukebox sample: warning: bfloat16 on a CPU runs 3 to 11 times slower than float32")
 
 
 def test_loud_input_audio_is_named(tmp_path, capsys):
