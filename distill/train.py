@@ -45,7 +45,7 @@ from fastjukebox.atomic import atomic_path
 from fastjukebox.cli_options import HelpFormatter
 from fastjukebox.train.loop import lr_factor
 
-from .data import GenerationConfig, generate_shards, load_pieces, load_shards
+from .data import GenerationConfig, generate_shards, load_pieces, load_shards, read_meta
 from .schedules import sample_training_mask
 
 TEACHERS = {"middle": 1, "bottom": 0}
@@ -358,6 +358,7 @@ def train(cfg: DistillConfig) -> dict:
         prior = jb.prior(cfg.level).eval()
         pieces = load_pieces(cfg.data, "train", jb.sr, limit=cfg.pieces)
         init = None if not cfg.init_student else ParallelStudent.load(cfg.init_student, device=acc.device)
+        read_meta(cfg.shard_dir)           # shards of an earlier run: their settings file must be readable
     except (ValueError, OSError) as e:
         raise InputError(str(e)) from None
     if not cfg.resume and ckpt.exists():

@@ -44,6 +44,8 @@ def files(tmp_path_factory):
         shutil.copytree(ASSETS / "tiny", m)
         cfg = m / "prior_level_1" / "config.json"
         cfg.write_text(json.dumps(mutate(json.loads(cfg.read_text()))))
+    (d / "shards_bad").mkdir()
+    (d / "shards_bad" / "meta.json").write_text("{truncated")
     m = d / "model_sampling"
     shutil.copytree(ASSETS / "tiny", m)
     (m / "sampling.json").write_text(json.dumps({"temperature": "hot"}))
@@ -208,6 +210,8 @@ def test_convert_bad_input(files, capsys, argv, message):
      "student_bad/config.json: field 'depth' must be an integer"),
     (["--teacher", "middle", "--out", "{d}/afile"], "a file, not a directory"),
     (["--teacher", "middle", "--steps", "0", "--out", "{d}/run"], "--steps must be >= 1"),
+    (["--teacher", "middle", "--shards-dir", "{d}/shards_bad", "--out", "{d}/run"],
+     "shards_bad/meta.json: not a readable JSON file"),
 ])
 def test_distill_train_bad_input(files, capsys, argv, message):
     from distill.train import main
@@ -394,12 +398,14 @@ def test_outputs_are_written_as_a_set(tmp_path, monkeypatch):
     assert a.read_text() == "new audio" and b.read_text() == "codes"
 
 
-def test_corrupt_shard_meta_is_named(tmp_path):
-    from distill.data import META_NAME, GenerationConfig, _write_meta
-    (tmp_path / META_NAME).write_text("{not json")
-    with pytest.raises(ValueError, match=rf"{META_NAME}: not a readable JSON file"):
-        _write_meta(tmp_path, GenerationConfig(level=1, n_ctx=8, shards=1, shard_size=1, k=2, temperature=1.0,
-                                               seed=0, batch_size=1))
+def test_gitignore_covers_the_commands_default_outputs():
+    import fnmatch
+    patterns = [l.strip().strip("/") for l in (Path(__file__).resolve().parents[1] / ".gitignore").read_text()
+                .splitlines() if l.strip() and not l.startswith("#")]
+    for name in ("upsampled.wav", "upsampled.npz", "upsampled.png", "sample.wav", "sample_0.wav", "sample.npz",
+                 "continued.flac", "decoded.wav", "codes.npz", "song.wav", "tune.json", "distill-run",
+                 "distill-eval-20260101-000000"):
+        assert any(fnmatch.fnmatch(name, p) for p in patterns), name
 
 
 def test_npz_records_the_settings_as_used(tmp_path, capsys):
