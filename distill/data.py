@@ -287,11 +287,27 @@ class GenerationConfig:
     data: str = "demo-corpus"
 
 
+def read_meta(directory: str | os.PathLike) -> dict | None:
+    """The generation settings a shard directory was made with (None: no shards yet); a
+    ``ValueError`` names an unreadable file."""
+    path = Path(directory) / META_NAME
+    if not path.exists():
+        return None
+    try:
+        have = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e}); delete it (the shards beside it are "
+                         f"checked on their own) or use another directory") from None
+    if not isinstance(have, dict):
+        raise ValueError(f"{path}: expected a JSON object of generation settings, got {type(have).__name__}")
+    return have
+
+
 def _write_meta(directory: Path, gen: GenerationConfig) -> None:
     path = directory / META_NAME
     want = asdict(gen)
-    if path.exists():
-        have = json.loads(path.read_text())
+    have = read_meta(directory)
+    if have is not None:
         diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v and k != "shards"}
         if diff:
             raise ValueError(f"{directory} holds shards made with other settings "

@@ -16,7 +16,6 @@ the autoregressive sampler does (temperature 0: all mass on the argmax).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from kernels.sampling.reference import exponential_noise_, sampling_probs
 
@@ -28,9 +27,7 @@ __all__ = ["proposal_probs", "draw", "span_bounds", "StudentDraft"]
 def proposal_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
     """The distribution the autoregressive sampler draws from for these logits (``(..., V)`` ->
     fp32 ``(..., V)``); temperature 0 puts all mass on the (filtered) argmax."""
-    if temperature > 0:
-        return sampling_probs(logits, temperature, top_k, top_p)
-    return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    return sampling_probs(logits, temperature, top_k, top_p)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

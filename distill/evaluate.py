@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from fastjukebox.atomic import atomic_path
+from fastjukebox.cli_options import HelpFormatter, run_command
 
 from .data import load_pieces, real_windows, sample_teacher, sample_windows
 from .metrics import (CallCounter, code_histogram, codebook_usage, default_fft_sizes, histogram_tv, mr_stft_distance,
@@ -280,36 +281,56 @@ def _student_dir(path: str) -> Path:
     p = Path(path)
     if (p / "student" / "config.json").is_file():      # a training run directory
         return p / "student"
+    if not p.exists():
+        raise ValueError(f"--student {p}: no such directory; train a student first "
+                         f"(python -m distill.train --teacher middle --out {p.parent if p.name == 'student' else p})")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m distill.evaluate", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m distill.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--student", required=True, help="student directory (or a distill.train run directory)")
-    p.add_argument("--model", default="demo", help="teacher model directory or bundled name (default: demo)")
+    p.add_argument("--model", default="demo", help="teacher model directory or bundled name")
     p.add_argument("--data", default=None, help="audio directory (default: the demo corpus, held-out split)")
     p.add_argument("--out", default=None, help="output directory (default: ./distill-eval-<time>)")
     p.add_argument("--windows", type=int, default=64, help="held-out windows (half train the two-sample classifier)")
     p.add_argument("--passes", type=int, default=None, help="student passes per window (K; default: the student's own)")
     p.add_argument("--c2st-steps", type=int, default=300, help="training steps of the two-sample classifier")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("--batch-size", type=int, default=16, help="windows sampled together")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of teacher and student")
+    p.add_argument("--seed", type=int, default=1, help="seed of the windows and of the samples")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (default: shown)")
+    return p
+
+
+def _run(args) -> int:
     import fastjukebox as fj
+    from fastjukebox.settings import check_count, check_device
     from .student import ParallelStudent
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(check_device(args.device)) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
+    for name in ("windows", "c2st_steps", "batch_size"):
+        check_count(getattr(args, name), f"--{name.replace('_', '-')}")
+    check_count(args.passes, "--passes", allow_none=True)
+    if not 0 <= args.temperature < float("inf"):
+        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     student = ParallelStudent.load(_student_dir(args.student), device=device)
     jb = fj.load(args.model, device=device)
     out = Path(args.out) if args.out else Path.cwd() / f"distill-eval-{datetime.now():%Y%m%d-%H%M%S}"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a directory")
     r = evaluate(jb, student, data=args.data, windows=args.windows, passes=args.passes, batch_size=args.batch_size,
                  temperature=args.temperature, seed=args.seed, out=out, progress=not args.quiet,
                  c2st_steps=args.c2st_steps)
     print(format_markdown(r))
     print(f"written: {out / 'eval.json'}, {out / 'eval.md'}, {out / 'eval.png'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Bad input is one line on stderr and exit status 2."""
+    return run_command(_run, build_parser().parse_args(argv), "python -m distill.evaluate")
 
 
 if __name__ == "__main__":

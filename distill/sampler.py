@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from fastjukebox.sampling import filter_logits
+from fastjukebox.settings import check_knob
 
 from .schedules import masks_per_pass, pass_temperature, spread_order
 from .student import ORDERS, ParallelStudent
@@ -58,10 +59,9 @@ def check_window_call(known, n_new, temperature, top_k, top_p, config, device) -
     c = config
     if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 0:
         raise ValueError(f"n_new must be an integer >= 0, got {n_new!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k < 0 or not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"top_k must be >= 0 and top_p in [0, 1]; got top_k={top_k}, top_p={top_p}")
+    check_knob("temperature", temperature)
+    check_knob("top_k", top_k)
+    check_knob("top_p", top_p)
     z = torch.as_tensor(known)
     if z.is_floating_point() or z.is_complex() or z.dtype == torch.bool:
         raise ValueError(f"known must be an integer tensor of codes, got {z.dtype}")

@@ -7,7 +7,8 @@
         # own --cpu flag starts a single process unless MPI is set up.)
 
 1. Teacher samples: ``distill.data.generate_shards`` writes ``OUT/shards`` (shard ``i`` made by
-   rank ``i % world_size``; finished shards are kept, so it resumes).
+   rank ``i % world_size``; finished shards are kept, so it resumes; corrupt ones are named and
+   made again).
 2. Training of ``ParallelStudent.from_teacher(prior)`` (or of ``--init-student``): masked-token
    cross-entropy on the masked positions (mask ratio from ``distill.schedules``), plus
    ``--soft-weight`` x the KL from the teacher's renormalised top-k to the student at masked positions of teacher samples. A
@@ -41,9 +42,10 @@ import torch
 import torch.nn as nn
 
 from fastjukebox.atomic import atomic_path
+from fastjukebox.cli_options import HelpFormatter
 from fastjukebox.train.loop import lr_factor
 
-from .data import GenerationConfig, generate_shards, load_pieces, load_shards
+from .data import GenerationConfig, generate_shards, load_pieces, load_shards, read_meta
 from .schedules import sample_training_mask
 
 TEACHERS = {"middle": 1, "bottom": 0}
@@ -84,7 +86,6 @@ class DistillConfig:
     log_every: int = 10
     mixed_precision: str = "auto"
     resume: bool = False
-    skip_corrupt: bool = False
     evaluate: bool = True
     eval_windows: int = 64
     passes: int = 4                          # decoding passes per window, saved with the student
@@ -333,6 +334,10 @@ def _choose_sampling(cfg: DistillConfig, prior, student, data: dict, result: dic
     return setting
 
 
+class InputError(ValueError):
+    """A bad ``--model``, ``--data``, ``--init-student`` or ``--out``, found before anything is written."""
+
+
 def train(cfg: DistillConfig) -> dict:
     """Generate teacher data, train the student, save it and (unless ``cfg.evaluate`` is False)
     evaluate it. Returns the summary (with the evaluation under ``"eval"``)."""
@@ -348,14 +353,22 @@ def train(cfg: DistillConfig) -> dict:
                       cpu=cfg.cpu or not torch.cuda.is_available())
     main = acc.is_main_process
     out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
     ckpt, log = out / "checkpoint.pt", out / "metrics.jsonl"
+    # the inputs first: a bad --model, --data, --init-student or --out creates nothing
+    try:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out}: a file, not a directory")
+        jb = fj.load(cfg.model, device=acc.device)
+        prior = jb.prior(cfg.level).eval()
+        pieces = load_pieces(cfg.data, "train", jb.sr, limit=cfg.pieces)
+        init = None if not cfg.init_student else ParallelStudent.load(cfg.init_student, device=acc.device)
+        read_meta(cfg.shard_dir)           # shards of an earlier run: their settings file must be readable
+    except (ValueError, OSError) as e:
+        raise InputError(str(e)) from None
     if not cfg.resume and ckpt.exists():
         raise FileExistsError(f"{ckpt} exists: pass --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
-
-    jb = fj.load(cfg.model, device=acc.device)
-    prior = jb.prior(cfg.level).eval()
     for p in jb.parameters():
         p.requires_grad_(False)
 
@@ -364,17 +377,16 @@ def train(cfg: DistillConfig) -> dict:
                            k=cfg.k, temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.gen_batch_size,
                            model=str(cfg.model),
                            data=str(cfg.data) if cfg.data else "demo-corpus")
-    pieces = load_pieces(cfg.data, "train", jb.sr, limit=cfg.pieces)
     generate_shards(prior, jb.vqvae, pieces, cfg.shard_dir, gen, rank=acc.process_index,
                     world_size=acc.num_processes, progress=cfg.progress)
     acc.wait_for_everyone()
-    data = load_shards(cfg.shard_dir, on_corrupt="skip" if cfg.skip_corrupt else "error", expect=cfg.shards)
+    data = load_shards(cfg.shard_dir, expect=cfg.shards)     # corrupt shards were made again above
     del pieces
 
     # 2. student, optimiser, resume
     torch.manual_seed(cfg.seed)
-    if cfg.init_student:
-        student = ParallelStudent.load(cfg.init_student, device=acc.device).float().train()
+    if init is not None:
+        student = init.float().train()
         if student.config.to_dict() != prior.config.to_dict():
             raise ValueError(f"--init-student {cfg.init_student}: a student for another teacher "
                              f"(level {student.config.level}, not the level-{cfg.level} teacher's architecture)")
@@ -458,40 +470,51 @@ def train(cfg: DistillConfig) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m distill.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", required=True, choices=sorted(TEACHERS), help="upsampler to distil")
-    p.add_argument("--model", default="demo", help="model directory or bundled name (default: demo)")
+    p = argparse.ArgumentParser(prog="python -m distill.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--teacher", required=True, choices=sorted(TEACHERS),
+                   help="upsampler to distil: middle (level 1) or bottom (level 0)")
+    p.add_argument("--model", default="demo", help="model directory or bundled name")
     p.add_argument("--data", default=None, help="directory of audio files (default: the demo corpus)")
     p.add_argument("--pieces", type=int, default=24,
                    help="how many source pieces to encode (demo corpus: chorales; 0: all)")
-    p.add_argument("--out", default="distill-run", help="run directory (default: ./distill-run)")
+    p.add_argument("--out", default="distill-run", help="run directory")
     p.add_argument("--shards-dir", default=None, help="teacher-sample shards (default: OUT/shards)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--shards", type=int, default=None, help="number of teacher-sample shards")
-    p.add_argument("--shard-size", type=int, default=None, help="windows per shard")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps (default: {DEFAULTS['middle']['steps']} for either teacher)")
+    p.add_argument("--shards", type=int, default=None,
+                   help=f"number of teacher-sample shards (default: {DEFAULTS['middle']['shards']})")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help=f"windows per shard (default: {DEFAULTS['middle']['shard_size']})")
+    p.add_argument("--batch-size", type=int, default=16, help="training windows per step")
     p.add_argument("--gen-batch-size", type=int, default=16, help="windows sampled together by the teacher")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1,
+                   help="learning rate at the end of the cosine decay, as a fraction of --lr")
+    p.add_argument("--warmup", type=int, default=100, help="steps of linear learning-rate warmup")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping threshold")
     p.add_argument("--k", type=int, default=8, help="top-k soft targets stored per position")
     p.add_argument("--temperature", type=float, default=1.0, help="teacher sampling temperature")
     p.add_argument("--real-ratio", type=float, default=0.25, help="fraction of examples on real codes")
     p.add_argument("--soft-weight", type=float, default=0.25, help="weight of the top-k KL (0: off)")
     p.add_argument("--prefix-prob", type=float, default=0.25, help="chance of keeping the first half visible")
     p.add_argument("--no-prefix-layout", dest="prefix_layout", action="store_false",
-                   help="train full bidirectional attention only (no prefix-cached layout)")
+                   help="train full bidirectional attention only (default: prefix examples train the "
+                        "prefix-cached layout)")
     p.add_argument("--init-student", default=None,
-                   help="start from this student directory (e.g. a shipped one) instead of the teacher's weights")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ckpt-every", type=int, default=100)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
-    p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
-    p.add_argument("--skip-corrupt", action="store_true", help="leave corrupt shards out instead of stopping")
-    p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the final evaluation")
+                   help="start from this student directory (e.g. a shipped one) instead of the teacher's weights "
+                        "(default: the teacher's weights)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the teacher samples, batches and masks")
+    p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (OUT/checkpoint.pt)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between lines of OUT/metrics.jsonl")
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                   help="accelerate's mixed precision (auto: bf16 on a GPU that has it, else fp16 on a GPU, none on a CPU)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue OUT/checkpoint.pt (default: refuse an --out that holds one). Shards are "
+                        "always kept when complete and made again when corrupt")
+    p.add_argument("--no-eval", dest="evaluate", action="store_false",
+                   help="skip the final evaluation (default: evaluate into OUT/eval)")
     p.add_argument("--eval-windows", type=int, default=64, help="held-out windows of the final evaluation")
     p.add_argument("--passes", type=int, default=4,
                    help="decoding passes per window: saved with the student (sampling.json), used by the noise "
@@ -499,8 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence-noise", type=float, default=None,
                    help="the student's unmasking noise (default: chosen on shard windows after training)")
     p.add_argument("--tune-windows", type=int, default=16, help="shard windows the noise is chosen on")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars (default: shown)")
+    p.add_argument("--cpu", action="store_true",
+                   help="train on the CPU even when a GPU is present (default: the GPU when there is one)")
     return p
 
 
@@ -515,7 +540,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = train(cfg)
-    except (ValueError, FileExistsError) as e:    # bad data, corrupt shards, mismatched resume
+    except InputError as e:                       # bad input, named before --out is created
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileExistsError) as e:    # bad data, mismatched resume
         print(f"error: {e}", file=sys.stderr)
         return 1
     if "eval" in result:

@@ -174,35 +174,55 @@ def choose_passes(prior, student, teacher_codes: torch.Tensor, upper: torch.Tens
                                           f"gap <= {max_gap} and uses >= {min_usage:.0%} of the teacher's codes"}
 
 
-def main(argv=None) -> int:
+def build_parser():
     import argparse
+    from pathlib import Path
+
+    from fastjukebox.cli_options import HelpFormatter
+    from .train import TEACHERS
+
+    p = argparse.ArgumentParser(prog="python -m distill.tune", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--teacher", required=True, choices=sorted(TEACHERS),
+                   help="the student's teacher: middle (level 1) or bottom (level 0)")
+    p.add_argument("--model", default="demo", help="family holding the teacher")
+    p.add_argument("--student", required=True, type=Path, help="student directory")
+    p.add_argument("--shards", required=True, type=Path, help="teacher-sample shards (training data)")
+    p.add_argument("--passes", type=int, nargs="+", default=list(PASSES_GRID),
+                   help="candidate decoding passes per window")
+    p.add_argument("--windows", type=int, default=16, help="shard windows to choose on")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window choice and of the student's samples")
+    p.add_argument("--temperature", type=float, default=1.0, help="the shards' sampling temperature")
+    p.add_argument("--out", type=Path, default=Path("tune.json"), help="where the report goes (JSON)")
+    p.add_argument("--write", action="store_true",
+                   help="save the choice in the student's sampling.json (default: the report only)")
+    return p
+
+
+def _run(args) -> int:
     import json
     import sys
     from dataclasses import asdict, replace
-    from pathlib import Path
 
     import fastjukebox as fj
-    from fastjukebox.atomic import atomic_path
+    from fastjukebox.atomic import atomic_path, check_target
+    from fastjukebox.settings import check_count
     from .data import load_shards
     from .student import SAMPLING_NAME, ParallelStudent
     from .train import TEACHERS
 
-    p = argparse.ArgumentParser(prog="python -m distill.tune", description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", required=True, choices=sorted(TEACHERS))
-    p.add_argument("--model", default="demo", help="family holding the teacher (default: the embedded demo)")
-    p.add_argument("--student", required=True, type=Path, help="student directory")
-    p.add_argument("--shards", required=True, type=Path, help="teacher-sample shards (training data)")
-    p.add_argument("--passes", type=int, nargs="+", default=list(PASSES_GRID))
-    p.add_argument("--windows", type=int, default=16, help="shard windows to choose on")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0, help="the shards' sampling temperature")
-    p.add_argument("--out", type=Path, default=Path("tune.json"), help="where the report goes (JSON)")
-    p.add_argument("--write", action="store_true", help="save the choice in the student's sampling.json")
-    args = p.parse_args(argv)
+    for k in args.passes:
+        check_count(k, "--passes")
+    check_count(args.windows, "--windows")
+    for name, path in (("--student", args.student), ("--shards", args.shards)):
+        if not path.is_dir():
+            raise ValueError(f"{name} {path}: no such directory; run python -m distill.train first (its --out "
+                             f"holds student/ and shards/)")
+    check_target(args.out, "--out")
     prior = fj.load(args.model).prior(TEACHERS[args.teacher])
     student = ParallelStudent.load(args.student)
     if student.config.level != prior.config.level:
-        raise SystemExit(f"{args.student} is a level-{student.config.level} student; --teacher {args.teacher} "
+        raise ValueError(f"{args.student} is a level-{student.config.level} student; --teacher {args.teacher} "
                          f"is level {prior.config.level}")
     codes, upper, labels = shard_windows(load_shards(args.shards), args.windows, args.seed + 2)
     n = upper.shape[0]
@@ -226,6 +246,12 @@ def main(argv=None) -> int:
             tmp.write_text(json.dumps(asdict(settings), indent=1))
         print(f"wrote {args.student / SAMPLING_NAME}", file=sys.stderr)
     return 0
+
+
+def main(argv=None) -> int:
+    """Bad input is one line on stderr and exit status 2."""
+    from fastjukebox.cli_options import run_command
+    return run_command(_run, build_parser().parse_args(argv), "python -m distill.tune")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,7 +54,7 @@ import torch.nn.functional as F
 
 from .atomic import atomic_path
 
-__all__ = ["AudioError", "SUPPORTED_SUFFIXES", "load_audio", "resample", "save_audio"]
+__all__ = ["AudioError", "SUPPORTED_SUFFIXES", "audio_paths", "warn_if_loud", "load_audio", "resample", "save_audio"]
 
 #: Suffixes ``save_audio`` writes, with the libsndfile major format used for each.
 SUPPORTED_SUFFIXES: dict[str, str] = {".wav": "WAV", ".flac": "FLAC"}
@@ -227,6 +228,9 @@ def load_audio(path: str | os.PathLike, sr: int = 44100, resample: bool = True,
     is resampled, up to the filter's length of neighbouring audio is read on either side, so the
     segment comes out as it would have inside the resampled whole file.
 
+    A file that peaks above full scale (a float file, e.g. at 9.5) is clipped to [-1, 1] with a
+    warning naming its peak (normalise it first to keep its shape).
+
     Raises :class:`AudioError` (naming the file) when it is missing, unreadable, corrupt, empty
     or contains non-finite samples, and ``ImportError`` when soundfile is not installed.
     """
@@ -291,12 +295,13 @@ def load_audio(path: str | os.PathLike, sr: int = 44100, resample: bool = True,
         raise AudioError(f"audio file '{name}' contains non-finite (NaN or infinite) samples")
     mono = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1, dtype=np.float64),
                                                  dtype=np.float32))
+    warn_if_loud(mono, f"audio file '{name}'")       # a float file louder than full scale
     if sr_file != sr:
         count = min(data.shape[0] - lead, stop - start)
         up, down, _, _ = _ratio(sr_file, sr)
         first_out = lead * up // down
         mono = _resample(mono, sr_file, sr)[first_out:first_out - (-count * up // down)]
-    return mono.clamp_(-1.0, 1.0).contiguous()
+    return mono.clamp_(-1.0, 1.0).contiguous()    # the resampling filter's overshoot only
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,6 +327,25 @@ def _write_atomic(sf: Any, target: Path, data: np.ndarray, sr: int, fmt: str, su
             sf.write(fh, data, sr, subtype=subtype, format=fmt)
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def audio_paths(path: str | os.PathLike, n: int) -> list[Path]:
+    """The files ``save_audio`` writes for ``n`` rows: ``path`` itself for one, else
+    ``{stem}_{i}{suffix}`` beside it."""
+    target = Path(path)
+    if n == 1:
+        return [target]
+    return [target.with_name(f"{target.stem}_{i}{target.suffix}") for i in range(n)]
+
+
+def warn_if_loud(audio: torch.Tensor, name: str) -> torch.Tensor:
+    """``audio`` unchanged; a warning names its peak when it exceeds 1 (full scale), since the
+    models take [-1, 1] and the louder samples are clipped there."""
+    peak = float(audio.abs().max()) if audio.numel() else 0.0
+    if peak > 1.0:
+        warnings.warn(f"{name} peaks at {peak:.3g}, above full scale: clipped to [-1, 1]; divide it by "
+                      f"{peak:.3g} (normalise it) for an unclipped input", UserWarning, stacklevel=2)
+    return audio
 
 
 def save_audio(path: str | os.PathLike, audio: torch.Tensor | np.ndarray, sr: int = 44100,
@@ -362,10 +386,7 @@ def save_audio(path: str | os.PathLike, audio: torch.Tensor | np.ndarray, sr: in
     data = np.clip(data, -1.0, 1.0)
 
     rows: Sequence[np.ndarray] = [data] if data.ndim == 1 else list(data)
-    if data.ndim == 2 and data.shape[0] > 1:
-        targets = [target.with_name(f"{target.stem}_{i}{target.suffix}") for i in range(len(rows))]
-    else:
-        targets = [target]
+    targets = audio_paths(target, len(rows))
     target.parent.mkdir(parents=True, exist_ok=True)
     for row, dest in zip(rows, targets):
         try:

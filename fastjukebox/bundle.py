@@ -24,6 +24,8 @@ import torch.nn as nn
 from .checkpoint import CheckpointError, load_component, save_component
 from .prior import Prior
 from .sampling_defaults import SamplingDefaults
+from .settings import (SettingsError, check_codes, check_count, check_device, check_seconds, resolve_sampling,
+                       warn_half_on_cpu)
 from .vqvae import VQVAE
 
 ASSETS = Path(__file__).parent / "assets"
@@ -70,6 +72,12 @@ class Jukebox(nn.Module):
         return sorted(int(k) for k in self.priors)
 
     @property
+    def upsampler_levels(self) -> tuple[int, ...]:
+        """The levels ``upsample`` samples: those below the top with a prior, top first."""
+        top = self.vqvae.config.levels - 1
+        return tuple(l for l in sorted(self.levels, reverse=True) if l < top)
+
+    @property
     def sr(self) -> int:
         return self.vqvae.config.sr
 
@@ -82,17 +90,23 @@ class Jukebox(nn.Module):
         return kw
 
     def _check_codes(self, codes, level: int, n: int | None = None) -> torch.Tensor:
-        z = torch.as_tensor(codes)
+        z = check_codes(codes, f"level-{level} codes")
         if z.dim() == 1:
             z = z[None]
-        if z.dim() != 2 or z.is_floating_point():
-            raise ValueError(f"level-{level} codes must be integers (N, T); got {z.dtype} {tuple(z.shape)}")
+        if z.dim() != 2:
+            raise SettingsError(f"level-{level} codes must be (N, T); got shape {tuple(z.shape)}")
         l_bins = self.vqvae.config.l_bins
-        if z.numel() and (z.min() < 0 or z.max() >= l_bins):
-            raise ValueError(f"level-{level} codes must be in [0, {l_bins})")
+        if z.min() < 0 or z.max() >= l_bins:
+            raise SettingsError(f"level-{level} codes must be in [0, {l_bins})")
         if n is not None and z.shape[0] != n:
-            raise ValueError(f"level-{level} codes have {z.shape[0]} samples, expected {n}")
+            raise SettingsError(f"level-{level} codes have {z.shape[0]} samples, expected {n}")
         return z.long()
+
+    def resolve_sampling(self, levels, sampling: dict) -> dict:
+        """``sampling`` (keyword arguments of a sampling call) checked and resolved for ``levels``
+        (``fastjukebox.settings.resolve_sampling``): named errors before any model work."""
+        from .generate import SAMPLERS, STUDENT_SAMPLERS
+        return resolve_sampling(self, levels, sampling, SAMPLERS, STUDENT_SAMPLERS)
 
     def sample(self, artist=0, genre=0, lyrics: str = "", *, seconds: float = 10.0, n_samples: int = 1,
                total_seconds: float | None = None, offset_seconds: float = 0.0, levels=None, prompt=None,
@@ -102,7 +116,9 @@ class Jukebox(nn.Module):
         artist, genre: names (with ``ids``: the original id files as ``LabelIds``) or numeric ids.
         prompt: audio (T,) or (N, T) at ``sr``; it is encoded at every level and continued
             (the original's primed mode).
-        sampling: temperature, top_k, top_p (one value or per level; unset: the family's
+        seconds: finite, at most ``fastjukebox.settings.MAX_SECONDS``.
+        sampling: temperature (0: greedy), top_k, top_p (one value, or per level as
+            {level: value} naming sampled levels only; unset: the family's
             ``sampling_defaults``, else 0.99 / off / off), chunk_size, hop_fraction,
             max_batch_size, seed, sampler ("ar", "ar-graph" (CUDA-graph decode steps on a GPU),
             "parallel" (distilled students for the upsamplers), "speculative" (the exact
@@ -110,14 +126,20 @@ class Jukebox(nn.Module):
             passes per window; default: each student's own, from its sampling.json), gamma
             (positions the teacher verifies per call, "speculative"), progress, sample_seeds (one
             seed per sample: each sample is drawn from its own generator, see ``sample_seeds``).
-        Returns a ``SampleResult`` (codes per level, level 0 first; audio (N, T) in [-1, 1]).
+        Every setting is checked before any model work (``fastjukebox.settings``: a
+        ``SettingsError`` names a bad one).
+        Returns a ``SampleResult`` (codes per level, level 0 first; audio (N, T) in [-1, 1];
+        ``settings``: the settings as used, the drawn seed included).
         """
         from .generate import run, seconds_to_length
         levels = tuple(sorted(self.levels, reverse=True)) if levels is None else tuple(levels)
-        length = seconds_to_length(self, seconds)
+        n_samples = check_count(n_samples, "n_samples")
+        length = seconds_to_length(self, check_seconds(seconds))
+        settings = self.resolve_sampling(levels, sampling)
         codes = None
         if prompt is not None:
-            audio = torch.as_tensor(prompt, dtype=torch.float32)
+            from .audio import warn_if_loud
+            audio = warn_if_loud(torch.as_tensor(prompt, dtype=torch.float32), "the prompt")
             audio = audio[None] if audio.dim() == 1 else audio
             if audio.shape[0] == 1 and n_samples > 1:
                 audio = audio.expand(n_samples, -1)
@@ -128,7 +150,7 @@ class Jukebox(nn.Module):
             codes = self.vqvae.encode(audio[:, :keep])
         return run(self, codes=codes, levels=levels, sample_length=length,
                    labels_kw=self._labels_kw(artist, genre, lyrics, n_samples, total_seconds, offset_seconds, ids),
-                   **self.sampling_defaults.fill(sampling))
+                   **settings)
 
     def upsample(self, top_codes, artist=0, genre=0, lyrics: str = "", *, total_seconds=None,
                  offset_seconds: float = 0.0, ids=None, **sampling):
@@ -137,10 +159,11 @@ class Jukebox(nn.Module):
         top = self.vqvae.config.levels - 1
         z = self._check_codes(top_codes, top)
         codes = [None] * top + [z]
-        levels = tuple(l for l in sorted(self.levels, reverse=True) if l < top)
+        levels = self.upsampler_levels
+        settings = self.resolve_sampling(levels, sampling)
         return run(self, codes=codes, levels=levels, sample_length=z.shape[1] * self.vqvae.hop_lengths[-1],
                    labels_kw=self._labels_kw(artist, genre, lyrics, z.shape[0], total_seconds, offset_seconds, ids),
-                   **self.sampling_defaults.fill(sampling))
+                   **settings)
 
     def continue_(self, codes, artist=0, genre=0, lyrics: str = "", *, seconds: float, total_seconds=None,
                   offset_seconds: float = 0.0, levels=None, ids=None, **sampling):
@@ -148,20 +171,21 @@ class Jukebox(nn.Module):
         from .generate import run, seconds_to_length
         if len(codes) != self.vqvae.config.levels:
             raise ValueError(f"codes must list {self.vqvae.config.levels} levels, level 0 first; got {len(codes)}")
-        n = next((torch.as_tensor(z).reshape(-1, torch.as_tensor(z).shape[-1]).shape[0]
-                  for z in codes if z is not None), None)
-        if n is None:
-            raise ValueError("no codes given to continue from")
+        first = next(((l, z) for l, z in enumerate(codes) if z is not None), None)
+        if first is None:
+            raise SettingsError("no codes given to continue from")
+        n = self._check_codes(first[1], first[0]).shape[0]
         zs = [None if z is None else self._check_codes(z, l, n) for l, z in enumerate(codes)]
-        length = seconds_to_length(self, seconds)
+        length = seconds_to_length(self, check_seconds(seconds))
         for l, z in enumerate(zs):
             if z is not None and z.shape[1] > length // self.vqvae.hop_lengths[l]:
                 raise ValueError(f"level-{l} codes ({z.shape[1]}) already exceed {seconds} s "
                                  f"({length // self.vqvae.hop_lengths[l]} codes)")
         levels = tuple(sorted(self.levels, reverse=True)) if levels is None else tuple(levels)
+        settings = self.resolve_sampling(levels, sampling)
         return run(self, codes=zs, levels=levels, sample_length=length,
                    labels_kw=self._labels_kw(artist, genre, lyrics, n, total_seconds, offset_seconds, ids),
-                   **self.sampling_defaults.fill(sampling))
+                   **settings)
 
     def save(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         directory = Path(directory)
@@ -194,6 +218,10 @@ def _component(directory: Path, name: str) -> Path | None:
 def load(path_or_name: str | os.PathLike = "demo", *, dtype: torch.dtype | None = None,
          device: torch.device | str = "cpu") -> Jukebox:
     """Load a model family from a directory (see module docstring) or a bundled name (``demo``)."""
+    if not str(path_or_name).strip():
+        raise CheckpointError("no model given: pass a model directory or a bundled name (e.g. 'demo')")
+    device = check_device(device)
+    warn_half_on_cpu(dtype, device)
     path = Path(path_or_name)
     if not path.exists() and str(path_or_name) in {p.name for p in ASSETS.glob("*") if p.is_dir()}:
         path = ASSETS / str(path_or_name)

@@ -194,15 +194,27 @@ def load_prior(path, hps=None, *, dtype: torch.dtype | None = None,
 
 
 def read_config(directory: Path, kind: str):
+    """The config in ``directory/config.json``, checked field by field: a ``CheckpointError`` names
+    the file and the field that is missing, unknown or of the wrong type."""
+    path = Path(directory) / CONFIG_NAME
     try:
-        with open(directory / CONFIG_NAME, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{directory / CONFIG_NAME}: invalid JSON ({e})") from None
-    if d.get("kind") != kind:
-        raise CheckpointError(f"{directory} holds a {d.get('kind')!r} component, expected {kind!r}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    if "kind" not in d:
+        raise CheckpointError(f"{path}: field 'kind' is missing (expected {kind!r})")
+    if d["kind"] != kind:
+        raise CheckpointError(f"{directory} holds a {d['kind']!r} component, expected {kind!r}")
     d.pop("format", None)
-    return (VQVAEConfig if kind == "vqvae" else PriorConfig).from_dict(d)
+    try:
+        return (VQVAEConfig if kind == "vqvae" else PriorConfig).from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:

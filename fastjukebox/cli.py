@@ -10,14 +10,20 @@ from pathlib import Path
 
 import torch
 
-from .cli_options import DTYPES, parse_dtype, run_command
+from .cli_options import DTYPES, HelpFormatter, parse_dtype, run_command
 
 
 def _kind_of(path: Path, hps) -> str:
     """vqvae or prior, from the file name, our config, or the hyperparameters."""
     from .checkpoint import CONFIG_NAME
     if path.is_dir() and (path / CONFIG_NAME).exists():
-        return json.loads((path / CONFIG_NAME).read_text())["kind"]
+        try:
+            d = json.loads((path / CONFIG_NAME).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            d = None
+        if isinstance(d, dict) and d.get("kind") in ("vqvae", "prior"):
+            return d["kind"]
+        return "prior"      # read_config names what is wrong with the file
     if isinstance(hps, str) and hps == "vqvae":
         return "vqvae"
     if path.is_file():
@@ -131,18 +137,21 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fastjukebox", description=__doc__)
+    ap = argparse.ArgumentParser(prog="fastjukebox", description=__doc__, formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="convert between original .pth.tar files, Hugging Face JukeboxModel "
-                                       "directories and fastjukebox directories")
-    c.add_argument("src")
-    c.add_argument("dst")
-    c.add_argument("--hps", help="preset name or hyperparameter JSON (when the checkpoint has none)")
-    c.add_argument("--dtype", choices=sorted(DTYPES), help="store weights in this dtype")
+                                       "directories and fastjukebox directories", formatter_class=HelpFormatter)
+    c.add_argument("src", help="an original .pth.tar file, a release directory, a Hugging Face JukeboxModel "
+                               "directory or one of our component directories")
+    c.add_argument("dst", help="a directory, or a .pth.tar file to write the original layout")
+    c.add_argument("--hps", help="preset name or hyperparameter JSON (default: the checkpoint's own, else the "
+                                 "released architecture its weights match)")
+    c.add_argument("--dtype", choices=sorted(DTYPES), help="store weights in this dtype (default: as stored)")
     c.add_argument("--to", choices=("fastjukebox", "hf"), default="fastjukebox",
                    help="hf: write a Hugging Face JukeboxModel directory (transformers 4.40) from a model directory")
     c.set_defaults(func=cmd_convert)
-    i = sub.add_parser("info", help="architecture, parameters and KV-cache size of a model or preset")
+    i = sub.add_parser("info", help="architecture, parameters and KV-cache size of a model or preset",
+                       formatter_class=HelpFormatter)
     i.add_argument("model", help="preset name (e.g. prior_5b), component, model directory or 'demo'")
     i.set_defaults(func=cmd_info)
     from . import cli_sample

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import torch
 
@@ -24,10 +25,29 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
         raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; one of {', '.join(DTYPES)}") from None
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every option's help ends with its default, ``(default: X)``,
+    unless the help already says it (options without a value, and those whose default is None,
+    say in words what happens when they are left out)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default in (None, argparse.SUPPRESS)
+                or isinstance(action.default, bool)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def run_command(fn, args, prog: str, errors=(ValueError, FileNotFoundError)) -> int:
-    """Run a sub-command; bad input (``errors``) is one line on stderr and exit status 2."""
-    try:
-        return fn(args)
-    except errors as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+    """Run a sub-command; bad input (``errors``) is one line on stderr and exit status 2.
+    Warnings are one line each: ``PROG: warning: ...``."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        try:
+            return fn(args)
+        except errors as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 2

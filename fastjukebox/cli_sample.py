@@ -36,31 +36,31 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .atomic import atomic_path
-from .cli_options import DTYPES, parse_dtype
+from .atomic import atomic_path, atomic_paths, check_target
+from .cli_options import DTYPES, HelpFormatter, parse_dtype
 from .cli_processes import Processes, current
-from .sampling_defaults import complete_levels
+from .settings import KNOB_RULES, SettingsError, check_device, check_seconds, knob_error
 
 CODES_KEY = "codes_level{}"
 _CODES_RE = re.compile(r"^codes_level(\d+)$")
 _LABEL_KEYS = ("artist", "genre", "lyrics", "artist_ids", "genre_ids", "ids_dir", "total_seconds",
                "offset_seconds")
-_FAMILY_KNOBS = ("temperature", "top_k", "top_p")   # defaults from the model's sampling.json
-_CHUNK_SIZE = 32
 
 
 # --------------------------------------------------------------------------------------------
 # argument types
 # --------------------------------------------------------------------------------------------
 
-def _positive_float(text: str) -> float:
+def _seconds(text: str) -> float:
+    """A length in seconds: finite, > 0 and at most ``settings.MAX_SECONDS``."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    try:
+        return check_seconds(value, "the length")
+    except SettingsError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _nonneg_float(text: str) -> float:
@@ -70,6 +70,16 @@ def _nonneg_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
 
 
@@ -83,8 +93,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _per_level(convert: Callable[[str], Any], check: Callable[[Any], bool], what: str):
-    """A value for all levels (``0.99``) or per level (``2=0.98,1=0.99,0=0.99``)."""
+def _per_level(knob: str, convert: Callable[[str], Any]):
+    """A value of ``knob`` for all levels (``0.99``) or per level (``2=0.98,1=0.99,0=0.99``), each
+    checked by the rule the API uses (``settings.KNOB_RULES``)."""
+    what = KNOB_RULES[knob][1]
 
     def parse(text: str):
         def one(s: str):
@@ -92,7 +104,7 @@ def _per_level(convert: Callable[[str], Any], check: Callable[[Any], bool], what
                 v = convert(s.strip())
             except ValueError:
                 raise argparse.ArgumentTypeError(f"{s.strip()!r} is not {what}") from None
-            if not check(v):
+            if knob_error(knob, v) is not None:
                 raise argparse.ArgumentTypeError(f"{s.strip()!r} is not {what}")
             return v
 
@@ -217,14 +229,35 @@ def _check_out(out: str) -> Path:
     return path
 
 
+def _outputs(args, n: int) -> list[Path]:
+    """The files a sampling command writes for ``n`` samples (audio, codes file, ``--plot``'s
+    PNG), each checked to be writable before any work (``atomic.check_target``)."""
+    from .audio import audio_paths
+    out = _check_out(args.out)
+    paths = audio_paths(out, n) + [out.with_suffix(".npz")]
+    if getattr(args, "plot", False):
+        paths.append(out.with_suffix(".png"))
+    for p in paths:
+        check_target(p, "--out" if p == out else "output")
+    return paths
+
+
 def _device(name: str | None, procs: Processes | None = None) -> str:
     if name is None:
         if procs is not None and procs.device is not None:
             return str(procs.device)
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return name
+    try:
+        return str(check_device(name))
+    except SettingsError as e:
+        raise ValueError(f"--device: {e}") from None
+
+
+def _check_model_options(args) -> None:
+    """``--model`` and ``--device`` named before anything is read."""
+    if not str(args.model).strip():
+        raise ValueError("--model is empty; give a model directory or a bundled name (e.g. demo)")
+    _device(args.device)
 
 
 def _load_model(args, procs: Processes | None = None):
@@ -281,16 +314,15 @@ def _agreed_seed(args, procs: Processes) -> int:
     return procs.agree(args.seed if args.seed is not None else secrets.randbelow(2**31))
 
 
-def _sampling_kw(args, jb, seed: int, rows: range) -> dict:
-    """Sampling keyword arguments, resolved so the run's settings record what was used: the
-    options given, the model's recommended settings (``sampling.json``) for the knobs and levels
-    left out; ``rows``: the run's samples this process draws (each from its own seed)."""
+def _sampling_kw(args, seed: int, rows: range) -> dict:
+    """The sampling options as given; ``Jukebox`` resolves them (``settings.resolve_sampling``:
+    the model's ``sampling.json`` for the knobs and levels left out) and the run's settings
+    record what was used. ``rows``: the run's samples this process draws, each from its own
+    seed (``sample_seeds.sample_seed``)."""
     from .sample_seeds import sample_seed
-    kw = jb.sampling_defaults.fill({k: getattr(args, k) for k in _FAMILY_KNOBS})
-    kw["chunk_size"] = complete_levels(args.chunk_size, _CHUNK_SIZE, jb.vqvae.config.levels, "--chunk-size")
-    kw.update(sampler=args.sampler, passes=args.passes, gamma=args.gamma, max_batch_size=args.max_batch_size,
-              seed=seed, sample_seeds=[sample_seed(seed, i) for i in rows], progress=not args.quiet)
-    return kw
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, chunk_size=args.chunk_size,
+                sampler=args.sampler, passes=args.passes, gamma=args.gamma, max_batch_size=args.max_batch_size,
+                seed=seed, sample_seeds=[sample_seed(seed, i) for i in rows], progress=not args.quiet)
 
 
 def _jsonable(value):
@@ -307,34 +339,39 @@ def _check_plot(args) -> None:
         require_matplotlib("--plot")
 
 
-def _plot(args, result, source: tuple[str, torch.Tensor] | None) -> Path:
+def _plot(args, result, source: tuple[str, torch.Tensor] | None, path: Path) -> Path:
     from .plots import spectrogram_figure
     rows = [] if source is None else [(f"input: {source[0]}", source[1].float().cpu().numpy())]
     n = int(result.audio.shape[0])
     for i in range(min(n, 4)):
         rows.append((f"output{f' {i}' if n > 1 else ''}: {Path(args.out).name}", result.audio[i].float().cpu().numpy()))
-    return spectrogram_figure(rows, Path(args.out).with_suffix(".png"), result.sr)
+    return spectrogram_figure(rows, path, result.sr)
 
 
-def _write_codes_file(args, jb, codes, sr: int, settings: dict) -> Path:
+def _codes_settings(jb, codes, sr: int, settings: dict) -> dict:
+    """A run's settings for its codes file: the given ones and the length, count and levels of
+    ``codes``."""
     top = max(l for l, z in enumerate(codes) if z is not None)
-    settings = dict(settings, sr=sr, seconds=codes[top].shape[1] * jb.vqvae.hop_lengths[top] / sr,
-                    n_samples=int(codes[top].shape[0]),
-                    levels_present=[l for l, z in enumerate(codes) if z is not None])
-    return write_codes(Path(args.out).with_suffix(".npz"), codes, _jsonable(settings))
+    return dict(settings, sr=sr, seconds=codes[top].shape[1] * jb.vqvae.hop_lengths[top] / sr,
+                n_samples=int(codes[top].shape[0]), levels_present=[l for l, z in enumerate(codes) if z is not None])
 
 
 def _write(args, jb, result, settings: dict, source: tuple[str, torch.Tensor] | None = None) -> int:
-    """Audio, codes file and (``--plot``) spectrograms; ``source``: (title, audio) of the input."""
+    """Audio, codes file and (``--plot``) spectrograms, written as a set (all or none);
+    ``source``: (title, audio) of the input. ``settings``: the command's, then the run's as used."""
     from .audio import save_audio
-    paths = save_audio(Path(args.out), result.audio.float().cpu(), result.sr)
-    paths = paths if isinstance(paths, list) else [paths]
-    npz = _write_codes_file(args, jb, result.codes, result.sr, settings)
+    n = int(result.audio.shape[0])
+    paths = _outputs(args, n)
+    settings = _codes_settings(jb, result.codes, result.sr, dict(settings, **result.settings))
+    audio = result.audio.float().cpu()
+    with atomic_paths(paths) as tmps:
+        for i in range(n):
+            save_audio(tmps[i], audio[i], result.sr)
+        write_codes(tmps[n], result.codes, _jsonable(settings))
+        if getattr(args, "plot", False):
+            _plot(args, result, source, tmps[n + 1])
     for p in paths:
         print(p)
-    print(npz)
-    if getattr(args, "plot", False):
-        print(_plot(args, result, source))
     return 0
 
 
@@ -377,22 +414,16 @@ def _run_share(args, procs: Processes, n: int, body) -> int:
     shares = [c for _, c in parts if c is not None]
     combined = [None if shares[0][l] is None else np.concatenate([c[l] for c in shares])
                 for l in range(len(shares[0]))]
-    print(_write_codes_file(args, jb, combined, result.sr, dict(settings, processes=procs.world)))
+    settings = _codes_settings(jb, combined, result.sr, dict(settings, **result.settings, processes=procs.world))
+    print(write_codes(Path(args.out).with_suffix(".npz"), combined, _jsonable(settings)))
     if getattr(args, "plot", False):
-        print(_plot(args, result, source))
+        print(_plot(args, result, source, Path(args.out).with_suffix(".png")))
     return 0
 
 
-def _rows(codes) -> int:
-    """Samples in a codes file's arrays (``read_codes`` checked that the levels agree)."""
-    return next(z.shape[0] for z in codes if z is not None)
-
-
-def _run_settings(command: str, args, labels: dict, sampling: dict) -> dict:
+def _run_settings(command: str, args, labels: dict) -> dict:
     s = {"command": command, "model": str(args.model)}
     s.update(labels)
-    s.update({k: v for k, v in sampling.items() if k not in ("progress", "sample_seeds")})
-    s["per_sample_seeds"] = True
     return s
 
 
@@ -401,7 +432,8 @@ def _run_settings(command: str, args, labels: dict, sampling: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def cmd_sample(args) -> int:
-    _check_out(args.out)
+    _check_model_options(args)
+    _outputs(args, args.n_samples)
     _check_plot(args)
     labels = _label_settings(args)
     from .audio import load_audio
@@ -412,15 +444,16 @@ def cmd_sample(args) -> int:
 
     def body(rows):
         jb = _load_model(args, procs)
+        levels = args.levels if args.levels else tuple(sorted(jb.levels, reverse=True))
+        sampling = jb.resolve_sampling(levels, _sampling_kw(args, seed, rows))   # named errors before model work
         prompt = None if args.prompt is None else load_audio(args.prompt, sr=jb.sr, duration=args.seconds)
-        sampling = _sampling_kw(args, jb, seed, rows)
         result = None
         if rows:
             with torch.inference_mode():
-                result = jb.sample(seconds=args.seconds, n_samples=len(rows), levels=args.levels, prompt=prompt,
+                result = jb.sample(seconds=args.seconds, n_samples=len(rows), levels=levels, prompt=prompt,
                                    **_label_kw(labels), **sampling)
-        settings = _run_settings("sample", args, labels, sampling)
-        settings.update(prompt=args.prompt, sampled_levels=list(args.levels) if args.levels else jb.levels[::-1])
+        settings = _run_settings("sample", args, labels)
+        settings.update(prompt=args.prompt, sampled_levels=list(levels))
         return jb, result, settings, None if prompt is None else (str(args.prompt), prompt)
 
     return _run_share(args, procs, args.n_samples, body)
@@ -444,6 +477,7 @@ def _upsample_audio(args) -> int:
 
     def body(rows):
         jb = _load_model(args, procs)
+        sampling = jb.resolve_sampling(jb.upsampler_levels, _sampling_kw(args, seed, rows))   # before the encoding
         if excerpt is None:
             audio = load_audio(src, sr=jb.sr, duration=args.seconds)
         else:
@@ -452,13 +486,13 @@ def _upsample_audio(args) -> int:
             audio = excerpt_audio(excerpt)
             if args.seconds is not None:
                 audio = audio[: int(round(args.seconds * jb.sr))]
-        sampling = _sampling_kw(args, jb, seed, rows)
         with torch.inference_mode():
             top = jb.vqvae.encode(jb.vqvae.whole_top_codes(audio, f"'{src}'"),
                                   levels=(jb.vqvae.config.levels - 1,))[-1]
             result = jb.upsample(top, **_label_kw(labels), **sampling) if rows else None
-        settings = _run_settings("upsample", args, labels, sampling)
-        settings.update(source=src, source_seconds=top.shape[1] * jb.vqvae.hop_lengths[-1] / jb.sr)
+        settings = _run_settings("upsample", args, labels)
+        settings.update(source=src, source_seconds=top.shape[1] * jb.vqvae.hop_lengths[-1] / jb.sr,
+                        sampled_levels=list(jb.upsampler_levels))
         if excerpt is not None and result is not None:
             agreement.update(excerpt_agreement(result.audio[0].float().cpu().numpy(), excerpt))
             settings.update(excerpt_piece=excerpt.piece, score_agreement=agreement)
@@ -473,11 +507,13 @@ def _upsample_audio(args) -> int:
 
 
 def cmd_upsample(args) -> int:
+    _check_model_options(args)
     _check_out(args.out)
     _check_plot(args)
     if args.from_audio is not None:
         if args.codes is not None:
             raise ValueError("give either --codes or --from-audio, not both")
+        _outputs(args, 1)
         return _upsample_audio(args)
     if args.codes is None:
         raise ValueError("give --codes (a codes file of an earlier run) or --from-audio (an audio file or "
@@ -485,6 +521,7 @@ def cmd_upsample(args) -> int:
     if args.seconds is not None:
         raise ValueError("--seconds goes with --from-audio; with --codes the codes file sets the length")
     codes, stored = read_codes(args.codes)
+    _outputs(args, _rows(codes))
     labels = _label_settings(args, stored)
     procs = current()
     seed = _agreed_seed(args, procs)
@@ -496,23 +533,28 @@ def cmd_upsample(args) -> int:
             present = [l for l, z in enumerate(codes) if z is not None]
             raise ValueError(f"codes file '{args.codes}' has no top-level codes ({CODES_KEY.format(top)}); "
                              f"it has level(s) {', '.join(map(str, present))}")
-        sampling = _sampling_kw(args, jb, seed, rows)
+        sampling = jb.resolve_sampling(jb.upsampler_levels, _sampling_kw(args, seed, rows))
         result = None
         if rows:
             with torch.inference_mode():
                 result = jb.upsample(torch.from_numpy(codes[top][rows.start:rows.stop]), **_label_kw(labels),
                                      **sampling)
-        settings = _run_settings("upsample", args, labels, sampling)
-        settings.update(parent=str(args.codes))
+        settings = _run_settings("upsample", args, labels)
+        settings.update(parent=str(args.codes), sampled_levels=list(jb.upsampler_levels))
         return jb, result, settings, None
 
     return _run_share(args, procs, _rows(codes), body)
 
 
+def _rows(codes) -> int:
+    return next(z.shape[0] for z in codes if z is not None)
+
+
 def cmd_continue(args) -> int:
-    _check_out(args.out)
+    _check_model_options(args)
     _check_plot(args)
     codes, stored = read_codes(args.codes)
+    _outputs(args, _rows(codes))
     labels = _label_settings(args, stored)
     procs = current()
     seed = _agreed_seed(args, procs)
@@ -529,13 +571,13 @@ def cmd_continue(args) -> int:
             levels = tuple(l for l in range(n - 1, -1, -1) if given[l] is not None and l in jb.levels)
             if not levels:
                 raise ValueError(f"this model has no prior for the levels in '{args.codes}'")
-        sampling = _sampling_kw(args, jb, seed, rows)
+        sampling = jb.resolve_sampling(levels, _sampling_kw(args, seed, rows))
         result = None
         if rows:
             with torch.inference_mode():
                 result = jb.continue_([None if z is None else torch.from_numpy(z[rows.start:rows.stop]) for z in given],
                                       seconds=args.seconds, levels=levels, **_label_kw(labels), **sampling)
-        settings = _run_settings("continue", args, labels, sampling)
+        settings = _run_settings("continue", args, labels)
         settings.update(parent=str(args.codes), sampled_levels=list(levels))
         return jb, result, settings, None
 
@@ -544,8 +586,10 @@ def cmd_continue(args) -> int:
 
 def cmd_encode(args) -> int:
     from .audio import load_audio
+    _check_model_options(args)
     if Path(args.out).suffix.lower() != ".npz":
         raise ValueError(f"--out {args.out!r}: the codes file must end in .npz")
+    check_target(args.out, "--out")
     jb = _load_model(args)
     audio = load_audio(args.audio, sr=jb.sr, duration=args.seconds, offset=args.offset)
     audio = jb.vqvae.whole_top_codes(audio, f"'{args.audio}'")
@@ -559,10 +603,17 @@ def cmd_encode(args) -> int:
     return 0
 
 
+def _outputs_decode(args, n: int) -> list[Path]:
+    from .audio import audio_paths
+    return audio_paths(_check_out(args.out), n)
+
+
 def cmd_decode(args) -> int:
     from .audio import save_audio
-    _check_out(args.out)
+    _check_model_options(args)
     codes, _ = read_codes(args.codes)
+    for p in _outputs_decode(args, _rows(codes)):
+        check_target(p, "--out")
     present = [l for l, z in enumerate(codes) if z is not None]
     level = args.level if args.level is not None else min(present)
     if level >= len(codes) or codes[level] is None:
@@ -584,7 +635,9 @@ def cmd_decode(args) -> int:
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory or bundled model name (e.g. tiny)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="compute in this dtype (default: as stored)")
+    p.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="compute in this dtype (default: as stored); float16/bfloat16 are for GPUs: on a CPU "
+                        "they run 3 to 11 times slower than float32 (a warning says so)")
 
 
 def _label_options(p: argparse.ArgumentParser, stored: bool) -> None:
@@ -594,11 +647,11 @@ def _label_options(p: argparse.ArgumentParser, stored: bool) -> None:
                    + note % "0")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--lyrics", help="lyrics text" + note % "none")
-    g.add_argument("--lyrics-file", help="read the lyrics from this utf-8 file")
-    p.add_argument("--artist-ids", help="original artist id file ('name;id' lines)")
-    p.add_argument("--genre-ids", help="original genre id file ('name;id' lines)")
-    p.add_argument("--ids-dir", help="directory with v2_/v3_artist_ids.txt and genre_ids.txt")
-    p.add_argument("--total-seconds", type=_positive_float,
+    g.add_argument("--lyrics-file", help="read the lyrics from this utf-8 file (default: none)")
+    p.add_argument("--artist-ids", help="original artist id file ('name;id' lines)" + note % "none")
+    p.add_argument("--genre-ids", help="original genre id file ('name;id' lines)" + note % "none")
+    p.add_argument("--ids-dir", help="directory with v2_/v3_artist_ids.txt and genre_ids.txt" + note % "none")
+    p.add_argument("--total-seconds", type=_seconds,
                    help="length of the whole song for the labels" + note % "the sampled length")
     p.add_argument("--offset-seconds", type=_nonneg_float,
                    help="where the sampled audio starts in the song, for the labels" + note % "0")
@@ -607,12 +660,13 @@ def _label_options(p: argparse.ArgumentParser, stored: bool) -> None:
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     family = " (default: the model's sampling.json where it sets one, else %s)"
     p.add_argument("--temperature", metavar="T",
-                   type=_per_level(float, lambda v: 0 < v < float("inf"), "a positive number"),
-                   help="one value or per level, e.g. '2=0.98,1=0.99,0=0.99'" + family % "0.99")
-    p.add_argument("--top-k", metavar="K", type=_per_level(int, lambda v: v >= 0, "an integer >= 0"),
+                   type=_per_level("temperature", float),
+                   help="one value or per level, e.g. '2=0.98,1=0.99,0=0.99'; 0: greedy (the most likely code)"
+                        + family % "0.99")
+    p.add_argument("--top-k", metavar="K", type=_per_level("top_k", int),
                    help="keep the K most likely codes; 0: all (one value or per level)" + family % "0")
     p.add_argument("--top-p", metavar="P",
-                   type=_per_level(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+                   type=_per_level("top_p", float),
                    help="nucleus sampling; 0: off (one value or per level)" + family % "0")
     p.add_argument("--sampler", type=_sampler,
                    help="sampler per level: 'ar' (exact), 'ar-graph' (exact, the same tokens through the "
@@ -620,70 +674,74 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
                         "levels only, so 'parallel' alone means '1=parallel,0=parallel') or 'speculative' (exact: "
                         "the student drafts, the prior verifies; upsampler levels only), or pairs like "
                         "'1=parallel,0=ar' (default: ar)")
-    p.add_argument("--passes", type=int, default=None,
+    p.add_argument("--passes", type=_positive_int, default=None,
                    help="decoding passes per window of the parallel sampler (default: the student's own)")
     p.add_argument("--gamma", type=_positive_int, default=8,
                    help="positions the prior verifies per call of the speculative sampler (default: 8)")
-    p.add_argument("--chunk-size", default=_CHUNK_SIZE, metavar="C", type=_per_level(int, lambda v: v >= 1, "an integer >= 1"),
-                   help=f"tokens primed per step (one value or per level; default: {_CHUNK_SIZE})")
+    p.add_argument("--chunk-size", metavar="C", type=_per_level("chunk_size", int),
+                   help=f"tokens primed per step (one value or per level; default: {KNOB_RULES['chunk_size'][2]})")
     p.add_argument("--max-batch-size", type=_positive_int, default=16, help="samples decoded together (default: 16)")
     p.add_argument("--seed", type=int, help="random seed (default: a random one, stored in the codes file)")
     p.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress (on a terminal: bars; in a log: a line every 10 s per level)")
+                   help="no progress (on a terminal: bars; in a log: a line every 10 s per level) (default: "
+                        "progress shown)")
     p.add_argument("--plot", action="store_true",
-                   help="also write OUT.png: spectrograms of the input (if any) and the output (needs matplotlib)")
+                   help="also write OUT.png: spectrograms of the input (if any) and the output (needs matplotlib; "
+                        "default: no plot)")
 
 
 def add_commands(sub) -> None:
     """Add ``sample``, ``upsample``, ``continue``, ``encode`` and ``decode`` to ``sub``."""
     p = sub.add_parser("sample", help="sample new audio; writes OUT.wav/.flac and OUT.npz (codes + settings)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=HelpFormatter)
     _model_options(p)
-    p.add_argument("--seconds", type=_positive_float, default=10.0, help="length to sample (default: 10)")
+    p.add_argument("--seconds", type=_seconds, default=10.0, help="length to sample, at most 3600 (default: 10)")
     p.add_argument("--n-samples", type=_positive_int, default=1, help="number of samples (default: 1)")
     _label_options(p, stored=False)
     _sampling_options(p)
-    p.add_argument("--prompt", help="audio file to continue (encoded at every level)")
+    p.add_argument("--prompt", help="audio file to continue (encoded at every level; default: none)")
     p.add_argument("--levels", type=_levels, help="levels to sample, top first (default: all, e.g. 2,1,0)")
     p.add_argument("--out", default="sample.wav", help="audio file, .wav or .flac (default: sample.wav)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("upsample", help="sample the lower levels from the top-level codes of a codes file "
                                         "or of audio (--from-audio)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=HelpFormatter)
     _model_options(p)
-    p.add_argument("--codes", help="codes file (.npz) of an earlier run")
+    p.add_argument("--codes", help="codes file (.npz) of an earlier run (default: none; give this or --from-audio)")
     p.add_argument("--from-audio", metavar="SRC",
                    help="audio file, or demo:<name> for a shipped held-out excerpt (demo:consort, demo:strings, "
-                        "demo:winds, demo:organ, demo:brass): its top-level codes are upsampled")
-    p.add_argument("--seconds", type=_positive_float, help="with --from-audio: use at most this many seconds")
+                        "demo:winds, demo:organ, demo:brass): its top-level codes are upsampled (default: none)")
+    p.add_argument("--seconds", type=_seconds,
+                   help="with --from-audio: use at most this many seconds (default: all of it)")
     _label_options(p, stored=True)
     _sampling_options(p)
     p.add_argument("--out", default="upsampled.wav", help="audio file, .wav or .flac (default: upsampled.wav)")
     p.set_defaults(func=cmd_upsample)
 
     p = sub.add_parser("continue", help="extend the codes of a codes file to --seconds in total",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=HelpFormatter)
     _model_options(p)
     p.add_argument("--codes", required=True, help="codes file (.npz) of an earlier run")
-    p.add_argument("--seconds", type=_positive_float, required=True, help="total length after continuing")
+    p.add_argument("--seconds", type=_seconds, required=True, help="total length after continuing, at most 3600")
     _label_options(p, stored=True)
     _sampling_options(p)
     p.add_argument("--levels", type=_levels, help="levels to sample, top first (default: the levels in the file)")
     p.add_argument("--out", default="continued.wav", help="audio file, .wav or .flac (default: continued.wav)")
     p.set_defaults(func=cmd_continue)
 
-    p = sub.add_parser("encode", help="encode an audio file into codes at every level (.npz)")
+    p = sub.add_parser("encode", help="encode an audio file into codes at every level (.npz)",
+                       formatter_class=HelpFormatter)
     _model_options(p)
     p.add_argument("audio", help="audio file (resampled to the model's rate, mixed down to mono)")
-    p.add_argument("--seconds", type=_positive_float, help="encode at most this many seconds")
+    p.add_argument("--seconds", type=_seconds, help="encode at most this many seconds (default: all of it)")
     p.add_argument("--offset", type=_nonneg_float, default=0.0, help="start this many seconds in (default: 0)")
     p.add_argument("--out", default="codes.npz", help="codes file (default: codes.npz)")
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("decode", help="decode one level of a codes file to audio")
+    p = sub.add_parser("decode", help="decode one level of a codes file to audio", formatter_class=HelpFormatter)
     _model_options(p)
     p.add_argument("--codes", required=True, help="codes file (.npz)")
-    p.add_argument("--level", type=int, help="level to decode (default: the lowest in the file)")
+    p.add_argument("--level", type=_nonneg_int, help="level to decode (default: the lowest in the file)")
     p.add_argument("--out", default="decoded.wav", help="audio file, .wav or .flac (default: decoded.wav)")
     p.set_defaults(func=cmd_decode)

@@ -18,6 +18,8 @@ import dataclasses
 import json
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -28,6 +30,45 @@ def _tuple(x):
     return tuple(x) if isinstance(x, (list, tuple)) else x
 
 
+def _matches(value, tp) -> bool:
+    """Whether a JSON value fits the field type ``tp`` (int, float, bool, str, None, unions and
+    tuples of these)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    return True
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0])}"
+        return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
+    return {type(None): "null", bool: "true or false", int: "an integer", float: "a number",
+            str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
 class _ConfigMixin:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -35,11 +76,27 @@ class _ConfigMixin:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names - {"kind"})
+        """The config of ``d`` (a ``config.json``), checked against the dataclass's fields: a
+        ``ValueError`` names an unknown, missing or wrongly typed field."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"expected a JSON object of {cls.__name__} fields, got {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields) - {"kind"})
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
-        return cls(**{k: _tuple(v) for k, v in d.items() if k in names})
+            raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(map(str, unknown))}")
+        hints = typing.get_type_hints(cls)
+        for name, f in fields.items():
+            if name not in d:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise ValueError(f"field {name!r} is missing")
+                continue
+            if not _matches(d[name], hints[name]):
+                raise ValueError(f"field {name!r} must be {_describe(hints[name])}, got {d[name]!r}")
+        try:
+            return cls(**{k: _tuple(v) for k, v in d.items() if k in fields})
+        except ZeroDivisionError:
+            zero = next((k for k, v in d.items() if v == 0 and k in fields), "?")
+            raise ValueError(f"field {zero!r} must not be 0") from None
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

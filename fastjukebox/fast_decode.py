@@ -48,14 +48,14 @@ import torch
 import torch.nn.functional as F
 
 from kernels.decode_attention.masked import MASKED_PATTERNS, decode_attention_masked
-from kernels.sampling.reference import exponential_noise_
+from kernels.sampling.reference import exponential_noise_, sampling_probs
 
 from . import attention as _attention
 from .decoding import WindowDecoder
 from .layers import quick_gelu
 from .prior import Prior
 from .sample_seeds import SampleGenerators
-from .sampling import filter_logits, sample_logits
+from .sampling import sample_logits
 
 __all__ = ["StaticStepDecoder", "GraphWindowSampler", "cuda_graphs_enabled", "resolve_backend", "GRAPHS_ENV"]
 
@@ -186,8 +186,8 @@ class StaticStepDecoder:
         if dec.seq_position >= c.seq_len:
             raise ValueError("the window is full")
         temperature, top_k, top_p = float(temperature), int(top_k), float(top_p)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 <= temperature < float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
         if not 0.0 <= top_p <= 1.0:
@@ -268,10 +268,9 @@ class StaticStepDecoder:
     def _sample(self, logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """(n, bins) logits and Exp(1) noise -> (n,) ids, as ``sampling.sample_logits`` draws."""
         t, k, p = self._knobs
-        if self._fused_sample is not None:
+        if self._fused_sample is not None and t != 0:
             return self._fused_sample(logits, t, k, p, noise=noise)
-        probs = torch.softmax(filter_logits(logits.float() / t, k, p), dim=-1)
-        return (probs / noise).argmax(dim=-1)
+        return (sampling_probs(logits, t, k, p) / noise).argmax(dim=-1)
 
     def _draw_noise(self) -> None:
         if isinstance(self._generator, SampleGenerators):   # row i from sample i's generator

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
@@ -51,11 +51,14 @@ def register_sampler(name: str, factory) -> None:
 @dataclass
 class SampleResult:
     """codes: per level, level 0 first (None where nothing was sampled or given);
-    audio: (N, T) float in [-1, 1] decoded from the lowest level present; sr: its sample rate."""
+    audio: (N, T) float in [-1, 1] decoded from the lowest level present; sr: its sample rate;
+    settings: the sampling settings as used (``fastjukebox.settings.resolve_sampling``: every knob
+    and the sampler per sampled level, the seed) and the labels."""
 
     codes: list[torch.Tensor | None]
     audio: torch.Tensor
     sr: int
+    settings: dict = field(default_factory=dict)
 
 
 def _per_sample(value, n: int, name: str) -> list:
@@ -89,22 +92,11 @@ def make_labels(jb, *, artist, genre, lyrics: str | Sequence[str], n_samples: in
     return out
 
 
-def _window_samplers(jb, sampler, levels, passes: int | None, gamma: int = 8) -> dict:
-    """Level -> window sampler for the levels not sampled autoregressively."""
-    out = {}
-    top = jb.vqvae.config.levels - 1
-    for level in levels:
-        name = sampler.get(level, "ar") if isinstance(sampler, Mapping) else (sampler or "ar")
-        if name in STUDENT_SAMPLERS and level == top:
-            if isinstance(sampler, Mapping):
-                raise ValueError(f"the {name} sampler covers the upsamplers (levels {top - 1}..0); "
-                                 f"the top level {top} is sampled autoregressively ('ar')")
-            name = "ar"   # one name for all levels: the student's sampler wherever there is a student
-        if name not in SAMPLERS:
-            raise ValueError(f"unknown sampler {name!r} for level {level}; available: {', '.join(sorted(SAMPLERS))}")
-        if SAMPLERS[name] is not None:
-            out[level] = SAMPLERS[name](jb, level, passes=passes, gamma=gamma)
-    return out
+def _window_samplers(jb, sampler: Mapping[int, str], passes: int | None, gamma: int = 8) -> dict:
+    """Level -> window sampler for the levels not sampled autoregressively (``sampler``: the
+    resolved {level: name} of ``fastjukebox.settings.resolve_sampling``)."""
+    return {level: SAMPLERS[name](jb, level, passes=passes, gamma=gamma)
+            for level, name in sampler.items() if SAMPLERS[name] is not None}
 
 
 def seconds_to_length(jb, seconds: float) -> int:
@@ -116,16 +108,36 @@ def seconds_to_length(jb, seconds: float) -> int:
     return n
 
 
-def _finish(jb, codes, decode_level: int | None) -> SampleResult:
+def _finish(jb, codes, decode_level: int | None, settings: dict) -> SampleResult:
     level = decode_level if decode_level is not None else min(l for l, z in enumerate(codes) if z is not None)
     audio = jb.vqvae.decode(codes[level], level).clamp(-1.0, 1.0)
-    return SampleResult(codes, audio, jb.sr)
+    return SampleResult(codes, audio, jb.sr, settings)
 
 
-def run(jb, *, codes, levels, labels_kw: dict, sample_length: int, sampler=None, temperature=0.99,
-        top_k=0, top_p=0.0, chunk_size=32, hop_fraction=(0.5, 0.5, 0.125), max_batch_size=16, seed=None,
-        progress=True, passes: int | None = None, gamma: int = 8, sample_seeds=None) -> SampleResult:
-    window_samplers = _window_samplers(jb, sampler, levels, passes, gamma)
+def _uniform(per_level: Mapping):
+    """One value where every level has the same, else the mapping (a record of settings)."""
+    values = list(per_level.values()) if isinstance(per_level, Mapping) else [per_level]
+    return values[0] if all(v == values[0] for v in values) else dict(per_level)
+
+
+def _label_record(labels_kw: dict, total: int, sr: int) -> dict:
+    """The labels of a run as used (names or ids as given; ``song_seconds``: the song length the
+    timing labels were made for)."""
+    return dict(artist=labels_kw["artist"], genre=labels_kw["genre"], lyrics=labels_kw["lyrics"],
+                song_seconds=total / sr, offset_seconds=labels_kw.get("offset", 0) / sr)
+
+
+def run(jb, *, codes, levels, labels_kw: dict, sample_length: int, sampler: Mapping[int, str], temperature,
+        top_k, top_p, chunk_size, hop_fraction, max_batch_size: int, seed: int, progress: bool = True,
+        passes: int | None = None, gamma: int = 8, sample_seeds=None) -> SampleResult:
+    """Sample ``levels`` with settings resolved by ``fastjukebox.settings.resolve_sampling``;
+    ``sample_seeds``: one seed per sample (``fastjukebox.sample_seeds``), or None."""
+    window_samplers = _window_samplers(jb, sampler, passes, gamma)
+    settings = dict(sampler=dict(sampler), **{k: _uniform(v) for k, v in dict(
+        temperature=temperature, top_k=top_k, top_p=top_p, chunk_size=chunk_size, hop_fraction=hop_fraction).items()},
+        max_batch_size=max_batch_size, seed=seed,
+        passes={l: s.passes for l, s in window_samplers.items() if sampler[l] == "parallel"} or None,
+        gamma=gamma if "speculative" in sampler.values() else None, per_sample_seeds=sample_seeds is not None)
     top = jb.prior(max(levels)).config
     total = labels_kw.pop("total_length", None)
     if total is None:
@@ -137,4 +149,5 @@ def run(jb, *, codes, levels, labels_kw: dict, sample_length: int, sampler=None,
                        hop_fraction=hop_fraction, chunk_size=chunk_size, temperature=temperature,
                        top_k=top_k, top_p=top_p, max_batch_size=max_batch_size, seed=seed, progress=progress,
                        window_samplers=window_samplers, sample_seeds=sample_seeds)
-    return _finish(jb, zs, min(levels))
+    settings.update(_label_record(labels_kw, total, jb.sr))
+    return _finish(jb, zs, min(levels), settings)

@@ -19,6 +19,7 @@ from .labels import Labels, get_starts, window_labels
 from .prior import Prior
 from .progress import progress_bar
 from .sample_seeds import SampleGenerators
+from .settings import check_knob
 from .vqvae import VQVAE
 
 PerLevel = float | int | Sequence | Mapping
@@ -26,7 +27,8 @@ PerLevel = float | int | Sequence | Mapping
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
                   generator: torch.Generator | SampleGenerators | None = None) -> torch.Tensor:
-    """Categorical draw from ``softmax(filter(logits / temperature))``, (N, V) -> (N,).
+    """Categorical draw from ``softmax(filter(logits / temperature))``, (N, V) -> (N,); temperature
+    0 is greedy (the argmax after top-k / top-p).
 
     Uses ``argmax(p / E)`` with ``E ~ Exp(1)``, an exact categorical sample that needs no host
     round trip (unlike ``torch.multinomial`` on some devices). On CUDA one fused Triton kernel
@@ -35,7 +37,7 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     noise = None
     if isinstance(generator, SampleGenerators):
         noise, generator = generator.exponential_noise(tuple(logits.shape), logits.device), None
-    if logits.is_cuda:
+    if logits.is_cuda and temperature != 0:     # temperature 0 (greedy): the reference's argmax
         ops = _cuda_sampling()
         if ops is not None and ops.supports(logits):
             return ops.sample_logits(logits, temperature, top_k, top_p, generator, noise=noise)
@@ -169,6 +171,9 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
             raise ValueError(f"{len(sample_seeds)} sample seeds for {n} samples")
         rows = SampleGenerators(sample_seeds, device)
     decoders = {} if decoders is None else decoders
+    per_level_knobs = {level: {name: check_knob(name, _per_level(value, level, name), level) for name, value in
+                               (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+                                ("chunk_size", chunk_size))} for level in levels}   # all, before any sampling
     for level in sorted(levels, reverse=True):
         if level not in priors:
             raise ValueError(f"no prior for level {level}")
@@ -196,9 +201,7 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
         lab = _labels_for(labels, level, prior)
         hop = int(_per_level(hop_fraction, level, "hop_fraction") * c.n_ctx)
         windows = level_windows(total, c.n_ctx, hop, z.shape[1])
-        knobs = dict(temperature=_per_level(temperature, level, "temperature"),
-                     top_k=_per_level(top_k, level, "top_k"), top_p=_per_level(top_p, level, "top_p"),
-                     chunk_size=_per_level(chunk_size, level, "chunk_size"), generator=gen)
+        knobs = dict(per_level_knobs[level], generator=gen)
         bar = progress_bar(sum(w[2] for w in windows) * n, f"level {level}", "tok",
                            enabled=progress and bool(windows), leave=False)
         bs = min(n, max_batch_size)

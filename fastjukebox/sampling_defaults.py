@@ -7,45 +7,23 @@ value; levels it leaves out keep the built-in default::
     {"temperature": {"2": 0.8}}
 
 ``Jukebox.sample``, ``upsample``, ``continue_`` and the CLI use these for the knobs the caller
-does not set, and for the levels a per-level value leaves out; a value the caller passes always
-wins. A family without the file samples with
+does not set, and for the levels a per-level value leaves out (``fastjukebox.settings``
+resolves them); a value the caller passes always wins. A family without the file samples with
 the built-in defaults (temperature 0.99, top-k and top-p off), as the original does.
 """
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Mapping
 from pathlib import Path
 
 from .atomic import atomic_path
 from .checkpoint import CheckpointError
+from .settings import KNOB_RULES, knob_error
 
-__all__ = ["SAMPLING_FILE", "BUILTIN", "SamplingDefaults", "complete_levels"]
+__all__ = ["SAMPLING_FILE", "BUILTIN", "SamplingDefaults"]
 
 SAMPLING_FILE = "sampling.json"
-BUILTIN = {"temperature": 0.99, "top_k": 0, "top_p": 0.0}
-
-_VALID = {
-    "temperature": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf,
-                    "a positive number"),
-    "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
-    "top_p": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
-              "a number in [0, 1]"),
-}
-
-
-def complete_levels(value, default, levels: int, what: str):
-    """A per-level mapping ``value`` completed with ``default`` for the levels it leaves out (a
-    ``ValueError`` names any level outside ``0..levels-1``); any other value comes back as it is."""
-    if not isinstance(value, Mapping):
-        return value
-    bad = sorted(l for l in value if not 0 <= l < levels)
-    if bad:
-        raise ValueError(f"{what}: this model has levels 0..{levels - 1}, not {', '.join(map(str, bad))}")
-    return {l: value[l] if l in value else (default[l] if isinstance(default, Mapping) else default)
-            for l in range(levels)}
-
+BUILTIN = {knob: KNOB_RULES[knob][2] for knob in ("temperature", "top_k", "top_p")}   # 0.99, off, off
 
 class SamplingDefaults:
     """Per knob and level, the value a family samples with unless the caller sets it."""
@@ -55,20 +33,20 @@ class SamplingDefaults:
         self.overrides: dict[str, dict[int, float | int]] = {}
         for knob, value in (overrides or {}).items():
             if knob not in BUILTIN:
-                raise CheckpointError(f"{source}: unknown setting {knob!r} (known: {', '.join(BUILTIN)})")
+                raise CheckpointError(f"{source}: unknown field {knob!r} (known: {', '.join(BUILTIN)})")
             per_level = value if isinstance(value, dict) else {l: value for l in range(self.levels)}
-            check, what = _VALID[knob]
             resolved = {}
             for key, v in per_level.items():
                 try:
                     level = int(key)
                 except (TypeError, ValueError):
-                    raise CheckpointError(f"{source}: {knob} level {key!r} is not a level number") from None
+                    raise CheckpointError(f"{source}: field {knob!r}: level {key!r} is not a level number") from None
                 if not 0 <= level < self.levels:
-                    raise CheckpointError(f"{source}: {knob} names level {level}; the family has levels "
+                    raise CheckpointError(f"{source}: field {knob!r} names level {level}; the family has levels "
                                           f"0..{self.levels - 1}")
-                if not check(v):
-                    raise CheckpointError(f"{source}: {knob} for level {level} must be {what}, got {v!r}")
+                why = knob_error(knob, v)
+                if why is not None:
+                    raise CheckpointError(f"{source}: field {knob!r}, level {level}: {why}")
                 resolved[level] = v
             if resolved:
                 self.overrides[knob] = resolved
@@ -96,17 +74,6 @@ class SamplingDefaults:
         if knob not in self.overrides:
             return BUILTIN[knob]
         return {l: self.value(knob, l) for l in range(self.levels)}
-
-    def fill(self, sampling: dict) -> dict:
-        """``sampling`` (keyword arguments of a sampling call) with the knobs it leaves out (or sets
-        to None) taken from the family, and per-level mappings completed with the family's value
-        for the levels they leave out."""
-        out = dict(sampling)
-        for knob in BUILTIN:
-            value = out.get(knob)
-            out[knob] = self.per_level(knob) if value is None else \
-                complete_levels(value, self.per_level(knob), self.levels, knob)
-        return out
 
     def to_json(self) -> dict:
         return {knob: {str(l): v for l, v in sorted(per.items())} for knob, per in self.overrides.items()}

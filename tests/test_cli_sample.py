@@ -99,7 +99,8 @@ def test_per_level_options(top_only, tmp_path, capsys):
                       "--out", tmp_path / "pl.wav")
     assert rc == 0, err
     np.testing.assert_array_equal(_codes(tmp_path / "pl.npz")[2], _codes(top_only)[2])
-    assert _settings(tmp_path / "pl.npz")["temperature"] == {"0": 0.99, "1": 0.99, "2": 0.99}
+    recorded = _settings(tmp_path / "pl.npz")
+    assert recorded["temperature"] == 0.99 and recorded["sampler"] == {"2": "ar"}   # as used, level 2 only
 
 
 def test_upsample_keeps_top_and_fills_lower_levels(top_only, tmp_path, capsys):
@@ -210,7 +211,7 @@ def bad_files(tmp_path):
     (["sample", "--model", "tiny", "--sampler", "1=fast"], "unknown sampler 'fast'"),
     (["sample", "--model", "tiny", "--sampler", "parallel"], "no parallel student for level 1"),
     (["sample", "--model", "tiny", "--artist", "99"], "artist id"),
-    (["sample", "--model", "tiny", "--temperature", "7=0.5"], "levels 0..2"),
+    (["sample", "--model", "tiny", "--temperature", "7=0.5"], "it samples level(s) 2, 1, 0"),
     (["sample", "--model", "tiny", "--out", "{d}/x.mp3"], ".wav or .flac"),
     (["upsample", "--model", "tiny", "--codes", "{d}/missing.npz"], "no such file"),
     (["upsample", "--model", "tiny", "--codes", "{d}/nocodes.npz"], "no codes arrays"),

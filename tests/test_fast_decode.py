@@ -160,7 +160,7 @@ def test_step_decoder_rejects_misuse():
         fast.bind()
     dec.prime(torch.randint(0, 37, (2, 4)))
     with pytest.raises(ValueError, match="temperature"):
-        fast.bind(temperature=0.0)
+        fast.bind(temperature=-1.0)
     with pytest.raises(ValueError, match="top_p"):
         fast.bind(top_p=1.5)
     fast.bind()

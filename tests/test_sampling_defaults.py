@@ -32,27 +32,35 @@ def _top_codes(jb, seed: int = 3, **sampling) -> torch.Tensor:
     return jb.sample(seconds=0.2, levels=(2,), seed=seed, progress=False, **sampling).codes[2]
 
 
-def test_values_per_level_and_fill():
+def test_values_per_level_and_their_use():
     d = SamplingDefaults(LEVELS, {"temperature": {"2": 0.8}, "top_p": 0.9})
     assert [d.value("temperature", l) for l in range(LEVELS)] == [0.99, 0.99, 0.8]
     assert d.per_level("temperature") == {0: 0.99, 1: 0.99, 2: 0.8}
     assert d.per_level("top_p") == {0: 0.9, 1: 0.9, 2: 0.9}
     assert d.per_level("top_k") == 0                         # not overridden: the built-in value
-    filled = d.fill({"temperature": 0.5, "top_k": None, "seed": 1})
-    assert filled == {"temperature": 0.5, "top_k": 0, "top_p": {0: 0.9, 1: 0.9, 2: 0.9}, "seed": 1}
-    assert SamplingDefaults(LEVELS).fill({}) == {"temperature": 0.99, "top_k": 0, "top_p": 0.0}
+    jb = fj.load("tiny")
+    jb.sampling_defaults = d
+    used = jb.resolve_sampling((2, 1, 0), {"temperature": 0.5, "top_k": None, "seed": 1})
+    assert (used["temperature"], used["top_k"], used["top_p"], used["seed"]) == \
+        ({2: 0.5, 1: 0.5, 0: 0.5}, {2: 0, 1: 0, 0: 0}, {2: 0.9, 1: 0.9, 0: 0.9}, 1)
+    jb.sampling_defaults = SamplingDefaults(LEVELS)
+    used = jb.resolve_sampling((2, 1, 0), {})
+    assert (used["temperature"], used["top_k"], used["top_p"]) == ({2: 0.99, 1: 0.99, 0: 0.99}, {2: 0, 1: 0, 0: 0},
+                                                                   {2: 0.0, 1: 0.0, 0: 0.0})
     # a per-level mapping is completed with the family's values for the levels it leaves out
-    assert d.fill({"temperature": {0: 0.5}})["temperature"] == {0: 0.5, 1: 0.99, 2: 0.8}
-    with pytest.raises(ValueError, match="temperature: this model has levels 0..2, not 7"):
-        d.fill({"temperature": {7: 0.5}})
+    jb.sampling_defaults = d
+    assert jb.resolve_sampling((2, 1, 0), {"temperature": {0: 0.5}})["temperature"] == {0: 0.5, 1: 0.99, 2: 0.8}
+    with pytest.raises(ValueError, match=r"temperature names level\(s\) 7, which this call does not sample"):
+        jb.resolve_sampling((2, 1, 0), {"temperature": {7: 0.5}})
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"temprature": 0.9}, "unknown setting 'temprature'"),
+    ({"temprature": 0.9}, "unknown field 'temprature'"),
     ({"temperature": {"5": 0.9}}, "names level 5"),
     ({"temperature": {"top": 0.9}}, "level 'top' is not a level number"),
-    ({"temperature": 0.0}, "must be a positive number"),
-    ({"temperature": True}, "must be a positive number"),
+    ({"temperature": -0.5}, "must be a finite number >= 0"),
+    ({"temperature": float("nan")}, "must be a finite number >= 0"),
+    ({"temperature": True}, "must be a finite number >= 0"),
     ({"top_k": 2.5}, "must be an integer >= 0"),
     ({"top_p": {"1": 1.5}}, "must be a number in [0, 1]"),
 ])
@@ -81,10 +89,15 @@ def test_family_defaults_are_used_and_a_given_value_wins(tiny_with_defaults):
     assert jb.sampling_defaults.value("temperature", 2) == TOP_T
     assert plain.sampling_defaults.overrides == {}
     with_defaults = _top_codes(jb)
-    torch.testing.assert_close(with_defaults, _top_codes(plain, temperature={0: 0.99, 1: 0.99, 2: TOP_T}))
+    torch.testing.assert_close(with_defaults, _top_codes(plain, temperature={2: TOP_T}))
     assert not torch.equal(with_defaults, _top_codes(plain))
     torch.testing.assert_close(_top_codes(jb, temperature=0.99), _top_codes(plain))   # the caller's value wins
-    torch.testing.assert_close(_top_codes(jb, temperature={0: 0.9}), with_defaults)   # levels left out: the family's
+    # levels left out: the family's (a sample of every level with only level 0 set)
+    torch.testing.assert_close(jb.sample(seconds=0.2, seed=3, progress=False, temperature={0: 0.9}).codes[2],
+                               with_defaults)
+    with pytest.raises(ValueError, match=r"names level\(s\) 0, which this call does not sample; it samples "
+                                         r"level\(s\) 2"):
+        _top_codes(jb, temperature={0: 0.9})          # a level the call does not sample
 
 
 def test_save_round_trip_and_stale_file_removed(tiny_with_defaults, tmp_path):
@@ -106,13 +119,14 @@ def _cli_top(tmp_path, model, name: str, *extra) -> tuple[np.ndarray, dict]:
 
 def test_cli_uses_family_defaults_for_what_it_is_not_given(tiny_with_defaults, tmp_path):
     codes, settings = _cli_top(tmp_path, tiny_with_defaults, "family")
-    assert settings["temperature"] == {"0": 0.99, "1": 0.99, "2": TOP_T}
+    assert settings["temperature"] == TOP_T          # as used at the one sampled level, 2
     assert settings["top_k"] == 0 and settings["top_p"] == 0.0
     explicit, _ = _cli_top(tmp_path, "tiny", "explicit", "--temperature", f"2={TOP_T}")
     np.testing.assert_array_equal(codes, explicit)
-    # a per-level option naming other levels keeps the family's value for the top level
-    _, partial = _cli_top(tmp_path, tiny_with_defaults, "partial", "--temperature", "0=0.9")
-    assert partial["temperature"] == {"0": 0.9, "1": 0.99, "2": TOP_T}
+    # a per-level option naming only levels the run does not sample is refused
+    with pytest.raises(AssertionError):
+        _cli_top(tmp_path, tiny_with_defaults, "partial", "--temperature", "0=0.9")
+    assert not (tmp_path / "partial.npz").exists()
     # one value for all levels replaces the family's
     overridden, one = _cli_top(tmp_path, tiny_with_defaults, "one", "--temperature", "0.99")
     assert one["temperature"] == 0.99

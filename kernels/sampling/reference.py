@@ -1,6 +1,7 @@
 """Categorical sampling from logits, in plain PyTorch (the semantics the kernel reproduces).
 
-``probs = softmax(filter_logits(logits.float() / temperature, top_k, top_p))`` and the token is
+``probs = softmax(filter_logits(logits.float() / temperature, top_k, top_p))`` (temperature 0: all
+mass on the argmax, i.e. greedy) and the token is
 ``argmax(probs / E)`` with ``E ~ Exp(1)`` per (row, token): an exact categorical draw (the
 exponential race). ``E = -log(U)`` with ``U`` uniform on the fp32 grid of ``[0, 1)``: E is never 0,
 so a filtered token (probability 0) can never win; a token whose U is 0 (probability 2^-24)
@@ -36,7 +37,11 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> t
 
 def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
     """The distribution ``sample_logits_reference`` draws from: ``softmax(filter_logits(logits.float()
-    / temperature))`` over the last dimension (any leading dimensions)."""
+    / temperature))`` over the last dimension (any leading dimensions). Temperature 0 is the limit:
+    all mass on the argmax of the filtered logits (greedy; the first of tied maxima)."""
+    if temperature == 0:
+        logits = filter_logits(logits.float(), top_k, top_p)
+        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     return torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
 
 
