@@ -24,7 +24,12 @@ collapsing onto likely codes shows a low one), codebook usage and the code histo
 teacher's, and the teacher NLL of the codes decided in each pass (first, middle and last pass;
 positions decided early have the least context). Once per run: the student's and the teacher's
 next-token entropies and their total variation along the teacher's samples
-(``distill.metrics.next_token_tv``). Writes ``OUT.json`` and ``OUT.md``.
+(``distill.metrics.next_token_tv``).
+
+A second table tries teacher re-scoring (``--rescore K:R:F``): the student's K passes, then R
+rounds of one teacher-forced pass over the draft, whose fraction F of new codes least likely
+under the teacher are masked again and drawn anew by one student pass (K + 2R model passes in
+all). Writes ``OUT.json`` and ``OUT.md``.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ import torch
 from fastjukebox.atomic import atomic_path
 
 DEFAULT_PASSES = (16, 4, 2)
+DEFAULT_RESCORINGS = ((2, 1, 0.25), (2, 3, 0.15), (4, 2, 0.2), (4, 4, 0.1))   # (K, rounds, fraction)
 ORDERS = ("confidence", "spread", "random")
 
 
@@ -74,6 +80,24 @@ def _student_run(student, sampler, prefix, n_new, upper, labels, *, temperature,
     return torch.cat(codes), torch.cat(passes)
 
 
+@torch.no_grad()
+def rescore(prior, student, z: torch.Tensor, upper, labels, known: int, rounds: int, fraction: float,
+            temperature: float, generator) -> torch.Tensor:
+    """``rounds`` of teacher re-scoring on drafts ``z`` (N, n_ctx) (module docstring): each round
+    masks the ``fraction`` of new codes with the lowest teacher log-probability and draws them
+    again from one student pass; known codes never change."""
+    from distill.sampler import draw_codes
+    cond = student.condition(upper, labels)
+    m = int(fraction * (z.shape[1] - known))
+    for _ in range(rounds if m else 0):
+        logp = torch.log_softmax(prior.logits(z, upper, labels).float(), dim=-1)[:, known:]
+        worst = logp.gather(-1, z[:, known:, None])[..., 0].topk(m, dim=1, largest=False).indices + known
+        tokens = z.scatter(1, worst, student.mask_id)
+        ids, _ = draw_codes(student.logits_unchecked(tokens, cond, positions=worst), temperature, 0, 0.0, generator)
+        z = z.scatter(1, worst, ids)
+    return z
+
+
 def _per_pass(nll: torch.Tensor, passes: torch.Tensor) -> dict:
     """Mean teacher NLL (bits) of the codes decided in the first, middle and last pass."""
     last = int(passes.max())
@@ -82,8 +106,8 @@ def _per_pass(nll: torch.Tensor, passes: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def diagnose(jb, student, *, windows: int = 128, one_per_pass_windows: int = 32, passes=DEFAULT_PASSES,
-             orders=ORDERS, batch_size: int = 16, temperature: float = 1.0, seed: int = 0,
-             progress: bool = True) -> dict:
+             orders=ORDERS, rescorings=DEFAULT_RESCORINGS, batch_size: int = 16, temperature: float = 1.0,
+             seed: int = 0, progress: bool = True) -> dict:
     from distill.data import load_pieces, real_windows, sample_teacher
     from distill.metrics import (code_histogram, codebook_usage, histogram_tv, next_token_tv,
                                  teacher_token_scores)
@@ -141,7 +165,29 @@ def diagnose(jb, student, *, windows: int = 128, one_per_pass_windows: int = 32,
                          histogram_tv=histogram_tv(code_histogram(z[:, known:], c.l_bins),
                                                    code_histogram(ref[:m, known:], c.l_bins)),
                          nll_by_pass=_per_pass(nll_s, decided), seconds_per_window=seconds))
+    rescored = []
+    for k, rounds, fraction in rescorings:
+        say(f"student: {k} passes, then {rounds} teacher re-scoring rounds of {fraction:g}")
+        sampler = ParallelWindowSampler(student, passes=k, temperature_anneal=False)
+        t1 = time.perf_counter()
+        parts = []
+        for i in range(0, windows, bs):
+            sl = slice(i, i + bs)
+            u, y = w.upper[sl].to(dev), None if w.labels is None else w.labels[sl].to(dev)
+            z = sampler(prefix[sl].to(dev), n_new, u, y, temperature=temperature, generator=gen)
+            parts.append(rescore(prior, student, z, u, y, known, rounds, fraction, temperature, gen).cpu())
+        z = torch.cat(parts)
+        seconds = (time.perf_counter() - t1) / windows
+        nll_s, ent_s = teacher_token_scores(prior, z, w.upper, w.labels, bs, start=known)
+        per_window = nll_s.mean(1) / nll_t.mean(1)
+        rescored.append(dict(passes=k, rounds=rounds, fraction=fraction, model_passes=k + 2 * rounds,
+                             teacher_nll_student=float(nll_s.mean()), nll_ratio=float(nll_s.mean() / nll_t.mean()),
+                             nll_ratio_stderr=float(per_window.std() / windows ** 0.5),
+                             entropy_along_student=float(ent_s.mean()), codebook_usage_student=codebook_usage(z[:, known:]),
+                             histogram_tv=histogram_tv(code_histogram(z[:, known:], c.l_bins), hist_t),
+                             seconds_per_window=seconds))
     return dict(level=level, n_ctx=c.n_ctx, known=known, windows=windows, temperature=temperature, seed=seed,
+                rescored=rescored,
                 student_sampling=dict(vars(student.sampling)), teacher_seconds_per_window=teacher_seconds,
                 teacher_nll=float(nll_t.mean()), teacher_entropy=float(ent_t.mean()),
                 codebook_usage_teacher=use_t, next_token_tv=tv["mean_tv"], next_token_tv_stderr=tv["stderr"],
@@ -171,9 +217,32 @@ def format_markdown(r: dict, command: str) -> str:
                      f"({x['entropy_along_teacher']:.3f}) | {x['codebook_usage_student']} ({x['codebook_usage_teacher']}) | "
                      f"{x['histogram_tv']:.3f} | {p['first']:.2f} / {p['middle']:.2f} / {p['last']:.2f} | "
                      f"{x['seconds_per_window']:.3f} |")
+    if r.get("rescored"):
+        lines += ["", "Teacher re-scoring (confidence order, the student's noise; K student passes, then R rounds "
+                      "of a teacher-forced pass choosing the fraction F of new codes to draw again in one student "
+                      "pass):", "",
+                  "| K | R | F | model passes | teacher NLL | NLL ratio | entropy along samples | codes used | "
+                  "histogram TV | s / window |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for x in r["rescored"]:
+            lines.append(f"| {x['passes']} | {x['rounds']} | {x['fraction']:g} | {x['model_passes']} | "
+                         f"{x['teacher_nll_student']:.3f} | {x['nll_ratio']:.3f} +- {x['nll_ratio_stderr']:.3f} | "
+                         f"{x['entropy_along_student']:.3f} | {x['codebook_usage_student']} | {x['histogram_tv']:.3f} | "
+                         f"{x['seconds_per_window']:.3f} |")
     lines += ["", f"Teacher (exact AR, static cache): {r['teacher_seconds_per_window']:.3f} s per window "
                   "(mean of the from-nothing and the hopped sampling, same run)."]
     return "\n".join(lines) + "\n"
+
+
+def _rescoring(text: str) -> tuple[int, int, float]:
+    """``K:R:F`` -> (passes >= 1, rounds >= 0, fraction in (0, 1])."""
+    try:
+        k, r, f = text.split(":")
+        k, r, f = int(k), int(r), float(f)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K:R:F (e.g. 2:3:0.15), got {text!r}") from None
+    if k < 1 or r < 0 or not 0 < f <= 1:
+        raise argparse.ArgumentTypeError(f"need K >= 1, R >= 0 and 0 < F <= 1, got {text!r}")
+    return k, r, f
 
 
 def main(argv=None) -> int:
@@ -186,6 +255,8 @@ def main(argv=None) -> int:
     p.add_argument("--one-per-pass-windows", type=int, default=32,
                    help="of those, windows sampled with one token per pass")
     p.add_argument("--passes", type=int, nargs="+", default=list(DEFAULT_PASSES), help="pass counts tried per order")
+    p.add_argument("--rescore", nargs="*", type=_rescoring, default=list(DEFAULT_RESCORINGS), metavar="K:R:F",
+                   help="teacher re-scoring settings: K student passes, R rounds, fraction F re-drawn per round")
     p.add_argument("--batch-size", type=int, default=16, help="windows sampled together")
     p.add_argument("--seed", type=int, default=0, help="random seed of windows and samples")
     p.add_argument("--out", type=Path, default=None,
@@ -198,7 +269,8 @@ def main(argv=None) -> int:
     jb = fj.load(args.model)
     student = jb.student(args.level)
     r = diagnose(jb, student, windows=args.windows, one_per_pass_windows=args.one_per_pass_windows,
-                 passes=tuple(args.passes), batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+                 passes=tuple(args.passes), rescorings=tuple(args.rescore), batch_size=args.batch_size, seed=args.seed,
+                 progress=not args.quiet)
     out = args.out or Path(__file__).parent / "results" / f"level{args.level}-diagnosis"
     command = "python -m benchmarks student-diagnosis " + " ".join(argv if argv is not None else sys.argv[1:])
     with atomic_path(out.with_suffix(".json")) as tmp:

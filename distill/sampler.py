@@ -25,17 +25,33 @@ from typing import Callable
 
 import torch
 
+from fastjukebox.sample_seeds import SampleGenerators
 from fastjukebox.sampling import filter_logits
 from fastjukebox.settings import check_knob
 
 from .schedules import masks_per_pass, pass_temperature, spread_order
 from .student import ORDERS, ParallelStudent
 
-__all__ = ["ParallelWindowSampler"]
+__all__ = ["ParallelWindowSampler", "draw_codes"]
 
 
-def _draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-          generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _rows_exponential(like: torch.Tensor, generator) -> torch.Tensor:
+    """Exp(1) noise shaped like ``like`` (rows first), from ``generator``; with
+    ``SampleGenerators``, row ``i`` from generator ``i`` (the numbers that row alone would draw)."""
+    if isinstance(generator, SampleGenerators):
+        return torch.cat([torch.empty_like(like[:1]).exponential_(1.0, generator=g) for g in generator.generators])
+    return torch.empty_like(like).exponential_(1.0, generator=generator)
+
+
+def _rows_uniform(shape: tuple[int, int], device, generator) -> torch.Tensor:
+    """U(0, 1) draws ``(N, n)``, per row as ``_rows_exponential``."""
+    if isinstance(generator, SampleGenerators):
+        return torch.cat([torch.rand(1, shape[1], generator=g, device=device) for g in generator.generators])
+    return torch.rand(*shape, generator=generator, device=device)
+
+
+def draw_codes(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+          generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A code per position from ``softmax(filter(logits / temperature))`` (argmax when the
     temperature is 0) and its log-probability under that distribution (under the filtered
     temperature-1 distribution for argmax).
@@ -45,8 +61,7 @@ def _draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     if temperature > 0:
         logp = torch.log_softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
         # argmax(p / E), E ~ Exp(1): an exact categorical draw without a host round trip
-        e = torch.empty_like(logp).exponential_(1.0, generator=generator)
-        ids = (logp - e.log()).argmax(dim=-1)
+        ids = (logp - _rows_exponential(logp, generator).log()).argmax(dim=-1)
     else:
         logp = torch.log_softmax(filter_logits(logits, top_k, top_p), dim=-1)
         ids = logp.argmax(dim=-1)
@@ -105,6 +120,8 @@ class ParallelWindowSampler:
     (3.6-4.0 vs 5.3 bits/token). A sharper teacher (lower entropy) wants less noise.
     """
 
+    per_sample_generators = True   # takes SampleGenerators: one generator per row
+
     def __init__(self, student: ParallelStudent, passes: int | None = None, temperature_anneal: bool | None = None,
                  confidence_noise: float | None = None, prefix_cache: bool | None = None, level: int | None = None,
                  temperature_scale: float | None = None, order: str | None = None):
@@ -142,7 +159,8 @@ class ParallelWindowSampler:
 
     @torch.no_grad()
     def __call__(self, known, n_new: int, upper=None, labels=None, *, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 0.0, chunk_size: int | None = None, generator: torch.Generator | None = None,
+                 top_p: float = 0.0, chunk_size: int | None = None,
+                 generator: torch.Generator | SampleGenerators | None = None,
                  on_progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Fill ``n_new`` codes after ``known``.
 
@@ -156,7 +174,9 @@ class ParallelWindowSampler:
                 0: argmax); the temperature is the first pass's when annealing.
             chunk_size: accepted for interface compatibility with the autoregressive
                 ``sample_window``; unused (every pass is one full-window evaluation).
-            generator: random source (on the student's device) for reproducible runs.
+            generator: random source (on the student's device) for reproducible runs; one for
+                the batch, or ``SampleGenerators`` (one per row: each row draws what it would
+                alone, so a sample does not depend on the others of its batch).
             on_progress: called after each pass with the number of codes that became final
                 (per sample).
         Returns:
@@ -177,7 +197,7 @@ class ParallelWindowSampler:
         # absolute positions still masked, (N, remaining); their order follows the last topk, or
         # with a fixed order (spread, random) that order, whose first columns each pass makes final
         if self.order == "random":
-            offsets = torch.rand(N, n_new, generator=generator, device=z.device).argsort(dim=1)
+            offsets = _rows_uniform((N, n_new), z.device, generator).argsort(dim=1)
         else:
             offsets = torch.tensor(spread_order(n_new) if fixed else range(n_new), device=z.device).expand(N, n_new)
         masked = K + offsets
@@ -187,14 +207,14 @@ class ParallelWindowSampler:
             t = pass_temperature(temperature, i, passes) if self.temperature_anneal else temperature
             if fixed:                   # the next positions of the order become final; heads only there
                 final, masked = masked[:, :remaining - still], masked[:, remaining - still:]
-                ids, _ = _draw(student.logits_unchecked(tokens, cond, cache=cache, positions=final),
+                ids, _ = draw_codes(student.logits_unchecked(tokens, cond, cache=cache, positions=final),
                                t, top_k, top_p, generator)
                 tokens.scatter_(1, final, ids)
             else:
                 logits = student.logits_unchecked(tokens, cond, cache=cache, positions=masked)  # (N, remaining, V)
-                ids, conf = _draw(logits, t, top_k, top_p, generator)                         # (N, remaining) each
+                ids, conf = draw_codes(logits, t, top_k, top_p, generator)                         # (N, remaining) each
                 if self.confidence_noise:
-                    e = torch.empty_like(conf).exponential_(1.0, generator=generator)
+                    e = _rows_exponential(conf, generator)
                     conf = conf - self.confidence_noise * (1.0 - i / passes) * e.log()   # + scaled Gumbel(0, 1)
                 if still:
                     stay = torch.topk(conf, still, dim=1, largest=False).indices      # least confident stay masked

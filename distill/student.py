@@ -47,8 +47,9 @@ from fastjukebox.transformer import Transformer
 
 from .prefix_layout import PrefixCache, check_prefix_len, encode_prefix, full_forward, suffix_forward
 
-__all__ = ["ParallelStudent", "STUDENT_KIND", "SamplingDefaults", "SAMPLING_NAME", "ORDERS"]
+__all__ = ["ParallelStudent", "STUDENT_KIND", "SamplingDefaults", "SAMPLING_NAME", "ORDERS", "TEACHERS"]
 
+TEACHERS = {"middle": 1, "bottom": 0}   # the upsamplers a student distils, by name: their levels
 ORDERS = ("confidence", "spread", "random")    # ways a sampler pass picks the positions it makes final
 
 SAMPLING_NAME = "sampling.json"

@@ -47,8 +47,8 @@ from fastjukebox.train.loop import lr_factor
 
 from .data import GenerationConfig, generate_shards, load_pieces, load_shards, read_meta
 from .schedules import sample_training_mask
+from .student import TEACHERS
 
-TEACHERS = {"middle": 1, "bottom": 0}
 BITS = 1.0 / math.log(2.0)
 # Budgets of the default runs: on the demo family they finish within 20 minutes on 2 CPU cores,
 # teacher data generation and the evaluation included.

@@ -38,7 +38,7 @@ import torch
 from .data import sample_windows
 from .metrics import code_histogram, codebook_usage, histogram_tv, teacher_scores
 from .sampler import ParallelWindowSampler
-from .student import SamplingDefaults
+from .student import TEACHERS, SamplingDefaults
 
 __all__ = ["choose_sampling", "choose_passes", "teacher_reference", "shard_windows", "sampling_grid",
            "NOISE_GRID", "TEMPERATURE_GRID", "PASSES_GRID", "TRAIN_GRID"]
@@ -179,7 +179,6 @@ def build_parser():
     from pathlib import Path
 
     from fastjukebox.cli_options import HelpFormatter
-    from .train import TEACHERS
 
     p = argparse.ArgumentParser(prog="python -m distill.tune", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
@@ -209,7 +208,6 @@ def _run(args) -> int:
     from fastjukebox.settings import check_count
     from .data import load_shards
     from .student import SAMPLING_NAME, ParallelStudent
-    from .train import TEACHERS
 
     for k in args.passes:
         check_count(k, "--passes")

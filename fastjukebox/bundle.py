@@ -9,7 +9,8 @@ Directory layouts understood by ``load``:
   :mod:`.hf_checkpoint`), read without transformers.
 
 Missing prior levels are allowed (e.g. upsamplers only); the VQ-VAE is required. Distilled
-parallel upsamplers (``distill``) are found beside the priors as ``student_level_{0,1}/``, and
+parallel upsamplers are found beside the priors as ``student_level_{0,1}/`` (read by the loader an
+extension registers, ``register_student_loader``: the project's ``distill``), and
 the family's recommended sampling settings in ``sampling.json`` (:mod:`.sampling_defaults`).
 """
 from __future__ import annotations
@@ -29,6 +30,17 @@ from .settings import (SettingsError, check_codes, check_count, check_device, ch
 from .vqvae import VQVAE
 
 ASSETS = Path(__file__).parent / "assets"
+_STUDENT_LOADERS: list = []      # loader(path, device=, dtype=) -> student module; see register_student_loader
+
+
+def register_student_loader(loader) -> None:
+    """Let ``load`` read ``student_level_{L}/`` directories with ``loader(path, device=..., dtype=...)``
+    (the student's module; it has ``config.level``). Registered by an extension
+    (``fastjukebox.plugins``); without one, student directories are left unread."""
+    if not callable(loader):
+        raise ValueError(f"a student loader must be callable, got {loader!r}")
+    if loader not in _STUDENT_LOADERS:
+        _STUDENT_LOADERS.append(loader)
 
 
 class ConfigNote(UserWarning):
@@ -106,6 +118,8 @@ class Jukebox(nn.Module):
         """``sampling`` (keyword arguments of a sampling call) checked and resolved for ``levels``
         (``fastjukebox.settings.resolve_sampling``): named errors before any model work."""
         from .generate import SAMPLERS, STUDENT_SAMPLERS
+        from .plugins import load_plugins
+        load_plugins()
         return resolve_sampling(self, levels, sampling, SAMPLERS, STUDENT_SAMPLERS)
 
     def sample(self, artist=0, genre=0, lyrics: str = "", *, seconds: float = 10.0, n_samples: int = 1,
@@ -246,12 +260,13 @@ def load(path_or_name: str | os.PathLike = "demo", *, dtype: torch.dtype | None 
             priors[level] = load_component(p, "prior", dtype=dtype, device=device)
     if not priors:
         raise CheckpointError(f"{path}: no prior_level_* components")
+    from .plugins import load_plugins
+    load_plugins()
     students = {}
     for level in range(vqvae.config.levels - 1):
         p = path / f"student_level_{level}"
-        if p.is_dir():
-            from distill.student import ParallelStudent
-            students[level] = ParallelStudent.load(p, device=device, dtype=dtype)
+        if p.is_dir() and _STUDENT_LOADERS:
+            students[level] = _STUDENT_LOADERS[-1](p, device=device, dtype=dtype)
             if students[level].config.level != level:
                 raise CheckpointError(f"{p}: holds a student for level {students[level].config.level}, "
                                       f"not level {level}")

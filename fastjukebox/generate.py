@@ -13,39 +13,30 @@ import torch
 from .labels import LabelIds, Labeller, Labels
 from .sampling import sample_levels
 
-def _parallel_sampler(jb, level: int, passes: int | None = None, **_):
-    """The level's student; ``passes`` None: the student's own (its ``sampling.json``)."""
-    student = jb.student(level)
-    from distill.sampler import ParallelWindowSampler
-    return ParallelWindowSampler(student, passes=passes, level=level)
-
 
 def _graph_sampler(jb, level: int, **_):
     from .fast_decode import GraphWindowSampler
     return GraphWindowSampler(jb.prior(level))
 
 
-def _speculative_sampler(jb, level: int, gamma: int = 8, **_):
-    student = jb.student(level)
-    from distill.speculative import SpeculativeWindowSampler
-    return SpeculativeWindowSampler(jb.prior(level), student, gamma=gamma)
-
-
 # Level samplers: name -> factory(jb, level, **options) building a window sampler, or None for
 # exact autoregressive sampling (``fastjukebox.sampling.ARWindowSampler``). "ar-graph" draws the
 # same tokens through the device-position step of ``fastjukebox.fast_decode`` (CUDA graphs on
-# CUDA). "parallel" uses the distilled student stored beside the level's prior
-# (``student_level_{level}/``). "speculative" samples the teacher's exact distribution from that
-# student's drafts, ``gamma`` positions verified per teacher call (``distill.speculative``).
-SAMPLERS = {"ar": None, "ar-graph": _graph_sampler, "parallel": _parallel_sampler,
-            "speculative": _speculative_sampler}
-STUDENT_SAMPLERS = ("parallel", "speculative")   # need a student: upsampler levels only
+# CUDA). Extensions add theirs through ``register_sampler`` (``fastjukebox.plugins``: the
+# project's ``distill`` adds "parallel" and "speculative", which use the student stored beside
+# the level's prior).
+SAMPLERS = {"ar": None, "ar-graph": _graph_sampler}
+STUDENT_SAMPLERS: set[str] = set()   # need a student: upsampler levels only
 
 
-def register_sampler(name: str, factory) -> None:
+def register_sampler(name: str, factory, *, needs_student: bool = False) -> None:
     """Make ``name`` usable as a per-level sampler (``factory(jb, level, passes=..., gamma=...)``;
-    a factory takes the options it uses and ignores the others)."""
+    a factory takes the options it uses and ignores the others). ``needs_student``: it uses the
+    level's student (``Jukebox.student``), so it serves the upsampler levels only."""
+    if not isinstance(name, str) or not name or not callable(factory):
+        raise ValueError(f"a sampler needs a name and a factory, got {name!r}, {factory!r}")
     SAMPLERS[name] = factory
+    (STUDENT_SAMPLERS.add if needs_student else STUDENT_SAMPLERS.discard)(name)
 
 
 @dataclass

@@ -22,9 +22,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastjukebox.attention import layer_patterns
-from fastjukebox.config import PRESETS
-
 from .decode_attention import kernel as decode_kernels
 from .decode_attention.ops import _visible_keys, combine_tiles, num_warps_for, plan_launch
 from .decode_attention.ops import takes as decode_takes
@@ -58,23 +55,19 @@ class Model:
     decoded: bool                       # sampled token by token (the lyric encoder runs once)
 
 
-def _released_models() -> tuple[Model, ...]:
-    models = []
-    for name in ("upsampler_level_0", "prior_1b_lyrics", "prior_5b", "prior_5b_lyrics"):
-        c = PRESETS[name]
-        pats = tuple(sorted(set(layer_patterns(c.attn_order, c.depth))))
-        models.append(Model(name, c.seq_len, c.head_dim, c.heads, c.block_len, pats, c.prime_len,
-                            c.encoder_len, c.bins, True))
-        if c.lyrics == "encoder":       # 5b_lyrics: the separate lyric encoder feeding the cross layers
-            width = int(c.prime_width * c.prime_m_attn)
-            blocks = c.prime_blocks or 1
-            pats = tuple(sorted(set(layer_patterns(c.prime_attn_order, c.prime_depth))))
-            models.append(Model(f"{name}.lyric_encoder", c.n_tokens, width // c.prime_heads, c.prime_heads,
-                                c.n_tokens // blocks, pats, None, 0, c.bins, False))
-    return tuple(models)
-
-
-MODELS = _released_models()
+# The released transformers' attention shapes (``fastjukebox.config.PRESETS``, patterns from
+# ``fastjukebox.attention.layer_patterns``), written out so that the kernels stand alone;
+# ``tests/test_compile_check.py`` checks the table against the presets.
+MODELS = (
+    Model("upsampler_level_0", 8192, 480, 1, 64, ("block", "prev_block", "transpose"), None, 0, 2048, True),
+    Model("prior_1b_lyrics", 6528, 256, 2, 102, ("block", "dense", "prev_block", "prime", "transpose"), 448, 0,
+          2127, True),
+    Model("prior_5b", 8192, 150, 8, 64, ("block", "prev_block", "transpose"), None, 0, 2048, True),
+    Model("prior_5b_lyrics", 8192, 150, 8, 64, ("block", "cross", "prev_block", "transpose"), None, 512, 2048, True),
+    # 5b_lyrics: the separate lyric encoder feeding the cross layers, run once per sample
+    Model("prior_5b_lyrics.lyric_encoder", 512, 80, 4, 16, ("block", "prev_block", "transpose"), None, 0, 2048,
+          False),
+)
 
 
 @dataclass

@@ -109,3 +109,24 @@ def test_real_compilations_pass_and_a_spilling_tile_fails():
         assert out[name]["failures"] == [], out[name]
         assert 0 < out[name]["registers"] <= 255
     assert any("must not spill" in f for f in out["spilling"]["failures"]), out["spilling"]
+
+
+def test_the_kernels_shape_table_matches_the_released_presets():
+    """``kernels.variants.MODELS`` is written out (the kernels import nothing of the project):
+    it must hold what the presets and their layer patterns give."""
+    from fastjukebox.attention import layer_patterns
+    from fastjukebox.config import PRESETS
+    from kernels.variants import MODELS, Model
+    expect = []
+    for name in ("upsampler_level_0", "prior_1b_lyrics", "prior_5b", "prior_5b_lyrics"):
+        c = PRESETS[name]
+        expect.append(Model(name, c.seq_len, c.head_dim, c.heads, c.block_len,
+                            tuple(sorted(set(layer_patterns(c.attn_order, c.depth)))), c.prime_len, c.encoder_len,
+                            c.bins, True))
+        if c.lyrics == "encoder":
+            expect.append(Model(f"{name}.lyric_encoder", c.n_tokens,
+                                int(c.prime_width * c.prime_m_attn) // c.prime_heads, c.prime_heads,
+                                c.n_tokens // (c.prime_blocks or 1),
+                                tuple(sorted(set(layer_patterns(c.prime_attn_order, c.prime_depth)))), None, 0,
+                                c.bins, False))
+    assert MODELS == tuple(expect)

@@ -419,13 +419,13 @@ def test_temperature_annealing(monkeypatch, tiny_student, gen, anneal):
     c = tiny_student.config
     upper, labels = _inputs(c, 1, gen)
     temps = []
-    draw = sampler_mod._draw
+    draw = sampler_mod.draw_codes
 
     def spy(logits, temperature, *args):
         temps.append(temperature)
         return draw(logits, temperature, *args)
 
-    monkeypatch.setattr(sampler_mod, "_draw", spy)
+    monkeypatch.setattr(sampler_mod, "draw_codes", spy)
     ParallelWindowSampler(tiny_student, passes=5, temperature_anneal=anneal)(
         torch.zeros(1, 0, dtype=torch.long), 40, upper, labels, temperature=0.8, generator=gen)
     assert temps == ([pass_temperature(0.8, i, 5) for i in range(5)] if anneal else [0.8] * 5)
@@ -508,13 +508,13 @@ def test_temperature_scale_multiplies_the_callers_temperature(monkeypatch, tiny_
     c = tiny_student.config
     upper, labels = _inputs(c, 1, gen)
     temps = []
-    draw = sampler_mod._draw
+    draw = sampler_mod.draw_codes
 
     def spy(logits, temperature, *args):
         temps.append(temperature)
         return draw(logits, temperature, *args)
 
-    monkeypatch.setattr(sampler_mod, "_draw", spy)
+    monkeypatch.setattr(sampler_mod, "draw_codes", spy)
     tiny_student.sampling = SamplingDefaults(temperature_scale=0.5, order="spread")
     s = ParallelWindowSampler(tiny_student, passes=3)
     assert (s.temperature_scale, s.order) == (0.5, "spread")
@@ -575,3 +575,23 @@ def test_random_order_is_a_fresh_permutation_per_window(gen):
     assert torch.equal(torch.cat(run(1)[1], dim=1), order)
     assert not torch.equal(torch.cat(run(2)[1], dim=1), order)
     assert torch.equal(out[:, K:], logits[:, K:K + n_new].argmax(-1))
+
+
+@pytest.mark.parametrize("order", ["confidence", "spread", "random"])
+def test_one_generator_per_row_gives_each_row_what_it_draws_alone(order, gen):
+    """With ``SampleGenerators`` a row's codes do not depend on the rest of its batch: each row
+    of a batch of 3 equals that row sampled alone from a generator with its seed (so a run's
+    samples can be batched, or split over processes, and stay the same)."""
+    from fastjukebox.sample_seeds import SampleGenerators
+    student = ParallelStudent(_small_config())
+    c = student.config
+    upper, labels = _inputs(c, 3, gen)
+    known = torch.randint(0, c.l_bins, (3, 6), generator=gen)
+    sampler = ParallelWindowSampler(student, passes=3, order=order, confidence_noise=2.0)
+    seeds = [11, 12, 13]
+    batch = sampler(known, 30, upper, labels, generator=SampleGenerators(seeds))
+    alone = torch.cat([sampler(known[i:i + 1], 30, upper[i:i + 1], labels[i:i + 1],
+                               generator=torch.Generator().manual_seed(s)) for i, s in enumerate(seeds)])
+    assert torch.equal(batch, alone)
+    again = sampler(known, 30, upper, labels, generator=SampleGenerators([11, 99, 13]))
+    assert torch.equal(again[[0, 2]], batch[[0, 2]]) and not torch.equal(again[1], batch[1])

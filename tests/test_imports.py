@@ -1,4 +1,9 @@
-"""fastjukebox's modules form no import cycle, and each imports on its own.
+"""The project's layers import downward only, no package's modules form an import cycle, and each
+fastjukebox module imports on its own.
+
+Layers: ``kernels`` imports nothing of the project; ``fastjukebox`` imports ``kernels`` only;
+``distill`` imports ``fastjukebox`` and ``kernels``; ``benchmarks`` any of them (extensions plug
+into fastjukebox through its registries, ``fastjukebox.plugins``).
 
 The static check reads every ``import`` of the package (function-level ones too: a lazy import
 that closes a cycle still ties the two modules together). The dynamic check imports each module
@@ -7,6 +12,7 @@ so the whole check takes seconds, not one interpreter start per module).
 """
 import ast
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,6 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "fastjukebox"
+PACKAGES = ("kernels", "fastjukebox", "distill", "benchmarks")
+ALLOWED = {"kernels": set(), "fastjukebox": {"kernels"}, "distill": {"kernels", "fastjukebox"},
+           "benchmarks": {"kernels", "fastjukebox", "distill"}}   # what each may import of the others
 
 
 def package_modules(root: Path, package: str) -> dict[str, tuple[Path, bool]]:
@@ -79,6 +88,44 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def layer_violations(root: Path, packages=PACKAGES, allowed=ALLOWED) -> list[str]:
+    """``"module imports package"`` for every import, anywhere in a module's body (function-level
+    ones too), of a project package its layer may not use."""
+    found = set()
+    for pkg in packages:
+        for f in sorted((root / pkg).rglob("*.py")):
+            module = ".".join(f.relative_to(root).with_suffix("").parts)
+            for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and not node.level:
+                    names = [node.module or ""]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                else:
+                    continue
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in packages and top != pkg and top not in allowed[pkg]:
+                        found.add(f"{module} imports {top}")
+    return sorted(found)
+
+
+def test_layers_import_downward_only():
+    assert layer_violations(ROOT) == []
+
+
+def test_the_layer_check_fails_on_an_upward_import(tmp_path):
+    """The project's own modules, copied, plus one upward import per layer: each is named."""
+    for pkg in PACKAGES:
+        shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=lambda d, names: [
+            n for n in names if not n.endswith(".py") and not (Path(d) / n).is_dir()])
+    assert layer_violations(tmp_path) == []
+    (tmp_path / "kernels" / "planted.py").write_text("from fastjukebox.config import PRESETS\n")
+    (tmp_path / "fastjukebox" / "planted.py").write_text("def f():\n    import distill.sampler\n")
+    (tmp_path / "distill" / "planted.py").write_text("from benchmarks import report\n")
+    assert layer_violations(tmp_path) == ["distill.planted imports benchmarks", "fastjukebox.planted imports distill",
+                                          "kernels.planted imports fastjukebox"]
+
+
 def test_cycle_finder_finds_a_cycle(tmp_path):
     pkg = tmp_path / "pk"
     (pkg / "sub").mkdir(parents=True)
@@ -93,9 +140,9 @@ def test_cycle_finder_finds_a_cycle(tmp_path):
     assert cycles(graph) == [["pk.a", "pk.b"]]
 
 
-def test_no_import_cycle_in_the_package():
-    found = cycles(import_graph(ROOT, PACKAGE))
-    assert not found, f"import cycles: {found}"
+def test_no_import_cycle_in_any_package():
+    found = {pkg: cycles(import_graph(ROOT, pkg)) for pkg in PACKAGES}
+    assert not any(found.values()), f"import cycles: {found}"
 
 
 def test_each_module_imports_alone():

@@ -85,3 +85,30 @@ def test_decided_pass_reads_the_inputs():
     assert decided_pass(calls, m, known=1, n_new=4).tolist() == [[0, 2, 1, 1]]
     nll = torch.tensor([[1.0, 3.0, 5.0, 7.0]])
     assert _per_pass(nll, torch.tensor([[0, 2, 1, 1]])) == {"first": 1.0, "middle": 6.0, "last": 3.0}
+
+
+def test_rescoring_redraws_only_the_codes_the_teacher_likes_least():
+    """One round at fraction 1/4: known codes stay, every code that changed is among the quarter
+    of new codes with the lowest teacher log-probability, and with R rounds at most R quarters
+    change; fraction 0 or no rounds change nothing."""
+    from benchmarks.student_diagnosis import rescore
+    from fastjukebox import Prior
+    student = _student()
+    torch.manual_seed(1)
+    teacher = Prior(student.config).eval()
+    c = student.config
+    g = torch.Generator().manual_seed(5)
+    upper = torch.randint(0, c.l_bins, (4, c.n_ctx // c.cond_downsample), generator=g)
+    z = torch.randint(0, c.l_bins, (4, c.n_ctx), generator=g)
+    known, m = 8, (c.n_ctx - 8) // 4
+    out = rescore(teacher, student, z, upper, None, known, 1, 0.25, 1.0, torch.Generator().manual_seed(6))
+    assert torch.equal(out[:, :known], z[:, :known])
+    logp = torch.log_softmax(teacher.logits(z, upper, None).float(), dim=-1)[:, known:]
+    worst = logp.gather(-1, z[:, known:, None])[..., 0].topk(m, dim=1, largest=False).indices + known
+    for row in range(4):
+        changed = set((out[row] != z[row]).nonzero().flatten().tolist())
+        assert changed and changed <= set(worst[row].tolist())
+    out3 = rescore(teacher, student, z, upper, None, known, 3, 0.25, 1.0, torch.Generator().manual_seed(6))
+    assert torch.equal(out3[:, :known], z[:, :known]) and int((out3 != z).sum(1).max()) <= 3 * m
+    for rounds, fraction in ((0, 0.25), (2, 0.0)):
+        assert torch.equal(rescore(teacher, student, z, upper, None, known, rounds, fraction, 1.0, None), z)
