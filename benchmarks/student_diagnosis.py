@@ -17,7 +17,10 @@ every setting of the grid:
   the teacher at all: far above the teacher there, the limit is the student's capacity, not the
   number of passes).
 
-Per setting, over the new half of every window: the teacher NLL of the student's codes against
+First, how much the student uses the codes it is given (``context_use``): its cross-entropy on
+the real codes at masked new positions, with nothing visible and with a growing share of the new
+half visible, against the teacher's with all left context. Then per setting, over the new half of
+every window: the teacher NLL of the student's codes against
 that of the teacher's own continuation (``nll_ratio``; within 5% is the distillation target),
 the teacher's predictive entropy along the student's codes (a student that only meets the NLL by
 collapsing onto likely codes shows a low one), codebook usage and the code histogram's TV to the
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -98,6 +102,39 @@ def rescore(prior, student, z: torch.Tensor, upper, labels, known: int, rounds: 
     return z
 
 
+@torch.no_grad()
+def context_use(student, codes: torch.Tensor, upper, labels, known: int, fractions=(0.0, 0.5, 0.95),
+                generator=None, batch_size: int = 16) -> dict:
+    """How much the student uses the codes it is given: its cross-entropy (bits) at the masked new
+    positions of ``codes`` (S, n_ctx) when a random ``fraction`` of the new positions is visible
+    (the first ``known`` always are), per fraction; and with nothing visible at all (``"none"``:
+    the upper codes and labels alone). A student that predicts from the conditioning alone shows
+    the same number everywhere."""
+    n_ctx = codes.shape[1]
+    out = {}
+    for name, frac in [("none", None)] + [(f"{f:g}", f) for f in fractions]:
+        total = count = 0.0
+        for i in range(0, codes.shape[0], batch_size):
+            z = codes[i:i + batch_size]
+            cond = student.condition(upper[i:i + batch_size], None if labels is None else labels[i:i + batch_size])
+            tokens = z.clone()
+            if frac is None:
+                tokens[:] = student.mask_id
+                hidden = torch.ones(z.shape[0], n_ctx - known, dtype=torch.bool)
+            else:
+                hidden = torch.rand(z.shape[0], n_ctx - known, generator=generator) >= frac
+                hidden[:, 0] |= ~hidden.any(1)                          # at least one scored position
+                tokens[:, known:][hidden] = student.mask_id
+            pos = torch.arange(known, n_ctx).expand(z.shape[0], -1)
+            prefix_len = known if student.sampling.prefix_cache and frac is not None else 0
+            logp = torch.log_softmax(student.logits_unchecked(tokens, cond, prefix_len=prefix_len, positions=pos)
+                                     .float(), dim=-1).gather(-1, z[:, known:, None])[..., 0]
+            total += float(-logp[hidden].sum())
+            count += int(hidden.sum())
+        out[name] = total / count / math.log(2.0)
+    return out
+
+
 def _per_pass(nll: torch.Tensor, passes: torch.Tensor) -> dict:
     """Mean teacher NLL (bits) of the codes decided in the first, middle and last pass."""
     last = int(passes.max())
@@ -141,6 +178,11 @@ def diagnose(jb, student, *, windows: int = 128, one_per_pass_windows: int = 32,
     hist_t, use_t = code_histogram(ref[:, known:], c.l_bins), codebook_usage(ref[:, known:])
     tv = next_token_tv(prior, student, ref, w.upper, w.labels, known=known, positions=8,
                        generator=torch.Generator().manual_seed(seed))
+
+    say("student: cross-entropy on the real codes with more and more of them visible")
+    ctx = context_use(student, w.real, w.upper, w.labels, known, generator=torch.Generator().manual_seed(seed + 1),
+                      batch_size=bs)
+    teacher_real, _ = teacher_token_scores(prior, w.real, w.upper, w.labels, bs, start=known)
 
     settings = [(o, k) for k in passes for o in orders] + [("confidence", n_new)]
     rows = []
@@ -187,7 +229,7 @@ def diagnose(jb, student, *, windows: int = 128, one_per_pass_windows: int = 32,
                              histogram_tv=histogram_tv(code_histogram(z[:, known:], c.l_bins), hist_t),
                              seconds_per_window=seconds))
     return dict(level=level, n_ctx=c.n_ctx, known=known, windows=windows, temperature=temperature, seed=seed,
-                rescored=rescored,
+                rescored=rescored, context_use=ctx, teacher_nll_real=float(teacher_real.mean()),
                 student_sampling=dict(vars(student.sampling)), teacher_seconds_per_window=teacher_seconds,
                 teacher_nll=float(nll_t.mean()), teacher_entropy=float(ent_t.mean()),
                 codebook_usage_teacher=use_t, next_token_tv=tv["mean_tv"], next_token_tv_stderr=tv["stderr"],
@@ -206,7 +248,12 @@ def format_markdown(r: dict, command: str) -> str:
              f"predictive entropy along them {r['teacher_entropy']:.3f} bits; codes used {r['codebook_usage_teacher']}.",
              f"- Next-token distributions along the teacher's samples: student entropy "
              f"{r['next_token_entropy_student']:.3f} bits against the teacher's {r['next_token_entropy_teacher']:.3f}; "
-             f"total variation {r['next_token_tv']:.3f} +- {r['next_token_tv_stderr']:.3f}.", "",
+             f"total variation {r['next_token_tv']:.3f} +- {r['next_token_tv_stderr']:.3f}.",
+             "- The student's cross-entropy at masked new positions of the real codes (bits), with nothing "
+             "visible / the known half visible and a share of the new half: "
+             + ", ".join(f"{k}: {v:.3f}" for k, v in r.get("context_use", {}).items())
+             + f"; the teacher's on the same codes (all left context): {r.get('teacher_nll_real', float('nan')):.3f}.",
+             "",
              "| order | passes | windows | teacher NLL | NLL ratio | entropy along samples (teacher's own) | codes used "
              "(teacher's) | histogram TV | NLL of codes decided in the first / middle / last pass | s / window |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]

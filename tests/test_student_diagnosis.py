@@ -112,3 +112,33 @@ def test_rescoring_redraws_only_the_codes_the_teacher_likes_least():
     assert torch.equal(out3[:, :known], z[:, :known]) and int((out3 != z).sum(1).max()) <= 3 * m
     for rounds, fraction in ((0, 0.25), (2, 0.0)):
         assert torch.equal(rescore(teacher, student, z, upper, None, known, rounds, fraction, 1.0, None), z)
+
+
+class _NeighbourStudent:
+    """A stand-in student over 4 codes: certain of a code (probability 0.97) when its left
+    neighbour is visible (the same code), uniform otherwise."""
+
+    mask_id = 4
+
+    class sampling:
+        prefix_cache = False
+
+    def condition(self, upper, labels):
+        return None
+
+    def logits_unchecked(self, tokens, cond, prefix_len=0, *, positions=None, cache=None):
+        left = tokens.gather(1, positions - 1)                        # (N, T)
+        logits = torch.zeros(*positions.shape, 4)
+        seen = left != self.mask_id
+        logits[seen] = torch.nn.functional.one_hot(left[seen], 4).float() * math.log(0.97 / 0.01)
+        return logits
+
+
+def test_context_use_falls_with_visible_neighbours():
+    from benchmarks.student_diagnosis import context_use
+    codes = torch.full((6, 64), 2)                                    # every code equals its neighbour
+    out = context_use(_NeighbourStudent(), codes, torch.zeros(6, 1), None, known=16, fractions=(0.0, 0.5, 0.95),
+                      generator=torch.Generator().manual_seed(0), batch_size=4)
+    assert out["none"] == pytest.approx(2.0) and out["0"] < 2.0      # the first new position sees the prefix
+    assert out["0"] > out["0.5"] > out["0.95"]
+    assert out["0.95"] == pytest.approx(-math.log2(0.97), abs=0.2)
