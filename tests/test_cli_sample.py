@@ -101,6 +101,12 @@ def test_per_level_options(top_only, tmp_path, capsys):
     np.testing.assert_array_equal(_codes(tmp_path / "pl.npz")[2], _codes(top_only)[2])
     recorded = _settings(tmp_path / "pl.npz")
     assert recorded["temperature"] == 0.99 and recorded["sampler"] == {"2": "ar"}   # as used, level 2 only
+    # another temperature for the level is used: other codes from the same seed, recorded as used
+    rc, _, err = _run(capsys, "sample", "--model", "tiny", "--seconds", "0.1", "--levels", "2", "--seed", "5",
+                      "--temperature", "2=0.5", "-q", "--out", tmp_path / "cold.wav")
+    assert rc == 0, err
+    assert not np.array_equal(_codes(tmp_path / "cold.npz")[2], _codes(top_only)[2])
+    assert _settings(tmp_path / "cold.npz")["temperature"] == 0.5
 
 
 def test_upsample_keeps_top_and_fills_lower_levels(top_only, tmp_path, capsys):

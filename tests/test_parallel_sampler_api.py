@@ -53,6 +53,9 @@ def test_upsample_parallel_counts_passes(family, monkeypatch):
     # Same seed, same result; the AR sampler gives other codes from the same inputs.
     again = jb.upsample(z_top, sampler="parallel", passes=3, seed=0, progress=False)
     assert torch.equal(res.codes[0], again.codes[0])
+    assert res.settings["sampler"] == {1: "parallel", 0: "parallel"} and res.settings["passes"] == {1: 3, 0: 3}
+    ar = jb.upsample(z_top, sampler="ar", seed=0, progress=False)
+    assert not torch.equal(ar.codes[0], res.codes[0]) and not torch.equal(ar.codes[1], res.codes[1])
 
 
 def test_mixed_samplers_and_unknown_name(family):
@@ -66,10 +69,25 @@ def test_mixed_samplers_and_unknown_name(family):
     assert set(SAMPLERS) >= {"ar", "parallel"}
 
 
-def test_cli_sampler_parallel(family, tmp_path):
+def test_cli_sampler_parallel(family, tmp_path, monkeypatch):
+    """The command line's ``--sampler 1=parallel,0=parallel --passes 2`` runs the students (and
+    only whole passes of them) and records what ran."""
+    import json
+    calls = []
+    orig = ParallelStudent.logits_unchecked
+
+    def counted(self, *a, **k):
+        calls.append(self.config.level)
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(ParallelStudent, "logits_unchecked", counted)
     out = tmp_path / "s.wav"
     rc = cli_main(["sample", "--model", str(family), "--seconds", "0.8", "--n-samples", "1", "--seed", "0",
                    "--sampler", "1=parallel,0=parallel", "--passes", "2", "--quiet", "--out", str(out)])
-    assert rc in (0, None)
+    assert rc == 0
+    assert calls.count(0) > 0 and calls.count(1) > 0 and calls.count(0) % 2 == 0 and calls.count(1) % 2 == 0
     codes = np.load(out.with_suffix(".npz"))
-    assert any(k.startswith("codes_level0") for k in codes.files)
+    settings = json.loads(str(codes["settings"]))
+    assert settings["sampler"] == {"2": "ar", "1": "parallel", "0": "parallel"}
+    assert settings["passes"] == {"1": 2, "0": 2}
+    assert codes["codes_level0"].shape[0] == 1
