@@ -308,10 +308,12 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-def test_h100_projection_follows_its_formula():
+def test_h100_projection_behaves():
+    """One token per call and no draft costs what AR costs; more tokens per call is faster, never
+    by more than the tokens per call; every draft pass costs time."""
     from benchmarks.speculative import project_h100
     even = project_h100(tokens_per_call=1.0, student_passes=0)
-    assert even["speedup"] == pytest.approx(1.0)            # one token per call and no draft: AR's cost
+    assert even["speedup"] == pytest.approx(1.0)
     a, b = project_h100(2.0, 1), project_h100(3.0, 1)
-    assert 1.0 < a["speedup"] < b["speedup"] < 3.0
-    assert a["speculative_ms"] == pytest.approx(a["ar_ms"] / 2 + a["t_pass_ms"])
+    assert 1.0 < a["speedup"] < 2.0 and a["speedup"] < b["speedup"] < 3.0
+    assert project_h100(2.0, 2)["speedup"] < a["speedup"] < project_h100(2.0, 0)["speedup"] == pytest.approx(2.0)
