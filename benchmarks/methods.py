@@ -57,7 +57,7 @@ def make_method(method: str, prior: Prior, case: SamplingCase, batch: int, **kno
     knobs = {**DEFAULT_KNOBS, **knobs}
     upper, labels, known = window_inputs(case, batch)
     n_new, seed = case.n_new, case.seed
-    device = prior.prior.x_emb.weight.device
+    device = prior.device
 
     def gen() -> torch.Generator:
         return torch.Generator(device=device).manual_seed(seed)

@@ -159,7 +159,7 @@ def diagnose(jb, student, *, windows: int = 128, one_per_pass_windows: int = 32,
     if windows < 2 or not 1 <= one_per_pass_windows <= windows:
         raise ValueError(f"need windows >= 2 and 1 <= one_per_pass_windows <= windows, got {windows}, "
                          f"{one_per_pass_windows}")
-    dev = prior.prior.x_emb.weight.device
+    dev = prior.device
     bs = min(batch_size, windows)
     say(f"encoding {windows} held-out level-{level} windows")
     w = real_windows(jb.vqvae, prior, load_pieces(None, "heldout", jb.sr), windows,

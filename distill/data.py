@@ -172,7 +172,7 @@ def teacher_targets(prior: Prior, codes: torch.Tensor, upper: torch.Tensor, labe
     """One teacher-forced pass: probability of each token in ``codes`` (S, n_ctx) and the top-k of
     the teacher's predictive distribution per position. Returns (token_prob (S, n_ctx),
     topk_ids (S, n_ctx, k), topk_probs (S, n_ctx, k)), on the CPU."""
-    dev = prior.prior.x_emb.weight.device
+    dev = prior.device
     probs, ids, tops = [], [], []
     for i in range(0, codes.shape[0], batch_size):
         sl = slice(i, i + batch_size)
@@ -213,7 +213,7 @@ def sample_teacher(prior: Prior, upper: torch.Tensor, labels: torch.Tensor | Non
                    known: torch.Tensor | None = None) -> torch.Tensor:
     """``sample_windows`` with the teacher's exact AR sampler; ``decoders`` caches one
     ``ARWindowSampler`` (static cache) per batch size across calls."""
-    dev = prior.prior.x_emb.weight.device
+    dev = prior.device
     decoders = {} if decoders is None else decoders
     bs = min(batch_size, upper.shape[0])
     if bs not in decoders:
@@ -352,7 +352,7 @@ def generate_shards(prior: Prior, vqvae: VQVAE, pieces: Sequence[SourcePiece], d
     bar = progress_bar(len(todo) * gen.shard_size, f"teacher samples (rank {rank})", "win",
                        enabled=progress and bool(todo))
     decoders: dict = {}
-    dev = prior.prior.x_emb.weight.device
+    dev = prior.device
     for i in todo:
         g = torch.Generator().manual_seed(shard_seed(gen.seed, i))
         w = real_windows(vqvae, prior, pieces, gen.shard_size, g)

@@ -159,7 +159,7 @@ def evaluate(jb, student, *, data=None, windows: int = 64, passes: int | None = 
         raise ValueError(f"windows must be >= 4 (the two-sample test splits them), batch_size >= 1 and passes >= 1; "
                          f"got windows={windows}, batch_size={batch_size}, passes={passes}")
     sampler = ParallelWindowSampler(student, passes=passes)
-    dev = prior.prior.x_emb.weight.device
+    dev = prior.device
     step = lambda msg: print(f"[evaluate] {msg}", file=sys.stderr) if progress else None
 
     step(f"encoding {windows} held-out level-{level} windows")

@@ -29,7 +29,7 @@ def teacher_token_scores(prior, codes: torch.Tensor, upper: torch.Tensor, labels
     (temperature 1); two float64 CPU tensors (S, n_ctx - start).
 
     upper: (S, n_ctx // cond_downsample); labels: (S, label_len) or None."""
-    dev = prior.prior.x_emb.weight.device
+    dev = prior.device
     nll, ent = [], []
     for i in range(0, codes.shape[0], batch_size):
         sl = slice(i, i + batch_size)
@@ -69,7 +69,7 @@ def next_token_tv(prior, student, codes: torch.Tensor, upper: torch.Tensor, labe
     n = c.n_ctx
     if not 0 <= known < n:
         raise ValueError(f"known must be in [0, n_ctx={n}), got {known}")
-    dev = prior.prior.x_emb.weight.device
+    dev = prior.device
     prefix_len = known if student.sampling.prefix_cache else 0
     per_window, prof_sum, prof_n = [], torch.zeros(bins, dtype=torch.float64), torch.zeros(bins, dtype=torch.float64)
     ent_p = ent_q = 0.0

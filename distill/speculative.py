@@ -144,7 +144,7 @@ class SpeculativeWindowSampler:
 
     def _check(self, known, n_new, temperature, top_k, top_p) -> torch.Tensor:
         return check_window_call(known, n_new, temperature, top_k, top_p, self.config,
-                                 self.prior.prior.x_emb.weight.device)
+                                 self.prior.device)
 
     @torch.no_grad()
     def __call__(self, known, n_new: int, upper=None, labels=None, *, temperature: float = 1.0, top_k: int = 0,

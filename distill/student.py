@@ -239,6 +239,10 @@ class ParallelStudent(nn.Module):
                                           f"the student's {tuple(dst.shape)}")
         return student.train(prior.training)
 
+    # the teacher's: where the weights are and their dtype (read off ``prior.x_emb``, which this
+    # module has under the same name)
+    device, dtype = Prior.device, Prior.dtype
+
     # --- conditioning -----------------------------------------------------------------------
     def check_labels(self, labels) -> torch.Tensor | None:
         """Label rows (N, label_len) as a LongTensor, or None; errors as ``Prior.check_labels``."""
@@ -250,8 +254,8 @@ class ParallelStudent(nn.Module):
         upper: (N, n_ctx // cond_downsample) codes of the level above.
         labels: (N, label_len) label rows of this window (when the config has labels).
         """
-        # Prior.condition reads only ``config``, ``check_labels``, ``y_emb``, ``conditioner_blocks``
-        # and ``prior.x_emb`` (device, dtype), which this module has under the same names.
+        # Prior.condition reads only ``config``, ``check_labels``, ``y_emb``, ``conditioner_blocks``,
+        # ``device`` and ``dtype``, which this module has under the same names.
         return Prior.condition(self, upper, labels)
 
     # --- forward ----------------------------------------------------------------------------
@@ -265,7 +269,7 @@ class ParallelStudent(nn.Module):
         if z.dim() != 2 or z.shape[1] != c.n_ctx:
             raise ValueError(f"tokens must be (N, n_ctx={c.n_ctx}) with mask_id={self.mask_id} where unknown, "
                              f"got shape {tuple(z.shape)}")
-        z = z.long().to(self.prior.x_emb.weight.device)
+        z = z.long().to(self.device)
         if z.numel() and (int(z.min()) < 0 or int(z.max()) > self.mask_id):
             raise ValueError(f"token ids must be in [0, {c.l_bins}) or mask_id={self.mask_id}; "
                              f"got values in [{int(z.min())}, {int(z.max())}]")

@@ -316,7 +316,7 @@ def _choose_sampling(cfg: DistillConfig, prior, student, data: dict, result: dic
     if cfg.confidence_noise is not None:
         return {"confidence_noise": float(cfg.confidence_noise)}
     from .tune import TRAIN_GRID, choose_sampling, describe, shard_windows
-    dev = prior.prior.x_emb.weight.device
+    dev = prior.device
     codes, upper, labels = (None if t is None else t.to(dev) for t in shard_windows(data, cfg.tune_windows,
                                                                                       cfg.seed + 2))
     if cfg.progress:

@@ -119,7 +119,7 @@ def choose_sampling(prior, student, teacher_codes: torch.Tensor, upper: torch.Te
         raise ValueError("no validation windows")
     if teacher_codes.shape[0] != upper.shape[0]:
         raise ValueError(f"{teacher_codes.shape[0]} teacher samples for {upper.shape[0]} windows")
-    dev = prior.prior.x_emb.weight.device
+    dev = prior.device
     n_ctx = prior.config.n_ctx
     bs = min(batch_size, upper.shape[0])
     if not 0 <= known < n_ctx:

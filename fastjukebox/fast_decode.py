@@ -386,7 +386,7 @@ class GraphWindowSampler:
     def __init__(self, prior: Prior, batch: int | None = None, device=None, *, backend: str | None = None,
                  cuda_graphs: bool | None = None):
         self.prior = prior
-        self.device = torch.device(device) if device is not None else prior.prior.x_emb.weight.device
+        self.device = torch.device(device) if device is not None else prior.device
         resolve_backend(self.device, backend)                 # bad flags fail here, not mid-run
         cuda_graphs_enabled(self.device, cuda_graphs)
         self._batch, self._backend, self._cuda_graphs = batch or 0, backend, cuda_graphs

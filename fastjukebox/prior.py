@@ -96,6 +96,16 @@ class Prior(nn.Module):
         """A released architecture with fresh weights (works under ``torch.device("meta")``)."""
         return cls(resolve_config(name, "prior"))
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are."""
+        return self.prior.x_emb.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype."""
+        return self.prior.x_emb.weight.dtype
+
     def original_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights under the original key names (the module tree already uses them; tied
         ``prior.x_out.weight`` is listed as in the original files)."""
@@ -127,7 +137,7 @@ class Prior(nn.Module):
         labels: (N, label_len) label rows for this window (see ``fastjukebox.labels``).
         """
         c = self.config
-        dev = self.prior.x_emb.weight.device
+        dev = self.device
         y = self.check_labels(labels)
         start = timing = None
         if y is not None:
@@ -156,18 +166,18 @@ class Prior(nn.Module):
                 encoder_kv = self.prime_state_ln(self.prime_state_proj(h))
             else:
                 N = lyric.shape[0]
-                zeros = torch.zeros(N, c.n_tokens, c.width, device=dev, dtype=self.prior.x_emb.weight.dtype)
+                zeros = torch.zeros(N, c.n_tokens, c.width, device=dev, dtype=self.dtype)
                 x_cond = torch.cat([zeros, x_cond], dim=1)
         if start is not None:
-            start = start.to(self.prior.x_emb.weight.dtype)
+            start = start.to(self.dtype)
         if x_cond is not None:
-            x_cond = x_cond.to(self.prior.x_emb.weight.dtype)
+            x_cond = x_cond.to(self.dtype)
         return Conditioning(x_cond, start, encoder_kv, lyric)
 
     # --- teacher forcing --------------------------------------------------------------------
     def _sequence(self, tokens, cond: Conditioning) -> tuple[torch.Tensor, int]:
         c = self.config
-        z = _as_long("tokens", tokens).to(self.prior.x_emb.weight.device)
+        z = _as_long("tokens", tokens).to(self.device)
         if z.shape[1] > c.n_ctx:
             raise ValueError(f"tokens has {z.shape[1]} positions but this prior's window is n_ctx={c.n_ctx}")
         if z.shape[1] == 0:

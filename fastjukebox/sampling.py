@@ -162,7 +162,7 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
         raise ValueError(f"codes must list {n_levels} levels (level 0 first), got {len(zs)}")
     n = _batch_size(zs, labels, priors)
     first = priors[levels[0]] if levels else None
-    device = first.prior.x_emb.weight.device if first is not None else torch.device("cpu")
+    device = first.device if first is not None else torch.device("cpu")
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else torch.seed())
     rows = None

@@ -154,11 +154,11 @@ def test_a_student_for_another_level_is_named(tmp_path):
     import shutil
     import fastjukebox as fj
     from fastjukebox.checkpoint import CheckpointError
-    from fastjukebox.generate import _parallel_sampler
+    from fastjukebox.generate import SAMPLERS
     jb = fj.load("demo")
     with pytest.raises(ValueError, match="upsamples level 0, not level 1"):
         ParallelWindowSampler(jb.student(0), level=1)
-    assert _parallel_sampler(jb, 1).student is jb.student(1)
+    assert SAMPLERS["parallel"](jb, 1).student is jb.student(1)
     family = tmp_path / "family"
     from fastjukebox.bundle import ASSETS
     shutil.copytree(ASSETS / "demo", family)
