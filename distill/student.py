@@ -47,7 +47,7 @@ from fastjukebox.transformer import Transformer
 
 from .prefix_layout import PrefixCache, check_prefix_len, encode_prefix, full_forward, suffix_forward
 
-__all__ = ["ParallelStudent", "STUDENT_KIND", "SamplingDefaults", "SAMPLING_NAME", "ORDERS", "TEACHERS"]
+__all__ = ["ParallelStudent", "STUDENT_KIND", "StudentSampling", "SAMPLING_NAME", "ORDERS", "TEACHERS"]
 
 TEACHERS = {"middle": 1, "bottom": 0}   # the upsamplers a student distils, by name: their levels
 ORDERS = ("confidence", "spread", "random")    # ways a sampler pass picks the positions it makes final
@@ -56,7 +56,7 @@ SAMPLING_NAME = "sampling.json"
 
 
 @dataclass(frozen=True)
-class SamplingDefaults:
+class StudentSampling:
     """A student's defaults for ``ParallelWindowSampler`` (see its arguments). The values here
     are the ones used before a student has its own (chosen on the demo's level-1 student).
 
@@ -93,7 +93,7 @@ class SamplingDefaults:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SamplingDefaults":
+    def from_dict(cls, d: dict) -> "StudentSampling":
         known = tuple(f.name for f in fields(cls))
         unknown = sorted(set(d) - set(known))
         if unknown:
@@ -207,7 +207,7 @@ class ParallelStudent(nn.Module):
         if c.labels:
             self.y_emb = label_conditioner(c)   # is_top is False here: no timing signal
         self.prior = MaskedTokenModel(c)
-        self.sampling = SamplingDefaults()
+        self.sampling = StudentSampling()
 
     @property
     def mask_id(self) -> int:
@@ -352,16 +352,16 @@ class ParallelStudent(nn.Module):
         return model.eval()
 
 
-def _read_sampling(directory: Path) -> SamplingDefaults:
+def _read_sampling(directory: Path) -> StudentSampling:
     """``sampling.json`` of a student directory; students saved without one get the defaults."""
     path = directory / SAMPLING_NAME
     if not path.is_file():
-        return SamplingDefaults()
+        return StudentSampling()
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
         if not isinstance(d, dict):
             raise ValueError("expected a JSON object")
-        return SamplingDefaults.from_dict(d)
+        return StudentSampling.from_dict(d)
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: not valid sampling settings ({e})") from None

@@ -307,7 +307,7 @@ def _mixed_precision(choice: str) -> str:
 
 
 def _choose_sampling(cfg: DistillConfig, prior, student, data: dict, result: dict) -> dict:
-    """The student's sampler setting (``SamplingDefaults`` fields ``order``, ``confidence_noise``,
+    """The student's sampler setting (``StudentSampling`` fields ``order``, ``confidence_noise``,
     ``temperature_scale``): ``cfg.confidence_noise`` as given, or the noise ``distill.tune`` picks
     on ``cfg.tune_windows`` shard windows (recorded in ``result["sampling_tune"]``). Training
     chooses among confidence-order settings at the caller's temperature (``TRAIN_GRID``);
@@ -345,7 +345,7 @@ def train(cfg: DistillConfig) -> dict:
     from fastjukebox.progress import progress_bar
 
     import fastjukebox as fj
-    from .student import ParallelStudent, SamplingDefaults
+    from .student import ParallelStudent, StudentSampling
 
     # cpu=True also makes several launched CPU processes one gloo group (accelerate only forms a
     # CPU process group when asked for the CPU)
@@ -453,8 +453,8 @@ def train(cfg: DistillConfig) -> dict:
     if main:
         student.eval()
         # the prefix layout has to be on while the noise is measured on hopped windows
-        student.sampling = SamplingDefaults(passes=cfg.passes, prefix_cache=cfg.prefix_layout)
-        student.sampling = SamplingDefaults(**_choose_sampling(cfg, prior, student, data, result),
+        student.sampling = StudentSampling(passes=cfg.passes, prefix_cache=cfg.prefix_layout)
+        student.sampling = StudentSampling(**_choose_sampling(cfg, prior, student, data, result),
                                             passes=cfg.passes, prefix_cache=cfg.prefix_layout)
         student.save(out / "student")
         plot_metrics(log, out / "metrics.png")

@@ -1,4 +1,4 @@
-"""Choosing a student's sampler settings (``SamplingDefaults``) on validation windows.
+"""Choosing a student's sampler settings (``StudentSampling``) on validation windows.
 
 A setting is an unmasking order, a choice noise and a temperature scale. How much choice noise
 confidence-based unmasking needs depends on the teacher: with a flat teacher (high entropy per
@@ -38,7 +38,7 @@ import torch
 from .data import sample_windows
 from .metrics import code_histogram, codebook_usage, histogram_tv, teacher_scores
 from .sampler import ParallelWindowSampler
-from .student import TEACHERS, SamplingDefaults
+from .student import TEACHERS, StudentSampling
 
 __all__ = ["choose_sampling", "choose_passes", "teacher_reference", "shard_windows", "sampling_grid",
            "NOISE_GRID", "TEMPERATURE_GRID", "PASSES_GRID", "TRAIN_GRID"]
@@ -99,7 +99,7 @@ def choose_sampling(prior, student, teacher_codes: torch.Tensor, upper: torch.Te
                     temperature: float = 1.0, batch_size: int = BATCH_SIZE, seed: int = 0,
                     known: int = 0, reference: tuple | None = None) -> tuple[dict, dict]:
     """Returns ``(setting, report)``: ``setting`` holds ``order``, ``confidence_noise`` and
-    ``temperature_scale`` (``SamplingDefaults`` fields); ``report``: ``teacher_nll_teacher``,
+    ``temperature_scale`` (``StudentSampling`` fields); ``report``: ``teacher_nll_teacher``,
     ``known`` and per grid setting its fields and ``{"teacher_nll", "relative_gap",
     "histogram_tv", "score", "codes_used"}`` (rows in grid order; ``score`` = relative_gap +
     histogram_tv, the smallest is chosen).
@@ -114,7 +114,7 @@ def choose_sampling(prior, student, teacher_codes: torch.Tensor, upper: torch.Te
     for g in grid:
         if sorted(g) != sorted(SETTING_KEYS):
             raise ValueError(f"a grid setting must have exactly the fields {', '.join(SETTING_KEYS)}, got {g}")
-        SamplingDefaults(**g)           # named errors for bad values
+        StudentSampling(**g)           # named errors for bad values
     if upper.shape[0] < 1:
         raise ValueError("no validation windows")
     if teacher_codes.shape[0] != upper.shape[0]:

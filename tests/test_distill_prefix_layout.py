@@ -4,7 +4,7 @@ import torch
 
 from distill.prefix_layout import full_forward
 from distill.sampler import ParallelWindowSampler
-from distill.student import ParallelStudent, SamplingDefaults
+from distill.student import ParallelStudent, StudentSampling
 from fastjukebox import PriorConfig
 
 
@@ -134,7 +134,7 @@ def test_a_pass_never_changes_known_or_final_tokens(K, n_new, passes, order):
 
 def test_sampler_takes_passes_and_layout_from_the_student_and_names_bad_arguments():
     student = _student().float()
-    student.sampling = SamplingDefaults(passes=3, prefix_cache=True, confidence_noise=0.0)
+    student.sampling = StudentSampling(passes=3, prefix_cache=True, confidence_noise=0.0)
     s = ParallelWindowSampler(student)
     assert s.passes == 3 and s.prefix_cache is True
     assert ParallelWindowSampler(student, passes=2, prefix_cache=False).prefix_cache is False
@@ -142,9 +142,9 @@ def test_sampler_takes_passes_and_layout_from_the_student_and_names_bad_argument
         with pytest.raises(ValueError, match="passes must be an integer >= 1"):
             ParallelWindowSampler(student, passes=bad)
     with pytest.raises(ValueError, match="passes must be an integer >= 1"):
-        SamplingDefaults(passes=0)
+        StudentSampling(passes=0)
     with pytest.raises(ValueError, match="prefix_cache must be true or false"):
-        SamplingDefaults(prefix_cache="yes")
+        StudentSampling(prefix_cache="yes")
     with pytest.raises(ValueError, match="prefix_len must be an integer in"):
         student(torch.zeros(1, 40, dtype=torch.long), student.condition(*_inputs(student.config, 1,
                                                                                   torch.Generator())), prefix_len=40)

@@ -10,7 +10,7 @@ import distill.sampler as sampler_mod
 from distill.sampler import ParallelWindowSampler
 from distill.schedules import (mask_ratio, masks_per_pass, pass_temperature, sample_training_mask,
                                sample_training_mask_ratio, spread_order)
-from distill.student import ParallelStudent, SamplingDefaults
+from distill.student import ParallelStudent, StudentSampling
 from fastjukebox import PriorConfig, Prior, load_prior
 from fastjukebox.checkpoint import CheckpointError, save_component
 
@@ -237,12 +237,12 @@ def test_save_load_round_trip(tmp_path, gen):
     upper, labels = _inputs(c, 2, gen)
     tokens = torch.randint(0, c.l_bins + 1, (2, c.n_ctx), generator=gen)
     out = student.save(tmp_path / "student_level_1")
-    student.sampling = SamplingDefaults(confidence_noise=2.0, temperature_anneal=True)
+    student.sampling = StudentSampling(confidence_noise=2.0, temperature_anneal=True)
     student.save(out)  # overwriting an existing directory works
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "sampling.json"]
     loaded = ParallelStudent.load(out)
     assert loaded.config == c
-    assert loaded.sampling == SamplingDefaults(confidence_noise=2.0, temperature_anneal=True)
+    assert loaded.sampling == StudentSampling(confidence_noise=2.0, temperature_anneal=True)
     with torch.no_grad():
         assert torch.equal(loaded(tokens, loaded.condition(upper, labels)), student(tokens, student.condition(upper, labels)))
     half = ParallelStudent.load(out, dtype=torch.bfloat16)
@@ -260,7 +260,7 @@ def test_sampling_settings_file(tmp_path):
     """Students saved before ``sampling.json`` existed load with the defaults; a bad file is named."""
     out = ParallelStudent.from_teacher(_teacher(1)).save(tmp_path / "s")
     (out / "sampling.json").unlink()
-    assert ParallelStudent.load(out).sampling == SamplingDefaults()
+    assert ParallelStudent.load(out).sampling == StudentSampling()
     for text, match in (('{"confidence_noise": -1}', "confidence_noise"), ('{"noise": 1}', "unknown sampling"),
                         ("[1]", "JSON object"), ("{", "sampling.json")):
         (out / "sampling.json").write_text(text)
@@ -271,7 +271,7 @@ def test_sampling_settings_file(tmp_path):
 def test_sampler_takes_the_students_setting(gen):
     student = ParallelStudent.from_teacher(_teacher(1))
     assert ParallelWindowSampler(student).confidence_noise == 16.0
-    student.sampling = SamplingDefaults(confidence_noise=3.0, temperature_anneal=True)
+    student.sampling = StudentSampling(confidence_noise=3.0, temperature_anneal=True)
     s = ParallelWindowSampler(student)
     assert (s.confidence_noise, s.temperature_anneal) == (3.0, True)
     s = ParallelWindowSampler(student, confidence_noise=0.0, temperature_anneal=False)
@@ -515,17 +515,17 @@ def test_temperature_scale_multiplies_the_callers_temperature(monkeypatch, tiny_
         return draw(logits, temperature, *args)
 
     monkeypatch.setattr(sampler_mod, "draw_codes", spy)
-    tiny_student.sampling = SamplingDefaults(temperature_scale=0.5, order="spread")
+    tiny_student.sampling = StudentSampling(temperature_scale=0.5, order="spread")
     s = ParallelWindowSampler(tiny_student, passes=3)
     assert (s.temperature_scale, s.order) == (0.5, "spread")
     s(torch.zeros(1, 0, dtype=torch.long), 40, upper, labels, temperature=0.8, generator=gen)
     assert temps == [pytest.approx(0.4)] * 3
-    tiny_student.sampling = SamplingDefaults()
+    tiny_student.sampling = StudentSampling()
     for kw, match in ((dict(temperature_scale=0.0), "temperature_scale"), (dict(order="zigzag"), "order")):
         with pytest.raises(ValueError, match=match):
             ParallelWindowSampler(tiny_student, **kw)
         with pytest.raises(ValueError, match=match):
-            SamplingDefaults(**kw)
+            StudentSampling(**kw)
 
 
 def test_spread_order_is_a_permutation_with_even_prefixes():
