@@ -15,7 +15,7 @@ import torch
 from kernels.decode_attention.reference import decode_attention_reference
 from kernels.factored_attention.reference import factored_attention_reference
 
-__all__ = ["ATTN_FUNC_PATTERNS", "layer_patterns", "attend", "register_backend", "set_backend"]
+__all__ = ["ATTN_FUNC_PATTERNS", "layer_patterns", "attend", "register_backend", "set_backend", "backend_name"]
 
 # The original numbers its attention functions; these are the ones the released models use
 # plus ``summary``. (5, "summary spread", never shipped and cannot be sampled in the original.)
@@ -67,8 +67,13 @@ def set_backend(name: str | None) -> None:
     _forced = None if name == "auto" else name
 
 
+def backend_name() -> str:
+    """The backend asked for: ``set_backend``'s, else ``FASTJUKEBOX_ATTENTION``, else ``"auto"``."""
+    return _forced or os.environ.get("FASTJUKEBOX_ATTENTION", "auto")
+
+
 def _choose(q: torch.Tensor) -> AttentionFn:
-    name = _forced or os.environ.get("FASTJUKEBOX_ATTENTION", "auto")
+    name = backend_name()
     if name == "reference":
         return factored_attention_reference
     if name != "auto":
@@ -100,7 +105,7 @@ def attend_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """Queries at ``[pos, pos + T)`` (one block) against a layer's static cache."""
     fn = decode_attention_reference
     if _DECODE_BACKENDS or _forced:
-        name = _forced or os.environ.get("FASTJUKEBOX_ATTENTION", "auto")
+        name = backend_name()
         if name == "auto":
             fn = next((f for f, ok in _DECODE_BACKENDS.values() if ok(q)), fn)
         elif name != "reference" and name in _DECODE_BACKENDS:

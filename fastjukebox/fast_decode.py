@@ -93,7 +93,7 @@ def resolve_backend(device: torch.device | str, requested: str | None = None) ->
     """``"triton"`` or ``"reference"`` for a step on ``device`` (see the module docstring)."""
     cuda = torch.device(device).type == "cuda"
     if requested is None:
-        name = getattr(_attention, "_forced", None) or os.environ.get("FASTJUKEBOX_ATTENTION", "auto")
+        name = _attention.backend_name()
         name = "reference" if name == "reference" else "auto"
     elif requested not in BACKENDS:
         raise ValueError(f"unknown fast-decode backend {requested!r}; known: {', '.join(BACKENDS)}")
