@@ -414,10 +414,8 @@ def test_most_confident_positions_are_kept_first(gen):
     assert torch.equal(out[:, K:], logits[:, K:K + n_new].argmax(-1))
 
 
-@pytest.mark.parametrize("anneal", [True, False])
-def test_temperature_annealing(monkeypatch, tiny_student, gen, anneal):
-    c = tiny_student.config
-    upper, labels = _inputs(c, 1, gen)
+def _record_draw_temperatures(monkeypatch) -> list:
+    """The temperature of every draw the parallel sampler makes, in order."""
     temps = []
     draw = sampler_mod.draw_codes
 
@@ -426,6 +424,14 @@ def test_temperature_annealing(monkeypatch, tiny_student, gen, anneal):
         return draw(logits, temperature, *args)
 
     monkeypatch.setattr(sampler_mod, "draw_codes", spy)
+    return temps
+
+
+@pytest.mark.parametrize("anneal", [True, False])
+def test_temperature_annealing(monkeypatch, tiny_student, gen, anneal):
+    c = tiny_student.config
+    upper, labels = _inputs(c, 1, gen)
+    temps = _record_draw_temperatures(monkeypatch)
     ParallelWindowSampler(tiny_student, passes=5, temperature_anneal=anneal)(
         torch.zeros(1, 0, dtype=torch.long), 40, upper, labels, temperature=0.8, generator=gen)
     assert temps == ([pass_temperature(0.8, i, 5) for i in range(5)] if anneal else [0.8] * 5)
@@ -507,14 +513,7 @@ def test_spread_order_decodes_its_prefixes_evenly(gen):
 def test_temperature_scale_multiplies_the_callers_temperature(monkeypatch, tiny_student, gen):
     c = tiny_student.config
     upper, labels = _inputs(c, 1, gen)
-    temps = []
-    draw = sampler_mod.draw_codes
-
-    def spy(logits, temperature, *args):
-        temps.append(temperature)
-        return draw(logits, temperature, *args)
-
-    monkeypatch.setattr(sampler_mod, "draw_codes", spy)
+    temps = _record_draw_temperatures(monkeypatch)
     tiny_student.sampling = StudentSampling(temperature_scale=0.5, order="spread")
     s = ParallelWindowSampler(tiny_student, passes=3)
     assert (s.temperature_scale, s.order) == (0.5, "spread")
