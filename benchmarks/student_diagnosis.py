@@ -230,7 +230,8 @@ def diagnose(jb, student, *, windows: int = 128, one_per_pass_windows: int = 32,
                              seconds_per_window=seconds))
     return dict(level=level, n_ctx=c.n_ctx, known=known, windows=windows, temperature=temperature, seed=seed,
                 rescored=rescored, context_use=ctx, teacher_nll_real=float(teacher_real.mean()),
-                student_sampling=dict(vars(student.sampling)), teacher_seconds_per_window=teacher_seconds,
+                student_sampling=dict(vars(student.sampling)), input_layout=student.prior.input_layout,
+                teacher_seconds_per_window=teacher_seconds,
                 teacher_nll=float(nll_t.mean()), teacher_entropy=float(ent_t.mean()),
                 codebook_usage_teacher=use_t, next_token_tv=tv["mean_tv"], next_token_tv_stderr=tv["stderr"],
                 next_token_entropy_student=tv["entropy_student"], next_token_entropy_teacher=tv["entropy_teacher"],
@@ -243,7 +244,8 @@ def format_markdown(r: dict, command: str) -> str:
              f"`{command}`, {r['date']}; {r['machine']}, torch {r['torch']}, {r['threads']} thread(s).", "",
              f"Held-out hopped windows: n_ctx {r['n_ctx']}, the first {r['known']} codes the teacher's own, the "
              f"rest sampled and scored; {r['windows']} windows (one token per pass: the number in the table), "
-             f"temperature {r['temperature']}. The student's saved settings: {r['student_sampling']}.", "",
+             f"temperature {r['temperature']}. The student's saved settings: {r['student_sampling']}; input layout "
+             f"{r.get('input_layout', 'tokens')}.", "",
              f"- Teacher NLL of its own continuations: {r['teacher_nll']:.3f} bits/token; the teacher's "
              f"predictive entropy along them {r['teacher_entropy']:.3f} bits; codes used {r['codebook_usage_teacher']}.",
              f"- Next-token distributions along the teacher's samples: student entropy "
@@ -298,6 +300,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="demo", help="bundle name or directory holding the priors and students")
     p.add_argument("--level", type=int, default=0, choices=(0, 1), help="upsampler level")
+    p.add_argument("--student", type=Path, default=None,
+                   help="student directory to diagnose (default: the model's own student of the level)")
     p.add_argument("--windows", type=int, default=128, help="held-out hopped windows")
     p.add_argument("--one-per-pass-windows", type=int, default=32,
                    help="of those, windows sampled with one token per pass")
@@ -314,7 +318,13 @@ def main(argv=None) -> int:
         p.error(f"--passes must be >= 1, got {args.passes}")
     import fastjukebox as fj
     jb = fj.load(args.model)
-    student = jb.student(args.level)
+    if args.student is None:
+        student = jb.student(args.level)
+    else:
+        from distill.student import ParallelStudent
+        student = ParallelStudent.load(args.student)
+        if student.config.level != args.level:
+            p.error(f"--student {args.student} is a level-{student.config.level} student; --level is {args.level}")
     r = diagnose(jb, student, windows=args.windows, one_per_pass_windows=args.one_per_pass_windows,
                  passes=tuple(args.passes), rescorings=tuple(args.rescore), batch_size=args.batch_size, seed=args.seed,
                  progress=not args.quiet)

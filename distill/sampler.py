@@ -135,6 +135,9 @@ class ParallelWindowSampler:
         if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
             raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
         self.prefix_cache = own.prefix_cache if prefix_cache is None else bool(prefix_cache)
+        if self.prefix_cache and student.prior.input_layout != "tokens":
+            raise ValueError(f"a student with the {student.prior.input_layout} input layout runs whole windows: "
+                             "no prefix cache")
         temperature_anneal = own.temperature_anneal if temperature_anneal is None else temperature_anneal
         confidence_noise = own.confidence_noise if confidence_noise is None else confidence_noise
         if confidence_noise < 0:

@@ -101,6 +101,9 @@ class StudentSampling:
         return cls(**d)
 
 STUDENT_KIND = "student"
+# what a position's input embedding holds: its own code (or the mask), or its left neighbour's
+# (as the autoregressive teacher's input does), so that the nearest context needs no attention
+INPUT_LAYOUTS = ("tokens", "shifted")
 
 
 class MaskedTokenModel(nn.Module):
@@ -111,8 +114,11 @@ class MaskedTokenModel(nn.Module):
     unless ``merged_decoder``: both as in the teacher.
     """
 
-    def __init__(self, c: PriorConfig):
+    def __init__(self, c: PriorConfig, input_layout: str = "tokens"):
         super().__init__()
+        if input_layout not in INPUT_LAYOUTS:
+            raise ValueError(f"input_layout must be one of {', '.join(INPUT_LAYOUTS)}, got {input_layout!r}")
+        self.input_layout = input_layout
         self.l_bins, self.width = c.l_bins, c.width
         self.x_emb = nn.Embedding(c.l_bins + 1, c.width)
         nn.init.normal_(self.x_emb.weight, std=0.02 * c.init_scale)
@@ -136,6 +142,10 @@ class MaskedTokenModel(nn.Module):
               lo: int = 0) -> torch.Tensor:
         """Input embeddings (N, T, W) of ``tokens`` (N, T) at positions [lo, lo + T)."""
         hi = lo + tokens.shape[1]
+        if self.input_layout == "shifted":     # position t reads the code at t - 1 (mask: unknown)
+            if lo != 0:
+                raise ValueError("the shifted input layout runs whole windows (no prefix cache)")
+            tokens = torch.cat([torch.full_like(tokens[:, :1], self.l_bins), tokens[:, :-1]], dim=1)
         x = self.x_emb(tokens) + self.pos_emb()[lo:hi]          # (N, T, W)
         if start is not None:
             x = x + start                                       # (N, 1, W) broadcast over positions
@@ -193,7 +203,7 @@ class ParallelStudent(nn.Module):
     ``mask_id == config.l_bins``. Only upsampler configs (not the top level, no lyrics).
     """
 
-    def __init__(self, config: PriorConfig):
+    def __init__(self, config: PriorConfig, input_layout: str = "tokens"):
         super().__init__()
         if not isinstance(config, PriorConfig):
             raise TypeError(f"config must be a PriorConfig, got {type(config).__name__}")
@@ -206,7 +216,7 @@ class ParallelStudent(nn.Module):
         self.conditioner_blocks = nn.ModuleList([upsampler_conditioner(c)])
         if c.labels:
             self.y_emb = label_conditioner(c)   # is_top is False here: no timing signal
-        self.prior = MaskedTokenModel(c)
+        self.prior = MaskedTokenModel(c, input_layout)
         self.sampling = StudentSampling()
 
     @property
@@ -215,14 +225,14 @@ class ParallelStudent(nn.Module):
 
     # --- construction -----------------------------------------------------------------------
     @classmethod
-    def from_teacher(cls, prior: Prior) -> "ParallelStudent":
+    def from_teacher(cls, prior: Prior, input_layout: str = "tokens") -> "ParallelStudent":
         """A student on the teacher's device and dtype holding a copy of every teacher weight that
         has a counterpart: conditioners, position embedding, all transformer layers, the code rows
         of the token embedding and (untied heads) the output projection. Only the mask-id
         embedding row is new."""
         w = prior.prior.x_emb.weight
         with torch.device(w.device):
-            student = cls(prior.config).to(w.dtype)
+            student = cls(prior.config, input_layout).to(w.dtype)
         teacher = prior.state_dict()
         own = student.state_dict()
         with torch.no_grad():
@@ -316,7 +326,8 @@ class ParallelStudent(nn.Module):
         tmp.mkdir(parents=True, exist_ok=True)
         save_file(sd, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
-            json.dump({"kind": STUDENT_KIND, "format": FORMAT_VERSION, **self.config.to_dict()}, f, indent=1)
+            layout = {} if self.prior.input_layout == "tokens" else {"input_layout": self.prior.input_layout}
+            json.dump({"kind": STUDENT_KIND, "format": FORMAT_VERSION, **layout, **self.config.to_dict()}, f, indent=1)
         with open(tmp / SAMPLING_NAME, "w", encoding="utf-8") as f:
             json.dump(asdict(self.sampling), f, indent=1)
         if directory.exists():
@@ -336,14 +347,16 @@ class ParallelStudent(nn.Module):
         if not (directory / CONFIG_NAME).is_file():
             raise CheckpointError(f"{directory}: not a student directory (no {CONFIG_NAME})")
         try:
-            config = read_config(directory, STUDENT_KIND)
+            config = read_config(directory, STUDENT_KIND, extra=("input_layout",))
+            with open(directory / CONFIG_NAME, encoding="utf-8") as f:
+                layout = json.load(f).get("input_layout", "tokens")
         except (TypeError, ValueError) as e:
             if isinstance(e, CheckpointError):
                 raise
             raise CheckpointError(f"{directory / CONFIG_NAME}: not a valid student config ({e})") from None
         sd = read_weights(directory)
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(config, layout)
         check_state_dict(model.state_dict(), sd, str(directory), "this student architecture")
         dtype = dtype or torch.float32
         sd = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in sd.items()}

@@ -80,6 +80,7 @@ class DistillConfig:
     soft_weight: float = 0.25
     prefix_prob: float = 0.25
     prefix_layout: bool = True         # prefix examples train the prefix-cached layout (distill.prefix_layout)
+    input_layout: str = "tokens"        # student input: own codes, or left neighbours' ("shifted")
     init_student: str | None = None    # start from this student directory instead of the teacher's weights
     seed: int = 0
     ckpt_every: int = 100
@@ -111,6 +112,10 @@ class DistillConfig:
             raise ValueError("--soft-weight must be >= 0, --lr and --temperature > 0")
         if self.confidence_noise is not None and self.confidence_noise < 0:
             raise ValueError(f"--confidence-noise must be >= 0, got {self.confidence_noise}")
+        if self.input_layout not in ("tokens", "shifted"):
+            raise ValueError(f"--input-layout must be tokens or shifted, got {self.input_layout!r}")
+        if self.input_layout == "shifted" and self.prefix_layout:
+            raise ValueError("--input-layout shifted runs whole windows: add --no-prefix-layout")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"--mixed-precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
 
@@ -130,7 +135,7 @@ class DistillConfig:
         """Settings a resumed run must share with the checkpoint it continues."""
         keep = ("teacher", "model", "data", "steps", "shards", "shard_size", "batch_size", "lr", "min_lr_ratio",
                 "warmup", "weight_decay", "grad_clip", "k", "temperature", "real_ratio", "soft_weight",
-                "prefix_prob", "prefix_layout", "init_student", "seed")
+                "prefix_prob", "prefix_layout", "input_layout", "init_student", "seed")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -391,7 +396,7 @@ def train(cfg: DistillConfig) -> dict:
             raise ValueError(f"--init-student {cfg.init_student}: a student for another teacher "
                              f"(level {student.config.level}, not the level-{cfg.level} teacher's architecture)")
     else:
-        student = ParallelStudent.from_teacher(prior).float().train()
+        student = ParallelStudent.from_teacher(prior, cfg.input_layout).float().train()
     decay = [p for n, p in student.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in student.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -502,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-layout", dest="prefix_layout", action="store_false",
                    help="train full bidirectional attention only (default: prefix examples train the "
                         "prefix-cached layout)")
+    p.add_argument("--input-layout", choices=("tokens", "shifted"), default="tokens",
+                   help="what a position's input holds: its own code or mask (tokens), or its left neighbour's "
+                        "(shifted, as the teacher's input; needs --no-prefix-layout)")
     p.add_argument("--init-student", default=None,
                    help="start from this student directory (e.g. a shipped one) instead of the teacher's weights "
                         "(default: the teacher's weights)")

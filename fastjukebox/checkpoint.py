@@ -193,9 +193,10 @@ def load_prior(path, hps=None, *, dtype: torch.dtype | None = None,
     return load_component(path, "prior", hps, dtype=dtype, device=device)
 
 
-def read_config(directory: Path, kind: str):
+def read_config(directory: Path, kind: str, extra: tuple[str, ...] = ()):
     """The config in ``directory/config.json``, checked field by field: a ``CheckpointError`` names
-    the file and the field that is missing, unknown or of the wrong type."""
+    the file and the field that is missing, unknown or of the wrong type. ``extra``: fields of the
+    component's own (not of its config class), left out here."""
     path = Path(directory) / CONFIG_NAME
     try:
         with open(path, encoding="utf-8") as f:
@@ -211,6 +212,8 @@ def read_config(directory: Path, kind: str):
     if d["kind"] != kind:
         raise CheckpointError(f"{directory} holds a {d['kind']!r} component, expected {kind!r}")
     d.pop("format", None)
+    for name in extra:
+        d.pop(name, None)
     try:
         return (VQVAEConfig if kind == "vqvae" else PriorConfig).from_dict(d)
     except (TypeError, ValueError) as e:
