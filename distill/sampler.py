@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from fastjukebox.sample_seeds import SampleGenerators
+from fastjukebox.sample_seeds import SampleGenerators, fill_rows
 from fastjukebox.sampling import filter_logits
 from fastjukebox.settings import check_knob
 
@@ -33,21 +33,6 @@ from .schedules import masks_per_pass, pass_temperature, spread_order
 from .student import ORDERS, ParallelStudent
 
 __all__ = ["ParallelWindowSampler", "draw_codes"]
-
-
-def _rows_exponential(like: torch.Tensor, generator) -> torch.Tensor:
-    """Exp(1) noise shaped like ``like`` (rows first), from ``generator``; with
-    ``SampleGenerators``, row ``i`` from generator ``i`` (the numbers that row alone would draw)."""
-    if isinstance(generator, SampleGenerators):
-        return torch.cat([torch.empty_like(like[:1]).exponential_(1.0, generator=g) for g in generator.generators])
-    return torch.empty_like(like).exponential_(1.0, generator=generator)
-
-
-def _rows_uniform(shape: tuple[int, int], device, generator) -> torch.Tensor:
-    """U(0, 1) draws ``(N, n)``, per row as ``_rows_exponential``."""
-    if isinstance(generator, SampleGenerators):
-        return torch.cat([torch.rand(1, shape[1], generator=g, device=device) for g in generator.generators])
-    return torch.rand(*shape, generator=generator, device=device)
 
 
 def draw_codes(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -61,7 +46,8 @@ def draw_codes(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     if temperature > 0:
         logp = torch.log_softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
         # argmax(p / E), E ~ Exp(1): an exact categorical draw without a host round trip
-        ids = (logp - _rows_exponential(logp, generator).log()).argmax(dim=-1)
+        e = fill_rows(torch.empty_like(logp), generator, lambda t, g: t.exponential_(1.0, generator=g))
+        ids = (logp - e.log()).argmax(dim=-1)
     else:
         logp = torch.log_softmax(filter_logits(logits, top_k, top_p), dim=-1)
         ids = logp.argmax(dim=-1)
@@ -200,7 +186,8 @@ class ParallelWindowSampler:
         # absolute positions still masked, (N, remaining); their order follows the last topk, or
         # with a fixed order (spread, random) that order, whose first columns each pass makes final
         if self.order == "random":
-            offsets = _rows_uniform((N, n_new), z.device, generator).argsort(dim=1)
+            offsets = fill_rows(torch.empty(N, n_new, device=z.device), generator,
+                                lambda t, g: t.uniform_(generator=g)).argsort(dim=1)
         else:
             offsets = torch.tensor(spread_order(n_new) if fixed else range(n_new), device=z.device).expand(N, n_new)
         masked = K + offsets
@@ -217,7 +204,7 @@ class ParallelWindowSampler:
                 logits = student.logits_unchecked(tokens, cond, cache=cache, positions=masked)  # (N, remaining, V)
                 ids, conf = draw_codes(logits, t, top_k, top_p, generator)                         # (N, remaining) each
                 if self.confidence_noise:
-                    e = _rows_exponential(conf, generator)
+                    e = fill_rows(torch.empty_like(conf), generator, lambda t, g: t.exponential_(1.0, generator=g))
                     conf = conf - self.confidence_noise * (1.0 - i / passes) * e.log()   # + scaled Gumbel(0, 1)
                 if still:
                     stay = torch.topk(conf, still, dim=1, largest=False).indices      # least confident stay masked

@@ -54,7 +54,7 @@ from . import attention as _attention
 from .decoding import WindowDecoder
 from .layers import quick_gelu
 from .prior import Prior
-from .sample_seeds import SampleGenerators
+from .sample_seeds import SampleGenerators, fill_rows
 from .sampling import sample_logits
 
 __all__ = ["StaticStepDecoder", "GraphWindowSampler", "cuda_graphs_enabled", "resolve_backend", "GRAPHS_ENV"]
@@ -273,11 +273,7 @@ class StaticStepDecoder:
         return (sampling_probs(logits, t, k, p) / noise).argmax(dim=-1)
 
     def _draw_noise(self) -> None:
-        if isinstance(self._generator, SampleGenerators):   # row i from sample i's generator
-            for i, g in enumerate(self._generator.generators):
-                exponential_noise_(self._noise[i:i + 1], g)
-        else:
-            exponential_noise_(self._noise[: self.n], self._generator)
+        fill_rows(self._noise[: self.n], self._generator, exponential_noise_)   # per sample, if given
 
     @torch.no_grad()
     def _body(self) -> None:

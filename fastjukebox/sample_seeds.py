@@ -11,9 +11,9 @@ from typing import Sequence
 
 import torch
 
-from kernels.sampling.reference import exponential_noise
+from kernels.sampling.reference import exponential_noise_
 
-__all__ = ["sample_seed", "SampleGenerators"]
+__all__ = ["sample_seed", "SampleGenerators", "fill_rows"]
 
 SEED_STRIDE = 0x9E3779B97F4A7C15   # odd, so distinct indices give distinct seeds modulo 2**64
 
@@ -45,7 +45,18 @@ class SampleGenerators:
     def exponential_noise(self, shape: tuple[int, int], device: torch.device | str) -> torch.Tensor:
         """Exp(1) noise ``(N, V)``, row ``i`` drawn from generator ``i`` (the numbers a batch of one
         draws from it)."""
-        n, v = shape
-        if n != len(self.generators):
-            raise ValueError(f"{n} rows but {len(self.generators)} sample generators")
-        return torch.cat([exponential_noise((1, v), device, g) for g in self.generators])
+        return fill_rows(torch.empty(shape, dtype=torch.float32, device=device), self, exponential_noise_)
+
+
+def fill_rows(out: torch.Tensor, generator, fill) -> torch.Tensor:
+    """``out`` filled in place by ``fill(view, generator)`` and returned: with ``SampleGenerators``,
+    row ``i`` (first dimension) from generator ``i``, so each row holds what a batch of that row
+    alone would draw; else the whole tensor from ``generator`` (a ``torch.Generator`` or None)."""
+    if not isinstance(generator, SampleGenerators):
+        fill(out, generator)
+        return out
+    if out.shape[0] != len(generator):
+        raise ValueError(f"{out.shape[0]} rows but {len(generator)} sample generators")
+    for i, g in enumerate(generator.generators):
+        fill(out[i:i + 1], g)
+    return out
