@@ -3,6 +3,8 @@
 ==================  ==========================================================================
 ``sampling``        exact sampling on the CPU: ours against the original's loop re-created, a
                     growing-cache loop and full recompute (``benchmarks.sampling_speed``)
+``upsample``        the main command end to end per sampler (the shipped excerpts, batch 1 and 16):
+                    time per level and the teacher NLL of each level's codes (``benchmarks.upsample``)
 ``report``          seconds per minute of audio, per level and end to end, per sampler
                     (``benchmarks.report``; ``--device cuda`` on a GPU)
 ``speculative``     exact speculative sampling against ``ar`` on the demo upsamplers: tokens/s,
@@ -29,6 +31,7 @@ import sys
 
 COMMANDS = {
     "sampling": "benchmarks.sampling_speed",
+    "upsample": "benchmarks.upsample",
     "report": "benchmarks.report",
     "speculative": "benchmarks.speculative",
     "students": "benchmarks.student_speed",

@@ -121,9 +121,6 @@ class ParallelWindowSampler:
         if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
             raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
         self.prefix_cache = own.prefix_cache if prefix_cache is None else bool(prefix_cache)
-        if self.prefix_cache and student.prior.input_layout != "tokens":
-            raise ValueError(f"a student with the {student.prior.input_layout} input layout runs whole windows: "
-                             "no prefix cache")
         temperature_anneal = own.temperature_anneal if temperature_anneal is None else temperature_anneal
         confidence_noise = own.confidence_noise if confidence_noise is None else confidence_noise
         if confidence_noise < 0:
@@ -150,7 +147,8 @@ class ParallelWindowSampler:
     def __call__(self, known, n_new: int, upper=None, labels=None, *, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 0.0, chunk_size: int | None = None,
                  generator: torch.Generator | SampleGenerators | None = None,
-                 on_progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                 on_progress: Callable[[int], None] | None = None,
+                 on_pass: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Fill ``n_new`` codes after ``known``.
 
         Args:
@@ -168,6 +166,8 @@ class ParallelWindowSampler:
                 alone, so a sample does not depend on the others of its batch).
             on_progress: called after each pass with the number of codes that became final
                 (per sample).
+            on_pass: called before each pass with a copy of the window's codes as that pass
+                sees them ((N, n_ctx), ``mask_id`` where unknown); on-policy training reads them.
         Returns:
             (N, K + n_new) codes: ``known`` followed by the new codes.
         """
@@ -195,6 +195,8 @@ class ParallelWindowSampler:
         temperature = float(temperature) * self.temperature_scale
         for i, still in enumerate(masks_per_pass(n_new, passes)):
             t = pass_temperature(temperature, i, passes) if self.temperature_anneal else temperature
+            if on_pass is not None:
+                on_pass(tokens.clone())
             if fixed:                   # the next positions of the order become final; heads only there
                 final, masked = masked[:, :remaining - still], masked[:, remaining - still:]
                 ids, _ = draw_codes(student.logits_unchecked(tokens, cond, cache=cache, positions=final),

@@ -6,7 +6,9 @@ model). Its input at position ``t`` is
 
     x_emb(tokens[t]) + pos_emb[t] + x_cond[t] (+ the label start embedding, at every position)
 
-(the teacher's input at ``t`` is the embedding of token ``t - 1``). The transformer is the
+(the teacher's input at ``t`` is the embedding of token ``t - 1``; students with the
+``"shifted"`` input layout read ``tokens[t - 1]`` too, so the nearest left context needs no
+attention, and still predict every masked position at once). The transformer is the
 teacher's (same width, depth, heads, factored patterns) run with ``causal=False``: block and
 column layers see their whole block / column, previous-block layers still read the previous
 block. Conditioning on the level above and on labels is the teacher's, module for module, so
@@ -139,13 +141,17 @@ class MaskedTokenModel(nn.Module):
         return self.x_emb.weight[: self.l_bins] if self.tied else self.x_out.weight
 
     def embed(self, tokens: torch.Tensor, start: torch.Tensor | None, x_cond: torch.Tensor | None,
-              lo: int = 0) -> torch.Tensor:
-        """Input embeddings (N, T, W) of ``tokens`` (N, T) at positions [lo, lo + T)."""
+              lo: int = 0, left: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings (N, T, W) of ``tokens`` (N, T) at positions [lo, lo + T). The shifted
+        layout needs ``left`` (N, 1), the code at ``lo - 1``, when ``lo`` > 0."""
         hi = lo + tokens.shape[1]
         if self.input_layout == "shifted":     # position t reads the code at t - 1 (mask: unknown)
-            if lo != 0:
-                raise ValueError("the shifted input layout runs whole windows (no prefix cache)")
-            tokens = torch.cat([torch.full_like(tokens[:, :1], self.l_bins), tokens[:, :-1]], dim=1)
+            if lo == 0:
+                left = torch.full_like(tokens[:, :1], self.l_bins)
+            elif left is None:
+                raise ValueError("the shifted input layout needs the code left of position "
+                                 f"{lo} to embed positions [{lo}, {hi})")
+            tokens = torch.cat([left, tokens[:, :-1]], dim=1)
         x = self.x_emb(tokens) + self.pos_emb()[lo:hi]          # (N, T, W)
         if start is not None:
             x = x + start                                       # (N, 1, W) broadcast over positions
@@ -175,7 +181,7 @@ class MaskedTokenModel(nn.Module):
         the positions scored must then lie in [P, n_ctx)."""
         if cache is not None:
             P = cache.prefix_len
-            h = self.suffix_hidden(tokens[:, P:], start, x_cond, cache)
+            h = self.suffix_hidden(tokens[:, P:], start, x_cond, cache, left=tokens[:, P - 1:P])
         else:
             P = 0
             h = full_forward(self.transformer, self.embed(tokens, start, x_cond), prefix_len)
@@ -191,10 +197,11 @@ class MaskedTokenModel(nn.Module):
         return encode_prefix(self.transformer, self.embed(prefix, start, x_cond))
 
     def suffix_hidden(self, suffix: torch.Tensor, start: torch.Tensor | None, x_cond: torch.Tensor | None,
-                      cache: PrefixCache) -> torch.Tensor:
+                      cache: PrefixCache, left: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states (N, n_ctx - P, W) of positions [P, n_ctx) (``suffix`` their ids) after
-        the cached prefix."""
-        return suffix_forward(self.transformer, self.embed(suffix, start, x_cond, cache.prefix_len), cache)
+        the cached prefix; ``left`` (N, 1): the prefix's last code (read by the shifted layout)."""
+        x = self.embed(suffix, start, x_cond, cache.prefix_len, left)
+        return suffix_forward(self.transformer, x, cache)
 
 
 class ParallelStudent(nn.Module):

@@ -17,7 +17,10 @@
    visible and only the second half is masked, as when the sampler continues a hopped window;
    these examples run under the prefix-cached layout (``distill.prefix_layout``) unless
    ``--no-prefix-layout``.
-   AdamW, linear warmup then cosine decay; gradients synchronised by accelerate.
+   AdamW, linear warmup then cosine decay; gradients synchronised by accelerate. Then
+   ``--on-policy-steps`` steps of on-policy distillation (``distill.on_policy``: the student
+   samples windows, the teacher scores them, ``--on-policy-divergence`` at the positions each
+   pass made final), from ``--on-policy-lr`` with their own cosine decay.
 3. Checkpoint ``OUT/checkpoint.pt`` (atomic; weights, optimiser state, step) every
    ``--ckpt-every`` steps; ``--resume`` continues from it. The randomness of step ``s`` (batch,
    real/teacher choice, masks) is drawn from a generator seeded by (seed, s, rank), so a resumed
@@ -31,7 +34,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import sys
 import time
 import zlib
@@ -46,10 +48,11 @@ from fastjukebox.cli_options import HelpFormatter
 from fastjukebox.train.loop import lr_factor
 
 from .data import GenerationConfig, generate_shards, load_pieces, load_shards, read_meta
+from .metrics import BITS
+from .on_policy import DIVERGENCES, on_policy_batch, token_divergence
 from .schedules import sample_training_mask
 from .student import TEACHERS
 
-BITS = 1.0 / math.log(2.0)
 # Budgets of the default runs: on the demo family they finish within 20 minutes on 2 CPU cores,
 # teacher data generation and the evaluation included.
 DEFAULTS = {"middle": dict(steps=800, shards=16, shard_size=32),
@@ -82,6 +85,9 @@ class DistillConfig:
     prefix_layout: bool = True         # prefix examples train the prefix-cached layout (distill.prefix_layout)
     input_layout: str = "tokens"        # student input: own codes, or left neighbours' ("shifted")
     init_student: str | None = None    # start from this student directory instead of the teacher's weights
+    on_policy_steps: int = 0           # on-policy steps after the masked-token steps (distill.on_policy)
+    on_policy_divergence: str = "reverse"
+    on_policy_lr: float = 1e-4
     seed: int = 0
     ckpt_every: int = 100
     log_every: int = 10
@@ -101,7 +107,17 @@ class DistillConfig:
         for name, value in DEFAULTS[self.teacher].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        for name in ("steps", "shards", "shard_size", "batch_size", "gen_batch_size", "k", "ckpt_every",
+        if isinstance(self.on_policy_steps, bool) or int(self.on_policy_steps) < 0:
+            raise ValueError(f"--on-policy-steps must be >= 0, got {self.on_policy_steps}")
+        if self.on_policy_divergence not in DIVERGENCES:
+            raise ValueError(f"--on-policy-divergence must be one of {', '.join(DIVERGENCES)}, "
+                             f"got {self.on_policy_divergence!r}")
+        if not self.on_policy_lr > 0:
+            raise ValueError(f"--on-policy-lr must be > 0, got {self.on_policy_lr}")
+        if isinstance(self.steps, bool) or int(self.steps) < 0 or int(self.steps) + int(self.on_policy_steps) < 1:
+            raise ValueError(f"--steps must be >= 0 and --steps + --on-policy-steps >= 1, got {self.steps} "
+                             f"and {self.on_policy_steps}")
+        for name in ("shards", "shard_size", "batch_size", "gen_batch_size", "k", "ckpt_every",
                      "log_every", "eval_windows", "passes", "tune_windows"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -114,8 +130,6 @@ class DistillConfig:
             raise ValueError(f"--confidence-noise must be >= 0, got {self.confidence_noise}")
         if self.input_layout not in ("tokens", "shifted"):
             raise ValueError(f"--input-layout must be tokens or shifted, got {self.input_layout!r}")
-        if self.input_layout == "shifted" and self.prefix_layout:
-            raise ValueError("--input-layout shifted runs whole windows: add --no-prefix-layout")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"--mixed-precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
 
@@ -135,13 +149,17 @@ class DistillConfig:
         """Settings a resumed run must share with the checkpoint it continues."""
         keep = ("teacher", "model", "data", "steps", "shards", "shard_size", "batch_size", "lr", "min_lr_ratio",
                 "warmup", "weight_decay", "grad_clip", "k", "temperature", "real_ratio", "soft_weight",
-                "prefix_prob", "prefix_layout", "input_layout", "init_student", "seed")
+                "prefix_prob", "prefix_layout", "input_layout", "init_student", "on_policy_steps",
+                "on_policy_divergence", "on_policy_lr", "seed")
         return {k: getattr(self, k) for k in keep}
 
 
 def lr_at(step: int, cfg: DistillConfig) -> float:
     """Learning rate of (0-based) ``step``: linear warmup, then cosine to ``min_lr_ratio * lr``
-    (the schedule of ``fastjukebox.train.loop``)."""
+    (the schedule of ``fastjukebox.train.loop``); the on-policy steps after ``cfg.steps`` decay
+    from ``on_policy_lr`` by the same cosine, without warmup."""
+    if step >= cfg.steps:
+        return cfg.on_policy_lr * lr_factor(step - cfg.steps, cfg.on_policy_steps, 0, cfg.min_lr_ratio)
     return cfg.lr * lr_factor(step, cfg.steps, min(cfg.warmup, cfg.steps), cfg.min_lr_ratio)
 
 
@@ -185,9 +203,10 @@ class DistillLoss(nn.Module):
     rows of the batch) run under the prefix-cached layout with that prefix
     (``distill.prefix_layout``), the others with full bidirectional attention."""
 
-    def __init__(self, student: nn.Module, soft_weight: float, prefix_len: int = 0):
+    def __init__(self, student: nn.Module, soft_weight: float, prefix_len: int = 0, divergence: str = "reverse"):
         super().__init__()
         self.student, self.soft_weight, self.prefix_len = student, soft_weight, prefix_len
+        self.divergence = divergence
 
     def _logits(self, inputs, cond, prefix):
         if not self.prefix_len:
@@ -203,7 +222,19 @@ class DistillLoss(nn.Module):
             logits[rows] = part
         return logits
 
-    def forward(self, inputs, targets, mask, teacher, upper, topk_ids, topk_probs, prefix, labels=None):
+    def forward(self, **batch):
+        """Losses of a masked-token batch (``make_batch``), or of an on-policy batch
+        (``on_policy.on_policy_batch``, which has ``teacher_logp``)."""
+        return self._on_policy(**batch) if "teacher_logp" in batch else self._masked(**batch)
+
+    def _on_policy(self, inputs, decided, teacher_logp, codes, prefix, upper, teacher_nll, labels=None):
+        cond = self.student.condition(upper, labels)
+        logits = self._logits(inputs, cond, prefix)                          # (B, n_ctx, V) fp32
+        m = decided.float()
+        div = (token_divergence(logits, teacher_logp, self.divergence) * m).sum() / m.sum().clamp(min=1.0)
+        return dict(loss=div, div_bits=div.detach() * BITS, teacher_nll_bits=teacher_nll.mean().float())
+
+    def _masked(self, inputs, targets, mask, teacher, upper, topk_ids, topk_probs, prefix, labels=None):
         cond = self.student.condition(upper, labels)
         logits = self._logits(inputs, cond, prefix)                          # (B, n_ctx, V) fp32
         logp = torch.log_softmax(logits, dim=-1)
@@ -275,15 +306,25 @@ def plot_metrics(log: Path, png: Path) -> Path | None:
     rows = [json.loads(l) for l in log.read_text().splitlines() if l.strip()] if log.exists() else []
     if not rows:
         return None
-    steps = [r["step"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-    a.plot(steps, [r["ce_bits"] for r in rows], label="masked CE (bits/token)")
-    a.plot(steps, [r["soft_kl_bits"] for r in rows], label="KL to teacher top-k (bits)")
+    def series(key):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    on_policy = any("div_bits" in r for r in rows)
+    fig, axes = plt.subplots(1, 3 if on_policy else 2, figsize=(15 if on_policy else 10, 3.5))
+    a, b = axes[0], axes[1]
+    a.plot(*series("ce_bits"), label="masked CE (bits/token)")
+    a.plot(*series("soft_kl_bits"), label="KL to teacher top-k (bits)")
     a.set_xlabel("step"), a.legend(), a.grid(alpha=0.3)
-    b.plot(steps, [r["acc"] for r in rows], label="masked accuracy")
+    b.plot(*series("acc"), label="masked accuracy")
     b2 = b.twinx()
-    b2.plot(steps, [r["lr"] for r in rows], color="gray", ls="--", label="lr")
+    b2.plot(*series("lr"), color="gray", ls="--", label="lr")
     b.set_xlabel("step"), b.legend(loc="upper left"), b2.legend(loc="lower right"), b.grid(alpha=0.3)
+    if on_policy:
+        c = axes[2]
+        c.plot(*series("div_bits"), label="on-policy divergence (bits/token)")
+        c.plot(*series("teacher_nll_bits"), label="teacher NLL of the student's samples (bits/token)")
+        c.set_xlabel("step"), c.legend(), c.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -413,15 +454,23 @@ def train(cfg: DistillConfig) -> dict:
     elif main and log.exists():
         log.unlink()                    # a log left by a run that never reached a checkpoint
     prefix_len = prior.config.n_ctx // 2 if cfg.prefix_layout else 0
-    wrapped, optimizer = acc.prepare(DistillLoss(student, cfg.soft_weight, prefix_len), optimizer)
+    wrapped, optimizer = acc.prepare(DistillLoss(student, cfg.soft_weight, prefix_len, cfg.on_policy_divergence),
+                                     optimizer)
 
-    # 3. training
-    bar = progress_bar(cfg.steps, f"distill {cfg.teacher}", "step", initial=start, enabled=cfg.progress and main)
+    # 3. training: masked-token steps, then on-policy steps
+    total = cfg.steps + cfg.on_policy_steps
+    bar = progress_bar(total, f"distill {cfg.teacher}", "step", initial=start, enabled=cfg.progress and main)
     t0 = time.time()
-    for step in range(start, cfg.steps):
+    for step in range(start, total):
         g = step_generator(cfg.seed, step, acc.process_index)
-        batch = make_batch(data, cfg.batch_size, student.mask_id, g, real_ratio=cfg.real_ratio,
-                           prefix_prob=cfg.prefix_prob)
+        if step < cfg.steps:
+            batch = make_batch(data, cfg.batch_size, student.mask_id, g, real_ratio=cfg.real_ratio,
+                               prefix_prob=cfg.prefix_prob)
+        else:
+            with acc.autocast():
+                batch = on_policy_batch(student, prior, data, cfg.batch_size, g, passes=cfg.passes,
+                                        prefix_prob=cfg.prefix_prob, prefix_cache=cfg.prefix_layout,
+                                        confidence_noise=cfg.confidence_noise or 0.0, temperature=cfg.temperature)
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -432,17 +481,18 @@ def train(cfg: DistillConfig) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            vals = torch.stack([losses["ce_bits"], losses["soft_kl_bits"], losses["acc"],
-                                torch.as_tensor(grad_norm, dtype=torch.float32, device=acc.device)]).float()
+        if done % cfg.log_every == 0 or done in (cfg.steps, total):
+            names = [k for k in losses if k != "loss"]
+            vals = torch.stack([losses[k].float() for k in names]
+                               + [torch.as_tensor(grad_norm, dtype=torch.float32, device=acc.device)])
             vals = acc.reduce(vals, reduction="mean").tolist()
-            rec = dict(step=done, ce_bits=vals[0], soft_kl_bits=vals[1], acc=vals[2], grad_norm=vals[3], lr=lr,
+            rec = dict(step=done, **dict(zip(names, vals)), grad_norm=vals[-1], lr=lr,
                        elapsed_s=round(time.time() - t0, 3))
             if main:
                 with open(log, "a") as f:
                     f.write(json.dumps(rec) + "\n")
-            bar.set_postfix(ce=f"{vals[0]:.3f}b", acc=f"{vals[2]:.2f}")
-        if main and (done % cfg.ckpt_every == 0 or done == cfg.steps):
+            bar.set_postfix({k: f"{v:.3f}" for k, v in zip(names[:2], vals)})
+        if main and (done % cfg.ckpt_every == 0 or done in (cfg.steps, total)):
             save_checkpoint(ckpt, student, optimizer, done, cfg)
         bar.update(1)
     bar.close()
@@ -451,7 +501,7 @@ def train(cfg: DistillConfig) -> dict:
     # 4. outputs
     digest = torch.tensor([int(weights_digest(student)[:15], 16)], dtype=torch.int64, device=acc.device)
     digests = [f"{int(d):015x}" for d in acc.gather(digest).tolist()]
-    summary = dict(config=asdict(cfg), steps=cfg.steps, resumed_from=start, world_size=acc.num_processes,
+    summary = dict(config=asdict(cfg), steps=cfg.steps, on_policy_steps=cfg.on_policy_steps, resumed_from=start, world_size=acc.num_processes,
                    rank_weight_digests=digests, windows=int(data["codes"].shape[0]),
                    train_seconds=round(time.time() - t0, 3), device=str(acc.device))
     result = summary
@@ -509,10 +559,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "prefix-cached layout)")
     p.add_argument("--input-layout", choices=("tokens", "shifted"), default="tokens",
                    help="what a position's input holds: its own code or mask (tokens), or its left neighbour's "
-                        "(shifted, as the teacher's input; needs --no-prefix-layout)")
+                        "(shifted, as the teacher's input)")
     p.add_argument("--init-student", default=None,
                    help="start from this student directory (e.g. a shipped one) instead of the teacher's weights "
                         "(default: the teacher's weights)")
+    p.add_argument("--on-policy-steps", type=int, default=0,
+                   help="on-policy steps after the masked-token steps: the student samples windows, the teacher "
+                        "scores them (distill.on_policy)")
+    p.add_argument("--on-policy-divergence", choices=DIVERGENCES, default="reverse",
+                   help="the on-policy loss at the positions a pass made final: reverse KL(student || teacher) "
+                        "or forward KL(teacher || student)")
+    p.add_argument("--on-policy-lr", type=float, default=1e-4,
+                   help="peak learning rate of the on-policy steps (cosine decay, no warmup)")
     p.add_argument("--seed", type=int, default=0, help="seed of the teacher samples, batches and masks")
     p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (OUT/checkpoint.pt)")
     p.add_argument("--log-every", type=int, default=10, help="steps between lines of OUT/metrics.jsonl")

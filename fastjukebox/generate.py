@@ -44,12 +44,14 @@ class SampleResult:
     """codes: per level, level 0 first (None where nothing was sampled or given);
     audio: (N, T) float in [-1, 1] decoded from the lowest level present; sr: its sample rate;
     settings: the sampling settings as used (``fastjukebox.settings.resolve_sampling``: every knob
-    and the sampler per sampled level, the seed) and the labels."""
+    and the sampler per sampled level, the seed) and the labels; level_seconds: wall time of each
+    sampled level, in seconds."""
 
     codes: list[torch.Tensor | None]
     audio: torch.Tensor
     sr: int
     settings: dict = field(default_factory=dict)
+    level_seconds: dict[int, float] = field(default_factory=dict)
 
 
 def _per_sample(value, n: int, name: str) -> list:
@@ -99,10 +101,10 @@ def seconds_to_length(jb, seconds: float) -> int:
     return n
 
 
-def _finish(jb, codes, decode_level: int | None, settings: dict) -> SampleResult:
+def _finish(jb, codes, decode_level: int | None, settings: dict, level_seconds: dict | None = None) -> SampleResult:
     level = decode_level if decode_level is not None else min(l for l, z in enumerate(codes) if z is not None)
     audio = jb.vqvae.decode(codes[level], level).clamp(-1.0, 1.0)
-    return SampleResult(codes, audio, jb.sr, settings)
+    return SampleResult(codes, audio, jb.sr, settings, dict(level_seconds or {}))
 
 
 def _uniform(per_level: Mapping):
@@ -136,9 +138,10 @@ def run(jb, *, codes, levels, labels_kw: dict, sample_length: int, sampler: Mapp
         total = max(sample_length, min_len)
     labels = make_labels(jb, total_length=total, **labels_kw)
     priors = {l: jb.prior(l) for l in levels}
+    level_seconds: dict[int, float] = {}
     zs = sample_levels(jb.vqvae, priors, labels, sample_length, codes=codes, levels=levels,
                        hop_fraction=hop_fraction, chunk_size=chunk_size, temperature=temperature,
                        top_k=top_k, top_p=top_p, max_batch_size=max_batch_size, seed=seed, progress=progress,
-                       window_samplers=window_samplers, sample_seeds=sample_seeds)
+                       window_samplers=window_samplers, sample_seeds=sample_seeds, level_seconds=level_seconds)
     settings.update(_label_record(labels_kw, total, jb.sr))
-    return _finish(jb, zs, min(levels), settings)
+    return _finish(jb, zs, min(levels), settings, level_seconds)

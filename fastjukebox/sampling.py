@@ -7,6 +7,7 @@ upsamplers read the codes of the level above under their window; labels are re-m
 from __future__ import annotations
 
 import math
+import time
 from functools import lru_cache
 from typing import Callable, Mapping, Sequence
 
@@ -132,7 +133,8 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
                   max_batch_size: int = 16, seed: int | None = None, progress: bool = True,
                   decoders: dict | None = None,
                   window_samplers: Mapping[int, Callable[..., torch.Tensor]] | None = None,
-                  sample_seeds: Sequence[int] | None = None) -> list[torch.Tensor]:
+                  sample_seeds: Sequence[int] | None = None,
+                  level_seconds: dict[int, float] | None = None) -> list[torch.Tensor]:
     """Sample ``levels`` (top first) of ``sample_length`` audio samples.
 
     Args:
@@ -153,6 +155,8 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
             then unused). ``"ar"`` levels still decode the batch together; other window samplers
             take the samples one at a time unless they take ``SampleGenerators``
             (``per_sample_generators``).
+        level_seconds: filled with each sampled level's wall time in seconds (its windows, the
+            device synchronised at the end of the level).
     Returns:
         codes per level, level 0 first (levels not sampled are returned as given, or None).
     """
@@ -205,6 +209,7 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
         bar = progress_bar(sum(w[2] for w in windows) * n, f"level {level}", "tok",
                            enabled=progress and bool(windows), leave=False)
         bs = min(n, max_batch_size)
+        began = time.perf_counter()
         if window_samplers is not None and level in window_samplers:
             fill = window_samplers[level]
         else:
@@ -231,6 +236,10 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
             z = torch.cat([z, window[:, known:]], dim=1)
         bar.close()
         zs[level] = z
+        if level_seconds is not None:
+            if z.is_cuda:
+                torch.cuda.synchronize(z.device)
+            level_seconds[level] = time.perf_counter() - began
     return zs
 
 

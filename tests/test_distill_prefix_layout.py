@@ -15,9 +15,9 @@ def _config(**kw) -> PriorConfig:
     return PriorConfig(**{**base, **kw})
 
 
-def _student(seed=0, **kw) -> ParallelStudent:
+def _student(seed=0, layout="tokens", **kw) -> ParallelStudent:
     torch.manual_seed(seed)
-    s = ParallelStudent(_config(**kw)).double().eval()
+    s = ParallelStudent(_config(**kw), layout).double().eval()
     with torch.no_grad():               # untrained weights are near zero: give attention something to do
         for name, p in s.named_parameters():
             if p.dim() >= 2:
@@ -33,11 +33,12 @@ def _inputs(c, n, g):
     return upper, labels
 
 
+@pytest.mark.parametrize("layout", ["tokens", "shifted"])
 @pytest.mark.parametrize("merged_decoder", [False, True], ids=["tied", "untied"])
 @pytest.mark.parametrize("P", [8, 16, 13, 1, 39])
-def test_cached_pass_equals_the_full_pass_in_float64(merged_decoder, P):
+def test_cached_pass_equals_the_full_pass_in_float64(merged_decoder, P, layout):
     g = torch.Generator().manual_seed(P)
-    student = _student(merged_decoder=merged_decoder)
+    student = _student(merged_decoder=merged_decoder, layout=layout)
     c = student.config
     upper, labels = _inputs(c, 3, g)
     tokens = torch.randint(0, c.l_bins + 1, (3, c.n_ctx), generator=g)
@@ -98,12 +99,13 @@ def test_full_forward_refuses_cross_attention():
 
 @pytest.mark.parametrize("order", ["confidence", "spread", "random"])
 @pytest.mark.parametrize("K,n_new,passes", [(20, 20, 4), (13, 27, 2), (16, 24, 1), (0, 40, 3), (8, 16, 5)])
-def test_a_pass_never_changes_known_or_final_tokens(K, n_new, passes, order):
+@pytest.mark.parametrize("layout", ["tokens", "shifted"])
+def test_a_pass_never_changes_known_or_final_tokens(K, n_new, passes, order, layout):
     """Recorded inputs of every pass: known codes never change, a code once unmasked keeps its
     value through every later pass and into the output; with the prefix cache and without (full
     bidirectional passes)."""
     g = torch.Generator().manual_seed(K + n_new)
-    student = _student().float()
+    student = _student(layout=layout).float()
     c = student.config
     upper, labels = _inputs(c, 3, g)
     known = torch.randint(0, c.l_bins, (3, K), generator=g)

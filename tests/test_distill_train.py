@@ -178,11 +178,13 @@ def test_training_reduces_masked_loss(tiny, audio_dir, shard_dir, tmp_path):
 
 
 def test_sigkill_then_resume_equals_uninterrupted(audio_dir, shard_dir, tmp_path, capsys):
-    steps = 150
+    """Masked-token steps and then on-policy steps (their draws seeded by the step, like the masks)."""
+    steps, on_policy = 130, 20
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "distill.train",
-                             *_argv(audio_dir, shard_dir, killed, steps, "--ckpt-every", "10", "--no-eval")],
+                             *_argv(audio_dir, shard_dir, killed, steps, "--ckpt-every", "10", "--no-eval",
+                                    "--on-policy-steps", str(on_policy))],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt, deadline = killed / "checkpoint.pt", time.time() + 60
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
@@ -194,17 +196,20 @@ def test_sigkill_then_resume_equals_uninterrupted(audio_dir, shard_dir, tmp_path
     at = torch.load(ckpt, weights_only=True)["step"]
     assert 10 <= at < steps
     # a different run is refused, naming the setting
-    assert train_main(_argv(audio_dir, shard_dir, killed, steps, "--resume", "--no-eval", "--lr", "5e-4")) == 1
+    more = ("--no-eval", "--on-policy-steps", str(on_policy))
+    assert train_main(_argv(audio_dir, shard_dir, killed, steps, "--resume", *more, "--lr", "5e-4")) == 1
     assert "lr 0.001 (now 0.0005)" in capsys.readouterr().err
-    assert train_main(_argv(audio_dir, shard_dir, killed, steps, "--resume", "--no-eval")) == 0
+    assert train_main(_argv(audio_dir, shard_dir, killed, steps, "--resume", *more)) == 0
     straight = tmp_path / "straight"
-    assert train_main(_argv(audio_dir, shard_dir, straight, steps, "--no-eval")) == 0
+    assert train_main(_argv(audio_dir, shard_dir, straight, steps, *more)) == 0
     a, b = _weights(killed / "student"), _weights(straight / "student")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     summary = json.loads((killed / "train_summary.json").read_text())
     assert summary["resumed_from"] == at
-    logged = [json.loads(l)["step"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert logged == sorted(set(logged)) and logged[-1] == steps
+    rows = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["step"] for r in rows]
+    assert logged == sorted(set(logged)) and logged[-1] == steps + on_policy
+    assert all(("div_bits" in r) == (r["step"] > steps) for r in rows)
 
 
 def test_two_processes_end_with_identical_weights(audio_dir, shard_dir, tmp_path):

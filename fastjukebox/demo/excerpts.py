@@ -138,13 +138,14 @@ def excerpt_agreement(audio, excerpt: Excerpt, directory: str | os.PathLike = EX
             "other_excerpts": float(np.mean([score_agreement(a, t) for t in others])) if others else None}
 
 
-def upsample_excerpt(jb, excerpt: Excerpt, *, seconds: float | None = None, **sampling):
+def upsample_excerpt(jb, excerpt: Excerpt, *, seconds: float | None = None, n_samples: int = 1, **sampling):
     """What ``fastjukebox upsample --from-audio demo:<name>`` samples: the excerpt (its first
-    ``seconds``) encoded to top-level codes, the levels below sampled with its labels."""
+    ``seconds``) encoded to top-level codes, the levels below sampled with its labels;
+    ``n_samples`` samples of the same top-level codes."""
     audio = excerpt_audio(excerpt)
     if seconds is not None:
         audio = audio[: int(round(seconds * jb.sr))]
     top = jb.vqvae.encode(jb.vqvae.whole_top_codes(audio, f"excerpt {excerpt.name!r}"),
                           levels=(jb.vqvae.config.levels - 1,))[-1]
-    return jb.upsample(top, artist=excerpt.artist, genre=excerpt.genre, total_seconds=excerpt.piece_seconds,
+    return jb.upsample(top.expand(n_samples, -1), artist=excerpt.artist, genre=excerpt.genre, total_seconds=excerpt.piece_seconds,
                        offset_seconds=excerpt.offset_seconds, **sampling)
