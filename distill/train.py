@@ -53,10 +53,11 @@ from .on_policy import DIVERGENCES, on_policy_batch, token_divergence
 from .schedules import sample_training_mask
 from .student import TEACHERS
 
-# Budgets of the default runs: on the demo family they finish within 20 minutes on 2 CPU cores,
-# teacher data generation and the evaluation included.
-DEFAULTS = {"middle": dict(steps=800, shards=16, shard_size=32),
-            "bottom": dict(steps=800, shards=16, shard_size=32)}
+# The default runs. On the demo family on 2 CPU cores, teacher data generation, the sampler
+# choice and the evaluation included: middle about 20 minutes, bottom about 30. Level 0 takes the
+# shifted input layout (its codes depend most on their left neighbour: ``level0-levers.md``).
+DEFAULTS = {"middle": dict(steps=800, shards=16, shard_size=32, input_layout="tokens"),
+            "bottom": dict(steps=2000, shards=16, shard_size=32, input_layout="shifted")}
 
 
 @dataclass
@@ -83,7 +84,7 @@ class DistillConfig:
     soft_weight: float = 0.25
     prefix_prob: float = 0.25
     prefix_layout: bool = True         # prefix examples train the prefix-cached layout (distill.prefix_layout)
-    input_layout: str = "tokens"        # student input: own codes, or left neighbours' ("shifted")
+    input_layout: str | None = None     # student input: own codes, or left neighbours' ("shifted"); None: DEFAULTS
     init_student: str | None = None    # start from this student directory instead of the teacher's weights
     on_policy_steps: int = 0           # on-policy steps after the masked-token steps (distill.on_policy)
     on_policy_divergence: str = "reverse"
@@ -355,10 +356,9 @@ def _mixed_precision(choice: str) -> str:
 def _choose_sampling(cfg: DistillConfig, prior, student, data: dict, result: dict) -> dict:
     """The student's sampler setting (``StudentSampling`` fields ``order``, ``confidence_noise``,
     ``temperature_scale``): ``cfg.confidence_noise`` as given, or the noise ``distill.tune`` picks
-    on ``cfg.tune_windows`` shard windows (recorded in ``result["sampling_tune"]``). Training
-    chooses among confidence-order settings at the caller's temperature (``TRAIN_GRID``);
-    ``python -m distill.tune`` re-chooses over the full grid, spread order and temperature
-    scales included."""
+    on ``cfg.tune_windows`` shard windows (recorded in ``result["sampling_tune"]``) among every
+    setting of ``TRAIN_GRID`` (orders, noises, temperature scales); ``python -m distill.tune``
+    re-chooses the pass count too."""
     if cfg.confidence_noise is not None:
         return {"confidence_noise": float(cfg.confidence_noise)}
     from .tune import TRAIN_GRID, choose_sampling, describe, shard_windows
@@ -536,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="distill-run", help="run directory")
     p.add_argument("--shards-dir", default=None, help="teacher-sample shards (default: OUT/shards)")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"training steps (default: {DEFAULTS['middle']['steps']} for either teacher)")
+                   help=f"masked-token training steps (default: {DEFAULTS['middle']['steps']} for middle, "
+                        f"{DEFAULTS['bottom']['steps']} for bottom)")
     p.add_argument("--shards", type=int, default=None,
                    help=f"number of teacher-sample shards (default: {DEFAULTS['middle']['shards']})")
     p.add_argument("--shard-size", type=int, default=None,
@@ -557,9 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-layout", dest="prefix_layout", action="store_false",
                    help="train full bidirectional attention only (default: prefix examples train the "
                         "prefix-cached layout)")
-    p.add_argument("--input-layout", choices=("tokens", "shifted"), default="tokens",
+    p.add_argument("--input-layout", choices=("tokens", "shifted"), default=None,
                    help="what a position's input holds: its own code or mask (tokens), or its left neighbour's "
-                        "(shifted, as the teacher's input)")
+                        "(shifted, as the teacher's input) (default: shifted for bottom, tokens for middle; an "
+                        "--init-student keeps its own)")
     p.add_argument("--init-student", default=None,
                    help="start from this student directory (e.g. a shipped one) instead of the teacher's weights "
                         "(default: the teacher's weights)")

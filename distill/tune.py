@@ -64,9 +64,9 @@ def sampling_grid(noise=NOISE_GRID, temperature_scale=TEMPERATURE_GRID, orders=(
     return grid
 
 
-# what ``distill.train`` chooses among after training: the confidence order at the caller's
-# temperature, every noise (the re-choice by ``python -m distill.tune`` takes the full grid)
-TRAIN_GRID = tuple(sampling_grid(orders=("confidence",), temperature_scale=(1.0,)))
+# what ``distill.train`` chooses among after training: every setting of the grid (confidence order
+# with every noise and temperature scale, spread order with every temperature scale)
+TRAIN_GRID = tuple(sampling_grid())
 
 
 def describe(setting: dict) -> str:

@@ -291,8 +291,11 @@ def test_noise_is_chosen_on_shard_windows_and_saved(audio_dir, shard_dir, tmp_pa
     best = min(tune["rows"], key=lambda r: r["relative_gap"] + r["histogram_tv"])
     assert tune["known"] == 32                          # hopped windows: the student has the prefix layout
     saved = ParallelStudent.load(tmp_path / "tuned" / "student").sampling
-    assert saved.confidence_noise == best["confidence_noise"] and saved.temperature_anneal is False
-    assert (saved.order, saved.temperature_scale) == ("confidence", 1.0)
+    assert saved.temperature_anneal is False
+    assert (saved.order, saved.confidence_noise, saved.temperature_scale) == \
+        (best["order"], best["confidence_noise"], best["temperature_scale"])
+    assert {r["order"] for r in tune["rows"]} == {"confidence", "spread"}
+    assert len({r["temperature_scale"] for r in tune["rows"]}) > 1
     summary = json.loads((tmp_path / "tuned" / "train_summary.json").read_text())
     assert summary["sampling_tune"]["rows"] == tune["rows"]
     # a given value is kept as is, with no measurement
