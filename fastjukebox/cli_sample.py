@@ -32,15 +32,13 @@ import numpy as np
 import torch
 
 from .atomic import atomic_paths, check_target
+from .cli_labels import _label_kw, _label_settings
 from .cli_options import DTYPES, HelpFormatter, parse_dtype
 from .cli_processes import Processes, current
 from .cli_values import (_genre, _label, _levels, _nonneg_float, _nonneg_int, _per_level, _positive_int,
                          _sampler, _seconds)
 from .codes_file import CODES_KEY, _codes_settings, _jsonable, _rows, read_codes, write_codes
 from .settings import KNOB_RULES, SettingsError, check_device
-
-_LABEL_KEYS = ("artist", "genre", "lyrics", "artist_ids", "genre_ids", "ids_dir", "total_seconds",
-               "offset_seconds")
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,50 +88,6 @@ def _check_model_options(args) -> None:
 def _load_model(args, procs: Processes | None = None):
     from .bundle import load
     return load(args.model, dtype=parse_dtype(args.dtype), device=_device(args.device, procs))
-
-
-def _label_settings(args, stored: dict | None = None) -> dict:
-    """Label options: the command line first, then ``stored`` (a parent run's), then defaults."""
-    stored = stored or {}
-    out = {}
-    for key in _LABEL_KEYS:
-        value = getattr(args, key, None)
-        out[key] = stored.get(key) if value is None else value
-    if args.lyrics_file is not None:
-        try:
-            out["lyrics"] = Path(args.lyrics_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"cannot read lyrics file '{args.lyrics_file}': {exc}") from None
-    if (out["artist_ids"] is None) != (out["genre_ids"] is None):
-        raise ValueError("--artist-ids and --genre-ids go together")
-    return out
-
-
-def _ids(labels: dict):
-    """{"v2": LabelIds, "v3": LabelIds} from the id files (each read in both versions), or None."""
-    from .labels import LabelIds
-    if labels["artist_ids"] is not None and labels["ids_dir"] is not None:
-        raise ValueError("give either --ids-dir or --artist-ids/--genre-ids, not both")
-    try:
-        if labels["artist_ids"] is not None:
-            return {v: LabelIds.from_files(labels["artist_ids"], labels["genre_ids"], v) for v in ("v2", "v3")}
-        if labels["ids_dir"] is not None:
-            d = Path(labels["ids_dir"])
-            found = {v: LabelIds.from_dir(d, v) for v in ("v2", "v3") if (d / f"{v}_artist_ids.txt").exists()
-                     and (d / f"{v}_genre_ids.txt").exists()}
-            if not found:
-                raise ValueError(f"--ids-dir {d}: no v2_/v3_artist_ids.txt and genre_ids.txt files")
-            return found
-    except OSError as exc:
-        raise ValueError(f"cannot read id file: {exc}") from None
-    return None
-
-
-def _label_kw(labels: dict) -> dict:
-    return dict(artist=0 if labels["artist"] is None else labels["artist"],
-                genre=0 if labels["genre"] is None else labels["genre"],
-                lyrics=labels["lyrics"] or "", total_seconds=labels["total_seconds"],
-                offset_seconds=labels["offset_seconds"] or 0.0, ids=_ids(labels))
 
 
 def _agreed_seed(args, procs: Processes) -> int:
