@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastjukebox.autoregressive import PositionEmbedding
+from fastjukebox.token_model import PositionEmbedding
 from fastjukebox.checkpoint import (CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, CheckpointError, check_state_dict,
                                     read_config, read_weights)
 from fastjukebox.config import PriorConfig

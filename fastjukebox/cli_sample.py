@@ -24,219 +24,25 @@ samples them all (``cli_processes``).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
 import secrets
-import sys
-import zipfile
 from pathlib import Path
-from typing import Any, Callable
 
-import numpy as np
 import torch
 
-from .atomic import atomic_path, atomic_paths, check_target
+from .atomic import check_target
+from .cli_labels import _label_kw, _label_settings
 from .cli_options import DTYPES, HelpFormatter, parse_dtype
+from .cli_outputs import _check_out, _check_plot, _outputs, _outputs_decode, _run_share
 from .cli_processes import Processes, current
-from .settings import KNOB_RULES, SettingsError, check_device, check_seconds, knob_error
-
-CODES_KEY = "codes_level{}"
-_CODES_RE = re.compile(r"^codes_level(\d+)$")
-_LABEL_KEYS = ("artist", "genre", "lyrics", "artist_ids", "genre_ids", "ids_dir", "total_seconds",
-               "offset_seconds")
-
-
-# --------------------------------------------------------------------------------------------
-# argument types
-# --------------------------------------------------------------------------------------------
-
-def _seconds(text: str) -> float:
-    """A length in seconds: finite, > 0 and at most ``settings.MAX_SECONDS``."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    try:
-        return check_seconds(value, "the length")
-    except SettingsError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _int_at_least(least: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``least``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
-        return value
-    return parse
-
-
-_nonneg_int, _positive_int = _int_at_least(0), _int_at_least(1)
-
-
-def _per_level(knob: str, convert: Callable[[str], Any]):
-    """A value of ``knob`` for all levels (``0.99``) or per level (``2=0.98,1=0.99,0=0.99``), each
-    checked by the rule the API uses (``settings.KNOB_RULES``)."""
-    what = KNOB_RULES[knob][1]
-
-    def parse(text: str):
-        def one(s: str):
-            try:
-                v = convert(s.strip())
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"{s.strip()!r} is not {what}") from None
-            if knob_error(knob, v) is not None:
-                raise argparse.ArgumentTypeError(f"{s.strip()!r} is not {what}")
-            return v
-
-        if "=" not in text:
-            return one(text)
-        out = {}
-        for part in text.split(","):
-            level, sep, value = part.partition("=")
-            if not sep or not level.strip().isdigit():
-                raise argparse.ArgumentTypeError(
-                    f"expected one value or LEVEL=VALUE pairs such as '2=..,1=..,0=..', got {text!r}")
-            out[int(level)] = one(value)
-        return out
-
-    return parse
-
-
-def _sampler(text: str):
-    """``ar`` for all levels or ``LEVEL=NAME`` pairs (``1=ar,0=ar``)."""
-    if "=" not in text:
-        if not text.strip():
-            raise argparse.ArgumentTypeError("empty sampler name")
-        return text.strip()
-    out = {}
-    for part in text.split(","):
-        level, sep, name = part.partition("=")
-        if not sep or not level.strip().isdigit() or not name.strip():
-            raise argparse.ArgumentTypeError(f"expected a sampler name or LEVEL=NAME pairs such as "
-                                             f"'1=ar,0=ar', got {text!r}")
-        out[int(level)] = name.strip()
-    return out
-
-
-def _levels(text: str) -> tuple[int, ...]:
-    try:
-        levels = tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected levels such as '2,1,0', got {text!r}") from None
-    if not levels or any(l < 0 for l in levels) or len(set(levels)) != len(levels):
-        raise argparse.ArgumentTypeError(f"expected distinct levels >= 0 such as '2,1,0', got {text!r}")
-    return tuple(sorted(levels, reverse=True))
-
-
-def _label(text: str) -> int | str:
-    """A numeric id or a name (names need the id files)."""
-    return int(text) if text.strip().isdigit() else text
-
-
-def _genre(text: str) -> int | list[int] | str:
-    """A numeric id, several ids ``3,7`` (a v2 bag of genre words) or a name."""
-    if re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", text):
-        ids = [int(p) for p in text.split(",")]
-        return ids[0] if len(ids) == 1 else ids
-    return text
-
-
-# --------------------------------------------------------------------------------------------
-# codes files
-# --------------------------------------------------------------------------------------------
-
-def read_codes(path: str | os.PathLike) -> tuple[list[np.ndarray | None], dict]:
-    """Codes per level (level 0 first, None where absent) and the settings of a codes file."""
-    name = os.fspath(path)
-    if not os.path.exists(name):
-        raise ValueError(f"cannot read codes file '{name}': no such file")
-    if os.path.isdir(name):
-        raise ValueError(f"cannot read codes file '{name}': it is a directory")
-    try:
-        if not zipfile.is_zipfile(name):
-            raise ValueError("not a zip archive")
-        with np.load(name, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise ValueError(f"cannot read codes file '{name}': not a valid .npz file ({exc})") from None
-    found = {int(m.group(1)): v for k, v in arrays.items() if (m := _CODES_RE.match(k))}
-    if not found:
-        raise ValueError(f"codes file '{name}' has no codes arrays (codes_level0, codes_level1, ...); "
-                         f"it holds: {', '.join(sorted(arrays)) or 'nothing'}")
-    codes: list[np.ndarray | None] = [None] * (max(found) + 1)
-    n = None
-    for level, z in sorted(found.items()):
-        if z.dtype.kind not in "iu" or z.ndim not in (1, 2):
-            raise ValueError(f"codes file '{name}': {CODES_KEY.format(level)} must be integer codes "
-                             f"(N, T); got {z.dtype} shape {z.shape}")
-        z = z[None] if z.ndim == 1 else z
-        if n is not None and z.shape[0] != n:
-            raise ValueError(f"codes file '{name}': the levels have different numbers of samples")
-        n = z.shape[0]
-        codes[level] = z.astype(np.int64)
-    settings: dict = {}
-    if "settings" in arrays:
-        try:
-            settings = json.loads(str(arrays["settings"]))
-        except ValueError:
-            raise ValueError(f"codes file '{name}': its settings are not valid JSON") from None
-        if not isinstance(settings, dict):
-            settings = {}
-    return codes, settings
-
-
-def write_codes(path: str | os.PathLike, codes, settings: dict) -> Path:
-    """Write the codes present (level 0 first) and ``settings`` (JSON) to ``path``, atomically."""
-    target = Path(path)
-    arrays = {CODES_KEY.format(l): torch.as_tensor(z).cpu().numpy().astype(np.int64)
-              for l, z in enumerate(codes) if z is not None}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, settings=np.array(json.dumps(settings)), **arrays)
-    return target
+from .cli_values import (_genre, _label, _levels, _nonneg_float, _nonneg_int, _per_level, _positive_int,
+                         _sampler, _seconds)
+from .codes_file import CODES_KEY, _rows, read_codes, write_codes
+from .settings import KNOB_RULES, SettingsError, check_device
 
 
 # --------------------------------------------------------------------------------------------
 # shared helpers
 # --------------------------------------------------------------------------------------------
-
-def _check_out(out: str) -> Path:
-    from .audio import SUPPORTED_SUFFIXES
-    path = Path(out)
-    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise ValueError(f"--out {out!r}: the audio file must end in "
-                         f"{' or '.join(SUPPORTED_SUFFIXES)}")
-    return path
-
-
-def _outputs(args, n: int) -> list[Path]:
-    """The files a sampling command writes for ``n`` samples (audio, codes file, ``--plot``'s
-    PNG), each checked to be writable before any work (``atomic.check_target``)."""
-    from .audio import audio_paths
-    out = _check_out(args.out)
-    paths = audio_paths(out, n) + [out.with_suffix(".npz")]
-    if getattr(args, "plot", False):
-        paths.append(out.with_suffix(".png"))
-    for p in paths:
-        check_target(p, "--out" if p == out else "output")
-    return paths
-
 
 def _device(name: str | None, procs: Processes | None = None) -> str:
     if name is None:
@@ -261,50 +67,6 @@ def _load_model(args, procs: Processes | None = None):
     return load(args.model, dtype=parse_dtype(args.dtype), device=_device(args.device, procs))
 
 
-def _label_settings(args, stored: dict | None = None) -> dict:
-    """Label options: the command line first, then ``stored`` (a parent run's), then defaults."""
-    stored = stored or {}
-    out = {}
-    for key in _LABEL_KEYS:
-        value = getattr(args, key, None)
-        out[key] = stored.get(key) if value is None else value
-    if args.lyrics_file is not None:
-        try:
-            out["lyrics"] = Path(args.lyrics_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"cannot read lyrics file '{args.lyrics_file}': {exc}") from None
-    if (out["artist_ids"] is None) != (out["genre_ids"] is None):
-        raise ValueError("--artist-ids and --genre-ids go together")
-    return out
-
-
-def _ids(labels: dict):
-    """{"v2": LabelIds, "v3": LabelIds} from the id files (each read in both versions), or None."""
-    from .labels import LabelIds
-    if labels["artist_ids"] is not None and labels["ids_dir"] is not None:
-        raise ValueError("give either --ids-dir or --artist-ids/--genre-ids, not both")
-    try:
-        if labels["artist_ids"] is not None:
-            return {v: LabelIds.from_files(labels["artist_ids"], labels["genre_ids"], v) for v in ("v2", "v3")}
-        if labels["ids_dir"] is not None:
-            d = Path(labels["ids_dir"])
-            found = {v: LabelIds.from_dir(d, v) for v in ("v2", "v3") if (d / f"{v}_artist_ids.txt").exists()
-                     and (d / f"{v}_genre_ids.txt").exists()}
-            if not found:
-                raise ValueError(f"--ids-dir {d}: no v2_/v3_artist_ids.txt and genre_ids.txt files")
-            return found
-    except OSError as exc:
-        raise ValueError(f"cannot read id file: {exc}") from None
-    return None
-
-
-def _label_kw(labels: dict) -> dict:
-    return dict(artist=0 if labels["artist"] is None else labels["artist"],
-                genre=0 if labels["genre"] is None else labels["genre"],
-                lyrics=labels["lyrics"] or "", total_seconds=labels["total_seconds"],
-                offset_seconds=labels["offset_seconds"] or 0.0, ids=_ids(labels))
-
-
 def _agreed_seed(args, procs: Processes) -> int:
     """``--seed``, else a random one; the main process's in every process."""
     return procs.agree(args.seed if args.seed is not None else secrets.randbelow(2**31))
@@ -319,102 +81,6 @@ def _sampling_kw(args, seed: int, rows: range) -> dict:
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, chunk_size=args.chunk_size,
                 sampler=args.sampler, passes=args.passes, gamma=args.gamma, max_batch_size=args.max_batch_size,
                 seed=seed, sample_seeds=[sample_seed(seed, i) for i in rows], progress=not args.quiet)
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _check_plot(args) -> None:
-    if getattr(args, "plot", False):
-        from .plots import require_matplotlib
-        require_matplotlib("--plot")
-
-
-def _plot(args, result, source: tuple[str, torch.Tensor] | None, path: Path) -> Path:
-    from .plots import spectrogram_figure
-    rows = [] if source is None else [(f"input: {source[0]}", source[1].float().cpu().numpy())]
-    n = int(result.audio.shape[0])
-    for i in range(min(n, 4)):
-        rows.append((f"output{f' {i}' if n > 1 else ''}: {Path(args.out).name}", result.audio[i].float().cpu().numpy()))
-    return spectrogram_figure(rows, path, result.sr)
-
-
-def _codes_settings(jb, codes, sr: int, settings: dict) -> dict:
-    """A run's settings for its codes file: the given ones and the length, count and levels of
-    ``codes``."""
-    top = max(l for l, z in enumerate(codes) if z is not None)
-    return dict(settings, sr=sr, seconds=codes[top].shape[1] * jb.vqvae.hop_lengths[top] / sr,
-                n_samples=int(codes[top].shape[0]), levels_present=[l for l, z in enumerate(codes) if z is not None])
-
-
-def _write(args, jb, result, settings: dict, source: tuple[str, torch.Tensor] | None = None) -> int:
-    """Audio, codes file and (``--plot``) spectrograms, written as a set (all or none);
-    ``source``: (title, audio) of the input. ``settings``: the command's, then the run's as used."""
-    from .audio import save_audio
-    n = int(result.audio.shape[0])
-    paths = _outputs(args, n)
-    settings = _codes_settings(jb, result.codes, result.sr, dict(settings, **result.settings))
-    audio = result.audio.float().cpu()
-    with atomic_paths(paths) as tmps:
-        for i in range(n):
-            save_audio(tmps[i], audio[i], result.sr)
-        write_codes(tmps[n], result.codes, _jsonable(settings))
-        if getattr(args, "plot", False):
-            _plot(args, result, source, tmps[n + 1])
-    for p in paths:
-        print(p)
-    return 0
-
-
-def _write_rows(args, result, rows: range, n: int) -> list[Path]:
-    """This process's samples of a run of ``n``, under the names a one-process run gives them."""
-    from .audio import save_audio
-    out = Path(args.out)
-    audio = result.audio.float().cpu()
-    return [save_audio(out if n == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}"), audio[j], result.sr)
-            for j, i in enumerate(rows)]
-
-
-def _run_share(args, procs: Processes, n: int, body) -> int:
-    """Sample this process's share of the run's ``n`` samples with ``body(rows) -> (jb, result
-    or None, settings, source)`` and write the outputs (module docstring); one process: ``_write``."""
-    rows = procs.share(n)
-    if procs.world == 1:
-        jb, result, settings, source = body(rows)
-        return _write(args, jb, result, settings, source)
-    prog = f"fastjukebox {args.command}"
-    failure = codes = None
-    try:
-        jb, result, settings, source = body(rows)
-        if result is not None:
-            for p in _write_rows(args, result, rows, n):
-                print(p)
-            codes = [None if z is None else z.cpu().numpy() for z in result.codes]
-    except Exception as exc:   # every process must reach the gather below, failed or not
-        failure = f"{procs.describe(rows)} failed: {exc if isinstance(exc, ValueError) else repr(exc)}"
-        print(f"{prog}: error: {failure}", file=sys.stderr, flush=True)
-    parts = procs.gather((failure, codes))
-    failed = [f for f, _ in parts if f is not None]
-    if failed:
-        if procs.is_main:
-            print(f"{prog}: error: {len(failed)} of {procs.world} processes failed; no codes file written",
-                  file=sys.stderr, flush=True)
-        return 1
-    if not procs.is_main:
-        return 0
-    shares = [c for _, c in parts if c is not None]
-    combined = [None if shares[0][l] is None else np.concatenate([c[l] for c in shares])
-                for l in range(len(shares[0]))]
-    settings = _codes_settings(jb, combined, result.sr, dict(settings, **result.settings, processes=procs.world))
-    print(write_codes(Path(args.out).with_suffix(".npz"), combined, _jsonable(settings)))
-    if getattr(args, "plot", False):
-        print(_plot(args, result, source, Path(args.out).with_suffix(".png")))
-    return 0
 
 
 def _run_settings(command: str, args, labels: dict) -> dict:
@@ -542,10 +208,6 @@ def cmd_upsample(args) -> int:
     return _run_share(args, procs, _rows(codes), body)
 
 
-def _rows(codes) -> int:
-    return next(z.shape[0] for z in codes if z is not None)
-
-
 def cmd_continue(args) -> int:
     _check_model_options(args)
     _check_plot(args)
@@ -597,11 +259,6 @@ def cmd_encode(args) -> int:
                 "levels_present": list(range(len(codes)))}
     print(write_codes(args.out, codes, settings))
     return 0
-
-
-def _outputs_decode(args, n: int) -> list[Path]:
-    from .audio import audio_paths
-    return audio_paths(_check_out(args.out), n)
 
 
 def cmd_decode(args) -> int:

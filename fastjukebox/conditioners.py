@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from .convs import DecoderConvBlock
 from .layers import LayerNorm
-from .timing import time_bins
+from .timing_bins import time_bins
 
 
 class UpsamplerConditioner(nn.Module):

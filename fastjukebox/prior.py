@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .autoregressive import TokenTransformer
+from .token_model import TokenTransformer
 from .conditioners import LabelConditioner, UpsamplerConditioner
 from .config import PriorConfig, resolve_config
 from .layers import Conv1D, LayerNorm

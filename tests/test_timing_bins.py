@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastjukebox.labels import Labels, window_labels
-from fastjukebox.timing import time_bins, timing_ranges
+from fastjukebox.timing_bins import time_bins, timing_ranges
 
 DATA = Path(__file__).parent / "data"
 TINY = dict(n_time=64, t_bins=32, sr=44100, min_duration=0.0625, max_duration=2.0)
