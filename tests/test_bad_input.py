@@ -209,7 +209,10 @@ def test_convert_bad_input(files, capsys, argv, message):
     (["--teacher", "middle", "--init-student", "{d}/student_bad", "--out", "{d}/run"],
      "student_bad/config.json: field 'depth' must be an integer"),
     (["--teacher", "middle", "--out", "{d}/afile"], "a file, not a directory"),
-    (["--teacher", "middle", "--steps", "0", "--out", "{d}/run"], "--steps must be >= 1"),
+    (["--teacher", "middle", "--steps", "0", "--out", "{d}/run"], "--steps must be >= 0 and --steps + --on-policy-steps >= 1"),
+    (["--teacher", "middle", "--steps", "-1", "--on-policy-steps", "5", "--out", "{d}/run"], "--steps must be >= 0"),
+    (["--teacher", "middle", "--on-policy-steps", "-2", "--out", "{d}/run"], "--on-policy-steps must be >= 0"),
+    (["--teacher", "middle", "--on-policy-lr", "0", "--out", "{d}/run"], "--on-policy-lr must be > 0"),
     (["--teacher", "middle", "--shards-dir", "{d}/shards_bad", "--out", "{d}/run"],
      "shards_bad/meta.json: not a readable JSON file"),
 ])
