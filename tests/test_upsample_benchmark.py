@@ -77,3 +77,18 @@ def test_an_upsample_reports_each_levels_sampling_time(tiny):
     result = tiny.upsample(top, seed=0, progress=False)
     assert set(result.level_seconds) == {1, 0}
     assert all(s > 0 for s in result.level_seconds.values())
+
+
+def test_the_command_writes_a_table_per_sampler(tmp_path):
+    """``python -m benchmarks upsample --quick`` on 1 s of the excerpt: ar and parallel rows with
+    their level times, NLLs and ratios to ar, in JSON and markdown."""
+    import json
+    from benchmarks.upsample import main
+    assert main(["--quick", "--seconds", "1", "--out-dir", str(tmp_path), "--name", "t"]) == 0
+    data = json.loads((tmp_path / "t.json").read_text())
+    by = {s["sampler"]: s for s in data["summary"]}
+    assert set(by) == {"ar", "parallel"}
+    for s in by.values():
+        assert s["level1_s"] > 0 and s["level0_s"] > 0 and 0 < s["level0_nll"] < 8 and 0 < s["level1_nll"] < 8
+    assert by["ar"]["speedup"] == 1.0 and by["parallel"]["level0_nll_ratio"] > 0
+    assert "| strings | 1 | `parallel` |" in (tmp_path / "t.md").read_text()
