@@ -45,7 +45,7 @@ import torch.nn as nn
 
 from fastjukebox.atomic import atomic_path
 from fastjukebox.cli_options import HelpFormatter
-from fastjukebox.train.loop import lr_factor
+from fastjukebox.train.loop import lr_factor, trim_log
 
 from .data import GenerationConfig, generate_shards, load_pieces, load_shards, read_meta
 from .metrics import BITS
@@ -280,21 +280,6 @@ def load_checkpoint(path: Path, cfg: DistillConfig) -> dict:
     return state
 
 
-def truncate_log(path: Path, step: int) -> None:
-    """Keep the log lines of steps <= ``step`` (what the resumed checkpoint has seen)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(l + "\n" for l in keep))
-
-
 def plot_metrics(log: Path, png: Path) -> Path | None:
     """Loss curves of the JSONL log as a PNG (matplotlib, imported only here)."""
     try:
@@ -449,7 +434,7 @@ def train(cfg: DistillConfig) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
         if main:
-            truncate_log(log, start)
+            trim_log(log, start)
             print(f"resuming {ckpt} at step {start}/{cfg.steps}", file=sys.stderr)
     elif main and log.exists():
         log.unlink()                    # a log left by a run that never reached a checkpoint

@@ -40,7 +40,7 @@ from ..atomic import atomic_path
 from ..checkpoint import CheckpointError, save_component
 from ..progress import progress_bar
 
-__all__ = ["TrainConfig", "TrainTask", "TrainResult", "train", "lr_factor", "read_checkpoint",
+__all__ = ["TrainConfig", "TrainTask", "TrainResult", "train", "lr_factor", "read_checkpoint", "trim_log",
            "json_safe", "CHECKPOINT_NAME", "METRICS_NAME"]
 
 CHECKPOINT_NAME, METRICS_NAME = "checkpoint.pt", "metrics.jsonl"
@@ -207,7 +207,7 @@ def _save_checkpoint(path: Path, step: int, model, opt, sched, task, cfg: TrainC
         torch.save(ck, tmp)
 
 
-def _trim_log(log: Path, step: int) -> None:
+def trim_log(log: Path, step: int) -> None:
     """Keep only the log lines of steps <= ``step`` (those after the checkpoint are redone)."""
     if not log.exists():
         return
@@ -255,7 +255,7 @@ def train(task: TrainTask, cfg: TrainConfig) -> TrainResult:
         task.load_state_dict(ck["task"])
         _set_rng_state(ck["rng"])
         start = int(ck["step"])
-        _trim_log(log_path, start)
+        trim_log(log_path, start)
     elif not cfg.resume:
         for p in (ck_path, log_path):
             if p.exists():
