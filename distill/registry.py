@@ -4,7 +4,7 @@ student beside the level's prior, and the loader of those students (``student_le
 from __future__ import annotations
 
 from fastjukebox.bundle import register_student_loader
-from fastjukebox.generate import register_sampler
+from fastjukebox.samplers import register_sampler
 
 __all__ = ["register"]
 

@@ -117,7 +117,7 @@ class Jukebox(nn.Module):
     def resolve_sampling(self, levels, sampling: dict) -> dict:
         """``sampling`` (keyword arguments of a sampling call) checked and resolved for ``levels``
         (``fastjukebox.settings.resolve_sampling``): named errors before any model work."""
-        from .generate import SAMPLERS, STUDENT_SAMPLERS
+        from .samplers import SAMPLERS, STUDENT_SAMPLERS
         from .plugins import load_plugins
         load_plugins()
         return resolve_sampling(self, levels, sampling, SAMPLERS, STUDENT_SAMPLERS)

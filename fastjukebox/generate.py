@@ -11,32 +11,8 @@ from typing import Mapping, Sequence
 import torch
 
 from .labels import LabelIds, Labeller, Labels
+from .samplers import SAMPLERS
 from .sampling import sample_levels
-
-
-def _graph_sampler(jb, level: int, **_):
-    from .fast_decode import GraphWindowSampler
-    return GraphWindowSampler(jb.prior(level))
-
-
-# Level samplers: name -> factory(jb, level, **options) building a window sampler, or None for
-# exact autoregressive sampling (``fastjukebox.sampling.ARWindowSampler``). "ar-graph" draws the
-# same tokens through the device-position step of ``fastjukebox.fast_decode`` (CUDA graphs on
-# CUDA). Extensions add theirs through ``register_sampler`` (``fastjukebox.plugins``: the
-# project's ``distill`` adds "parallel" and "speculative", which use the student stored beside
-# the level's prior).
-SAMPLERS = {"ar": None, "ar-graph": _graph_sampler}
-STUDENT_SAMPLERS: set[str] = set()   # need a student: upsampler levels only
-
-
-def register_sampler(name: str, factory, *, needs_student: bool = False) -> None:
-    """Make ``name`` usable as a per-level sampler (``factory(jb, level, passes=..., gamma=...)``;
-    a factory takes the options it uses and ignores the others). ``needs_student``: it uses the
-    level's student (``Jukebox.student``), so it serves the upsampler levels only."""
-    if not isinstance(name, str) or not name or not callable(factory):
-        raise ValueError(f"a sampler needs a name and a factory, got {name!r}, {factory!r}")
-    SAMPLERS[name] = factory
-    (STUDENT_SAMPLERS.add if needs_student else STUDENT_SAMPLERS.discard)(name)
 
 
 @dataclass

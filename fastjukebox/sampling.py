@@ -96,9 +96,9 @@ def sample_window(decoder: WindowDecoder, known: torch.Tensor, n_new: int, upper
 class ARWindowSampler:
     """The exact ``"ar"`` window sampler: ``sample_window`` over one reused ``WindowDecoder``.
 
-    Window samplers share this call signature (``distill.sampler.ParallelWindowSampler`` too):
-    ``(known (N, K), n_new, upper, labels, *, temperature, top_k, top_p, chunk_size, generator,
-    on_progress) -> (N, K + n_new)`` codes."""
+    Window samplers share this call signature (``fastjukebox.samplers.WindowSampler``;
+    ``distill.sampler.ParallelWindowSampler`` too): ``(known (N, K), n_new, upper, labels, *,
+    temperature, top_k, top_p, chunk_size, generator, on_progress) -> (N, K + n_new)`` codes."""
 
     per_sample_generators = True   # takes SampleGenerators: one generator per row
 
@@ -149,7 +149,8 @@ def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, samp
         seed: makes the run reproducible.
         decoders: optional cache of ``ARWindowSampler`` keyed by (level, batch), reused across calls.
         window_samplers: level -> a window sampler to use instead of exact autoregressive
-            sampling (e.g. ``distill.sampler.ParallelWindowSampler``; see ``ARWindowSampler``).
+            sampling (``fastjukebox.samplers.WindowSampler``, e.g.
+            ``distill.sampler.ParallelWindowSampler``).
         sample_seeds: one seed per sample (``sample_seeds.sample_seed``): each sample draws from its
             own generator, so its codes do not depend on the other samples of the batch (``seed`` is
             then unused). ``"ar"`` levels still decode the batch together; other window samplers

@@ -156,7 +156,7 @@ def test_a_student_for_another_level_is_named(tmp_path):
     import shutil
     import fastjukebox as fj
     from fastjukebox.checkpoint import CheckpointError
-    from fastjukebox.generate import SAMPLERS
+    from fastjukebox.samplers import SAMPLERS
     jb = fj.load("demo")
     with pytest.raises(ValueError, match="upsamples level 0, not level 1"):
         ParallelWindowSampler(jb.student(0), level=1)

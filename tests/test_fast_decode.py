@@ -10,7 +10,7 @@ from fastjukebox import fast_decode
 from fastjukebox.decoding import WindowDecoder
 from fastjukebox.fast_decode import (GRAPHS_ENV, GraphWindowSampler, StaticStepDecoder, cuda_graphs_enabled,
                                      resolve_backend)
-from fastjukebox.generate import SAMPLERS
+from fastjukebox.samplers import SAMPLERS
 from fastjukebox.sampling import ARWindowSampler, sample_logits
 from kernels.decode_attention.masked import decode_attention_masked
 from kernels.decode_attention.reference import decode_attention_reference

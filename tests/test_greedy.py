@@ -6,7 +6,7 @@ import torch
 
 import fastjukebox as fj
 from fastjukebox.decoding import WindowDecoder
-from fastjukebox.generate import SAMPLERS
+from fastjukebox.samplers import SAMPLERS
 from fastjukebox.sampling import sample_logits
 
 

@@ -9,7 +9,7 @@ import fastjukebox
 from distill.student import ParallelStudent
 from fastjukebox.bundle import Jukebox
 from fastjukebox.cli import main as cli_main
-from fastjukebox.generate import SAMPLERS
+from fastjukebox.samplers import SAMPLERS
 
 
 @pytest.fixture(scope="module")

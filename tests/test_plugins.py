@@ -3,7 +3,7 @@ project registers distill's samplers and students, and a broken extension is nam
 import pytest
 
 import fastjukebox.plugins as plugins
-from fastjukebox.generate import SAMPLERS, STUDENT_SAMPLERS, register_sampler
+from fastjukebox.samplers import SAMPLERS, STUDENT_SAMPLERS, register_sampler
 
 
 def test_the_installed_project_registers_distill():
