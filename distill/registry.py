@@ -1,23 +1,32 @@
 """What ``distill`` adds to fastjukebox, registered through the ``fastjukebox.plugins`` entry point
 (``pyproject.toml``): the ``"parallel"`` and ``"speculative"`` window samplers, which need a
-student beside the level's prior, and the loader of those students (``student_level_{L}/``)."""
+student beside the level's prior, with their options (``passes``, ``gamma``: their defaults and
+checks), and the loader of those students (``student_level_{L}/``)."""
 from __future__ import annotations
 
+from functools import partial
+
 from fastjukebox.bundle import register_student_loader
-from fastjukebox.samplers import register_sampler
+from fastjukebox.samplers import SamplerOption, register_sampler
+from fastjukebox.settings import check_count
+
+from .sampler import ParallelWindowSampler
+from .speculative import GAMMA, SpeculativeWindowSampler
 
 __all__ = ["register"]
+
+PASSES_OPTION = SamplerOption(None, partial(check_count, allow_none=True), read_back=lambda sampler: sampler.passes,
+                              help="decoding passes per window; default: the student's own, from its sampling.json")
+GAMMA_OPTION = SamplerOption(GAMMA, check_count, help=f"positions the prior verifies per call; default: {GAMMA}")
 
 
 def _parallel(jb, level: int, passes: int | None = None, **_):
     """The level's student; ``passes`` None: the student's own (its ``sampling.json``)."""
-    from .sampler import ParallelWindowSampler
     return ParallelWindowSampler(jb.student(level), passes=passes, level=level)
 
 
-def _speculative(jb, level: int, gamma: int = 8, **_):
+def _speculative(jb, level: int, gamma: int = GAMMA, **_):
     """The level's prior, drafted by its student, ``gamma`` positions verified per prior call."""
-    from .speculative import SpeculativeWindowSampler
     return SpeculativeWindowSampler(jb.prior(level), jb.student(level), gamma=gamma)
 
 
@@ -27,6 +36,6 @@ def _load_student(path, device=None, dtype=None):
 
 
 def register() -> None:
-    register_sampler("parallel", _parallel, needs_student=True)
-    register_sampler("speculative", _speculative, needs_student=True)
+    register_sampler("parallel", _parallel, needs_student=True, options={"passes": PASSES_OPTION})
+    register_sampler("speculative", _speculative, needs_student=True, options={"gamma": GAMMA_OPTION})
     register_student_loader(_load_student)

@@ -41,7 +41,9 @@ from .draft import StudentDraft, proposal_probs
 from .sampler import check_window_call
 from .student import ParallelStudent
 
-__all__ = ["SpeculativeWindowSampler", "WindowReport", "accept", "residual"]
+__all__ = ["GAMMA", "SpeculativeWindowSampler", "WindowReport", "accept", "residual"]
+
+GAMMA = 8   # positions the teacher verifies per call unless told otherwise (the "speculative" sampler's default)
 
 
 def accept(p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -101,7 +103,7 @@ class SpeculativeWindowSampler:
     # third of its tensor operations); tests switch it off to compare the two
     one_row_fast_path = True
 
-    def __init__(self, prior: Prior, student: ParallelStudent, gamma: int = 8, draft_passes: int = 1,
+    def __init__(self, prior: Prior, student: ParallelStudent, gamma: int = GAMMA, draft_passes: int = 1,
                  redraft_below: float = 0.0, lookback: int = 4):
         if not isinstance(prior, Prior):
             raise TypeError(f"prior must be a Prior, got {type(prior).__name__}")

@@ -117,10 +117,10 @@ class Jukebox(nn.Module):
     def resolve_sampling(self, levels, sampling: dict) -> dict:
         """``sampling`` (keyword arguments of a sampling call) checked and resolved for ``levels``
         (``fastjukebox.settings.resolve_sampling``): named errors before any model work."""
-        from .samplers import SAMPLERS, STUDENT_SAMPLERS
         from .plugins import load_plugins
+        from .samplers import check_sampler_options, choose_samplers
         load_plugins()
-        return resolve_sampling(self, levels, sampling, SAMPLERS, STUDENT_SAMPLERS)
+        return resolve_sampling(self, levels, sampling, choose_samplers, check_sampler_options)
 
     def sample(self, artist=0, genre=0, lyrics: str = "", *, seconds: float = 10.0, n_samples: int = 1,
                total_seconds: float | None = None, offset_seconds: float = 0.0, levels=None, prompt=None,
@@ -136,10 +136,13 @@ class Jukebox(nn.Module):
             ``sampling_defaults``, else 0.99 / off / off), chunk_size, hop_fraction,
             max_batch_size, seed, sampler ("ar", "ar-graph" (CUDA-graph decode steps on a GPU),
             "parallel" (distilled students for the upsamplers), "speculative" (the exact
-            distribution, drafted by the students) or {level: name}), passes (parallel decoding
-            passes per window; default: each student's own, from its sampling.json), gamma
-            (positions the teacher verifies per call, "speculative"), progress, sample_seeds (one
-            seed per sample: each sample is drawn from its own generator, see ``sample_seeds``).
+            distribution, drafted by the students) or {level: name}), sampler_options
+            ({option: value} for the chosen samplers, each checked and defaulted by the sampler
+            that declares it (``fastjukebox.samplers``): "parallel" takes passes (decoding passes
+            per window; default: each student's own, from its sampling.json), "speculative" gamma
+            (positions the teacher verifies per call); ``passes=`` and ``gamma=`` are short for
+            these), progress, sample_seeds (one seed per sample: each sample is drawn from its own
+            generator, see ``sample_seeds``).
         Every setting is checked before any model work (``fastjukebox.settings``: a
         ``SettingsError`` names a bad one).
         Returns a ``SampleResult`` (codes per level, level 0 first; audio (N, T) in [-1, 1];

@@ -34,8 +34,8 @@ from .cli_labels import _label_kw, _label_settings
 from .cli_options import DTYPES, HelpFormatter, parse_dtype
 from .cli_outputs import _check_out, _check_plot, _outputs, _outputs_decode, _run_share
 from .cli_processes import Processes, current
-from .cli_values import (_genre, _label, _levels, _nonneg_float, _nonneg_int, _per_level, _positive_int,
-                         _sampler, _seconds)
+from .cli_values import (SamplerOptions, _genre, _label, _levels, _nonneg_float, _nonneg_int, _per_level,
+                         _positive_int, _sampler, _seconds)
 from .codes_file import CODES_KEY, _rows, read_codes, write_codes
 from .settings import KNOB_RULES, SettingsError, check_device
 
@@ -75,12 +75,15 @@ def _agreed_seed(args, procs: Processes) -> int:
 def _sampling_kw(args, seed: int, rows: range) -> dict:
     """The sampling options as given; ``Jukebox`` resolves them (``settings.resolve_sampling``:
     the model's ``sampling.json`` for the knobs and levels left out) and the run's settings
-    record what was used. ``rows``: the run's samples this process draws, each from its own
-    seed (``sample_seeds.sample_seed``)."""
+    record what was used. ``--passes`` / ``--gamma`` go as the API's aliases of the sampler
+    options of those names (``settings.SAMPLER_OPTION_ALIASES``), ``--sampler-opt`` as
+    ``sampler_options``. ``rows``: the run's samples this process draws, each from its own seed
+    (``sample_seeds.sample_seed``)."""
     from .sample_seeds import sample_seed
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, chunk_size=args.chunk_size,
-                sampler=args.sampler, passes=args.passes, gamma=args.gamma, max_batch_size=args.max_batch_size,
-                seed=seed, sample_seeds=[sample_seed(seed, i) for i in rows], progress=not args.quiet)
+                sampler=args.sampler, sampler_options=args.sampler_opt, passes=args.passes, gamma=args.gamma,
+                max_batch_size=args.max_batch_size, seed=seed, sample_seeds=[sample_seed(seed, i) for i in rows],
+                progress=not args.quiet)
 
 
 def _run_settings(command: str, args, labels: dict) -> dict:
@@ -310,6 +313,14 @@ def _label_options(p: argparse.ArgumentParser, stored: bool) -> None:
                    help="where the sampled audio starts in the song, for the labels" + note % "0")
 
 
+def _sampler_options_text() -> str:
+    """The registered samplers' options in words (extensions' included)."""
+    from .plugins import load_plugins
+    from .samplers import describe_options
+    load_plugins()
+    return describe_options().replace("%", "%%")   # argparse formats help with %
+
+
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     family = " (default: the model's sampling.json where it sets one, else %s)"
     p.add_argument("--temperature", metavar="T",
@@ -327,10 +338,15 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
                         "levels only, so 'parallel' alone means '1=parallel,0=parallel') or 'speculative' (exact: "
                         "the student drafts, the prior verifies; upsampler levels only), or pairs like "
                         "'1=parallel,0=ar' (default: ar)")
-    p.add_argument("--passes", type=_positive_int, default=None,
-                   help="decoding passes per window of the parallel sampler (default: the student's own)")
-    p.add_argument("--gamma", type=_positive_int, default=8,
-                   help="positions the prior verifies per call of the speculative sampler (default: 8)")
+    p.add_argument("--sampler-opt", metavar="NAME=VALUE", action=SamplerOptions,
+                   help="an option of the chosen samplers, repeatable; one that none of them takes is an error. "
+                        f"The samplers' options: {_sampler_options_text()}")
+    p.add_argument("--passes", type=_positive_int,
+                   help="decoding passes per window of the parallel sampler: --sampler-opt passes=N (default: the "
+                        "sampler's)")
+    p.add_argument("--gamma", type=_positive_int,
+                   help="positions the prior verifies per call of the speculative sampler: --sampler-opt gamma=N "
+                        "(default: the sampler's)")
     p.add_argument("--chunk-size", metavar="C", type=_per_level("chunk_size", int),
                    help=f"tokens primed per step (one value or per level; default: {KNOB_RULES['chunk_size'][2]})")
     p.add_argument("--max-batch-size", type=_positive_int, default=16, help="samples decoded together (default: 16)")

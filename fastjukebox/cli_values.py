@@ -94,6 +94,42 @@ def _sampler(text: str):
     return out
 
 
+def _option_value(text: str):
+    """A sampler option's value from its text: an integer, a number, ``true`` / ``false``, ``none``
+    or else the text itself (the sampler declaring the option checks it)."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def _sampler_option(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE``: one option of the chosen samplers (``passes=2``)."""
+    name, sep, value = text.partition("=")
+    name, value = name.strip(), value.strip()
+    if not sep or not name.isidentifier() or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE such as 'passes=2', got {text!r}")
+    return name, _option_value(value)
+
+
+class SamplerOptions(argparse.Action):
+    """``--sampler-opt NAME=VALUE``, repeatable: collects {name: value}; a name given twice is
+    an error."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, type=_sampler_option, **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        name, v = value
+        options = dict(getattr(namespace, self.dest, None) or {})
+        if name in options:
+            raise argparse.ArgumentError(self, f"option {name!r} is given twice")
+        options[name] = v
+        setattr(namespace, self.dest, options)
+
+
 def _levels(text: str) -> tuple[int, ...]:
     try:
         levels = tuple(int(p) for p in text.split(",") if p.strip())

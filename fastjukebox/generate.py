@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .labels import LabelIds, Labeller, Labels
-from .samplers import SAMPLERS
+from .samplers import build_window_samplers, options_record
 from .sampling import sample_levels
 
 
@@ -61,13 +61,6 @@ def make_labels(jb, *, artist, genre, lyrics: str | Sequence[str], n_samples: in
     return out
 
 
-def _window_samplers(jb, sampler: Mapping[int, str], passes: int | None, gamma: int = 8) -> dict:
-    """Level -> window sampler for the levels not sampled autoregressively (``sampler``: the
-    resolved {level: name} of ``fastjukebox.settings.resolve_sampling``)."""
-    return {level: SAMPLERS[name](jb, level, passes=passes, gamma=gamma)
-            for level, name in sampler.items() if SAMPLERS[name] is not None}
-
-
 def seconds_to_length(jb, seconds: float) -> int:
     """Audio samples for ``seconds``, rounded down to whole codes of the top level."""
     hop = jb.vqvae.hop_lengths[-1]
@@ -96,17 +89,17 @@ def _label_record(labels_kw: dict, total: int, sr: int) -> dict:
                 song_seconds=total / sr, offset_seconds=labels_kw.get("offset", 0) / sr)
 
 
-def run(jb, *, codes, levels, labels_kw: dict, sample_length: int, sampler: Mapping[int, str], temperature,
-        top_k, top_p, chunk_size, hop_fraction, max_batch_size: int, seed: int, progress: bool = True,
-        passes: int | None = None, gamma: int = 8, sample_seeds=None) -> SampleResult:
+def run(jb, *, codes, levels, labels_kw: dict, sample_length: int, sampler: Mapping[int, str],
+        sampler_options: Mapping[str, object], temperature, top_k, top_p, chunk_size, hop_fraction,
+        max_batch_size: int, seed: int, progress: bool = True, sample_seeds=None) -> SampleResult:
     """Sample ``levels`` with settings resolved by ``fastjukebox.settings.resolve_sampling``;
-    ``sample_seeds``: one seed per sample (``fastjukebox.sample_seeds``), or None."""
-    window_samplers = _window_samplers(jb, sampler, passes, gamma)
+    ``sample_seeds``: one seed per sample (``fastjukebox.sample_seeds``), or None. The settings
+    record the sampler options as used by name (``fastjukebox.samplers.options_record``)."""
+    window_samplers = build_window_samplers(jb, sampler, sampler_options)
     settings = dict(sampler=dict(sampler), **{k: _uniform(v) for k, v in dict(
         temperature=temperature, top_k=top_k, top_p=top_p, chunk_size=chunk_size, hop_fraction=hop_fraction).items()},
-        max_batch_size=max_batch_size, seed=seed,
-        passes={l: s.passes for l, s in window_samplers.items() if sampler[l] == "parallel"} or None,
-        gamma=gamma if "speculative" in sampler.values() else None, per_sample_seeds=sample_seeds is not None)
+        max_batch_size=max_batch_size, seed=seed, **options_record(sampler, sampler_options, window_samplers),
+        per_sample_seeds=sample_seeds is not None)
     top = jb.prior(max(levels)).config
     total = labels_kw.pop("total_length", None)
     if total is None:

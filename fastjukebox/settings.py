@@ -7,9 +7,12 @@ Every value a sampling call takes is checked here and resolved to what the run w
   ``chunk_size`` (an integer >= 1) and ``hop_fraction`` (in (0, 1]): one value for every level,
   a sequence indexed by level, or a mapping ``{level: value}`` that may name only the levels the
   call samples;
-* ``sampler``: one name for every level or ``{level: name}`` (again only sampled levels);
-* ``seconds`` (finite, > 0, at most ``MAX_SECONDS``), ``n_samples``, ``max_batch_size``,
-  ``gamma`` and ``passes`` (integers >= 1), ``seed`` (an integer or None), integer-typed codes;
+* ``sampler``: one name for every level or ``{level: name}`` (again only sampled levels), and
+  ``sampler_options``: ``{option: value}`` for the chosen samplers, each checked by the sampler
+  that declares it (``fastjukebox.samplers``; ``passes=`` and ``gamma=`` are short for the
+  options of those names, ``SAMPLER_OPTION_ALIASES``);
+* ``seconds`` (finite, > 0, at most ``MAX_SECONDS``), ``n_samples`` and ``max_batch_size``
+  (integers >= 1), ``seed`` (an integer or None), integer-typed codes;
 * the device string and dtype of a load (an unknown device is an error; float16 / bfloat16 on a
   CPU warn once with their cost).
 
@@ -28,8 +31,9 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["SettingsError", "MAX_SECONDS", "KNOB_RULES", "knob_error", "check_knob", "check_seconds",
-           "check_count", "check_device", "check_codes", "warn_half_on_cpu", "resolve_sampling"]
+__all__ = ["SettingsError", "MAX_SECONDS", "KNOB_RULES", "SETTING_NAMES", "SAMPLER_OPTION_ALIASES", "knob_error",
+           "check_knob", "check_seconds", "check_count", "check_device", "check_codes", "check_level_keys",
+           "warn_half_on_cpu", "resolve_sampling"]
 
 #: Longest audio one call samples or continues to. Longer requests are refused before the label
 #: and window tables (which grow with the length) are made.
@@ -62,7 +66,13 @@ KNOB_RULES = {
     "hop_fraction": (lambda v: _is_real(v) and 0 < v <= 1, "a number in (0, 1]", (0.5, 0.5, 0.125)),
 }
 PER_LEVEL = tuple(KNOB_RULES) + ("sampler",)
-_OTHER = ("max_batch_size", "seed", "progress", "passes", "gamma", "sample_seeds")
+_OTHER = ("max_batch_size", "seed", "progress", "sample_seeds", "sampler_options")
+#: sampling keywords kept from before ``sampler_options``: each is short for the sampler option of
+#: its name (``passes=2`` is ``sampler_options={"passes": 2}``), which the sampler declaring it
+#: checks and defaults (``fastjukebox.samplers``)
+SAMPLER_OPTION_ALIASES = ("passes", "gamma")
+#: the names of the sampling settings (a sampler option may not take one)
+SETTING_NAMES = PER_LEVEL + _OTHER
 
 
 def knob_error(name: str, value) -> str | None:
@@ -80,7 +90,7 @@ def check_knob(name: str, value, level: int | None = None):
 
 
 def check_count(value, name: str, allow_none: bool = False):
-    """An integer >= 1 (``n_samples``, ``max_batch_size``, ``gamma``, ``passes``)."""
+    """An integer >= 1 (``n_samples``, ``max_batch_size``, a sampler's count options)."""
     if value is None and allow_none:
         return None
     if not _is_int(value) or value < 1:
@@ -151,7 +161,8 @@ def _levels_text(levels) -> str:
     return ", ".join(map(str, sorted(levels, reverse=True))) or "none"
 
 
-def _check_keys(name: str, value: Mapping, levels: tuple[int, ...]) -> None:
+def check_level_keys(name: str, value: Mapping, levels: tuple[int, ...]) -> None:
+    """A per-level mapping ``value`` of setting ``name`` names sampled ``levels`` only."""
     bad = [k for k in value if not _is_int(k) or k not in levels]
     if bad:
         raise SettingsError(f"{name} names level(s) {', '.join(map(repr, bad))}, which this call does not "
@@ -164,7 +175,7 @@ def _per_level_values(name: str, value, levels: tuple[int, ...], n_levels: int, 
     caller may name sampled levels only, the levels it leaves out take ``fallback``."""
     if isinstance(value, Mapping):
         if given:
-            _check_keys(name, value, levels)
+            check_level_keys(name, value, levels)
         out = {}
         for l in levels:
             if l in value:
@@ -183,39 +194,38 @@ def _per_level_values(name: str, value, levels: tuple[int, ...], n_levels: int, 
     return out
 
 
-def _resolve_samplers(jb, sampler, levels: tuple[int, ...], samplers, student_samplers) -> dict[int, str]:
-    top = jb.vqvae.config.levels - 1
-    if isinstance(sampler, Mapping):
-        _check_keys("sampler", sampler, levels)
-        names = {l: sampler.get(l, "ar") for l in levels}
-    elif sampler is None or isinstance(sampler, str):
-        names = {l: sampler or "ar" for l in levels}
-    else:
-        raise SettingsError(f"sampler must be a name or {{level: name}}, got {sampler!r}")
-    for l, name in names.items():
-        if not isinstance(name, str) or name not in samplers:
-            raise SettingsError(f"unknown sampler {name!r} for level {l}; available: {', '.join(sorted(samplers))}")
-        if name in student_samplers and l == top:
-            if isinstance(sampler, Mapping):
-                raise SettingsError(f"the {name} sampler covers the upsamplers (levels {top - 1}..0); the top "
-                                    f"level {top} is sampled autoregressively ('ar')")
-            names[l] = "ar"   # one name for every level: the student's sampler where there is a student
-        if names[l] in student_samplers:
-            jb.student(l)     # named error when the family has no student for the level
-    return names
+def _given_sampler_options(sampling: dict) -> dict:
+    """``sampler_options`` with the aliases (``SAMPLER_OPTION_ALIASES``) folded in; an option
+    given both ways with two values is a ``SettingsError``."""
+    given = sampling.get("sampler_options")
+    if given is None:
+        given = {}
+    if not isinstance(given, Mapping) or not all(isinstance(k, str) for k in given):
+        raise SettingsError(f"sampler_options must be a mapping from option name to value, got {given!r}")
+    out = dict(given)
+    for alias in SAMPLER_OPTION_ALIASES:
+        value = sampling.get(alias)
+        if value is None:
+            continue
+        if alias in out and out[alias] != value:
+            raise SettingsError(f"{alias} is given twice: {alias}={value!r} and sampler_options[{alias!r}]="
+                                f"{out[alias]!r}")
+        out[alias] = value
+    return out
 
 
-def resolve_sampling(jb, levels, sampling: dict, samplers=("ar",), student_samplers=()) -> dict:
+def resolve_sampling(jb, levels, sampling: dict, choose_samplers, check_sampler_options) -> dict:
     """The sampling keyword arguments of a ``Jukebox`` call, checked and resolved for the sampled
     ``levels``: per-level knobs as ``{level: value}`` (the caller's, else the family's
-    ``sampling.json``, else the built-in default), ``sampler`` as ``{level: name}`` (one of
-    ``samplers``; ``student_samplers`` need a student and cover the upsamplers only), and the
-    other options as given or defaulted. Raises ``SettingsError`` naming the first bad setting.
-    ``Jukebox.resolve_sampling`` calls it with the registered samplers."""
-    unknown = sorted(set(sampling) - set(PER_LEVEL) - set(_OTHER))
+    ``sampling.json``, else the built-in default), ``sampler`` as ``{level: name}``
+    (``choose_samplers(jb, sampler, levels)``), ``sampler_options`` as given, aliases included,
+    and checked (``check_sampler_options(names, options)``), and the other options as given or
+    defaulted. Raises ``SettingsError`` naming the first bad setting. ``Jukebox.resolve_sampling``
+    calls it with the sampler registry's functions (``fastjukebox.samplers``)."""
+    unknown = sorted(set(sampling) - set(SETTING_NAMES) - set(SAMPLER_OPTION_ALIASES))
     if unknown:
         raise SettingsError(f"unknown sampling setting(s) {', '.join(unknown)}; known: "
-                            f"{', '.join(PER_LEVEL + _OTHER)}")
+                            f"{', '.join(SETTING_NAMES + SAMPLER_OPTION_ALIASES)}")
     n_levels = jb.vqvae.config.levels
     levels = tuple(levels)
     if not levels:
@@ -233,10 +243,9 @@ def resolve_sampling(jb, levels, sampling: dict, samplers=("ar",), student_sampl
         fallback = defaults.per_level(name) if name in ("temperature", "top_k", "top_p") else KNOB_RULES[name][2]
         out[name] = _per_level_values(name, fallback if value is None else value, levels, n_levels, fallback,
                                       given=value is not None)
-    out["sampler"] = _resolve_samplers(jb, sampling.get("sampler"), levels, samplers, student_samplers)
+    out["sampler"] = choose_samplers(jb, sampling.get("sampler"), levels)
+    out["sampler_options"] = check_sampler_options(out["sampler"], _given_sampler_options(sampling))
     out["max_batch_size"] = check_count(sampling.get("max_batch_size", 16), "max_batch_size")
-    out["gamma"] = check_count(sampling.get("gamma", 8), "gamma")
-    out["passes"] = check_count(sampling.get("passes"), "passes", allow_none=True)
     seed = sampling.get("seed")
     if seed is not None and not _is_int(seed):
         raise SettingsError(f"seed must be an integer or None, got {seed!r}")
