@@ -27,6 +27,7 @@ import torch
 from fastjukebox.decoding import WindowDecoder
 from fastjukebox.prior import Prior
 from fastjukebox.sampling import sample_logits
+from fastjukebox.settings import DEFAULT_TEMPERATURE
 
 from .baselines import GrowingCacheSampler, sample_full_recompute
 from .cases import SamplingCase, window_inputs
@@ -42,7 +43,7 @@ LABELS = {
 SHORT = {"ours": "ours", "original_style": "(b) original-style", "growing_cache": "(b') growing cache",
          "full_recompute": "(a) full recompute"}
 # The upsamplers' default sampling temperature in the original (and in ``sample_levels``).
-DEFAULT_KNOBS = dict(temperature=0.99, top_k=0, top_p=0.0)
+DEFAULT_KNOBS = dict(temperature=DEFAULT_TEMPERATURE, top_k=0, top_p=0.0)
 
 Prepare = Callable[[], Callable[[], torch.Tensor]]
 

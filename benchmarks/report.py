@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from fastjukebox.progress import progress_bar  # noqa: E402
 
 from fastjukebox.atomic import atomic_path  # noqa: E402
+from fastjukebox.settings import DEFAULT_TEMPERATURE  # noqa: E402
 
 from .report_cases import (ar_runner, decode_runner, geometry, hbm_bandwidth, measure,  # noqa: E402
                            roofline_tokens_per_s, setup_runner, student_runner)
@@ -272,7 +273,8 @@ def main(argv=None) -> int:
     settings = {"device": args.device, "dtype": str(dtype).removeprefix("torch."), "model": model,
                 "released": released, "quick": args.quick, "batches": args.batches, "passes": args.passes,
                 "rounds": args.rounds, "warmup_rounds": 1, "ar_tokens": args.ar_tokens,
-                "decode_seconds": args.decode_seconds, "statistic": "median", "sampling": "temperature 0.99"}
+                "decode_seconds": args.decode_seconds, "statistic": "median",
+                "sampling": f"temperature {DEFAULT_TEMPERATURE}"}
     date = datetime.now(timezone.utc)
     stem = f"{args.device}-{date:%Y-%m-%d}" + ("-quick" if args.quick else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -33,13 +33,14 @@ from fastjukebox.config import PriorConfig
 from fastjukebox.decoding import WindowDecoder
 from fastjukebox.prior import Prior
 from fastjukebox.sampling import sample_logits
+from fastjukebox.settings import DEFAULT_TEMPERATURE
 
 __all__ = ["HOP_FRACTION", "KNOBS", "LevelGeometry", "geometry", "level_inputs", "ar_runner", "setup_runner",
            "student_runner", "decode_runner", "measure", "Timing", "roofline_tokens_per_s", "HBM_BANDWIDTH",
            "hbm_bandwidth"]
 
 HOP_FRACTION = (0.5, 0.5, 0.125)     # indexed by level (sample_levels' default): the top level hops 1/8
-KNOBS = dict(temperature=0.99, top_k=0, top_p=0.0)   # the original's upsampler default
+KNOBS = dict(temperature=DEFAULT_TEMPERATURE, top_k=0, top_p=0.0)   # the original's upsampler default
 AR_METHODS = ("ours", "original_style")
 
 Prepare = Callable[[], Callable[[], torch.Tensor]]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fastjukebox.settings import DEFAULT_TEMPERATURE
+
 from .transformers_peer import describe
 
 __all__ = ["markdown", "plot", "sampler_label"]
@@ -134,7 +136,7 @@ def markdown(report: dict, png_name: str) -> str:
   multiplied by windows per minute. The top level has no student: the parallel rows reuse ours there.
 - VQ-VAE: decoding {st['decode_seconds']} s of level-0 codes, scaled to a minute.
 - End to end: the sum over levels plus decoding. Median of {st['rounds']} rounds after
-  {st['warmup_rounds']} warm-up round; temperature 0.99, no top-k / top-p.
+  {st['warmup_rounds']} warm-up round; temperature {DEFAULT_TEMPERATURE}, no top-k / top-p.
 - Tokens/s count every sample of the batch. The first window of a level (nothing known) is not
   modelled separately.
 - On CUDA, released sizes also get an HBM roofline: tokens/s if a decode step only read every

@@ -32,6 +32,8 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from fastjukebox.settings import DEFAULT_TEMPERATURE  # noqa: E402
+
 from .cases import CASES, SamplingCase, build_prior  # noqa: E402
 from .methods import DEFAULT_KNOBS, LABELS, SHORT, make_method, mismatches  # noqa: E402
 
@@ -157,7 +159,7 @@ Random weights, {res['dtype']}: level {c['level']} upsampler shape, n_ctx {c['n_
 depth {c['depth']} (attn_order {c['attn_order']}: block / transpose / previous-block), heads {c['heads']},
 n_state {c['n_state']}, blocks {c['blocks']} (block length {c['block_len']}), l_bins {c['l_bins']},
 conditioner width {c['cond_width']} x depth {c['cond_depth']}. Each window: {window};
-`temperature=0.99`; batches {', '.join(map(str, c['batches']))}.
+`temperature={DEFAULT_TEMPERATURE}`; batches {', '.join(map(str, c['batches']))}.
 Greedy (`top_k=1`) tokens vs ours: {greedy}.
 
 {table(res)}

@@ -32,6 +32,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from fastjukebox.progress import progress_bar  # noqa: E402
+from fastjukebox.settings import DEFAULT_TEMPERATURE  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HOP = 512           # the demo upsamplers hop half their 1024-token window
@@ -129,13 +130,13 @@ def run(levels=(0, 1), batches=(1, 16), gammas=(4, 8, 16), repeats: int = 2, see
                     for v in variants}
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            first = ar(*win.args(0), temperature=0.99, generator=gen)
+            first = ar(*win.args(0), temperature=DEFAULT_TEMPERATURE, generator=gen)
         win.known[HOP] = first[:, HOP:]
         for start, kind in ((0, "first"), (HOP, "hopped")):
             times = {"ar": []} | {v: [] for v in samplers}
             reports = {v: [] for v in samplers}
             for r in range(repeats):
-                knobs = dict(temperature=0.99, generator=torch.Generator().manual_seed(seed + 1 + r))
+                knobs = dict(temperature=DEFAULT_TEMPERATURE, generator=torch.Generator().manual_seed(seed + 1 + r))
                 with torch.no_grad():
                     times["ar"].append(_timed(lambda: ar(*win.args(start), **knobs))[0])
                     bar.update(1)
@@ -175,7 +176,7 @@ def projections(rows: list[dict]) -> list[dict]:
 def render_markdown(res: dict) -> str:
     lines = ["# Speculative sampling vs exact AR, demo upsamplers (CPU)", "",
              f"{res['date']}; torch {res['machine']['torch']}, {res['machine']['threads']} thread; "
-             f"median of {res['repeats']} rounds; both samplers in the same run, temperature 0.99. "
+             f"median of {res['repeats']} rounds; both samplers in the same run, temperature {DEFAULT_TEMPERATURE}. "
              "tokens/s = new tokens (all rows) per wall second of the window call (priming and drafts included).", "",
              "| level | batch | window | gamma | draft policy | ar tok/s | speculative tok/s | speculative / ar | "
              "acceptance | tokens per teacher call | student passes |",

@@ -21,6 +21,7 @@ import os
 import tempfile
 
 import torch
+from fastjukebox.settings import DEFAULT_CHUNK_SIZE
 
 from .report_cases import geometry, level_inputs, measure
 
@@ -28,7 +29,7 @@ __all__ = ["NOT_COMPARED", "peer_rows"]
 
 PEER = "transformers"
 LEVEL = 0
-CHUNK = 32
+CHUNK = DEFAULT_CHUNK_SIZE
 NOT_COMPARED = {
     "upsampling beyond one window": "the port conditions every upsampler window on the whole upper-level "
                                     "sequence instead of the window's part (JukeboxPrior.get_music_tokens_conds "

@@ -34,6 +34,7 @@ import torch
 
 from fastjukebox.decoding import WindowDecoder
 from fastjukebox.prior import Prior
+from fastjukebox.settings import DEFAULT_CHUNK_SIZE
 
 from kernels.sampling.reference import exponential_noise_
 
@@ -150,7 +151,7 @@ class SpeculativeWindowSampler:
 
     @torch.no_grad()
     def __call__(self, known, n_new: int, upper=None, labels=None, *, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 0.0, chunk_size: int = 32, generator: torch.Generator | None = None,
+                 top_p: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE, generator: torch.Generator | None = None,
                  on_progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Prime ``known`` (N, K) codes, sample ``n_new`` more: (N, K + n_new) codes. Temperature 0
         is greedy (the teacher's argmax at every position). ``on_progress(k)``: ``k`` more

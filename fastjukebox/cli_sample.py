@@ -37,7 +37,7 @@ from .cli_processes import Processes, current
 from .cli_values import (SamplerOptions, _genre, _label, _levels, _nonneg_float, _nonneg_int, _per_level,
                          _positive_int, _sampler, _seconds)
 from .codes_file import CODES_KEY, _rows, read_codes, write_codes
-from .settings import KNOB_RULES, SettingsError, check_device
+from .settings import DEFAULT_CHUNK_SIZE, DEFAULT_TEMPERATURE, SettingsError, check_device
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,7 +326,7 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", metavar="T",
                    type=_per_level("temperature", float),
                    help="one value or per level, e.g. '2=0.98,1=0.99,0=0.99'; 0: greedy (the most likely code)"
-                        + family % "0.99")
+                        + family % DEFAULT_TEMPERATURE)
     p.add_argument("--top-k", metavar="K", type=_per_level("top_k", int),
                    help="keep the K most likely codes; 0: all (one value or per level)" + family % "0")
     p.add_argument("--top-p", metavar="P",
@@ -348,7 +348,7 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
                    help="positions the prior verifies per call of the speculative sampler: --sampler-opt gamma=N "
                         "(default: the sampler's)")
     p.add_argument("--chunk-size", metavar="C", type=_per_level("chunk_size", int),
-                   help=f"tokens primed per step (one value or per level; default: {KNOB_RULES['chunk_size'][2]})")
+                   help=f"tokens primed per step (one value or per level; default: {DEFAULT_CHUNK_SIZE})")
     p.add_argument("--max-batch-size", type=_positive_int, default=16, help="samples decoded together (default: 16)")
     p.add_argument("--seed", type=int, help="random seed (default: a random one, stored in the codes file)")
     p.add_argument("-q", "--quiet", action="store_true",

@@ -28,6 +28,7 @@ import torch
 from .chunk_step import ChunkStep
 from .kv_cache import KVCache
 from .prior import Prior
+from .settings import DEFAULT_CHUNK_SIZE
 from .token_step import TokenStep
 
 
@@ -122,7 +123,7 @@ class WindowDecoder:
             self._pos += T
 
     @torch.no_grad()
-    def prime(self, codes: torch.Tensor, chunk_size: int = 32) -> None:
+    def prime(self, codes: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
         """Feed known music codes (N, K) at the current position (their keys fill the cache)."""
         c = self.config
         codes = torch.as_tensor(codes, device=self.device).long()

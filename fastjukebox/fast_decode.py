@@ -56,6 +56,7 @@ from .layers import quick_gelu
 from .prior import Prior
 from .sample_seeds import SampleGenerators, fill_rows
 from .sampling import sample_logits
+from .settings import DEFAULT_CHUNK_SIZE
 
 __all__ = ["StaticStepDecoder", "GraphWindowSampler", "cuda_graphs_enabled", "resolve_backend", "GRAPHS_ENV"]
 
@@ -395,7 +396,8 @@ class GraphWindowSampler:
             self.fast = StaticStepDecoder(self.decoder, backend=self._backend, cuda_graphs=self._cuda_graphs)
 
     def __call__(self, known, n_new: int, upper=None, labels=None, *, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 0.0, chunk_size: int = 32, generator: torch.Generator | SampleGenerators | None = None,
+                 top_p: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 generator: torch.Generator | SampleGenerators | None = None,
                  on_progress: Callable[[int], None] | None = None, report_every: int = 64) -> torch.Tensor:
         """Prime ``known`` (N, K) codes, sample ``n_new`` more -> (N, K + n_new) codes; ``generator``
         may be one per sample (``SampleGenerators``)."""

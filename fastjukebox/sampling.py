@@ -20,7 +20,7 @@ from .labels import Labels, get_starts, window_labels
 from .prior import Prior
 from .progress import progress_bar
 from .sample_seeds import SampleGenerators
-from .settings import check_knob
+from .settings import DEFAULT_CHUNK_SIZE, DEFAULT_TEMPERATURE, check_knob
 from .vqvae import VQVAE
 
 PerLevel = float | int | Sequence | Mapping
@@ -79,7 +79,7 @@ def _labels_for(labels, level: int, prior: Prior) -> Labels | None:
 
 
 def sample_window(decoder: WindowDecoder, known: torch.Tensor, n_new: int, upper=None, labels=None, *,
-                  temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0, chunk_size: int = 32,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
                   generator: torch.Generator | None = None,
                   on_progress: Callable[[int], None] | None = None, report_every: int = 64) -> torch.Tensor:
     """Prime ``known`` (N, K) codes, sample ``n_new`` more; returns the window's (N, K + n_new) codes.
@@ -128,8 +128,8 @@ def level_windows(total: int, n_ctx: int, hop: int, have: int) -> list[tuple[int
 
 def sample_levels(vqvae: VQVAE | None, priors: Mapping[int, Prior], labels, sample_length: int, *,
                   codes: Sequence[torch.Tensor | None] | None = None, levels: Sequence[int] = (2, 1, 0),
-                  hop_fraction: Sequence[float] = (0.5, 0.5, 0.125), chunk_size: PerLevel = 32,
-                  temperature: PerLevel = 0.99, top_k: PerLevel = 0, top_p: PerLevel = 0.0,
+                  hop_fraction: Sequence[float] = (0.5, 0.5, 0.125), chunk_size: PerLevel = DEFAULT_CHUNK_SIZE,
+                  temperature: PerLevel = DEFAULT_TEMPERATURE, top_k: PerLevel = 0, top_p: PerLevel = 0.0,
                   max_batch_size: int = 16, seed: int | None = None, progress: bool = True,
                   decoders: dict | None = None,
                   window_samplers: Mapping[int, Callable[..., torch.Tensor]] | None = None,

@@ -23,7 +23,7 @@ from .settings import KNOB_RULES, knob_error
 __all__ = ["SAMPLING_FILE", "BUILTIN", "SamplingDefaults"]
 
 SAMPLING_FILE = "sampling.json"
-BUILTIN = {knob: KNOB_RULES[knob][2] for knob in ("temperature", "top_k", "top_p")}   # 0.99, off, off
+BUILTIN = {knob: KNOB_RULES[knob][2] for knob in ("temperature", "top_k", "top_p")}   # DEFAULT_TEMPERATURE, off, off
 
 class SamplingDefaults:
     """Per knob and level, the value a family samples with unless the caller sets it."""

@@ -31,13 +31,18 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["SettingsError", "MAX_SECONDS", "KNOB_RULES", "SETTING_NAMES", "SAMPLER_OPTION_ALIASES", "knob_error",
+__all__ = ["SettingsError", "MAX_SECONDS", "DEFAULT_TEMPERATURE", "DEFAULT_CHUNK_SIZE", "KNOB_RULES", "SETTING_NAMES", "SAMPLER_OPTION_ALIASES", "knob_error",
            "check_knob", "check_seconds", "check_count", "check_device", "check_codes", "check_level_keys",
            "warn_half_on_cpu", "resolve_sampling"]
 
 #: Longest audio one call samples or continues to. Longer requests are refused before the label
 #: and window tables (which grow with the length) are made.
 MAX_SECONDS = 3600.0
+
+#: The sampling temperature where nothing sets one: the original's upsampler default.
+DEFAULT_TEMPERATURE = 0.99
+#: Known tokens primed per step (one forward over a chunk) where nothing sets it.
+DEFAULT_CHUNK_SIZE = 32
 
 #: float16 / bfloat16 against float32 on a CPU, one thread of a 2-core CPU, the demo family:
 #: upsampling 0.75 s 3x (bf16) and 4x (fp16) slower; the main command (10 s, decoding included) 11x.
@@ -59,10 +64,10 @@ def _is_int(v) -> bool:
 #: knob -> (test of one value, what it must be, the default when nothing sets it)
 KNOB_RULES = {
     "temperature": (lambda v: _is_real(v) and math.isfinite(v) and v >= 0,
-                    "a finite number >= 0 (0: greedy)", 0.99),
+                    "a finite number >= 0 (0: greedy)", DEFAULT_TEMPERATURE),
     "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: off)", 0),
     "top_p": (lambda v: _is_real(v) and 0 <= v <= 1, "a number in [0, 1] (0: off)", 0.0),
-    "chunk_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1", 32),
+    "chunk_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1", DEFAULT_CHUNK_SIZE),
     "hop_fraction": (lambda v: _is_real(v) and 0 < v <= 1, "a number in (0, 1]", (0.5, 0.5, 0.125)),
 }
 PER_LEVEL = tuple(KNOB_RULES) + ("sampler",)

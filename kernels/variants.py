@@ -35,7 +35,7 @@ __all__ = ["Variant", "released_variants", "representative_subset", "MODELS", "D
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SM_COUNTS = {90: 132, 80: 108}          # H100 SXM and A100: the key-split planner's input
-PRIMING_CHUNK = 32                      # fast_decode's default chunk size
+PRIMING_CHUNK = 32                      # the default chunk size (fastjukebox.settings.DEFAULT_CHUNK_SIZE)
 BATCHES = (1, 16)
 BACKWARD_KERNELS = ("attn_bwd_dq_kernel", "attn_bwd_dkdv_kernel")
 

@@ -130,3 +130,11 @@ def test_the_kernels_shape_table_matches_the_released_presets():
                                 tuple(sorted(set(layer_patterns(c.prime_attn_order, c.prime_depth)))), None, 0,
                                 c.bins, False))
     assert MODELS == tuple(expect)
+
+
+def test_the_kernels_priming_chunk_is_the_default_chunk_size():
+    """``kernels.variants.PRIMING_CHUNK`` is written out too: the chunk sampling primes with unless
+    told otherwise (``fastjukebox.settings.DEFAULT_CHUNK_SIZE``)."""
+    from fastjukebox.settings import DEFAULT_CHUNK_SIZE
+    from kernels.variants import PRIMING_CHUNK
+    assert PRIMING_CHUNK == DEFAULT_CHUNK_SIZE

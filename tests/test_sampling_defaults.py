@@ -141,3 +141,21 @@ def test_info_shows_family_settings(tiny_with_defaults, capsys):
     assert 'recommended sampling settings (sampling.json): {"temperature": {"2": 0.35}}' in out
     assert main(["info", "tiny"]) == 0
     assert "sampling.json" not in capsys.readouterr().out
+
+
+def test_the_builtin_defaults_are_the_named_constants():
+    """The default temperature (the original's upsampler default) and chunk size are written once
+    (``fastjukebox.settings``) and are what every default of the sampling code is."""
+    import inspect
+
+    from fastjukebox.decoding import WindowDecoder
+    from fastjukebox.fast_decode import GraphWindowSampler
+    from fastjukebox.sampling import sample_levels, sample_window
+    from fastjukebox.sampling_defaults import BUILTIN
+    from fastjukebox.settings import DEFAULT_CHUNK_SIZE, DEFAULT_TEMPERATURE, KNOB_RULES
+    assert (DEFAULT_TEMPERATURE, DEFAULT_CHUNK_SIZE) == (0.99, 32)
+    assert BUILTIN["temperature"] == DEFAULT_TEMPERATURE and KNOB_RULES["chunk_size"][2] == DEFAULT_CHUNK_SIZE
+    levels = inspect.signature(sample_levels).parameters
+    assert levels["temperature"].default == DEFAULT_TEMPERATURE and levels["chunk_size"].default == DEFAULT_CHUNK_SIZE
+    for fn in (sample_window, WindowDecoder.prime, GraphWindowSampler.__call__):
+        assert inspect.signature(fn).parameters["chunk_size"].default == DEFAULT_CHUNK_SIZE, fn

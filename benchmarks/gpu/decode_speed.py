@@ -35,12 +35,13 @@ import sys
 import time
 
 import torch
+from fastjukebox.settings import DEFAULT_TEMPERATURE
 
 from . import common as gb
 
 MODELS = ("upsampler_level_0", "prior_1b_lyrics", "prior_5b")
 BATCHES = (1, 16)
-TEMPERATURE = 0.99
+TEMPERATURE = DEFAULT_TEMPERATURE
 COPY_BYTES = 2 * 2 ** 30          # per copy buffer: far beyond the L2 of any GPU
 
 

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+from fastjukebox.settings import DEFAULT_TEMPERATURE
 
 from . import common as gb
 
@@ -86,8 +87,8 @@ def _sampling_case(dtype: torch.dtype, device: str, gen: torch.Generator, top_k:
 
     logits = (3 * torch.randn(64, 2048, generator=gen)).to(device, dtype)
     noise = exponential_noise((64, 2048), device, torch.Generator(device).manual_seed(1))
-    got = sample_logits(logits, 0.99, top_k, top_p, noise=noise)
-    ref = sample_logits_reference(logits.float(), 0.99, top_k, top_p, noise=noise)
+    got = sample_logits(logits, DEFAULT_TEMPERATURE, top_k, top_p, noise=noise)
+    ref = sample_logits_reference(logits.float(), DEFAULT_TEMPERATURE, top_k, top_p, noise=noise)
     return {"mismatched_ids": int((got != ref).sum())}
 
 
