@@ -11,7 +11,7 @@ _LABEL_KEYS = ("artist", "genre", "lyrics", "artist_ids", "genre_ids", "ids_dir"
                "offset_seconds")
 
 
-def _label_settings(args, stored: dict | None = None) -> dict:
+def label_settings(args, stored: dict | None = None) -> dict:
     """Label options: the command line first, then ``stored`` (a parent run's), then defaults."""
     stored = stored or {}
     out = {}
@@ -48,7 +48,7 @@ def _ids(labels: dict):
     return None
 
 
-def _label_kw(labels: dict) -> dict:
+def label_kwargs(labels: dict) -> dict:
     return dict(artist=0 if labels["artist"] is None else labels["artist"],
                 genre=0 if labels["genre"] is None else labels["genre"],
                 lyrics=labels["lyrics"] or "", total_seconds=labels["total_seconds"],

@@ -17,10 +17,10 @@ import torch
 
 from .atomic import atomic_paths, check_target
 from .cli_processes import Processes
-from .codes_file import _codes_settings, _jsonable, write_codes
+from .codes_file import codes_settings, jsonable, write_codes
 
 
-def _check_out(out: str) -> Path:
+def check_out(out: str) -> Path:
     from .audio import SUPPORTED_SUFFIXES
     path = Path(out)
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:
@@ -29,11 +29,11 @@ def _check_out(out: str) -> Path:
     return path
 
 
-def _outputs(args, n: int) -> list[Path]:
+def check_outputs(args, n: int) -> list[Path]:
     """The files a sampling command writes for ``n`` samples (audio, codes file, ``--plot``'s
     PNG), each checked to be writable before any work (``atomic.check_target``)."""
     from .audio import audio_paths
-    out = _check_out(args.out)
+    out = check_out(args.out)
     paths = audio_paths(out, n) + [out.with_suffix(".npz")]
     if getattr(args, "plot", False):
         paths.append(out.with_suffix(".png"))
@@ -42,12 +42,12 @@ def _outputs(args, n: int) -> list[Path]:
     return paths
 
 
-def _outputs_decode(args, n: int) -> list[Path]:
+def decode_outputs(args, n: int) -> list[Path]:
     from .audio import audio_paths
-    return audio_paths(_check_out(args.out), n)
+    return audio_paths(check_out(args.out), n)
 
 
-def _check_plot(args) -> None:
+def check_plot(args) -> None:
     if getattr(args, "plot", False):
         from .plots import require_matplotlib
         require_matplotlib("--plot")
@@ -67,13 +67,13 @@ def _write(args, jb, result, settings: dict, source: tuple[str, torch.Tensor] | 
     ``source``: (title, audio) of the input. ``settings``: the command's, then the run's as used."""
     from .audio import save_audio
     n = int(result.audio.shape[0])
-    paths = _outputs(args, n)
-    settings = _codes_settings(jb, result.codes, result.sr, dict(settings, **result.settings))
+    paths = check_outputs(args, n)
+    settings = codes_settings(jb, result.codes, result.sr, dict(settings, **result.settings))
     audio = result.audio.float().cpu()
     with atomic_paths(paths) as tmps:
         for i in range(n):
             save_audio(tmps[i], audio[i], result.sr)
-        write_codes(tmps[n], result.codes, _jsonable(settings))
+        write_codes(tmps[n], result.codes, jsonable(settings))
         if getattr(args, "plot", False):
             _plot(args, result, source, tmps[n + 1])
     for p in paths:
@@ -90,7 +90,7 @@ def _write_rows(args, result, rows: range, n: int) -> list[Path]:
             for j, i in enumerate(rows)]
 
 
-def _run_share(args, procs: Processes, n: int, body) -> int:
+def run_share(args, procs: Processes, n: int, body) -> int:
     """Sample this process's share of the run's ``n`` samples with ``body(rows) -> (jb, result
     or None, settings, source)`` and write the outputs (module docstring); one process: ``_write``."""
     rows = procs.share(n)
@@ -120,8 +120,8 @@ def _run_share(args, procs: Processes, n: int, body) -> int:
     shares = [c for _, c in parts if c is not None]
     combined = [None if shares[0][l] is None else np.concatenate([c[l] for c in shares])
                 for l in range(len(shares[0]))]
-    settings = _codes_settings(jb, combined, result.sr, dict(settings, **result.settings, processes=procs.world))
-    print(write_codes(Path(args.out).with_suffix(".npz"), combined, _jsonable(settings)))
+    settings = codes_settings(jb, combined, result.sr, dict(settings, **result.settings, processes=procs.world))
+    print(write_codes(Path(args.out).with_suffix(".npz"), combined, jsonable(settings)))
     if getattr(args, "plot", False):
         print(_plot(args, result, source, Path(args.out).with_suffix(".png")))
     return 0

@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 
 from .atomic import check_target
-from .cli_labels import _label_kw, _label_settings
+from .cli_labels import label_kwargs, label_settings
 from .cli_options import DTYPES, HelpFormatter, parse_dtype
-from .cli_outputs import _check_out, _check_plot, _outputs, _outputs_decode, _run_share
+from .cli_outputs import check_out, check_outputs, check_plot, decode_outputs, run_share
 from .cli_processes import Processes, current
-from .cli_values import (SamplerOptions, _genre, _label, _levels, _nonneg_float, _nonneg_int, _per_level,
-                         _positive_int, _sampler, _seconds)
-from .codes_file import CODES_KEY, _rows, read_codes, write_codes
+from .cli_values import (SamplerOptions, parse_genre, parse_label, parse_levels, parse_nonneg_float, parse_nonneg_int,
+                         parse_positive_int, parse_sampler, parse_seconds, per_level_parser)
+from .codes_file import CODES_KEY, read_codes, sample_count, write_codes
 from .settings import DEFAULT_CHUNK_SIZE, DEFAULT_TEMPERATURE, SettingsError, check_device
 
 
@@ -98,9 +98,9 @@ def _run_settings(command: str, args, labels: dict) -> dict:
 
 def cmd_sample(args) -> int:
     _check_model_options(args)
-    _outputs(args, args.n_samples)
-    _check_plot(args)
-    labels = _label_settings(args)
+    check_outputs(args, args.n_samples)
+    check_plot(args)
+    labels = label_settings(args)
     from .audio import load_audio
     if args.prompt is not None:
         load_audio(args.prompt, duration=0.01)  # fail early, before loading the model
@@ -116,12 +116,12 @@ def cmd_sample(args) -> int:
         if rows:
             with torch.inference_mode():
                 result = jb.sample(seconds=args.seconds, n_samples=len(rows), levels=levels, prompt=prompt,
-                                   **_label_kw(labels), **sampling)
+                                   **label_kwargs(labels), **sampling)
         settings = _run_settings("sample", args, labels)
         settings.update(prompt=args.prompt, sampled_levels=list(levels))
         return jb, result, settings, None if prompt is None else (str(args.prompt), prompt)
 
-    return _run_share(args, procs, args.n_samples, body)
+    return run_share(args, procs, args.n_samples, body)
 
 
 def _upsample_audio(args) -> int:
@@ -135,7 +135,7 @@ def _upsample_audio(args) -> int:
     stored = {} if excerpt is None else {"artist": excerpt.artist, "genre": excerpt.genre,
                                          "total_seconds": excerpt.piece_seconds,
                                          "offset_seconds": excerpt.offset_seconds}
-    labels = _label_settings(args, stored)
+    labels = label_settings(args, stored)
     procs = current()
     seed = _agreed_seed(args, procs)
     agreement = {}
@@ -154,7 +154,7 @@ def _upsample_audio(args) -> int:
         with torch.inference_mode():
             top = jb.vqvae.encode(jb.vqvae.whole_top_codes(audio, f"'{src}'"),
                                   levels=(jb.vqvae.config.levels - 1,))[-1]
-            result = jb.upsample(top, **_label_kw(labels), **sampling) if rows else None
+            result = jb.upsample(top, **label_kwargs(labels), **sampling) if rows else None
         settings = _run_settings("upsample", args, labels)
         settings.update(source=src, source_seconds=top.shape[1] * jb.vqvae.hop_lengths[-1] / jb.sr,
                         sampled_levels=list(jb.upsampler_levels))
@@ -163,7 +163,7 @@ def _upsample_audio(args) -> int:
             settings.update(excerpt_piece=excerpt.piece, score_agreement=agreement)
         return jb, result, settings, (src, audio)
 
-    code = _run_share(args, procs, 1, body)
+    code = run_share(args, procs, 1, body)
     if excerpt is not None and procs.is_main and code == 0:
         own, chance = agreement["own"], agreement["other_excerpts"]
         print(f"note agreement with {excerpt.piece}'s score: {own:.2f} (with the other excerpts' scores: "
@@ -173,12 +173,12 @@ def _upsample_audio(args) -> int:
 
 def cmd_upsample(args) -> int:
     _check_model_options(args)
-    _check_out(args.out)
-    _check_plot(args)
+    check_out(args.out)
+    check_plot(args)
     if args.from_audio is not None:
         if args.codes is not None:
             raise ValueError("give either --codes or --from-audio, not both")
-        _outputs(args, 1)
+        check_outputs(args, 1)
         return _upsample_audio(args)
     if args.codes is None:
         raise ValueError("give --codes (a codes file of an earlier run) or --from-audio (an audio file or "
@@ -186,8 +186,8 @@ def cmd_upsample(args) -> int:
     if args.seconds is not None:
         raise ValueError("--seconds goes with --from-audio; with --codes the codes file sets the length")
     codes, stored = read_codes(args.codes)
-    _outputs(args, _rows(codes))
-    labels = _label_settings(args, stored)
+    check_outputs(args, sample_count(codes))
+    labels = label_settings(args, stored)
     procs = current()
     seed = _agreed_seed(args, procs)
 
@@ -202,21 +202,21 @@ def cmd_upsample(args) -> int:
         result = None
         if rows:
             with torch.inference_mode():
-                result = jb.upsample(torch.from_numpy(codes[top][rows.start:rows.stop]), **_label_kw(labels),
+                result = jb.upsample(torch.from_numpy(codes[top][rows.start:rows.stop]), **label_kwargs(labels),
                                      **sampling)
         settings = _run_settings("upsample", args, labels)
         settings.update(parent=str(args.codes), sampled_levels=list(jb.upsampler_levels))
         return jb, result, settings, None
 
-    return _run_share(args, procs, _rows(codes), body)
+    return run_share(args, procs, sample_count(codes), body)
 
 
 def cmd_continue(args) -> int:
     _check_model_options(args)
-    _check_plot(args)
+    check_plot(args)
     codes, stored = read_codes(args.codes)
-    _outputs(args, _rows(codes))
-    labels = _label_settings(args, stored)
+    check_outputs(args, sample_count(codes))
+    labels = label_settings(args, stored)
     procs = current()
     seed = _agreed_seed(args, procs)
 
@@ -237,12 +237,12 @@ def cmd_continue(args) -> int:
         if rows:
             with torch.inference_mode():
                 result = jb.continue_([None if z is None else torch.from_numpy(z[rows.start:rows.stop]) for z in given],
-                                      seconds=args.seconds, levels=levels, **_label_kw(labels), **sampling)
+                                      seconds=args.seconds, levels=levels, **label_kwargs(labels), **sampling)
         settings = _run_settings("continue", args, labels)
         settings.update(parent=str(args.codes), sampled_levels=list(levels))
         return jb, result, settings, None
 
-    return _run_share(args, procs, _rows(codes), body)
+    return run_share(args, procs, sample_count(codes), body)
 
 
 def cmd_encode(args) -> int:
@@ -268,7 +268,7 @@ def cmd_decode(args) -> int:
     from .audio import save_audio
     _check_model_options(args)
     codes, _ = read_codes(args.codes)
-    for p in _outputs_decode(args, _rows(codes)):
+    for p in decode_outputs(args, sample_count(codes)):
         check_target(p, "--out")
     present = [l for l, z in enumerate(codes) if z is not None]
     level = args.level if args.level is not None else min(present)
@@ -298,8 +298,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 def _label_options(p: argparse.ArgumentParser, stored: bool) -> None:
     note = " (default: the codes file's, else %s)" if stored else " (default: %s)"
-    p.add_argument("--artist", type=_label, help="artist id or name (names need the id files)" + note % "0")
-    p.add_argument("--genre", type=_genre, help="genre id, ids '3,7', or name (names need the id files)"
+    p.add_argument("--artist", type=parse_label, help="artist id or name (names need the id files)" + note % "0")
+    p.add_argument("--genre", type=parse_genre, help="genre id, ids '3,7', or name (names need the id files)"
                    + note % "0")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--lyrics", help="lyrics text" + note % "none")
@@ -307,9 +307,9 @@ def _label_options(p: argparse.ArgumentParser, stored: bool) -> None:
     p.add_argument("--artist-ids", help="original artist id file ('name;id' lines)" + note % "none")
     p.add_argument("--genre-ids", help="original genre id file ('name;id' lines)" + note % "none")
     p.add_argument("--ids-dir", help="directory with v2_/v3_artist_ids.txt and genre_ids.txt" + note % "none")
-    p.add_argument("--total-seconds", type=_seconds,
+    p.add_argument("--total-seconds", type=parse_seconds,
                    help="length of the whole song for the labels" + note % "the sampled length")
-    p.add_argument("--offset-seconds", type=_nonneg_float,
+    p.add_argument("--offset-seconds", type=parse_nonneg_float,
                    help="where the sampled audio starts in the song, for the labels" + note % "0")
 
 
@@ -324,15 +324,15 @@ def _sampler_options_text() -> str:
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     family = " (default: the model's sampling.json where it sets one, else %s)"
     p.add_argument("--temperature", metavar="T",
-                   type=_per_level("temperature", float),
+                   type=per_level_parser("temperature", float),
                    help="one value or per level, e.g. '2=0.98,1=0.99,0=0.99'; 0: greedy (the most likely code)"
                         + family % DEFAULT_TEMPERATURE)
-    p.add_argument("--top-k", metavar="K", type=_per_level("top_k", int),
+    p.add_argument("--top-k", metavar="K", type=per_level_parser("top_k", int),
                    help="keep the K most likely codes; 0: all (one value or per level)" + family % "0")
     p.add_argument("--top-p", metavar="P",
-                   type=_per_level("top_p", float),
+                   type=per_level_parser("top_p", float),
                    help="nucleus sampling; 0: off (one value or per level)" + family % "0")
-    p.add_argument("--sampler", type=_sampler,
+    p.add_argument("--sampler", type=parse_sampler,
                    help="sampler per level: 'ar' (exact), 'ar-graph' (exact, the same tokens through the "
                         "device-position step: CUDA graphs on CUDA), 'parallel' (distilled student; upsampler "
                         "levels only, so 'parallel' alone means '1=parallel,0=parallel') or 'speculative' (exact: "
@@ -341,15 +341,16 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler-opt", metavar="NAME=VALUE", action=SamplerOptions,
                    help="an option of the chosen samplers, repeatable; one that none of them takes is an error. "
                         f"The samplers' options: {_sampler_options_text()}")
-    p.add_argument("--passes", type=_positive_int,
+    p.add_argument("--passes", type=parse_positive_int,
                    help="decoding passes per window of the parallel sampler: --sampler-opt passes=N (default: the "
                         "sampler's)")
-    p.add_argument("--gamma", type=_positive_int,
+    p.add_argument("--gamma", type=parse_positive_int,
                    help="positions the prior verifies per call of the speculative sampler: --sampler-opt gamma=N "
                         "(default: the sampler's)")
-    p.add_argument("--chunk-size", metavar="C", type=_per_level("chunk_size", int),
+    p.add_argument("--chunk-size", metavar="C", type=per_level_parser("chunk_size", int),
                    help=f"tokens primed per step (one value or per level; default: {DEFAULT_CHUNK_SIZE})")
-    p.add_argument("--max-batch-size", type=_positive_int, default=16, help="samples decoded together (default: 16)")
+    p.add_argument("--max-batch-size", type=parse_positive_int, default=16,
+                   help="samples decoded together (default: 16)")
     p.add_argument("--seed", type=int, help="random seed (default: a random one, stored in the codes file)")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress (on a terminal: bars; in a log: a line every 10 s per level) (default: "
@@ -364,12 +365,12 @@ def add_commands(sub) -> None:
     p = sub.add_parser("sample", help="sample new audio; writes OUT.wav/.flac and OUT.npz (codes + settings)",
                        description=__doc__, formatter_class=HelpFormatter)
     _model_options(p)
-    p.add_argument("--seconds", type=_seconds, default=10.0, help="length to sample, at most 3600 (default: 10)")
-    p.add_argument("--n-samples", type=_positive_int, default=1, help="number of samples (default: 1)")
+    p.add_argument("--seconds", type=parse_seconds, default=10.0, help="length to sample, at most 3600 (default: 10)")
+    p.add_argument("--n-samples", type=parse_positive_int, default=1, help="number of samples (default: 1)")
     _label_options(p, stored=False)
     _sampling_options(p)
     p.add_argument("--prompt", help="audio file to continue (encoded at every level; default: none)")
-    p.add_argument("--levels", type=_levels, help="levels to sample, top first (default: all, e.g. 2,1,0)")
+    p.add_argument("--levels", type=parse_levels, help="levels to sample, top first (default: all, e.g. 2,1,0)")
     p.add_argument("--out", default="sample.wav", help="audio file, .wav or .flac (default: sample.wav)")
     p.set_defaults(func=cmd_sample)
 
@@ -381,7 +382,7 @@ def add_commands(sub) -> None:
     p.add_argument("--from-audio", metavar="SRC",
                    help="audio file, or demo:<name> for a shipped held-out excerpt (demo:consort, demo:strings, "
                         "demo:winds, demo:organ, demo:brass): its top-level codes are upsampled (default: none)")
-    p.add_argument("--seconds", type=_seconds,
+    p.add_argument("--seconds", type=parse_seconds,
                    help="with --from-audio: use at most this many seconds (default: all of it)")
     _label_options(p, stored=True)
     _sampling_options(p)
@@ -392,10 +393,10 @@ def add_commands(sub) -> None:
                        description=__doc__, formatter_class=HelpFormatter)
     _model_options(p)
     p.add_argument("--codes", required=True, help="codes file (.npz) of an earlier run")
-    p.add_argument("--seconds", type=_seconds, required=True, help="total length after continuing, at most 3600")
+    p.add_argument("--seconds", type=parse_seconds, required=True, help="total length after continuing, at most 3600")
     _label_options(p, stored=True)
     _sampling_options(p)
-    p.add_argument("--levels", type=_levels, help="levels to sample, top first (default: the levels in the file)")
+    p.add_argument("--levels", type=parse_levels, help="levels to sample, top first (default: the levels in the file)")
     p.add_argument("--out", default="continued.wav", help="audio file, .wav or .flac (default: continued.wav)")
     p.set_defaults(func=cmd_continue)
 
@@ -403,14 +404,14 @@ def add_commands(sub) -> None:
                        formatter_class=HelpFormatter)
     _model_options(p)
     p.add_argument("audio", help="audio file (resampled to the model's rate, mixed down to mono)")
-    p.add_argument("--seconds", type=_seconds, help="encode at most this many seconds (default: all of it)")
-    p.add_argument("--offset", type=_nonneg_float, default=0.0, help="start this many seconds in (default: 0)")
+    p.add_argument("--seconds", type=parse_seconds, help="encode at most this many seconds (default: all of it)")
+    p.add_argument("--offset", type=parse_nonneg_float, default=0.0, help="start this many seconds in (default: 0)")
     p.add_argument("--out", default="codes.npz", help="codes file (default: codes.npz)")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("decode", help="decode one level of a codes file to audio", formatter_class=HelpFormatter)
     _model_options(p)
     p.add_argument("--codes", required=True, help="codes file (.npz)")
-    p.add_argument("--level", type=_nonneg_int, help="level to decode (default: the lowest in the file)")
+    p.add_argument("--level", type=parse_nonneg_int, help="level to decode (default: the lowest in the file)")
     p.add_argument("--out", default="decoded.wav", help="audio file, .wav or .flac (default: decoded.wav)")
     p.set_defaults(func=cmd_decode)

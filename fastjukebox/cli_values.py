@@ -11,7 +11,7 @@ from typing import Any, Callable
 from .settings import KNOB_RULES, SettingsError, check_seconds, knob_error
 
 
-def _seconds(text: str) -> float:
+def parse_seconds(text: str) -> float:
     """A length in seconds: finite, > 0 and at most ``settings.MAX_SECONDS``."""
     try:
         value = float(text)
@@ -23,7 +23,7 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _nonneg_float(text: str) -> float:
+def parse_nonneg_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -46,10 +46,10 @@ def _int_at_least(least: int) -> Callable[[str], int]:
     return parse
 
 
-_nonneg_int, _positive_int = _int_at_least(0), _int_at_least(1)
+parse_nonneg_int, parse_positive_int = _int_at_least(0), _int_at_least(1)
 
 
-def _per_level(knob: str, convert: Callable[[str], Any]):
+def per_level_parser(knob: str, convert: Callable[[str], Any]):
     """A value of ``knob`` for all levels (``0.99``) or per level (``2=0.98,1=0.99,0=0.99``), each
     checked by the rule the API uses (``settings.KNOB_RULES``)."""
     what = KNOB_RULES[knob][1]
@@ -78,7 +78,7 @@ def _per_level(knob: str, convert: Callable[[str], Any]):
     return parse
 
 
-def _sampler(text: str):
+def parse_sampler(text: str):
     """``ar`` for all levels or ``LEVEL=NAME`` pairs (``1=ar,0=ar``)."""
     if "=" not in text:
         if not text.strip():
@@ -130,7 +130,7 @@ class SamplerOptions(argparse.Action):
         setattr(namespace, self.dest, options)
 
 
-def _levels(text: str) -> tuple[int, ...]:
+def parse_levels(text: str) -> tuple[int, ...]:
     try:
         levels = tuple(int(p) for p in text.split(",") if p.strip())
     except ValueError:
@@ -140,12 +140,12 @@ def _levels(text: str) -> tuple[int, ...]:
     return tuple(sorted(levels, reverse=True))
 
 
-def _label(text: str) -> int | str:
+def parse_label(text: str) -> int | str:
     """A numeric id or a name (names need the id files)."""
     return int(text) if text.strip().isdigit() else text
 
 
-def _genre(text: str) -> int | list[int] | str:
+def parse_genre(text: str) -> int | list[int] | str:
     """A numeric id, several ids ``3,7`` (a v2 bag of genre words) or a name."""
     if re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", text):
         ids = [int(p) for p in text.split(",")]

@@ -73,11 +73,12 @@ def write_codes(path: str | os.PathLike, codes, settings: dict) -> Path:
     return target
 
 
-def _rows(codes) -> int:
+def sample_count(codes) -> int:
+    """The number of samples (rows) of ``codes``, per level, level 0 first (None where absent)."""
     return next(z.shape[0] for z in codes if z is not None)
 
 
-def _codes_settings(jb, codes, sr: int, settings: dict) -> dict:
+def codes_settings(jb, codes, sr: int, settings: dict) -> dict:
     """A run's settings for its codes file: the given ones and the length, count and levels of
     ``codes``."""
     top = max(l for l, z in enumerate(codes) if z is not None)
@@ -85,9 +86,9 @@ def _codes_settings(jb, codes, sr: int, settings: dict) -> dict:
                 n_samples=int(codes[top].shape[0]), levels_present=[l for l, z in enumerate(codes) if z is not None])
 
 
-def _jsonable(value):
+def jsonable(value):
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
