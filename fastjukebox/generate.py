@@ -20,8 +20,8 @@ class SampleResult:
     """codes: per level, level 0 first (None where nothing was sampled or given);
     audio: (N, T) float in [-1, 1] decoded from the lowest level present; sr: its sample rate;
     settings: the sampling settings as used (``fastjukebox.settings.resolve_sampling``: every knob
-    and the sampler per sampled level, the seed) and the labels; level_seconds: wall time of each
-    sampled level, in seconds."""
+    and the sampler per sampled level, each sampler option by name, the seed) and the labels;
+    level_seconds: wall time of each sampled level, in seconds."""
 
     codes: list[torch.Tensor | None]
     audio: torch.Tensor
