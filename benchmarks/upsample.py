@@ -73,7 +73,7 @@ def run_one(jb, excerpt, sampler: str, batch: int, seed: int, seconds: float | N
     from fastjukebox.sample_seeds import sample_seed
     began = time.perf_counter()
     with torch.inference_mode():
-        result = upsample_excerpt(jb, excerpt, seconds=seconds, n_samples=batch, sampler=sampler, seed=seed,
+        result = upsample_excerpt(jb, excerpt, seconds=seconds, n_samples=batch, sampler=sampler_arg(sampler), seed=seed,
                                   sample_seeds=[sample_seed(seed, i) for i in range(batch)], progress=False)
     wall = time.perf_counter() - began
     hop_fraction = result.settings["hop_fraction"]
@@ -94,10 +94,16 @@ def run_one(jb, excerpt, sampler: str, batch: int, seed: int, seconds: float | N
     return row
 
 
-def _level_sampler(sampler: str, level: int) -> str:
+def sampler_arg(sampler: str) -> str | dict[int, str]:
+    """``"ar"`` as is; ``"1=parallel,0=ar"`` (the command line's per-level form) as {1: .., 0: ..}."""
     if "=" not in sampler:
         return sampler
-    return dict(part.split("=") for part in sampler.split(","))[str(level)]
+    return {int(level): name for level, name in (part.split("=") for part in sampler.split(","))}
+
+
+def _level_sampler(sampler: str, level: int) -> str:
+    arg = sampler_arg(sampler)
+    return arg if isinstance(arg, str) else arg[level]
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -182,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         excerpts = read_manifest() if args.excerpts == ["all"] else [get_excerpt(e) for e in args.excerpts]
         jb = fj.load(args.model, device=args.device)
         for s in args.samplers:
-            jb.resolve_sampling(jb.upsampler_levels, {"sampler": s})
+            jb.resolve_sampling(jb.upsampler_levels, {"sampler": sampler_arg(s)})
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
