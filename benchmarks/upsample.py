@@ -68,24 +68,22 @@ def level_teacher_nll(prior, codes: torch.Tensor, upper: torch.Tensor | None, la
 
 def run_one(jb, excerpt, sampler: str, batch: int, seed: int, seconds: float | None) -> dict:
     """One upsample of ``excerpt`` (``batch`` samples) with ``sampler``: times and NLLs."""
+    from fastjukebox.cli_values import parse_sampler
     from fastjukebox.demo.excerpts import excerpt_agreement, upsample_excerpt
-    from fastjukebox.generate import make_labels
     from fastjukebox.sample_seeds import sample_seed
     began = time.perf_counter()
     with torch.inference_mode():
-        result = upsample_excerpt(jb, excerpt, seconds=seconds, n_samples=batch, sampler=sampler_arg(sampler), seed=seed,
+        result = upsample_excerpt(jb, excerpt, seconds=seconds, n_samples=batch, sampler=parse_sampler(sampler), seed=seed,
                                   sample_seeds=[sample_seed(seed, i) for i in range(batch)], progress=False)
     wall = time.perf_counter() - began
     hop_fraction = result.settings["hop_fraction"]
-    labels = make_labels(jb, artist=excerpt.artist, genre=excerpt.genre, lyrics="", n_samples=batch,
-                         total_length=int(excerpt.piece_seconds * jb.sr), offset=int(excerpt.offset_seconds * jb.sr))
     row = dict(excerpt=excerpt.name, sampler=sampler, batch=batch, wall_s=wall,
                sampling_s=sum(result.level_seconds.values()))
     for level in jb.upsampler_levels:
         prior = jb.prior(level)
         frac = hop_fraction[level] if isinstance(hop_fraction, dict) else hop_fraction
         nll = level_teacher_nll(prior, result.codes[level].cpu(), result.codes[level + 1].cpu(),
-                                labels.get(level), int(frac * prior.config.n_ctx))
+                                result.labels.get(level), int(frac * prior.config.n_ctx))
         row[f"level{level}_s"] = result.level_seconds[level]
         row[f"level{level}_nll"] = float(nll.mean())
         row[f"level{level}_codes"] = int(nll.numel())
@@ -94,16 +92,10 @@ def run_one(jb, excerpt, sampler: str, batch: int, seed: int, seconds: float | N
     return row
 
 
-def sampler_arg(sampler: str) -> str | dict[int, str]:
-    """``"ar"`` as is; ``"1=parallel,0=ar"`` (the command line's per-level form) as {1: .., 0: ..}."""
-    if "=" not in sampler:
-        return sampler
-    return {int(level): name for level, name in (part.split("=") for part in sampler.split(","))}
-
-
 def _level_sampler(sampler: str, level: int) -> str:
-    arg = sampler_arg(sampler)
-    return arg if isinstance(arg, str) else arg[level]
+    from fastjukebox.cli_values import parse_sampler
+    arg = parse_sampler(sampler)
+    return arg if isinstance(arg, str) else arg.get(level, "ar")
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -177,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import fastjukebox as fj
+    from fastjukebox.cli_values import parse_sampler
     from fastjukebox.demo.excerpts import get_excerpt, read_manifest
     from fastjukebox.progress import progress_bar
     if args.quick:
@@ -188,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         excerpts = read_manifest() if args.excerpts == ["all"] else [get_excerpt(e) for e in args.excerpts]
         jb = fj.load(args.model, device=args.device)
         for s in args.samplers:
-            jb.resolve_sampling(jb.upsampler_levels, {"sampler": sampler_arg(s)})
-    except (ValueError, OSError) as e:
+            jb.resolve_sampling(jb.upsampler_levels, {"sampler": parse_sampler(s)})
+    except (ValueError, OSError, argparse.ArgumentTypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     runs = [(e, b, s) for _ in range(args.rounds) for e in excerpts for b in args.batch for s in args.samplers

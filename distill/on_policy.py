@@ -86,8 +86,9 @@ def on_policy_batch(student, prior, data: dict[str, torch.Tensor], batch_size: i
             stack = torch.stack(states)                                         # (passes + 1, R, n)
             k = keep[rows].clamp(max=stack.shape[0] - 2).to(dev)
             r = torch.arange(stack.shape[1], device=dev)
-            inputs[rows], final[rows] = stack[k, r], out
-            decided[rows] = (stack[k, r] == student.mask_id) & (stack[k + 1, r] != student.mask_id)
+            seen = stack[k, r]
+            inputs[rows], final[rows] = seen, out
+            decided[rows] = (seen == student.mask_id) & (stack[k + 1, r] != student.mask_id)
     finally:
         student.train(was_training)
     teacher_logp = torch.log_softmax(prior.logits(final, upper, labels).float(), dim=-1)

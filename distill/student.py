@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from fastjukebox.token_model import PositionEmbedding
 from fastjukebox.checkpoint import (CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, CheckpointError, check_state_dict,
-                                    read_config, read_weights)
+                                    read_config_and_extras, read_weights)
 from fastjukebox.config import PriorConfig
 from fastjukebox.prior import Conditioning, Prior, label_conditioner, upsampler_conditioner
 from fastjukebox.transformer import Transformer
@@ -108,6 +108,12 @@ STUDENT_KIND = "student"
 INPUT_LAYOUTS = ("tokens", "shifted")
 
 
+def check_input_layout(layout) -> str:
+    if layout not in INPUT_LAYOUTS:
+        raise ValueError(f"input_layout must be one of {', '.join(INPUT_LAYOUTS)}, got {layout!r}")
+    return layout
+
+
 class MaskedTokenModel(nn.Module):
     """Embeddings, bidirectional transformer and output head over ``l_bins`` codes + 1 mask id.
 
@@ -118,9 +124,7 @@ class MaskedTokenModel(nn.Module):
 
     def __init__(self, c: PriorConfig, input_layout: str = "tokens"):
         super().__init__()
-        if input_layout not in INPUT_LAYOUTS:
-            raise ValueError(f"input_layout must be one of {', '.join(INPUT_LAYOUTS)}, got {input_layout!r}")
-        self.input_layout = input_layout
+        self.input_layout = check_input_layout(input_layout)
         self.l_bins, self.width = c.l_bins, c.width
         self.x_emb = nn.Embedding(c.l_bins + 1, c.width)
         nn.init.normal_(self.x_emb.weight, std=0.02 * c.init_scale)
@@ -354,9 +358,8 @@ class ParallelStudent(nn.Module):
         if not (directory / CONFIG_NAME).is_file():
             raise CheckpointError(f"{directory}: not a student directory (no {CONFIG_NAME})")
         try:
-            config = read_config(directory, STUDENT_KIND, extra=("input_layout",))
-            with open(directory / CONFIG_NAME, encoding="utf-8") as f:
-                layout = json.load(f).get("input_layout", "tokens")
+            config, extras = read_config_and_extras(directory, STUDENT_KIND, extra=("input_layout",))
+            layout = check_input_layout(extras.get("input_layout", "tokens"))
         except (TypeError, ValueError) as e:
             if isinstance(e, CheckpointError):
                 raise

@@ -193,10 +193,15 @@ def load_prior(path, hps=None, *, dtype: torch.dtype | None = None,
     return load_component(path, "prior", hps, dtype=dtype, device=device)
 
 
-def read_config(directory: Path, kind: str, extra: tuple[str, ...] = ()):
+def read_config(directory: Path, kind: str):
     """The config in ``directory/config.json``, checked field by field: a ``CheckpointError`` names
-    the file and the field that is missing, unknown or of the wrong type. ``extra``: fields of the
-    component's own (not of its config class), left out here."""
+    the file and the field that is missing, unknown or of the wrong type."""
+    return read_config_and_extras(directory, kind)[0]
+
+
+def read_config_and_extras(directory: Path, kind: str, extra: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any]]:
+    """``read_config`` of a component whose ``config.json`` also holds fields of its own (not of its
+    config class): the config, and those of the ``extra`` fields the file has."""
     path = Path(directory) / CONFIG_NAME
     try:
         with open(path, encoding="utf-8") as f:
@@ -212,10 +217,9 @@ def read_config(directory: Path, kind: str, extra: tuple[str, ...] = ()):
     if d["kind"] != kind:
         raise CheckpointError(f"{directory} holds a {d['kind']!r} component, expected {kind!r}")
     d.pop("format", None)
-    for name in extra:
-        d.pop(name, None)
+    extras = {name: d.pop(name) for name in extra if name in d}
     try:
-        return (VQVAEConfig if kind == "vqvae" else PriorConfig).from_dict(d)
+        return (VQVAEConfig if kind == "vqvae" else PriorConfig).from_dict(d), extras
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: {e}") from None
 

@@ -21,13 +21,16 @@ class SampleResult:
     audio: (N, T) float in [-1, 1] decoded from the lowest level present; sr: its sample rate;
     settings: the sampling settings as used (``fastjukebox.settings.resolve_sampling``: every knob
     and the sampler per sampled level, each sampler option by name, the seed) and the labels;
-    level_seconds: wall time of each sampled level, in seconds."""
+    level_seconds: wall time of each sampled level, in seconds; labels: the label rows per level
+    the run started from (before the per-window adjustment, ``fastjukebox.labels.window_labels``),
+    for the levels whose prior has labels."""
 
     codes: list[torch.Tensor | None]
     audio: torch.Tensor
     sr: int
     settings: dict = field(default_factory=dict)
     level_seconds: dict[int, float] = field(default_factory=dict)
+    labels: dict[int, Labels] = field(default_factory=dict)
 
 
 def _per_sample(value, n: int, name: str) -> list:
@@ -70,10 +73,11 @@ def seconds_to_length(jb, seconds: float) -> int:
     return n
 
 
-def _finish(jb, codes, decode_level: int | None, settings: dict, level_seconds: dict | None = None) -> SampleResult:
+def _finish(jb, codes, decode_level: int | None, settings: dict, level_seconds: dict | None = None,
+            labels: dict | None = None) -> SampleResult:
     level = decode_level if decode_level is not None else min(l for l, z in enumerate(codes) if z is not None)
     audio = jb.vqvae.decode(codes[level], level).clamp(-1.0, 1.0)
-    return SampleResult(codes, audio, jb.sr, settings, dict(level_seconds or {}))
+    return SampleResult(codes, audio, jb.sr, settings, dict(level_seconds or {}), dict(labels or {}))
 
 
 def _uniform(per_level: Mapping):
@@ -113,4 +117,4 @@ def run(jb, *, codes, levels, labels_kw: dict, sample_length: int, sampler: Mapp
                        top_k=top_k, top_p=top_p, max_batch_size=max_batch_size, seed=seed, progress=progress,
                        window_samplers=window_samplers, sample_seeds=sample_seeds, level_seconds=level_seconds)
     settings.update(_label_record(labels_kw, total, jb.sr))
-    return _finish(jb, zs, min(levels), settings, level_seconds)
+    return _finish(jb, zs, min(levels), settings, level_seconds, labels)

@@ -53,6 +53,12 @@ def test_the_layout_is_saved_and_named(tmp_path):
     assert ParallelStudent.load(tmp_path / "t").prior.input_layout == "tokens"
     with pytest.raises(ValueError, match="input_layout must be one of"):
         ParallelStudent(_config(), "reversed")
+    import json
+    from fastjukebox.checkpoint import CheckpointError
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())
+    (tmp_path / "s" / "config.json").write_text(json.dumps({**cfg, "input_layout": "sideways"}))
+    with pytest.raises(CheckpointError, match=r"config.json: not a valid student config.*sideways"):
+        ParallelStudent.load(tmp_path / "s")
     with pytest.raises(ValueError, match="needs the code left of position 12"):
         loaded.prior.embed(torch.zeros(1, 28, dtype=torch.long), None, None, lo=12)
 

@@ -77,6 +77,9 @@ def test_an_upsample_reports_each_levels_sampling_time(tiny):
     result = tiny.upsample(top, seed=0, progress=False)
     assert set(result.level_seconds) == {1, 0}
     assert all(s > 0 for s in result.level_seconds.values())
+    # the label rows the run started from, for the levels whose prior has labels
+    assert set(result.labels) == {l for l in tiny.levels if tiny.prior(l).config.labels}
+    assert all(lab.y.shape[0] == 1 for lab in result.labels.values())
 
 
 def test_the_command_writes_a_table_per_sampler(tmp_path):
