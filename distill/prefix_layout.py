@@ -15,10 +15,11 @@ against them (``suffix_forward``). ``full_forward`` computes the same layout ove
 window in one call (training, and the reference the cache is tested against); with ``P = 0``
 it is the plain bidirectional transformer.
 
-The layers are the teacher's ``ResAttnBlock`` modules; only the attention pattern's key set is
-cut, through ``fastjukebox.attention.attend`` (``causal=False``): prefix queries run the
-pattern over the prefix alone, and the other queries run it over the whole window (their
-queries placed after zero queries at the prefix positions, whose outputs are dropped).
+Each layer is the teacher's residual block (``fastjukebox.block_forward``); only the attention
+pattern's key set is cut, through ``fastjukebox.attention.attend`` (``causal=False``): prefix
+queries run the pattern over the prefix alone, and the other queries run it over the whole
+window (their queries placed after zero queries at the prefix positions, whose outputs are
+dropped).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from fastjukebox.attention import attend
-from fastjukebox.transformer import ResAttnBlock, Transformer
+from fastjukebox.block_forward import BlockWeights, block_forward, layer_table
+from fastjukebox.transformer import Transformer
 
 __all__ = ["PrefixCache", "encode_prefix", "suffix_forward", "full_forward", "check_prefix_len"]
 
@@ -50,59 +52,72 @@ class PrefixCache:
         return self.keys[0].shape[1] if self.keys else 0
 
 
-def _attend_after_prefix(layer: ResAttnBlock, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Queries ``q`` at positions ``[P, T)`` against keys / values of the whole window ``[0, T)``
-    under the layer's bidirectional pattern."""
-    attn = layer.attn
+def _qkv(L: BlockWeights, h: torch.Tensor, N: int):
+    """Queries, keys and values ``[N, T, H, D]`` of the rows ``h: (N * T, W)``."""
+    return torch.addmm(L.b_qkv, h, L.w_qkv).view(N, -1, 3, L.heads, L.head_dim).unbind(2)
+
+
+def _attend(L: BlockWeights, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The layer's bidirectional pattern; queries at the last ``q.shape[1]`` positions of the keys'
+    window (placed after zero queries at the positions before them, whose outputs are dropped)."""
     P = k.shape[1] - q.shape[1]
     if P:
         q = torch.cat([q.new_zeros(q.shape[0], P, *q.shape[2:]), q], dim=1)
-    a = attend(q, k, v, attn.pattern, block_len=attn.block_len, causal=False, prime_len=attn.prime_len)
+    a = attend(q, k, v, L.pattern, block_len=L.block_len, causal=False, prime_len=L.prime_len)
     return a[:, P:]
 
 
-def _layer_prefix(layer: ResAttnBlock, x: torch.Tensor):
-    """A layer over the prefix alone: (output, k, v)."""
-    attn = layer.attn
-    q, k, v = attn.project_qkv(layer.ln_0(x))
-    a = attend(q, k, v, attn.pattern, block_len=attn.block_len, causal=False, prime_len=attn.prime_len)
-    return layer.residual(x, attn.project_out(a)), k, v
+class _LayoutAttention:
+    """``block_forward``'s attention under the layout, for rows of ``N`` samples:
+
+    * ``"prefix"``: the rows are the prefix, attending within it; their keys/values are kept
+      in ``keys`` / ``values`` (the cache ``encode_prefix`` returns);
+    * ``"suffix"``: the rows are positions ``[P, T)``, attending to ``cache``'s prefix keys and
+      to each other;
+    * ``"full"``: the rows are the whole window, split at ``prefix_len``."""
+
+    def __init__(self, N: int, mode: str, prefix_len: int = 0, cache: PrefixCache | None = None):
+        self.N, self.mode, self.P, self.cache = N, mode, prefix_len, cache
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def __call__(self, L: BlockWeights, h: torch.Tensor) -> torch.Tensor:
+        q, k, v = _qkv(L, h, self.N)
+        if self.mode == "prefix":
+            self.keys.append(k)
+            self.values.append(v)
+            a = _attend(L, q, k, v)
+        elif self.mode == "suffix":
+            kp, vp = self.cache.keys[L.index], self.cache.values[L.index]
+            a = _attend(L, q, torch.cat([kp, k], dim=1), torch.cat([vp, v], dim=1))
+        else:
+            P = self.P
+            a = torch.cat([_attend(L, q[:, :P], k[:, :P], v[:, :P]), _attend(L, q[:, P:], k, v)], dim=1)
+        return a.reshape(h.shape[0], L.n_state)
 
 
-def _layer_suffix(layer: ResAttnBlock, x: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor):
-    """A layer over positions ``[P, T)`` given the prefix's keys and values."""
-    attn = layer.attn
-    q, k, v = attn.project_qkv(layer.ln_0(x))
-    a = _attend_after_prefix(layer, q, torch.cat([k_prefix, k], dim=1), torch.cat([v_prefix, v], dim=1))
-    return layer.residual(x, attn.project_out(a))
-
-
-def _check_layers(transformer: Transformer) -> None:
-    for layer in transformer._attn_mods:
-        if layer.attn.pattern == "cross":
-            raise ValueError("the prefix layout has no cross-attention (students have no lyric encoder)")
+def _run(transformer: Transformer, x: torch.Tensor, attention: _LayoutAttention) -> torch.Tensor:
+    N, T, W = x.shape
+    layers = layer_table(transformer)
+    if any(L.pattern == "cross" for L in layers):
+        raise ValueError("the prefix layout has no cross-attention (students have no lyric encoder)")
+    x = x.reshape(N * T, W)
+    for L in layers:
+        x = block_forward(L, x, attention)
+    return x.view(N, T, W)
 
 
 def encode_prefix(transformer: Transformer, x_prefix: torch.Tensor) -> PrefixCache:
     """Run the prefix ``x_prefix [N, P, W]`` (its input embeddings) once; returns its cache."""
-    _check_layers(transformer)
-    keys, values = [], []
-    x = x_prefix
-    for layer in transformer._attn_mods:
-        x, k, v = _layer_prefix(layer, x)
-        keys.append(k)
-        values.append(v)
-    return PrefixCache(keys, values)
+    attention = _LayoutAttention(x_prefix.shape[0], "prefix")
+    _run(transformer, x_prefix, attention)
+    return PrefixCache(attention.keys, attention.values)
 
 
 def suffix_forward(transformer: Transformer, x_suffix: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
     """Hidden states ``[N, T - P, W]`` of positions ``[P, T)`` from their input embeddings and
     the prefix cache (``P = cache.prefix_len``)."""
-    _check_layers(transformer)
-    x = x_suffix
-    for layer, k, v in zip(transformer._attn_mods, cache.keys, cache.values):
-        x = _layer_suffix(layer, x, k, v)
-    return x
+    return _run(transformer, x_suffix, _LayoutAttention(x_suffix.shape[0], "suffix", cache=cache))
 
 
 def full_forward(transformer: Transformer, x: torch.Tensor, prefix_len: int) -> torch.Tensor:
@@ -110,13 +125,4 @@ def full_forward(transformer: Transformer, x: torch.Tensor, prefix_len: int) -> 
     ``prefix_len`` (0: the plain bidirectional transformer)."""
     if prefix_len == 0:
         return transformer(x, None, causal=False)
-    _check_layers(transformer)
-    P = prefix_len
-    for layer in transformer._attn_mods:
-        attn = layer.attn
-        q, k, v = attn.project_qkv(layer.ln_0(x))
-        a_prefix = attend(q[:, :P], k[:, :P], v[:, :P], attn.pattern, block_len=attn.block_len, causal=False,
-                          prime_len=attn.prime_len)
-        a_suffix = _attend_after_prefix(layer, q[:, P:], k, v)
-        x = layer.residual(x, attn.project_out(torch.cat([a_prefix, a_suffix], dim=1)))
-    return x
+    return _run(transformer, x, _LayoutAttention(x.shape[0], "full", prefix_len))

@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import torch
 
-from .chunk_step import ChunkStep
+from .cached_forward import CachedForward
 from .kv_cache import KVCache
 from .prior import Prior
 from .settings import DEFAULT_CHUNK_SIZE
-from .token_step import TokenStep
 
 
 class WindowDecoder:
@@ -40,8 +39,7 @@ class WindowDecoder:
         self.batch = batch
         self.dtype, self.device = dtype or w.dtype, device or w.device
         self._cache = KVCache(self.config, batch, self.dtype, self.device)
-        self._step = TokenStep(prior.prior)
-        self._chunk = ChunkStep(prior.prior)
+        self._forward = CachedForward(prior.prior)
         self._tokens = torch.zeros(batch, self.config.seq_len, dtype=torch.long, device=self.device)
         self._window_tokens = self._tokens[:0]    # the first n rows once a window begins
         self.n = 0
@@ -93,8 +91,8 @@ class WindowDecoder:
         if w.dtype != self.dtype:
             raise ValueError(f"the prior's weights are {w.dtype}, this decoder's cache {self.dtype}: build the "
                              f"WindowDecoder after converting the prior, in its dtype")
-        if self._step.stale():     # the prior was moved or converted in place since: re-read its weights
-            self._step, self._chunk = TokenStep(self.prior.prior), ChunkStep(self.prior.prior)
+        if self._forward.stale():     # the prior was moved or converted in place since: re-read its weights
+            self._forward = CachedForward(self.prior.prior)
         cond = self.prior.condition(upper, labels)
         first = next((t for t in (cond.start, cond.x_cond, cond.lyric_tokens) if t is not None), None)
         n = n if n is not None else (first.shape[0] if first is not None else self.batch)
@@ -119,7 +117,7 @@ class WindowDecoder:
         while self._pos < end:
             p = self._pos
             T = min(end - p, chunk_size, C - p % C)
-            tm.forward_cached(tm.inputs_at(tokens, p, T, cond.start, cond.x_cond), p, self._view)
+            self._forward(tm.inputs_at(tokens, p, T, cond.start, cond.x_cond), p, self._view)
             self._pos += T
 
     @torch.no_grad()
@@ -148,14 +146,14 @@ class WindowDecoder:
         if p >= self.config.seq_len:
             raise ValueError("the window is full")
         xc = None if cond.x_cond is None else cond.x_cond[:, p]
-        h = self._step(tm.input_one(self._window_tokens, p, cond.start, xc), p, self._view)
+        h = self._forward(tm.input_one(self._window_tokens, p, cond.start, xc), p, self._view)
         self._pos = p + 1
         return tm.head(h, xc)
 
     @torch.no_grad()
     def score(self, count: int) -> torch.Tensor:
         """Pre-temperature logits (N, count, bins) of the next ``count`` positions in one cached
-        forward (``fastjukebox.chunk_step``: as many tensor operations as one step). The input of position ``t`` is the id at ``t - 1`` in
+        forward (``fastjukebox.cached_forward``: as many tensor operations as one step). The input of position ``t`` is the id at ``t - 1`` in
         ``token_buffer``: the last pushed token, then whatever the caller wrote after it (proposals).
         Their keys enter the cache; the chunk must stay inside one block. ``rewind`` keeps a prefix."""
         p, C, cond, tm = self._pos, self.config.block_len, self._cond, self.prior.prior
@@ -165,7 +163,7 @@ class WindowDecoder:
             raise ValueError(f"cannot score {count} positions from {p}: a chunk stays inside one block of {C} "
                              f"and the window of {self.config.seq_len}")
         x_cond = None if cond.x_cond is None else cond.x_cond[:, p:p + count]
-        h = self._chunk(tm.inputs_at(self._window_tokens, p, count, cond.start, cond.x_cond), p, self._view)
+        h = self._forward(tm.inputs_at(self._window_tokens, p, count, cond.start, cond.x_cond), p, self._view)
         self._scored, self._pos = (p, p + count), p + count
         return tm.head(h, x_cond)
 

@@ -34,7 +34,8 @@ Flags.
 
 Weights are used in their loaded dtype (``fastjukebox.load(..., dtype=torch.bfloat16)`` converts
 them once); the only per-step casts are of activations (fp32 LayerNorm and attention statistics).
-LayerNorm parameters are copied to fp32 once, when the decoder is built.
+Each layer is ``block_forward.block_forward`` (LayerNorm parameters in fp32 for half weights, read
+once when the decoder is built).
 
 The sampler ``GraphWindowSampler`` (registered as ``"ar-graph"`` in ``fastjukebox.generate``) has
 ``ARWindowSampler``'s call signature and draws the same tokens from the same generator.
@@ -45,14 +46,14 @@ import os
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from kernels.decode_attention.masked import MASKED_PATTERNS, decode_attention_masked
 from kernels.sampling.reference import exponential_noise_, sampling_probs
 
 from . import attention as _attention
 from .decoding import WindowDecoder
-from .layers import quick_gelu
+from .block_forward import BlockWeights, block_forward, layer_table
+from .kv_cache import slot_index
 from .prior import Prior
 from .sample_seeds import SampleGenerators, fill_rows
 from .sampling import sample_logits
@@ -139,8 +140,7 @@ class StaticStepDecoder:
         self._ids = torch.zeros(B, dtype=torch.long, device=self.device)
         self._noise = torch.ones(B, c.bins, **f32)
         self._x_cond: torch.Tensor | None = None          # (B, seq_len, W), with the first window that has one
-        self._layers = [(layer, layer.attn.pattern, self._norm_params(layer.ln_0), self._norm_params(layer.ln_1))
-                        for layer in self.tm.transformer._attn_mods]
+        self._layers = layer_table(self.tm.transformer)
         self._attend, self._fused_sample = decode_attention_masked, None
         if self.backend == "triton":
             attn, attn_ok, sample_fused, sample_ok = _triton_ops()
@@ -150,27 +150,17 @@ class StaticStepDecoder:
             if sample_ok(self._logits[:1]):
                 self._fused_sample = sample_fused
         self._views: dict[int, list] = {}
+        self._step_views: list = []
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._pool = None
         self.n, self._has_cond, self._knobs, self._generator = 0, False, (1.0, 0, 0.0), None
 
     # --- set-up ---------------------------------------------------------------------------
-    def _norm_params(self, ln):
-        """LayerNorm parameters in the dtype the step normalises in (fp32 for half weights), once."""
-        half = self.dtype in (torch.float16, torch.bfloat16)
-        w, b = ln.weight.detach(), ln.bias.detach()
-        return (w.float(), b.float(), ln.eps, ln.normalized_shape, True) if half else (w, b, ln.eps,
-                                                                                        ln.normalized_shape, False)
-
     def _cache_views(self, n: int) -> list:
-        """Per layer (k, v, k slots, v slots): the cache of ``n`` samples and its flat slot views."""
+        """Per layer (k, v, kv slots): the cache of ``n`` samples and its flat slot view ``[n, slots, 2, H, D]``."""
         if n not in self._views:
             cache = self.decoder.cache if n == self.decoder.batch else self.decoder.cache.narrow(n)
-            views = []
-            for k, v in zip(cache.k, cache.v):
-                H, D = k.shape[-2:]
-                views.append((k, v, k.view(n, -1, H, D), v.view(n, -1, H, D)))
-            self._views[n] = views
+            self._views[n] = [(k, v, kv.view(n, -1, *kv.shape[-3:])) for k, v, kv in zip(cache.k, cache.v, cache.kv)]
         return self._views[n]
 
     def bind(self, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
@@ -220,51 +210,24 @@ class StaticStepDecoder:
         return self._ids[: self.n]
 
     # --- the step -------------------------------------------------------------------------
-    def _norm(self, x: torch.Tensor, params) -> torch.Tensor:
-        w, b, eps, shape, half = params
-        if half:
-            return F.layer_norm(x.float(), shape, w, b, eps).to(x.dtype)
-        return F.layer_norm(x, shape, w, b, eps)
-
-    def _slots(self, pos: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(1,) slot of ``pos`` in the flat cache view of each layout."""
-        c = self.config
-        C, nb = c.block_len, c.seq_len // c.block_len
-        s, b = pos % C, torch.div(pos, C, rounding_mode="floor")
-        slots = {"block": s, "prev_block": (b % 2) * C + s, "transpose": s * nb + b, "dense": pos}
-        if c.prime_len:
-            slots["prime"] = torch.clamp(pos, max=c.prime_len - 1)
-        return {k: v.reshape(1) for k, v in slots.items()}
-
-    def _write(self, pattern: str, kf: torch.Tensor, vf: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               slots: dict) -> None:
-        """Keys/values [n, 1, H, D] of ``pos`` into a layer's flat cache [n, slots, H, D]."""
-        idx = slots[pattern]
-        if pattern == "prime":    # only positions below prime_len are kept: else rewrite the old value
-            inside = self.pos < self.config.prime_len
-            k = torch.where(inside, k, kf.index_select(1, idx))
-            v = torch.where(inside, v, vf.index_select(1, idx))
-        kf.index_copy_(1, idx, k)
-        vf.index_copy_(1, idx, v)
-
-    def _layer(self, x, layer, pattern, ln0, ln1, views, slots):
-        """``ResAttnBlock.decode`` for one query per sample at the device position."""
-        attn, mlp = layer.attn, layer.mlp
-        kc, vc, kf, vf = views
-        h = self._norm(x, ln0)                                            # [n, 1, W]
-        if pattern == "cross":
-            q = attn._heads(attn.c_attn.forward(h))
-        else:
-            q, k, v = attn.c_attn.forward(h).chunk(3, dim=-1)
-            q, k, v = attn._heads(q), attn._heads(k), attn._heads(v)     # [n, 1, H, D]
-            self._write(pattern, kf, vf, k, v, slots)
-        a = self._attend(q, kc, vc, pattern, self.pos, attn.block_len, attn.prime_len)
-        a = attn.c_proj.forward(a.reshape(*a.shape[:2], attn.n_state))
-        xa = x + a
-        m = mlp.c_proj.forward(quick_gelu(mlp.c_fc.forward(self._norm(xa, ln1))))
-        if layer.res_scale == 1.0:
-            return xa + m
-        return x + layer.res_scale * (a + m)
+    def _attend_layer(self, L: BlockWeights, h: torch.Tensor) -> torch.Tensor:
+        """Attention of one query per sample at the device position (``block_forward``'s attention):
+        its key/value into the layer's slot (``kv_cache.slot_index`` on the device), then
+        ``decode_attention_masked`` (or the Triton kernel) over the whole static cache."""
+        n, pos = h.shape[0], self.pos
+        kc, vc, kvf = self._step_views[L.index]
+        q = torch.addmm(L.b_q, h, L.w_q).view(n, 1, L.heads, L.head_dim)
+        if L.pattern != "cross":
+            kv = torch.addmm(L.b_kv, h, L.w_kv).view(n, 1, 2, L.heads, L.head_dim)
+            c = self.config
+            if L.pattern == "prime":   # only positions below prime_len are kept: else rewrite the old value
+                idx = torch.clamp(pos, max=c.prime_len - 1).reshape(1)
+                kv = torch.where(pos < c.prime_len, kv, kvf.index_select(1, idx))
+            else:
+                idx = slot_index(L.pattern, pos, c.block_len, c.seq_len // c.block_len).reshape(1)
+            kvf.index_copy_(1, idx, kv)
+        a = self._attend(q, kc, vc, L.pattern, pos, L.block_len, L.prime_len)
+        return a.reshape(n, L.n_state)
 
     def _sample(self, logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """(n, bins) logits and Exp(1) noise -> (n,) ids, as ``sampling.sample_logits`` draws."""
@@ -282,16 +245,16 @@ class StaticStepDecoder:
         tm, pos, n = self.tm, self.pos, self.n
         p1 = pos.reshape(1)
         tokens = self.decoder.token_buffer                                # (n, seq_len)
-        x = tm.x_emb(tokens.index_select(1, p1 - 1))                      # (n, 1, W)
+        x = tm.x_emb(tokens.index_select(1, p1 - 1).view(n))               # (n, W)
         x = x + tm.pos_emb.pos_emb.index_select(0, p1)
         xc = None
         if self._has_cond:
-            xc = self._x_cond[:n].index_select(1, p1)                     # (n, 1, W)
+            xc = self._x_cond[:n].index_select(1, p1).view(n, -1)           # (n, W)
             x = x + xc
-        slots, views = self._slots(pos), self._cache_views(n)
-        for (layer, pattern, ln0, ln1), view in zip(self._layers, views):
-            x = self._layer(x, layer, pattern, ln0, ln1, view, slots)
-        logits = tm.head(x, xc)[:, 0]                                     # (n, bins)
+        self._step_views = self._cache_views(n)
+        for L in self._layers:
+            x = block_forward(L, x, self._attend_layer)
+        logits = tm.head(x, xc)                                           # (n, bins)
         ids = self._sample(logits, self._noise[:n])
         tokens.index_copy_(1, p1, ids.view(n, 1))
         self._logits[:n].copy_(logits)

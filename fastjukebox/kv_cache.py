@@ -1,6 +1,8 @@
 """Static key/value caches for cached decoding (filled in by the sampler)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .attention import layer_patterns
@@ -24,13 +26,31 @@ def cache_bytes_per_sample(config: PriorConfig, dtype: torch.dtype) -> int:
     return 2 * slots * config.n_state * item
 
 
+def slot_index(pattern: str, pos, block_len: int, blocks: int):
+    """Index of position ``pos``'s key/value among a layer's slots, flattened in the layout's
+    order (``block``: ``[C]``, ``prev_block``: ``[2, C]``, ``transpose``: ``[C, blocks]``, ``dense``
+    and ``prime``: ``[L]``). ``pos`` is an int or a long tensor on the device (the arithmetic is the
+    same); prime layers keep only positions below ``prime_len``, which the caller checks."""
+    b, s = pos // block_len, pos % block_len
+    if pattern == "block":
+        return s
+    if pattern == "prev_block":
+        return (b % 2) * block_len + s
+    if pattern == "transpose":
+        return s * blocks + b
+    if pattern in ("dense", "prime"):
+        return pos
+    raise ValueError(f"{pattern!r} layers keep no per-position slot")
+
+
 class KVCache:
     """Per-layer key/value buffers of one prior for a batch, allocated once and reused across
     windows. Layouts are those of ``kernels.decode_attention`` (transpose layers store
     ``[N, C, blocks, H, D]`` so one step reads a contiguous column).
 
     A layer's keys and values share one buffer ``kv[layer]: [N, *slots, 2, H, D]``; ``k[layer]``
-    and ``v[layer]`` are its two halves (strided views). A position's key and value are then
+    and ``v[layer]`` are its two halves (strided views), ``flat[layer]: [N, slots, 2 H D]`` its
+    slots in ``slot_index`` order. A position's key and value are then
     adjacent, so the one-token step writes both with a single ``addmm`` into ``slot(layer, pos)``."""
 
     def __init__(self, config: PriorConfig, batch: int, dtype: torch.dtype, device: torch.device | str):
@@ -40,12 +60,13 @@ class KVCache:
         nb = config.seq_len // C
         shapes = {"block": (C,), "prev_block": (2, C), "transpose": (C, nb), "dense": (config.seq_len,),
                   "prime": (config.prime_len or 0,), "cross": (config.encoder_len,)}
-        self.kv, self.k, self.v = [], [], []
+        self.kv, self.k, self.v, self.flat = [], [], [], []
         for p in self.patterns:
             if p not in shapes:
                 raise ValueError(f"cached decoding does not support {p!r} attention layers")
             kv = torch.zeros((batch, *shapes[p], 2, H, D), dtype=dtype, device=device)
             self.kv.append(kv)
+            self.flat.append(kv.view(batch, math.prod(shapes[p]), 2 * H * D))
             self.k.append(kv.select(-3, 0))
             self.v.append(kv.select(-3, 1))
 
@@ -56,6 +77,7 @@ class KVCache:
         view = object.__new__(KVCache)
         view.config, view.batch, view.patterns = self.config, n, self.patterns
         view.kv = [kv[:n] for kv in self.kv]
+        view.flat = [f[:n] for f in self.flat]
         view.k = [k[:n] for k in self.k]
         view.v = [v[:n] for v in self.v]
         return view
@@ -68,13 +90,7 @@ class KVCache:
         p, C = self.patterns[layer], self.config.block_len
         T, b, s0 = k.shape[1], pos // C, pos % C
         kc, vc = self.k[layer], self.v[layer]
-        if T == 1:                      # one position (priming at a block edge): its slot
-            slot = self.slot(layer, pos)
-            if slot is not None:
-                pair = slot.view(k.shape[0], 2, *k.shape[2:])
-                pair[:, 0].copy_(k[:, 0])
-                pair[:, 1].copy_(v[:, 0])
-        elif p == "block":
+        if p == "block":
             kc[:, s0:s0 + T], vc[:, s0:s0 + T] = k, v
         elif p == "prev_block":
             kc[:, b % 2, s0:s0 + T], vc[:, b % 2, s0:s0 + T] = k, v
@@ -87,22 +103,28 @@ class KVCache:
             if end > pos:
                 kc[:, pos:end], vc[:, pos:end] = k[:, : end - pos], v[:, : end - pos]
 
+    def write_projected(self, layer: int, pos: int, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> None:
+        """Store the keys/values ``addmm(b, h, w)`` (key columns, then value columns) of the rows
+        ``h: (N * T, W)`` at positions ``[pos, pos + T)``. One position is projected straight into
+        its slot; several are projected, then stored with ``write``."""
+        N = self.kv[layer].shape[0]
+        if h.shape[0] == N:
+            slot = self.slot(layer, pos)
+            if slot is not None:
+                torch.addmm(b, h, w, out=slot)
+            return
+        H, D = self.config.heads, self.config.head_dim
+        kv = torch.addmm(b, h, w).view(N, -1, 2, H, D)
+        self.write(layer, kv[:, :, 0], kv[:, :, 1], pos)
+
     def slot(self, layer: int, pos: int) -> torch.Tensor | None:
         """The key and value of position ``pos`` as one ``[N, 2 * H * D]`` view (key first), or None
         where the layer keeps no key for it (prime layers past the lyrics, cross layers)."""
-        p, kv = self.patterns[layer], self.kv[layer]
-        b, s0 = divmod(pos, self.config.block_len)
-        if p == "block":
-            kv = kv[:, s0]
-        elif p == "transpose":
-            kv = kv[:, s0, b]
-        elif p == "prev_block":
-            kv = kv[:, b % 2, s0]
-        elif p == "dense" or (p == "prime" and pos < kv.shape[1]):
-            kv = kv[:, pos]
-        else:
+        p, flat = self.patterns[layer], self.flat[layer]
+        if p == "cross" or (p == "prime" and pos >= flat.shape[1]):
             return None
-        return kv.view(kv.shape[0], -1)
+        C = self.config.block_len
+        return flat[:, slot_index(p, pos, C, self.config.seq_len // C)]
 
     def set_cross(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keys/values ``[N, S, H, D]`` of a cross-attention layer, once per window."""

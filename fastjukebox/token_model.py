@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .block_forward import BlockWeights, encoder_keys
 from .transformer import Transformer
 
 
@@ -110,12 +111,4 @@ class TokenTransformer(nn.Module):
         """Project the lyric encoder's states once per window into the cross layers' cache."""
         for i, layer in enumerate(self.transformer._attn_mods):
             if layer.attn.pattern == "cross":
-                k, v = layer.attn.c_enc_kv(encoder_kv.to(self.x_emb.weight.dtype)).chunk(2, dim=-1)
-                cache.set_cross(i, layer.attn._heads(k), layer.attn._heads(v))
-
-    def forward_cached(self, x: torch.Tensor, pos: int, cache) -> torch.Tensor:
-        """Inputs ``x: (N, T, W)`` at positions ``[pos, pos + T)`` inside one block: write their
-        keys/values to ``cache`` and return the final activations (N, T, W)."""
-        for i, layer in enumerate(self.transformer._attn_mods):
-            x = layer.decode(x, cache, i, pos)
-        return x
+                cache.set_cross(i, *encoder_keys(BlockWeights(layer), encoder_kv.to(self.x_emb.weight.dtype)))

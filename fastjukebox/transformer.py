@@ -8,16 +8,16 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .attention import attend, attend_cached, layer_patterns
-from .layers import Conv1D, LayerNorm, quick_gelu
+from .attention import attend, layer_patterns
+from .block_forward import BlockWeights, block_forward, encoder_keys
+from .layers import Conv1D, LayerNorm
 
 
 class FactoredAttention(nn.Module):
-    """Multi-head attention of one factored pattern.
-
-    ``project_qkv`` / ``project_out`` are public so a sampler can run the projections and keep
-    its own key/value cache while the pattern logic stays in ``attend``.
-    """
+    """The parameters of one factored-attention layer: the input projection ``c_attn`` (queries,
+    keys and values; the query alone for ``cross`` layers, whose keys/values come from the lyric
+    encoder through ``c_enc_kv``) and the output projection ``c_proj``. The arithmetic is
+    ``fastjukebox.block_forward``."""
 
     def __init__(self, width: int, n_state: int, heads: int, pattern: str, block_len: int,
                  prime_len: int | None = None, init_scale: float = 1.0):
@@ -31,28 +31,6 @@ class FactoredAttention(nn.Module):
             self.c_attn = Conv1D(width, 3 * n_state, init_scale)
         self.c_proj = Conv1D(n_state, width, init_scale)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(*x.shape[:-1], self.heads, self.head_dim)  # [B, T, H, D]
-
-    def project_qkv(self, x: torch.Tensor, encoder_kv: torch.Tensor | None = None):
-        """x: [B, T, W] -> q, k, v: [B, T, H, D] (k, v over the encoder for ``cross``)."""
-        if self.pattern == "cross":
-            if encoder_kv is None:
-                raise ValueError("a cross-attention layer needs the lyric encoder's output")
-            k, v = self.c_enc_kv(encoder_kv.to(x.dtype)).chunk(2, dim=-1)
-            return self._heads(self.c_attn(x)), self._heads(k), self._heads(v)
-        q, k, v = self.c_attn(x).chunk(3, dim=-1)
-        return self._heads(q), self._heads(k), self._heads(v)
-
-    def project_out(self, a: torch.Tensor) -> torch.Tensor:
-        """a: [B, T, H, D] -> [B, T, W]."""
-        return self.c_proj(a.reshape(*a.shape[:2], self.n_state))
-
-    def forward(self, x: torch.Tensor, encoder_kv: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
-        q, k, v = self.project_qkv(x, encoder_kv)
-        a = attend(q, k, v, self.pattern, block_len=self.block_len, causal=causal, prime_len=self.prime_len)
-        return self.project_out(a)
-
 
 class MLP(nn.Module):
     def __init__(self, width: int, hidden: int, init_scale: float = 1.0):
@@ -60,8 +38,28 @@ class MLP(nn.Module):
         self.c_fc = Conv1D(width, hidden, init_scale)
         self.c_proj = Conv1D(hidden, width, init_scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(quick_gelu(self.c_fc(x)))
+
+class TeacherForced:
+    """Attention of a whole given sequence ``(N, T)`` (training, scoring, the reference of every
+    cached path): queries, keys and values from the same rows, ``cross`` layers' keys from the
+    lyric encoder, through ``attention.attend`` (``causal=False``: bidirectional)."""
+
+    __slots__ = ("N", "T", "encoder_kv", "causal")
+
+    def __init__(self, N: int, T: int, encoder_kv: torch.Tensor | None = None, causal: bool = True):
+        self.N, self.T, self.encoder_kv, self.causal = N, T, encoder_kv, causal
+
+    def __call__(self, L: BlockWeights, h: torch.Tensor) -> torch.Tensor:
+        N, T, H, D = self.N, self.T, L.heads, L.head_dim
+        if L.pattern == "cross":
+            if self.encoder_kv is None:
+                raise ValueError("a cross-attention layer needs the lyric encoder's output")
+            q = torch.addmm(L.b_qkv, h, L.w_qkv).view(N, T, H, D)
+            k, v = encoder_keys(L, self.encoder_kv.to(h.dtype))
+        else:
+            q, k, v = torch.addmm(L.b_qkv, h, L.w_qkv).view(N, T, 3, H, D).unbind(2)
+        a = attend(q, k, v, L.pattern, block_len=L.block_len, causal=self.causal, prime_len=L.prime_len)
+        return a.reshape(N * T, L.n_state)
 
 
 class ResAttnBlock(nn.Module):
@@ -77,37 +75,10 @@ class ResAttnBlock(nn.Module):
         self.ln_1 = LayerNorm(width)
         self.res_scale = res_scale
 
-    def residual(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """The block's output given its attention output ``a`` (shared with cached decoding)."""
-        m = self.mlp(self.ln_1(x + a))
-        if self.res_scale == 1.0:
-            return x + a + m
-        return x + self.res_scale * (a + m)
-
     def forward(self, x: torch.Tensor, encoder_kv: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
-        return self.residual(x, self.attn(self.ln_0(x), encoder_kv, causal))
-
-    def decode(self, x: torch.Tensor, cache, index: int, pos: int) -> torch.Tensor:
-        """Cached decoding: inputs ``x: [N, T, W]`` at positions ``[pos, pos + T)`` inside one
-        block; their keys/values go into layer ``index`` of ``cache`` (a ``KVCache``).
-
-        The same arithmetic as ``forward``; submodules' ``forward`` is called directly because
-        a step is small enough for module-call overhead to be a sizeable part of it."""
-        attn, mlp = self.attn, self.mlp
-        h = self.ln_0.forward(x)
-        if attn.pattern == "cross":
-            q = attn._heads(attn.c_attn.forward(h))
-        else:
-            q, k, v = attn.c_attn.forward(h).chunk(3, dim=-1)
-            q, k, v = attn._heads(q), attn._heads(k), attn._heads(v)
-            cache.write(index, k, v, pos)
-        a = attend_cached(q, cache.k[index], cache.v[index], attn.pattern, pos, attn.block_len, attn.prime_len)
-        a = attn.c_proj.forward(a.reshape(*a.shape[:2], attn.n_state))
-        xa = x + a
-        m = mlp.c_proj.forward(quick_gelu(mlp.c_fc.forward(self.ln_1.forward(xa))))
-        if self.res_scale == 1.0:
-            return xa + m
-        return x + self.res_scale * (a + m)
+        N, T, W = x.shape
+        y = block_forward(BlockWeights(self), x.reshape(N * T, W), TeacherForced(N, T, encoder_kv, causal))
+        return y.view(N, T, W)
 
 
 class Transformer(nn.Module):
@@ -126,6 +97,9 @@ class Transformer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, encoder_kv: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
+        N, T, W = x.shape
+        attention = TeacherForced(N, T, encoder_kv, causal)
+        x = x.reshape(N * T, W)
         for layer in self._attn_mods:
-            x = layer(x, encoder_kv, causal)
-        return x
+            x = block_forward(BlockWeights(layer), x, attention)
+        return x.view(N, T, W)

@@ -271,7 +271,7 @@ def test_cli_sampler_speculative(family, tmp_path):
                                         ("tiny_prior_5b_lyrics", None), ("tiny_prior_1b_lyrics", None),
                                         ("random", (0, 2)), ("random", (9, 4)), ("random", (2, 6))])
 def test_chunked_scoring_equals_one_token_steps(name, order):
-    """``score`` (``fastjukebox.chunk_step``) gives the logits of one-token steps, every pattern, every
+    """``score`` (``fastjukebox.cached_forward``) gives the logits of one-token steps, every pattern, every
     chunk length inside a block, float64 to 1e-10."""
     if name == "random":
         torch.manual_seed(0)
