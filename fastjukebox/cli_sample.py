@@ -185,11 +185,7 @@ def cmd_upsample(args) -> int:
                          "demo:<excerpt>)")
     if args.seconds is not None:
         raise ValueError("--seconds goes with --from-audio; with --codes the codes file sets the length")
-    codes, stored = read_codes(args.codes)
-    check_outputs(args, sample_count(codes))
-    labels = label_settings(args, stored)
-    procs = current()
-    seed = _agreed_seed(args, procs)
+    codes, labels, procs, seed = _from_codes_file(args)
 
     def body(rows):
         jb = _load_model(args, procs)
@@ -211,14 +207,20 @@ def cmd_upsample(args) -> int:
     return run_share(args, procs, sample_count(codes), body)
 
 
-def cmd_continue(args) -> int:
-    _check_model_options(args)
-    check_plot(args)
+def _from_codes_file(args):
+    """A run that starts from ``--codes``: the codes, the labels (stored ones unless given), this
+    process's share and the seed all processes agreed on; outputs checked before any work."""
     codes, stored = read_codes(args.codes)
     check_outputs(args, sample_count(codes))
     labels = label_settings(args, stored)
     procs = current()
-    seed = _agreed_seed(args, procs)
+    return codes, labels, procs, _agreed_seed(args, procs)
+
+
+def cmd_continue(args) -> int:
+    _check_model_options(args)
+    check_plot(args)
+    codes, labels, procs, seed = _from_codes_file(args)
 
     def body(rows):
         jb = _load_model(args, procs)
