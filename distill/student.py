@@ -55,6 +55,7 @@ TEACHERS = {"middle": 1, "bottom": 0}   # the upsamplers a student distils, by n
 ORDERS = ("confidence", "spread", "random")    # ways a sampler pass picks the positions it makes final
 
 SAMPLING_NAME = "sampling.json"
+DEFAULT_PASSES = 4     # decoding passes per window of a student trained or sampled without a setting
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class StudentSampling:
 
     confidence_noise: float = 16.0
     temperature_anneal: bool = False
-    passes: int = 16
+    passes: int = DEFAULT_PASSES
     prefix_cache: bool = False
     temperature_scale: float = 1.0
     order: str = "confidence"

@@ -38,7 +38,7 @@ import torch
 from .data import sample_windows
 from .metrics import code_histogram, codebook_usage, histogram_tv, teacher_scores
 from .sampler import ParallelWindowSampler
-from .student import TEACHERS, StudentSampling
+from .student import DEFAULT_PASSES, TEACHERS, StudentSampling
 
 __all__ = ["choose_sampling", "choose_passes", "teacher_reference", "shard_windows", "sampling_grid",
            "NOISE_GRID", "TEMPERATURE_GRID", "PASSES_GRID", "TRAIN_GRID"]
@@ -95,7 +95,7 @@ def shard_windows(data: dict, n: int, seed: int) -> tuple[torch.Tensor, torch.Te
 
 @torch.no_grad()
 def choose_sampling(prior, student, teacher_codes: torch.Tensor, upper: torch.Tensor,
-                    labels: torch.Tensor | None, *, passes: int = 16, grid=None,
+                    labels: torch.Tensor | None, *, passes: int = DEFAULT_PASSES, grid=None,
                     temperature: float = 1.0, batch_size: int = BATCH_SIZE, seed: int = 0,
                     known: int = 0, reference: tuple | None = None) -> tuple[dict, dict]:
     """Returns ``(setting, report)``: ``setting`` holds ``order``, ``confidence_noise`` and
