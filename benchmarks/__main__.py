@@ -13,6 +13,8 @@
                     windows, batch 1 and 16 (``benchmarks.student_speed``)
 ``student-diagnosis`` why a student falls short of its teacher: unmasking orders and pass counts
                     on held-out hopped windows (``benchmarks.student_diagnosis``)
+``prefix-source``   whether a student's end-to-end gap comes from its own prefixes: per window,
+                    its fill after the teacher's prefix and after its own (``benchmarks.prefix_source``)
 ``gpu``             all GPU work in one call: kernel correctness, the CUDA-graph decode check,
                     attention and decode timings, within ``--budget-s`` (``benchmarks.gpu``)
 ``compile-check``   every kernel variant compiled ahead of time for sm_90 / sm_80, no GPU needed:
@@ -36,6 +38,7 @@ COMMANDS = {
     "speculative": "benchmarks.speculative",
     "students": "benchmarks.student_speed",
     "student-diagnosis": "benchmarks.student_diagnosis",
+    "prefix-source": "benchmarks.prefix_source",
     "gpu": "benchmarks.gpu.__main__",
     "compile-check": "kernels.compile_check",
 }
