@@ -17,24 +17,17 @@ from __future__ import annotations
 
 import torch
 
-from kernels.sampling.reference import exponential_noise_, sampling_probs
+from kernels.sampling.reference import categorical_draw, sampling_probs
 
 from .student import ParallelStudent
 
-__all__ = ["proposal_probs", "draw", "span_bounds", "StudentDraft"]
+__all__ = ["proposal_probs", "span_bounds", "StudentDraft"]
 
 
 def proposal_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
     """The distribution the autoregressive sampler draws from for these logits (``(..., V)`` ->
     fp32 ``(..., V)``); temperature 0 puts all mass on the (filtered) argmax."""
     return sampling_probs(logits, temperature, top_k, top_p)
-
-
-def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One categorical draw per row of ``probs`` (``(..., V)``, need not sum to 1) -> ids ``(...)``:
-    ``argmax(probs / E)``, ``E ~ Exp(1)``, as ``fastjukebox.sampling.sample_logits`` draws."""
-    e = exponential_noise_(torch.empty(probs.shape, dtype=torch.float32, device=probs.device), generator)
-    return (probs / e).argmax(dim=-1)
 
 
 def span_bounds(lo: int, hi: int, passes: int) -> list[tuple[int, int]]:
@@ -82,7 +75,7 @@ class StudentDraft:
         for a, e in span_bounds(lo, hi, self.passes):
             logits = self.student.logits_unchecked(student_in, self._cond, a, e)          # (N, e - a, V)
             probs = proposal_probs(logits, temperature, top_k, top_p)
-            ids = torch.where(known[:, a:e], student_in[:, a:e], draw(probs, generator))
+            ids = torch.where(known[:, a:e], student_in[:, a:e], categorical_draw(probs, generator))
             student_in[:, a:e] = ids
             tokens[:, a:e] = ids
             q[:, a:e] = probs

@@ -26,8 +26,8 @@ from typing import Callable
 import torch
 
 from fastjukebox.sample_seeds import SampleGenerators, fill_rows
-from fastjukebox.sampling import filter_logits
 from fastjukebox.settings import check_knob
+from kernels.sampling.reference import categorical_draw, exponential_noise_, filter_logits
 
 from .schedules import masks_per_pass, pass_temperature, spread_order
 from .student import ORDERS, ParallelStudent
@@ -45,9 +45,7 @@ def draw_codes(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     """
     if temperature > 0:
         logp = torch.log_softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
-        # argmax(p / E), E ~ Exp(1): an exact categorical draw without a host round trip
-        e = fill_rows(torch.empty_like(logp), generator, lambda t, g: t.exponential_(1.0, generator=g))
-        ids = (logp - e.log()).argmax(dim=-1)
+        ids = categorical_draw(logp.exp(), noise=fill_rows(torch.empty_like(logp), generator, exponential_noise_))
     else:
         logp = torch.log_softmax(filter_logits(logits, top_k, top_p), dim=-1)
         ids = logp.argmax(dim=-1)
@@ -206,7 +204,7 @@ class ParallelWindowSampler:
                 logits = student.logits_unchecked(tokens, cond, cache=cache, positions=masked)  # (N, remaining, V)
                 ids, conf = draw_codes(logits, t, top_k, top_p, generator)                         # (N, remaining) each
                 if self.confidence_noise:
-                    e = fill_rows(torch.empty_like(conf), generator, lambda t, g: t.exponential_(1.0, generator=g))
+                    e = fill_rows(torch.empty_like(conf), generator, exponential_noise_)
                     conf = conf - self.confidence_noise * (1.0 - i / passes) * e.log()   # + scaled Gumbel(0, 1)
                 if still:
                     stay = torch.topk(conf, still, dim=1, largest=False).indices      # least confident stay masked

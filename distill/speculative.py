@@ -36,7 +36,7 @@ from fastjukebox.decoding import WindowDecoder
 from fastjukebox.prior import Prior
 from fastjukebox.settings import DEFAULT_CHUNK_SIZE
 
-from kernels.sampling.reference import exponential_noise_
+from kernels.sampling.reference import categorical_draw, exponential_noise_
 
 from .draft import StudentDraft, proposal_probs
 from .sampler import check_window_call
@@ -203,7 +203,7 @@ class SpeculativeWindowSampler:
                 kept = run.index(False) if False in run else T
                 if kept < T:              # the first rejection: draw its position from the residual
                     at = pos + kept
-                    tokens[0, at] = (residual(p[0, kept], q[0, at]) / noise[0, at]).argmax()
+                    tokens[0, at] = categorical_draw(residual(p[0, kept], q[0, at]), noise=noise[0, at])
                 n_acc, n_ver = kept, kept + (kept < T)
                 accepted += n_acc
                 verified += n_ver
@@ -216,7 +216,7 @@ class SpeculativeWindowSampler:
                 kept = ok.long().cumprod(dim=1).sum(dim=1)           # (N,) decided run from pos
                 rejected = kept < T
                 at = pos + kept.clamp(max=T - 1)                      # first rejected position
-                fix = (residual(p[rows, at - pos], q[rows, at]) / noise[rows, at]).argmax(dim=-1)
+                fix = categorical_draw(residual(p[rows, at - pos], q[rows, at]), noise=noise[rows, at])
                 tokens[rows, at] = torch.where(rejected, fix, tokens[rows, at])
                 decided = kept + rejected
                 n_acc, n_ver = (kept - ahead).sum(), (decided - ahead).sum()

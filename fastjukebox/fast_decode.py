@@ -48,7 +48,7 @@ from typing import Callable
 import torch
 
 from kernels.decode_attention.masked import MASKED_PATTERNS, decode_attention_masked
-from kernels.sampling.reference import exponential_noise_, sampling_probs
+from kernels.sampling.reference import exponential_noise_, sample_logits_reference
 
 from . import attention as _attention
 from .decoding import WindowDecoder
@@ -234,7 +234,7 @@ class StaticStepDecoder:
         t, k, p = self._knobs
         if self._fused_sample is not None and t != 0:
             return self._fused_sample(logits, t, k, p, noise=noise)
-        return (sampling_probs(logits, t, k, p) / noise).argmax(dim=-1)
+        return sample_logits_reference(logits, t, k, p, noise=noise)
 
     def _draw_noise(self) -> None:
         fill_rows(self._noise[: self.n], self._generator, exponential_noise_)   # per sample, if given

@@ -4,6 +4,7 @@
 (import ``kernels.sampling.ops``; needs Triton) launches the one-program-per-row kernel of
 ``kernel.py``.
 """
-from .reference import exponential_noise, exponential_noise_, filter_logits, sample_logits_reference
+from .reference import (categorical_draw, exponential_noise, exponential_noise_, filter_logits,
+                        sample_logits_reference)
 
-__all__ = ["exponential_noise", "exponential_noise_", "filter_logits", "sample_logits_reference"]
+__all__ = ["categorical_draw", "exponential_noise", "exponential_noise_", "filter_logits", "sample_logits_reference"]

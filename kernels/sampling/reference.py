@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["filter_logits", "sampling_probs", "sample_logits_reference", "exponential_noise", "exponential_noise_"]
+__all__ = ["filter_logits", "sampling_probs", "categorical_draw", "sample_logits_reference", "exponential_noise",
+           "exponential_noise_"]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
@@ -50,11 +51,21 @@ def exponential_noise_(out: torch.Tensor, generator: torch.Generator | None = No
     return out.uniform_(generator=generator).log_().neg_()
 
 
-def exponential_noise(shape: tuple[int, int], device: torch.device | str,
+def exponential_noise(shape: tuple[int, ...], device: torch.device | str,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """Exp(1) noise ``(N, V)`` fp32, drawn as ``fastjukebox.sampling.sample_logits`` draws it (same
+    """Exp(1) noise of ``shape`` fp32, drawn as ``fastjukebox.sampling.sample_logits`` draws it (same
     generator, shape and dtype: the same numbers)."""
     return exponential_noise_(torch.empty(shape, dtype=torch.float32, device=device), generator)
+
+
+def categorical_draw(probs: torch.Tensor, generator: torch.Generator | None = None,
+                     noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One categorical draw per row of ``probs`` (``(..., V)``, non-negative, need not sum to 1)
+    -> ids ``(...)``: the exponential race ``argmax(probs / E)``, ``E`` the given ``noise``
+    (same shape) or Exp(1) drawn from ``generator``. Every sampler of the project draws through
+    this function (the fused kernel computes the same race from the same noise)."""
+    e = exponential_noise(tuple(probs.shape), probs.device, generator) if noise is None else noise
+    return (probs / e).argmax(dim=-1)
 
 
 def sample_logits_reference(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
@@ -62,6 +73,4 @@ def sample_logits_reference(logits: torch.Tensor, temperature: float = 1.0, top_
                             noise: torch.Tensor | None = None) -> torch.Tensor:
     """Logits ``(N, V)`` -> sampled ids ``(N,)`` long; ``noise``: ``(N, V)`` Exp(1) draws to use
     instead of drawing from ``generator``."""
-    probs = sampling_probs(logits, temperature, top_k, top_p)
-    e = exponential_noise(tuple(probs.shape), probs.device, generator) if noise is None else noise
-    return (probs / e).argmax(dim=-1)
+    return categorical_draw(sampling_probs(logits, temperature, top_k, top_p), generator, noise)
