@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from fastjukebox.sample_seeds import SampleGenerators, fill_rows
-from fastjukebox.settings import check_knob
+from fastjukebox.sampling import check_window_call
 from kernels.sampling.reference import categorical_draw, exponential_noise_, filter_logits
 
 from .schedules import masks_per_pass, pass_temperature, spread_order
@@ -50,29 +50,6 @@ def draw_codes(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
         logp = torch.log_softmax(filter_logits(logits, top_k, top_p), dim=-1)
         ids = logp.argmax(dim=-1)
     return ids, logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-
-
-def check_window_call(known, n_new, temperature, top_k, top_p, config, device) -> torch.Tensor:
-    """The arguments of a window sampler's call, checked (named errors): ``known`` as (N, K) long
-    codes on ``device``."""
-    c = config
-    if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 0:
-        raise ValueError(f"n_new must be an integer >= 0, got {n_new!r}")
-    check_knob("temperature", temperature)
-    check_knob("top_k", top_k)
-    check_knob("top_p", top_p)
-    z = torch.as_tensor(known)
-    if z.is_floating_point() or z.is_complex() or z.dtype == torch.bool:
-        raise ValueError(f"known must be an integer tensor of codes, got {z.dtype}")
-    if z.dim() != 2:
-        raise ValueError(f"known must be (N, K) codes, got shape {tuple(z.shape)}")
-    K = z.shape[1]
-    if K + n_new > c.n_ctx:
-        raise ValueError(f"{K} known + {n_new} new codes exceed the window (n_ctx={c.n_ctx})")
-    z = z.long().to(device)
-    if z.numel() and (int(z.min()) < 0 or int(z.max()) >= c.l_bins):
-        raise ValueError(f"known codes must be in [0, {c.l_bins}); got values in [{int(z.min())}, {int(z.max())}]")
-    return z
 
 
 class ParallelWindowSampler:

@@ -36,10 +36,10 @@ from fastjukebox.decoding import WindowDecoder
 from fastjukebox.prior import Prior
 from fastjukebox.settings import DEFAULT_CHUNK_SIZE
 
+from fastjukebox.sampling import check_window_call
 from kernels.sampling.reference import categorical_draw, exponential_noise_
 
 from .draft import StudentDraft, proposal_probs
-from .sampler import check_window_call
 from .student import ParallelStudent
 
 __all__ = ["GAMMA", "SpeculativeWindowSampler", "WindowReport", "accept", "residual"]

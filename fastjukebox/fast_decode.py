@@ -56,8 +56,7 @@ from .block_forward import BlockWeights, block_forward, layer_table
 from .kv_cache import slot_index
 from .prior import Prior
 from .sample_seeds import SampleGenerators, fill_rows
-from .sampling import sample_logits
-from .settings import DEFAULT_CHUNK_SIZE
+from .sampling import check_window_call, sample_window
 
 __all__ = ["StaticStepDecoder", "GraphWindowSampler", "cuda_graphs_enabled", "resolve_backend", "GRAPHS_ENV"]
 
@@ -358,36 +357,14 @@ class GraphWindowSampler:
             self.decoder = WindowDecoder(self.prior, max(n, self._batch), device=self.device)
             self.fast = StaticStepDecoder(self.decoder, backend=self._backend, cuda_graphs=self._cuda_graphs)
 
-    def __call__(self, known, n_new: int, upper=None, labels=None, *, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 generator: torch.Generator | SampleGenerators | None = None,
-                 on_progress: Callable[[int], None] | None = None, report_every: int = 64) -> torch.Tensor:
-        """Prime ``known`` (N, K) codes, sample ``n_new`` more -> (N, K + n_new) codes; ``generator``
-        may be one per sample (``SampleGenerators``)."""
-        known = torch.as_tensor(known)
-        if known.dim() != 2:
-            raise ValueError(f"known codes must be (N, K), got shape {tuple(known.shape)}")
-        n, K = known.shape
-        n_ctx = self.prior.config.n_ctx
-        if n == 0:
-            raise ValueError("known codes have batch 0")
-        if n_new < 0 or K + n_new > n_ctx:
-            raise ValueError(f"{K} known + {n_new} new codes do not fit a window of {n_ctx}")
-        self._ensure(n)
-        dec = self.decoder
-        dec.begin(upper, labels, n=n)
-        dec.prime(known, chunk_size)
+    def __call__(self, known, n_new: int, upper=None, labels=None, **knobs) -> torch.Tensor:
+        """Prime ``known`` (N, K) codes, sample ``n_new`` more -> (N, K + n_new) codes
+        (``sampling.sample_window``'s arguments; ``generator`` may be one per sample)."""
+        known = check_window_call(known, n_new, knobs.get("temperature", 1.0), knobs.get("top_k", 0),
+                                  knobs.get("top_p", 0.0), self.prior.config, self.device)
+        self._ensure(known.shape[0])
+        return sample_window(self.decoder, known, n_new, upper, labels, run_steps=self._run_steps, **knobs)
 
-        def progress(t: int) -> None:
-            if on_progress is not None and ((t + 1) % report_every == 0 or t + 1 == n_new):
-                on_progress((t % report_every) + 1)
-
-        first = 0
-        if n_new and dec.seq_position == 0:                  # the start embedding: one eager step
-            dec.push(sample_logits(dec.step(), temperature, top_k, top_p, generator))
-            progress(0)
-            first = 1
-        if first < n_new:
-            self.fast.bind(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            self.fast.run(n_new - first, on_step=lambda i: progress(first + i))
-        return dec.codes()
+    def _run_steps(self, count: int, knobs: dict, on_step: Callable[[int], None]) -> None:
+        self.fast.bind(**knobs)
+        self.fast.run(count, on_step=on_step)

@@ -6,7 +6,6 @@ upsamplers read the codes of the level above under their window; labels are re-m
 """
 from __future__ import annotations
 
-import math
 import time
 from functools import lru_cache
 from typing import Callable, Mapping, Sequence
@@ -78,18 +77,59 @@ def _labels_for(labels, level: int, prior: Prior) -> Labels | None:
     return lab
 
 
+def check_window_call(known, n_new, temperature, top_k, top_p, config, device) -> torch.Tensor:
+    """The arguments of a window sampler's call (``WindowSampler``), checked before any work
+    (named errors): returns ``known`` as (N, K) long codes on ``device``."""
+    c = config
+    if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 0:
+        raise ValueError(f"n_new must be an integer >= 0, got {n_new!r}")
+    check_knob("temperature", temperature)
+    check_knob("top_k", top_k)
+    check_knob("top_p", top_p)
+    z = torch.as_tensor(known)
+    if z.is_floating_point() or z.is_complex() or z.dtype == torch.bool:
+        raise ValueError(f"known must be an integer tensor of codes, got {z.dtype}")
+    if z.dim() != 2 or z.shape[0] == 0:
+        raise ValueError(f"known must be (N, K) codes with N >= 1, got shape {tuple(z.shape)}")
+    K = z.shape[1]
+    if K + n_new > c.n_ctx:
+        raise ValueError(f"{K} known + {n_new} new codes exceed the window (n_ctx={c.n_ctx})")
+    z = z.long().to(device)
+    if z.numel() and (int(z.min()) < 0 or int(z.max()) >= c.l_bins):
+        raise ValueError(f"known codes must be in [0, {c.l_bins}); got values in [{int(z.min())}, {int(z.max())}]")
+    return z
+
+
 def sample_window(decoder: WindowDecoder, known: torch.Tensor, n_new: int, upper=None, labels=None, *,
                   temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                  generator: torch.Generator | None = None,
-                  on_progress: Callable[[int], None] | None = None, report_every: int = 64) -> torch.Tensor:
+                  generator: torch.Generator | SampleGenerators | None = None,
+                  on_progress: Callable[[int], None] | None = None, report_every: int = 64,
+                  run_steps: Callable[[int, dict, Callable[[int], None]], None] | None = None) -> torch.Tensor:
     """Prime ``known`` (N, K) codes, sample ``n_new`` more; returns the window's (N, K + n_new) codes.
-    ``on_progress(k)`` is told about every ``report_every`` sampled positions."""
+    ``on_progress(k)`` is told about every ``report_every`` sampled positions.
+
+    Every token is one ``decoder.step`` and one ``sample_logits`` draw, unless ``run_steps`` is
+    given: then the tokens after the first sampled one are ``run_steps(count, knobs, on_step)``, a
+    path that takes the decoder's window over (``fast_decode.StaticStepDecoder``), with ``knobs``
+    the draw's temperature, top-k, top-p and generator; the first token of a window that starts
+    at position 0 reads the start embedding and always takes the decoder's step."""
+    known = check_window_call(known, n_new, temperature, top_k, top_p, decoder.config, decoder.device)
     decoder.begin(upper, labels, n=known.shape[0])
     decoder.prime(known, chunk_size)
-    for t in range(n_new):
-        decoder.push(sample_logits(decoder.step(), temperature, top_k, top_p, generator))
+
+    def progress(t: int) -> None:
         if on_progress is not None and ((t + 1) % report_every == 0 or t + 1 == n_new):
             on_progress((t % report_every) + 1)
+
+    t = 0
+    while t < n_new and (run_steps is None or decoder.seq_position == 0):
+        decoder.push(sample_logits(decoder.step(), temperature, top_k, top_p, generator))
+        progress(t)
+        t += 1
+    if t < n_new:
+        first = t
+        run_steps(n_new - first, dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator),
+                  lambda i: progress(first + i))
     return decoder.codes()
 
 

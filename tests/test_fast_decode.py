@@ -199,7 +199,7 @@ def test_graph_window_sampler_draws_the_ar_tokens(name, known):
 def test_graph_window_sampler_checks_sizes():
     prior, _, _ = _random_prior(2, 3, 4)
     sampler = GraphWindowSampler(prior)
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match="exceed the window"):
         sampler(torch.zeros(2, 10, dtype=torch.long), prior.config.n_ctx)
     with pytest.raises(ValueError, match=r"\(N, K\)"):
         sampler(torch.zeros(10, dtype=torch.long), 3)

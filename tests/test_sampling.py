@@ -228,3 +228,18 @@ def test_bad_sampling_input_is_named():
         jb.sample(3, 1, seconds=0.1, sampler={0: "parallel"}, progress=False)
     with pytest.raises(ValueError, match="shorter than one top-level code"):
         jb.sample(3, 1, seconds=0.001, progress=False)
+
+
+@pytest.mark.parametrize("known_shape, n_new, match", [((2, 10), 48, "exceed the window"), ((2, 10), -1, "n_new"),
+                                                         ((0, 4), 3, "N >= 1"), ((10,), 3, r"\(N, K\)")])
+def test_a_bad_window_call_is_named_before_any_step(monkeypatch, known_shape, n_new, match):
+    from fastjukebox.sampling import ARWindowSampler
+    prior = _random_prior(2, 3)[0]
+    assert prior.config.n_ctx == 48
+    sampler = ARWindowSampler(prior, 2)
+    steps = []
+    monkeypatch.setattr(sampler.decoder, "step", lambda: steps.append(1))
+    monkeypatch.setattr(sampler.decoder, "begin", lambda *a, **k: steps.append(0))
+    with pytest.raises(ValueError, match=match):
+        sampler(torch.zeros(known_shape, dtype=torch.long), n_new, temperature=1.0)
+    assert steps == []
