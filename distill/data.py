@@ -2,7 +2,9 @@
 
 A window of the distilled level ``L`` (``n_ctx`` codes) is cut from real audio; the VQ-VAE encodes
 it at levels ``L`` (the real codes) and ``L + 1`` (the upper codes the upsampler is conditioned
-on). The teacher (the level-``L`` prior) samples the whole window autoregressively with the fast
+on; with ``GenerationConfig.upper == "sampled"`` the upper codes are instead sampled by the
+level-``L + 1`` teacher from the real codes two levels up, the conditioning users' level-``L``
+windows get). The teacher (the level-``L`` prior) samples the whole window autoregressively with the fast
 sampler (``fastjukebox.sampling.ARWindowSampler``), and one teacher-forced pass over its own sample
 gives, per position, the probability of the sampled token and the top-k of its predictive
 distribution (temperature 1, i.e. the model's distribution; the sampling temperature is recorded
@@ -13,7 +15,7 @@ Shard ``i`` (``shard-{i:05d}.safetensors``) holds, for ``S`` windows:
 =============  ====================  ===============================================
 ``codes``      (S, n_ctx) int64      teacher sample
 ``real``       (S, n_ctx) int64      real codes of the same window
-``upper``      (S, n_ctx // cd) int64 level-(L+1) codes of the window
+``upper``      (S, n_ctx // cd) int64 level-(L+1) codes of the window (real or sampled)
 ``labels``     (S, label_len) int64  window label rows (only for priors with labels)
 ``token_prob`` (S, n_ctx) float32    teacher probability of each sampled token
 ``topk_ids``   (S, n_ctx, k) int64   teacher top-k ids per position
@@ -33,7 +35,7 @@ import json
 import os
 import warnings
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -50,6 +52,7 @@ SHARD_FORMAT = "fastjukebox-distill-shard/1"
 META_NAME = "meta.json"
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3")
 HELDOUT_FRACTION = 0.2   # of each file's duration, for --data DIR sources
+UPPER_SOURCES = ("real", "sampled")   # where a window's upper codes come from (GenerationConfig.upper)
 
 
 class CorruptShardError(ValueError):
@@ -129,37 +132,87 @@ def _check_upsampler(prior: Prior) -> None:
         raise ValueError("distillation targets an upsampler; the top-level prior has no upper codes")
 
 
-def real_windows(vqvae: VQVAE, prior: Prior, pieces: Sequence[SourcePiece], n: int,
-                 generator: torch.Generator) -> Windows:
-    """``n`` random windows of the prior's level, encoded by ``vqvae``.
-
-    Pieces are drawn in proportion to their usable length, and window starts are aligned to the
-    upper level's hop so that the upper codes of the segment line up with the window."""
-    _check_upsampler(prior)
+def _draw_segments(prior: Prior, pieces: Sequence[SourcePiece], n: int, hop: int,
+                   generator: torch.Generator) -> tuple[torch.Tensor, list[tuple[SourcePiece, int]]]:
+    """``n`` random audio segments of one ``prior`` window (``sample_length`` samples), float32
+    (n, sample_length), and the (piece, start) of each. Pieces are drawn in proportion to their
+    usable length; starts are multiples of ``hop``."""
     c = prior.config
-    L, hop_up = c.level, vqvae.hop_lengths[c.level + 1]
     span = c.sample_length
     usable = [p for p in pieces if len(p.audio) >= span]
     if not usable:
         longest = max((len(p.audio) for p in pieces), default=0)
-        raise ValueError(f"no piece is long enough for one level-{L} window ({span} samples, "
+        raise ValueError(f"no piece is long enough for one level-{c.level} window ({span} samples, "
                          f"{span / c.sr:.3f} s); the longest has {longest} samples")
     weights = torch.tensor([len(p.audio) - span + 1 for p in usable], dtype=torch.float64)
     picks = torch.multinomial(weights, n, replacement=True, generator=generator).tolist()
-    labeller = Labeller(c.max_bow_genre_size, c.n_tokens, c.sample_length) if c.labels else None
-    segments, rows = [], []
+    segments, where = [], []
     for i in picks:
         p = usable[i]
-        slots = (len(p.audio) - span) // hop_up + 1
-        a = int(torch.randint(slots, (1,), generator=generator)) * hop_up
+        slots = (len(p.audio) - span) // hop + 1
+        a = int(torch.randint(slots, (1,), generator=generator)) * hop
         seg = p.audio[a:a + span]
         seg = seg.astype(np.float32) / 32768.0 if seg.dtype == np.int16 else seg.astype(np.float32)
         segments.append(torch.from_numpy(seg))
-        if labeller is not None:
-            rows.append(labeller.label(p.artist, p.genre, None, total_length=len(p.audio), offset=a).y)
-    codes = vqvae.encode(torch.stack(segments), levels=(L, L + 1))
-    labels = torch.cat(rows).long() if rows else None
-    return Windows(codes[L].long().cpu(), codes[L + 1].long().cpu(), labels)
+        where.append((p, a))
+    return torch.stack(segments), where
+
+
+def _window_labels(prior: Prior, where: Sequence[tuple[SourcePiece, int]]) -> torch.Tensor | None:
+    """The label rows (n, label_len) of ``prior``'s windows starting at each (piece, start); None
+    for a prior without labels."""
+    c = prior.config
+    if not c.labels:
+        return None
+    labeller = Labeller(c.max_bow_genre_size, c.n_tokens, c.sample_length)
+    return torch.cat([labeller.label(p.artist, p.genre, None, total_length=len(p.audio), offset=a).y
+                      for p, a in where]).long()
+
+
+def real_windows(vqvae: VQVAE, prior: Prior, pieces: Sequence[SourcePiece], n: int,
+                 generator: torch.Generator) -> Windows:
+    """``n`` random windows of the prior's level, encoded by ``vqvae`` at the level and the one
+    above (the real upper codes).
+
+    Pieces are drawn in proportion to their usable length, and window starts are aligned to the
+    upper level's hop so that the upper codes of the segment line up with the window."""
+    _check_upsampler(prior)
+    L = prior.config.level
+    segments, where = _draw_segments(prior, pieces, n, vqvae.hop_lengths[L + 1], generator)
+    codes = vqvae.encode(segments, levels=(L, L + 1))
+    return Windows(codes[L].long().cpu(), codes[L + 1].long().cpu(), _window_labels(prior, where))
+
+
+def sampled_upper_windows(vqvae: VQVAE, prior: Prior, upper_prior: Prior, pieces: Sequence[SourcePiece], n: int,
+                          generator: torch.Generator, *, temperature: float = 1.0, batch_size: int = 16,
+                          sample_generator: torch.Generator | None = None, decoders: dict | None = None,
+                          on_window: Callable[[int], None] | None = None) -> Windows:
+    """``n`` random windows of the prior's level whose upper codes are *sampled*, as a user's are:
+    segments of one ``upper_prior`` window are encoded at the levels ``L``, ``L + 1`` and
+    ``L + 2``; the level-``L + 1`` teacher (``upper_prior``, an upsampler) samples its window from
+    the real level-``L + 2`` codes, and the segment is cut into the level-``L`` windows it holds
+    (``real``: the real level-``L`` codes of each; ``upper``: the sampled codes above it).
+    ``on_window(m)`` is told about every ``m`` upper windows sampled."""
+    _check_upsampler(prior)
+    c, cu = prior.config, upper_prior.config
+    L = c.level
+    if cu.level != L + 1 or cu.is_top:
+        raise ValueError(f"sampled upper codes for level {L} need the level-{L + 1} upsampler, got the "
+                         f"level-{cu.level} {'top prior' if cu.is_top else 'upsampler'}")
+    per = cu.sample_length // c.sample_length                 # level-L windows in one upper window
+    n_up = c.n_ctx // c.cond_downsample                       # upper codes under one level-L window
+    if per * c.sample_length != cu.sample_length or per * n_up != cu.n_ctx:
+        raise ValueError(f"a level-{L + 1} window ({cu.sample_length} samples, {cu.n_ctx} codes) is not a whole "
+                         f"number of level-{L} windows ({c.sample_length} samples, {n_up} upper codes each)")
+    m = -(-n // per)
+    segments, where = _draw_segments(upper_prior, pieces, m, vqvae.hop_lengths[L + 2], generator)
+    codes = vqvae.encode(segments, levels=(L, L + 1, L + 2))
+    upper = sample_teacher(upper_prior, codes[L + 2].long().cpu(), _window_labels(upper_prior, where),
+                           temperature=temperature, batch_size=batch_size, generator=sample_generator,
+                           decoders=decoders, on_window=on_window)
+    sub = [(p, a + j * c.sample_length) for p, a in where for j in range(per)]
+    return Windows(codes[L].long().cpu().reshape(m * per, c.n_ctx)[:n], upper.reshape(m * per, n_up)[:n],
+                   _window_labels(prior, sub[:n]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,6 +338,11 @@ class GenerationConfig:
     batch_size: int = 16    # windows sampled together (the random draws depend on it)
     model: str = ""
     data: str = "demo-corpus"
+    upper: str = "real"     # the windows' upper codes: "real" (encoded) or "sampled" (by the upper teacher)
+
+    def __post_init__(self):
+        if self.upper not in UPPER_SOURCES:
+            raise ValueError(f"upper must be one of {', '.join(UPPER_SOURCES)}, got {self.upper!r}")
 
 
 def read_meta(directory: str | os.PathLike) -> dict | None:
@@ -308,6 +366,7 @@ def _write_meta(directory: Path, gen: GenerationConfig) -> None:
     want = asdict(gen)
     have = read_meta(directory)
     if have is not None:
+        have = {**{f.name: f.default for f in fields(GenerationConfig) if f.default is not MISSING}, **have}
         diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v and k != "shards"}
         if diff:
             raise ValueError(f"{directory} holds shards made with other settings "
@@ -324,9 +383,12 @@ def shard_seed(seed: int, index: int) -> int:
 
 
 def generate_shards(prior: Prior, vqvae: VQVAE, pieces: Sequence[SourcePiece], directory: str | os.PathLike,
-                    gen: GenerationConfig, *, rank: int = 0, world_size: int = 1, progress: bool = True) -> list[Path]:
+                    gen: GenerationConfig, *, rank: int = 0, world_size: int = 1, progress: bool = True,
+                    upper_prior: Prior | None = None) -> list[Path]:
     """Make this rank's missing shards (``i % world_size == rank``); complete shards are kept,
-    corrupt ones are reported by name and made again. Returns this rank's shard paths."""
+    corrupt ones are reported by name and made again. Returns this rank's shard paths.
+    ``gen.upper == "sampled"`` needs ``upper_prior``, the level-``L + 1`` teacher that samples
+    the windows' upper codes (``sampled_upper_windows``)."""
     from fastjukebox.progress import progress_bar
     _check_upsampler(prior)
     if prior.config.level != gen.level or prior.config.n_ctx != gen.n_ctx:
@@ -334,6 +396,8 @@ def generate_shards(prior: Prior, vqvae: VQVAE, pieces: Sequence[SourcePiece], d
                          f"level {prior.config.level} (n_ctx {prior.config.n_ctx})")
     if not 1 <= gen.k <= prior.config.l_bins:
         raise ValueError(f"k (top-k soft targets) must be in [1, {prior.config.l_bins}], got {gen.k}")
+    if gen.upper == "sampled" and upper_prior is None:
+        raise ValueError(f"sampled upper codes need the level-{gen.level + 1} teacher (upper_prior)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -349,14 +413,22 @@ def generate_shards(prior: Prior, vqvae: VQVAE, pieces: Sequence[SourcePiece], d
             except CorruptShardError as e:
                 warnings.warn(f"{e}; generating it again")
         todo.append(i)
-    bar = progress_bar(len(todo) * gen.shard_size, f"teacher samples (rank {rank})", "win",
+    per_shard = gen.shard_size
+    if gen.upper == "sampled":       # and the upper windows they are cut from
+        per_shard += -(-gen.shard_size // (upper_prior.config.sample_length // prior.config.sample_length))
+    bar = progress_bar(len(todo) * per_shard, f"teacher samples (rank {rank})", "win",
                        enabled=progress and bool(todo))
-    decoders: dict = {}
+    decoders, upper_decoders = {}, {}
     dev = prior.device
     for i in todo:
         g = torch.Generator().manual_seed(shard_seed(gen.seed, i))
-        w = real_windows(vqvae, prior, pieces, gen.shard_size, g)
         g_dev = torch.Generator(device=dev).manual_seed(shard_seed(gen.seed, i) + 1)
+        if gen.upper == "sampled":
+            w = sampled_upper_windows(vqvae, prior, upper_prior, pieces, gen.shard_size, g,
+                                      temperature=gen.temperature, batch_size=gen.batch_size, sample_generator=g_dev,
+                                      decoders=upper_decoders, on_window=bar.update)
+        else:
+            w = real_windows(vqvae, prior, pieces, gen.shard_size, g)
         codes = sample_teacher(prior, w.upper, w.labels, temperature=gen.temperature, batch_size=gen.batch_size,
                                generator=g_dev, decoders=decoders, on_window=bar.update)
         token_prob, topk_ids, topk_probs = teacher_targets(prior, codes, w.upper, w.labels, gen.k, gen.batch_size)

@@ -1,0 +1,102 @@
+"""Distillation windows whose upper codes are sampled by the upper teacher (distill.data
+sampled_upper_windows, GenerationConfig.upper), on the tiny family."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import fastjukebox as fj
+from distill.data import (GenerationConfig, SourcePiece, generate_shards, load_shards, real_windows,
+                          sampled_upper_windows)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return fj.load("tiny")
+
+
+def _pieces():
+    rng = np.random.default_rng()
+    t = np.arange(9001) / 44100
+    return [SourcePiece(f"p{i}", (0.3 * np.sin(2 * np.pi * rng.uniform(100, 3000) * t)
+                                  + 0.02 * rng.standard_normal(t.size)).astype(np.float32), artist=i, genre=i)
+            for i in range(2)]
+
+
+class ConstantUpper:
+    """A stand-in upper sampler: fills every new position with 7 and records its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, known, n_new, upper=None, labels=None, **knobs):
+        self.calls.append((known.shape, n_new, upper, labels))
+        return torch.cat([known, torch.full((known.shape[0], n_new), 7, dtype=torch.long)], dim=1)
+
+
+def test_level0_windows_are_cut_from_upper_windows_sampled_by_the_upper_teacher(tiny):
+    prior, up = tiny.prior(0), tiny.prior(1)
+    c, cu = prior.config, up.config
+    per, n_up = cu.sample_length // c.sample_length, c.n_ctx // c.cond_downsample
+    fake = ConstantUpper()
+    w = sampled_upper_windows(tiny.vqvae, prior, up, _pieces(), 5, torch.Generator().manual_seed(0),
+                              batch_size=8, decoders={2: fake})
+    assert per == 4 and w.real.shape == (5, c.n_ctx) and w.upper.shape == (5, n_up)
+    assert torch.equal(w.upper, torch.full_like(w.upper, 7))            # the upper sampler's codes, not an encoding
+    ((known_shape, n_new, upper, labels),) = fake.calls                 # 2 upper windows for 5 level-0 windows
+    assert known_shape == (2, 0) and n_new == cu.n_ctx
+    assert upper.shape == (2, cu.n_ctx // cu.cond_downsample) and labels.shape == (2, cu.label_len)
+    # level-0 windows j = 0..3 of an upper window start j level-0 windows later in the same piece
+    for i in range(5):
+        parent = labels[i // per]
+        row = w.labels[i]
+        assert row.shape == (c.label_len,)
+        assert int(row[0]) == int(parent[0]) and int(row[3]) == int(parent[3])    # same piece, same artist
+        assert int(row[1]) == int(parent[1]) + (i % per) * c.sample_length
+        assert int(row[2]) == c.sample_length
+
+
+def test_sampled_upper_codes_come_from_the_upper_teacher_and_differ_from_the_real_ones(tiny):
+    prior, up = tiny.prior(0), tiny.prior(1)
+    pieces = _pieces()
+    real = real_windows(tiny.vqvae, prior, pieces, 8, torch.Generator().manual_seed(0))
+    w = sampled_upper_windows(tiny.vqvae, prior, up, pieces, 8, torch.Generator().manual_seed(0),
+                              sample_generator=torch.Generator().manual_seed(1))
+    again = sampled_upper_windows(tiny.vqvae, prior, up, pieces, 8, torch.Generator().manual_seed(0),
+                                  sample_generator=torch.Generator().manual_seed(1))
+    assert torch.equal(w.upper, again.upper) and torch.equal(w.real, again.real)     # reproducible per seed
+    assert w.upper.min() >= 0 and w.upper.max() < up.config.l_bins
+    # sampled codes are not the encoding: far fewer positions agree than between two encodings
+    assert (w.upper == real.upper).float().mean() < 0.5
+
+
+def test_shards_with_sampled_upper_codes_and_bad_settings(tiny, tmp_path):
+    prior, up = tiny.prior(0), tiny.prior(1)
+    gen = GenerationConfig(level=0, n_ctx=prior.config.n_ctx, shards=1, shard_size=6, k=4, batch_size=3,
+                           model="tiny", upper="sampled")
+    with pytest.raises(ValueError, match="level-1 teacher"):
+        generate_shards(prior, tiny.vqvae, _pieces(), tmp_path / "s", gen, progress=False)
+    generate_shards(prior, tiny.vqvae, _pieces(), tmp_path / "s", gen, progress=False, upper_prior=up)
+    data = load_shards(tmp_path / "s")
+    assert data["codes"].shape == (6, prior.config.n_ctx) and data["upper"].shape == (6, 16)
+    assert json.loads((tmp_path / "s" / "meta.json").read_text())["upper"] == "sampled"
+    real_gen = GenerationConfig(**{**gen.__dict__, "upper": "real"})
+    with pytest.raises(ValueError, match="other settings"):          # a directory of sampled-upper shards
+        generate_shards(prior, tiny.vqvae, _pieces(), tmp_path / "s", real_gen, progress=False)
+    with pytest.raises(ValueError, match="upper must be one of"):
+        GenerationConfig(level=0, n_ctx=64, shards=1, shard_size=1, upper="encoded")
+    with pytest.raises(ValueError, match="level-1 upsampler"):
+        sampled_upper_windows(tiny.vqvae, prior, tiny.prior(2), _pieces(), 2, torch.Generator())
+
+
+def test_a_shard_directory_from_before_the_upper_setting_is_real(tiny, tmp_path):
+    prior = tiny.prior(1)
+    gen = GenerationConfig(level=1, n_ctx=prior.config.n_ctx, shards=1, shard_size=2, k=4, batch_size=2, model="tiny")
+    d = tmp_path / "s"
+    generate_shards(prior, tiny.vqvae, _pieces(), d, gen, progress=False)
+    meta = json.loads((d / "meta.json").read_text())
+    del meta["upper"]
+    (d / "meta.json").write_text(json.dumps(meta))
+    generate_shards(prior, tiny.vqvae, _pieces(), d, GenerationConfig(**{**gen.__dict__, "shards": 2}), progress=False)
+    assert load_shards(d)["codes"].shape[0] == 4
