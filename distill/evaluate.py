@@ -4,7 +4,9 @@
 
 For ``--windows`` held-out windows (demo corpus "heldout" split, or the held-out tail of each
 ``--data`` file; never seen in training, nor by any setting chosen after it) the VQ-VAE gives
-the real codes and the upper codes. Two settings, each judged from both sides:
+the real codes and the upper codes (``--upper real``, the encoding; or ``--upper sampled``: the
+upper teacher samples them from the real codes two levels up, ``distill.data.sampled_upper_windows``,
+the conditioning a user's windows get). Two settings, each judged from both sides:
 
 * ``scratch``: the window from nothing (a level's first window). The teacher samples two
   windows per conditioning (A and B), the student one.
@@ -50,7 +52,7 @@ import torch
 from fastjukebox.atomic import atomic_path
 from fastjukebox.cli_options import HelpFormatter, run_command
 
-from .data import load_pieces, real_windows, sample_teacher, sample_windows
+from .data import UPPER_SOURCES, load_pieces, real_windows, sample_teacher, sample_windows, sampled_upper_windows
 from .metrics import (CallCounter, code_histogram, codebook_usage, default_fft_sizes, histogram_tv, mr_stft_distance,
                       next_token_tv, teacher_scores, unigram_entropy_bits)
 from .two_sample import classifier_two_sample_test
@@ -143,9 +145,10 @@ def _compare(prior, student, sampler, w, teacher_a, known: int, *, temperature, 
 @torch.no_grad()
 def evaluate(jb, student, *, data=None, windows: int = 64, passes: int | None = None, batch_size: int = 16,
              temperature: float = 1.0, seed: int = 0, out=None, progress: bool = True, c2st_steps: int = 300,
-             tv_positions: int = 8) -> dict:
+             tv_positions: int = 8, upper: str = "real") -> dict:
     """Run the comparison described in the module docstring; write eval.json, eval.md and
-    eval.png into ``out`` (if given) and return the results. ``passes`` None: the student's own."""
+    eval.png into ``out`` (if given) and return the results. ``passes`` None: the student's own;
+    ``upper``: where the windows' upper codes come from (``UPPER_SOURCES``)."""
     from .sampler import ParallelWindowSampler
 
     level = student.config.level
@@ -155,6 +158,11 @@ def evaluate(jb, student, *, data=None, windows: int = 64, passes: int | None = 
     if student.config.n_ctx != c.n_ctx or student.config.l_bins != c.l_bins:
         raise ValueError(f"the student (n_ctx {student.config.n_ctx}, {student.config.l_bins} codes) does not match "
                          f"the level-{level} teacher (n_ctx {c.n_ctx}, {c.l_bins} codes)")
+    if upper not in UPPER_SOURCES:
+        raise ValueError(f"upper must be one of {', '.join(UPPER_SOURCES)}, got {upper!r}")
+    if upper == "sampled" and level + 1 not in jb.upsampler_levels:
+        raise ValueError(f"sampled upper codes need the level-{level + 1} upsampler, which this family "
+                         f"does not have below its top level")
     if windows < 4 or batch_size < 1 or (passes is not None and passes < 1):
         raise ValueError(f"windows must be >= 4 (the two-sample test splits them), batch_size >= 1 and passes >= 1; "
                          f"got windows={windows}, batch_size={batch_size}, passes={passes}")
@@ -162,13 +170,18 @@ def evaluate(jb, student, *, data=None, windows: int = 64, passes: int | None = 
     dev = prior.device
     step = lambda msg: print(f"[evaluate] {msg}", file=sys.stderr) if progress else None
 
-    step(f"encoding {windows} held-out level-{level} windows")
+    step(f"encoding {windows} held-out level-{level} windows" + (" (upper codes sampled)" if upper == "sampled" else ""))
     pieces = load_pieces(data, "heldout", jb.sr)
-    w = real_windows(jb.vqvae, prior, pieces, windows, torch.Generator().manual_seed(seed))
+    g_windows = torch.Generator().manual_seed(seed)
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
     bs = min(batch_size, windows)
     decoders: dict = {}
+    if upper == "sampled":
+        w = sampled_upper_windows(jb.vqvae, prior, jb.prior(level + 1).eval(), pieces, windows, g_windows,
+                                  temperature=temperature, batch_size=bs, sample_generator=gen)
+    else:
+        w = real_windows(jb.vqvae, prior, pieces, windows, g_windows)
     kw = dict(temperature=temperature, bs=bs, gen=gen, decoders=decoders, c2st_steps=c2st_steps,
               tv_positions=tv_positions, seed=seed, dev=dev, step=step)
     step(f"teacher: sampling {windows} windows (autoregressive)")
@@ -195,7 +208,8 @@ def evaluate(jb, student, *, data=None, windows: int = 64, passes: int | None = 
         student_sampling=dict(passes=own.passes, confidence_noise=own.confidence_noise,
                               prefix_cache=own.prefix_cache, temperature_anneal=own.temperature_anneal),
         device=str(dev), level=level, n_ctx=c.n_ctx, windows=windows, batch_size=bs, c2st_steps=c2st_steps,
-        temperature=temperature, l_bins=c.l_bins, data=str(data) if data else "demo-corpus (heldout)")
+        temperature=temperature, l_bins=c.l_bins, data=str(data) if data else "demo-corpus (heldout)",
+        upper=upper)
     if out is not None:
         write_report(result, Path(out))
     return result
@@ -204,7 +218,8 @@ def evaluate(jb, student, *, data=None, windows: int = 64, passes: int | None = 
 def format_markdown(r: dict) -> str:
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
     pm = lambda v, e: f"{v:.3f} +- {e:.3f}"
-    lines = [f"## Student vs teacher, level {r['level']} ({r['windows']} held-out windows, n_ctx {r['n_ctx']}, "
+    lines = [f"## Student vs teacher, level {r['level']} ({r['windows']} held-out windows, "
+             f"upper codes {r.get('upper', 'real')}, n_ctx {r['n_ctx']}, "
              f"K = {r['k']} passes, choice noise {r['confidence_noise']:g}, prefix cache {r['prefix_cache']}, "
              f"{r['device']})", "", f"Sampling settings: {r['sampling_settings_source']}.", ""]
     for name, s in r["settings"].items():
@@ -301,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of teacher and student")
     p.add_argument("--seed", type=int, default=1, help="seed of the windows and of the samples")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--upper", choices=UPPER_SOURCES, default="real",
+                   help="the windows' upper codes: real (encoded) or sampled by the upper teacher, as in a user's "
+                        "upsample (level 0 only)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (default: shown)")
     return p
 
@@ -322,7 +340,7 @@ def _run(args) -> int:
         raise ValueError(f"--out {out}: a file, not a directory")
     r = evaluate(jb, student, data=args.data, windows=args.windows, passes=args.passes, batch_size=args.batch_size,
                  temperature=args.temperature, seed=args.seed, out=out, progress=not args.quiet,
-                 c2st_steps=args.c2st_steps)
+                 c2st_steps=args.c2st_steps, upper=args.upper)
     print(format_markdown(r))
     print(f"written: {out / 'eval.json'}, {out / 'eval.md'}, {out / 'eval.png'}")
     return 0

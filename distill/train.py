@@ -8,7 +8,8 @@
 
 1. Teacher samples: ``distill.data.generate_shards`` writes ``OUT/shards`` (shard ``i`` made by
    rank ``i % world_size``; finished shards are kept, so it resumes; corrupt ones are named and
-   made again).
+   made again). ``--upper sampled`` (bottom): the windows' upper codes are sampled by the middle
+   teacher (``distill.data.sampled_upper_windows``), as in a user's upsample, instead of encoded.
 2. Training of ``ParallelStudent.from_teacher(prior)`` (or of ``--init-student``): masked-token
    cross-entropy on the masked positions (mask ratio from ``distill.schedules``), plus
    ``--soft-weight`` x the KL from the teacher's renormalised top-k to the student at masked positions of teacher samples. A
@@ -47,7 +48,7 @@ from fastjukebox.atomic import atomic_path
 from fastjukebox.cli_options import HelpFormatter
 from fastjukebox.train.loop import lr_factor, trim_log
 
-from .data import GenerationConfig, generate_shards, load_pieces, load_shards, read_meta
+from .data import UPPER_SOURCES, GenerationConfig, generate_shards, load_pieces, load_shards, read_meta
 from .metrics import BITS
 from .on_policy import DIVERGENCES, on_policy_batch, token_divergence
 from .schedules import sample_training_mask
@@ -86,6 +87,7 @@ class DistillConfig:
     prefix_layout: bool = True         # prefix examples train the prefix-cached layout (distill.prefix_layout)
     input_layout: str | None = None     # student input: own codes, or left neighbours' ("shifted"); None: DEFAULTS
     init_student: str | None = None    # start from this student directory instead of the teacher's weights
+    upper: str = "real"                # the shard windows' upper codes: real (encoded) or sampled (distill.data)
     on_policy_steps: int = 0           # on-policy steps after the masked-token steps (distill.on_policy)
     on_policy_divergence: str = "reverse"
     on_policy_lr: float = 1e-4
@@ -129,6 +131,10 @@ class DistillConfig:
             raise ValueError("--soft-weight must be >= 0, --lr and --temperature > 0")
         if self.confidence_noise is not None and self.confidence_noise < 0:
             raise ValueError(f"--confidence-noise must be >= 0, got {self.confidence_noise}")
+        if self.upper not in UPPER_SOURCES:
+            raise ValueError(f"--upper must be one of {', '.join(UPPER_SOURCES)}, got {self.upper!r}")
+        if self.upper == "sampled" and self.teacher != "bottom":
+            raise ValueError("--upper sampled needs an upsampler above the teacher: only --teacher bottom has one")
         if self.input_layout not in ("tokens", "shifted"):
             raise ValueError(f"--input-layout must be tokens or shifted, got {self.input_layout!r}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
@@ -150,7 +156,7 @@ class DistillConfig:
         """Settings a resumed run must share with the checkpoint it continues."""
         keep = ("teacher", "model", "data", "steps", "shards", "shard_size", "batch_size", "lr", "min_lr_ratio",
                 "warmup", "weight_decay", "grad_clip", "k", "temperature", "real_ratio", "soft_weight",
-                "prefix_prob", "prefix_layout", "input_layout", "init_student", "on_policy_steps",
+                "prefix_prob", "prefix_layout", "input_layout", "init_student", "upper", "on_policy_steps",
                 "on_policy_divergence", "on_policy_lr", "seed")
         return {k: getattr(self, k) for k in keep}
 
@@ -407,9 +413,10 @@ def train(cfg: DistillConfig) -> dict:
     gen = GenerationConfig(level=cfg.level, n_ctx=prior.config.n_ctx, shards=cfg.shards, shard_size=cfg.shard_size,
                            k=cfg.k, temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.gen_batch_size,
                            model=str(cfg.model),
-                           data=str(cfg.data) if cfg.data else "demo-corpus")
+                           data=str(cfg.data) if cfg.data else "demo-corpus", upper=cfg.upper)
     generate_shards(prior, jb.vqvae, pieces, cfg.shard_dir, gen, rank=acc.process_index,
-                    world_size=acc.num_processes, progress=cfg.progress)
+                    world_size=acc.num_processes, progress=cfg.progress,
+                    upper_prior=jb.prior(cfg.level + 1).eval() if cfg.upper == "sampled" else None)
     acc.wait_for_everyone()
     data = load_shards(cfg.shard_dir, expect=cfg.shards)     # corrupt shards were made again above
     del pieces
@@ -502,7 +509,7 @@ def train(cfg: DistillConfig) -> dict:
             from .evaluate import evaluate
             result["eval"] = evaluate(jb, student, data=cfg.data, windows=cfg.eval_windows,
                                       batch_size=cfg.gen_batch_size, seed=cfg.seed + 1, out=out / "eval",
-                                      progress=cfg.progress)
+                                      progress=cfg.progress, upper=cfg.upper)
         with atomic_path(out / "train_summary.json") as tmp:
             tmp.write_text(json.dumps(result, indent=1, default=str))
     acc.wait_for_everyone()
@@ -550,6 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-student", default=None,
                    help="start from this student directory (e.g. a shipped one) instead of the teacher's weights "
                         "(default: the teacher's weights)")
+    p.add_argument("--upper", choices=UPPER_SOURCES, default="real",
+                   help="the training windows' upper codes: real (the encoding) or sampled by the upper teacher from "
+                        "the real codes two levels up, the conditioning of a user's upsample (bottom only); the final "
+                        "evaluation uses the same")
     p.add_argument("--on-policy-steps", type=int, default=0,
                    help="on-policy steps after the masked-token steps: the student samples windows, the teacher "
                         "scores them (distill.on_policy)")

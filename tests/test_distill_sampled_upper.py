@@ -100,3 +100,23 @@ def test_a_shard_directory_from_before_the_upper_setting_is_real(tiny, tmp_path)
     (d / "meta.json").write_text(json.dumps(meta))
     generate_shards(prior, tiny.vqvae, _pieces(), d, GenerationConfig(**{**gen.__dict__, "shards": 2}), progress=False)
     assert load_shards(d)["codes"].shape[0] == 4
+
+
+def test_evaluation_in_the_users_setting_conditions_on_sampled_upper_codes(tiny, tmp_path, monkeypatch):
+    import distill.evaluate as ev
+    from distill.student import ParallelStudent
+    seen = []
+    real = ev.sampled_upper_windows
+    monkeypatch.setattr(ev, "sampled_upper_windows", lambda *a, **k: seen.append(a[2]) or real(*a, **k))
+    d = tmp_path / "audio"
+    d.mkdir()
+    import soundfile as sf
+    for i, p in enumerate(_pieces()):
+        sf.write(d / f"p{i}.wav", np.tile(p.audio, 3), 44100)
+    student = ParallelStudent.from_teacher(tiny.prior(0))
+    r = ev.evaluate(tiny, student, data=str(d), windows=4, batch_size=4, c2st_steps=2, progress=False,
+                    upper="sampled")
+    assert r["upper"] == "sampled" and seen == [tiny.prior(1)]
+    assert r["settings"]["hopped"]["teacher_nll_student"] > 0
+    with pytest.raises(ValueError, match="level-2 upsampler"):
+        ev.evaluate(tiny, ParallelStudent.from_teacher(tiny.prior(1)), data=str(d), windows=4, upper="sampled")
