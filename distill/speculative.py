@@ -34,9 +34,8 @@ import torch
 
 from fastjukebox.decoding import WindowDecoder
 from fastjukebox.prior import Prior
-from fastjukebox.settings import DEFAULT_CHUNK_SIZE
-
 from fastjukebox.sampling import check_window_call
+from fastjukebox.settings import DEFAULT_CHUNK_SIZE
 from kernels.sampling.reference import categorical_draw, exponential_noise_
 
 from .draft import StudentDraft, proposal_probs
@@ -54,8 +53,8 @@ def accept(p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor) -> torch.Tenso
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Where a rejected position is drawn from: ``max(0, p - q)`` (unnormalised; ``draw`` does
-    not need the sum). Rows where it is all zero (``p == q`` up to rounding) fall back to ``p``."""
+    """Where a rejected position is drawn from: ``max(0, p - q)`` (unnormalised; ``categorical_draw``
+    does not need the sum). Rows where it is all zero (``p == q`` up to rounding) fall back to ``p``."""
     r = (p - q).clamp_min_(0.0)
     return torch.where(r.sum(dim=-1, keepdim=True) > 0, r, p)
 
