@@ -18,14 +18,15 @@
    visible and only the second half is masked, as when the sampler continues a hopped window;
    these examples run under the prefix-cached layout (``distill.prefix_layout``) unless
    ``--no-prefix-layout``.
-   AdamW, linear warmup then cosine decay; gradients synchronised by accelerate. Then
+   AdamW (betas 0.9, 0.95), linear warmup then cosine decay; gradients synchronised by accelerate. Then
    ``--on-policy-steps`` steps of on-policy distillation (``distill.on_policy``: the student
    samples windows, the teacher scores them, ``--on-policy-divergence`` at the positions each
    pass made final), from ``--on-policy-lr`` with their own cosine decay.
-3. Checkpoint ``OUT/checkpoint.pt`` (atomic; weights, optimiser state, step) every
-   ``--ckpt-every`` steps; ``--resume`` continues from it. The randomness of step ``s`` (batch,
-   real/teacher choice, masks) is drawn from a generator seeded by (seed, s, rank), so a resumed
-   run ends with the same weights as an uninterrupted one.
+3. The steps run in the project's training loop (``fastjukebox.train.loop``, the task
+   ``DistillTask``): checkpoint ``OUT/checkpoint.pt`` (atomic; weights, optimiser and scheduler
+   state, step) every ``--ckpt-every`` steps; ``--resume`` continues from it. The randomness of
+   step ``s`` (batch, real/teacher choice, masks) is drawn from a generator seeded by
+   (seed, s, rank), so a resumed run ends with the same weights as an uninterrupted one.
 4. ``OUT/metrics.jsonl`` and ``OUT/metrics.png``, the student in ``OUT/student`` (component
    directory), ``OUT/train_summary.json``, then the evaluation (``distill.evaluate``) in
    ``OUT/eval``.
@@ -46,13 +47,14 @@ import torch.nn as nn
 
 from fastjukebox.atomic import atomic_path
 from fastjukebox.cli_options import HelpFormatter
-from fastjukebox.train.loop import lr_factor, trim_log
+from fastjukebox.train.loop import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, lr_factor, read_checkpoint
+from fastjukebox.train.loop import train as train_loop
 
 from .data import UPPER_SOURCES, GenerationConfig, generate_shards, load_pieces, load_shards, read_meta
 from .metrics import BITS
 from .on_policy import DIVERGENCES, on_policy_batch, token_divergence
 from .schedules import sample_training_mask
-from .student import TEACHERS
+from .student import DEFAULT_PASSES, TEACHERS
 
 # The default runs. On the demo family on 2 CPU cores, teacher data generation, the sampler
 # choice and the evaluation included: middle about 20 minutes, bottom about 30. Level 0 takes the
@@ -98,7 +100,7 @@ class DistillConfig:
     resume: bool = False
     evaluate: bool = True
     eval_windows: int = 64
-    passes: int = 4                          # decoding passes per window, saved with the student
+    passes: int = DEFAULT_PASSES             # decoding passes per window, saved with the student
     confidence_noise: float | None = None   # the student's unmasking noise; None: chosen (distill.tune)
     tune_windows: int = 16                   # shard windows the choice is measured on
     progress: bool = True
@@ -261,30 +263,8 @@ class DistillLoss(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# checkpoints and logs
+# logs
 # --------------------------------------------------------------------------------------------
-
-def save_checkpoint(path: Path, student: nn.Module, optimizer, step: int, cfg: DistillConfig) -> None:
-    state = {"model": {k: v.detach().cpu() for k, v in student.state_dict().items()},
-             "optimizer": optimizer.state_dict(), "step": step, "identity": json.dumps(cfg.identity())}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: Path, cfg: DistillConfig) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} cannot be read (truncated or corrupt): {str(e)[:200]}") from None
-    if not isinstance(state, dict) or not {"model", "optimizer", "step", "identity"} <= set(state):
-        raise ValueError(f"checkpoint {path} is not a distillation checkpoint")
-    have, want = json.loads(state["identity"]), cfg.identity()
-    diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
-    if diff:
-        raise ValueError(f"--resume: {path} was made with other settings: "
-                         + ", ".join(f"{k} {a!r} (now {b!r})" for k, (a, b) in diff.items()))
-    return state
-
 
 def plot_metrics(log: Path, png: Path) -> Path | None:
     """Loss curves of the JSONL log as a PNG (matplotlib, imported only here)."""
@@ -371,6 +351,47 @@ def _choose_sampling(cfg: DistillConfig, prior, student, data: dict, result: dic
     return setting
 
 
+class DistillTask:
+    """The distillation as a task of ``fastjukebox.train.loop``: masked-token steps on the shards,
+    then on-policy steps. The batch of ``step`` is drawn from a generator seeded by
+    ``(seed, step, rank)``; the loss goes through the prepared (synchronising) ``DistillLoss``."""
+
+    name = "student"
+
+    def __init__(self, cfg: DistillConfig, student: nn.Module, prior, data: dict[str, torch.Tensor]):
+        self.cfg, self.student, self.prior, self.data = cfg, student, prior, data
+        prefix_len = prior.config.n_ctx // 2 if cfg.prefix_layout else 0
+        self.model = DistillLoss(student, cfg.soft_weight, prefix_len, cfg.on_policy_divergence)
+        self._forward, self._rank = self.model, 0
+
+    def bind(self, model: nn.Module, accelerator) -> None:
+        self._forward, self._rank = model, accelerator.process_index
+
+    def lr_factor(self, step: int) -> float:
+        return lr_at(step, self.cfg) / self.cfg.lr
+
+    def loss(self, step: int, batch_size: int, device: torch.device):
+        cfg, g = self.cfg, step_generator(self.cfg.seed, step, self._rank)
+        if step < cfg.steps:
+            batch = make_batch(self.data, batch_size, self.student.mask_id, g, real_ratio=cfg.real_ratio,
+                               prefix_prob=cfg.prefix_prob)
+        else:
+            batch = on_policy_batch(self.student, self.prior, self.data, batch_size, g, passes=cfg.passes,
+                                    prefix_prob=cfg.prefix_prob, prefix_cache=cfg.prefix_layout,
+                                    confidence_noise=cfg.confidence_noise or 0.0, temperature=cfg.temperature)
+        out = self._forward(**{k: v.to(device) for k, v in batch.items()})
+        return out["loss"], {k: v for k, v in out.items() if k != "loss"}
+
+    def state_dict(self) -> dict:
+        return {}                   # everything else is a function of the step
+
+    def load_state_dict(self, sd: dict) -> None:
+        pass
+
+    def fingerprint(self) -> dict:
+        return self.cfg.identity()
+
+
 class InputError(ValueError):
     """A bad ``--model``, ``--data``, ``--init-student`` or ``--out``, found before anything is written."""
 
@@ -379,18 +400,17 @@ def train(cfg: DistillConfig) -> dict:
     """Generate teacher data, train the student, save it and (unless ``cfg.evaluate`` is False)
     evaluate it. Returns the summary (with the evaluation under ``"eval"``)."""
     from accelerate import Accelerator
-    from fastjukebox.progress import progress_bar
 
     import fastjukebox as fj
     from .student import ParallelStudent, StudentSampling
 
     # cpu=True also makes several launched CPU processes one gloo group (accelerate only forms a
     # CPU process group when asked for the CPU)
-    acc = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision),
-                      cpu=cfg.cpu or not torch.cuda.is_available())
+    mixed_precision, cpu = _mixed_precision(cfg.mixed_precision), cfg.cpu or not torch.cuda.is_available()
+    acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     main = acc.is_main_process
     out = cfg.out_dir
-    ckpt, log = out / "checkpoint.pt", out / "metrics.jsonl"
+    ckpt, log = out / CHECKPOINT_NAME, out / METRICS_NAME
     # the inputs first: a bad --model, --data, --init-student or --out creates nothing
     try:
         if out.exists() and not out.is_dir():
@@ -421,7 +441,7 @@ def train(cfg: DistillConfig) -> dict:
     data = load_shards(cfg.shard_dir, expect=cfg.shards)     # corrupt shards were made again above
     del pieces
 
-    # 2. student, optimiser, resume
+    # 2. student; 3. training (fastjukebox.train.loop): masked-token steps, then on-policy steps
     torch.manual_seed(cfg.seed)
     if init is not None:
         student = init.float().train()
@@ -430,65 +450,17 @@ def train(cfg: DistillConfig) -> dict:
                              f"(level {student.config.level}, not the level-{cfg.level} teacher's architecture)")
     else:
         student = ParallelStudent.from_teacher(prior, cfg.input_layout).float().train()
-    decay = [p for n, p in student.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in student.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    start = 0
-    if cfg.resume and ckpt.exists():
-        state = load_checkpoint(ckpt, cfg)
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["step"])
-        if main:
-            trim_log(log, start)
-            print(f"resuming {ckpt} at step {start}/{cfg.steps}", file=sys.stderr)
-    elif main and log.exists():
-        log.unlink()                    # a log left by a run that never reached a checkpoint
-    prefix_len = prior.config.n_ctx // 2 if cfg.prefix_layout else 0
-    wrapped, optimizer = acc.prepare(DistillLoss(student, cfg.soft_weight, prefix_len, cfg.on_policy_divergence),
-                                     optimizer)
-
-    # 3. training: masked-token steps, then on-policy steps
-    total = cfg.steps + cfg.on_policy_steps
-    bar = progress_bar(total, f"distill {cfg.teacher}", "step", initial=start, enabled=cfg.progress and main)
+    start = int(read_checkpoint(ckpt)["step"]) if cfg.resume and ckpt.exists() else 0
+    if main and start:
+        print(f"resuming {ckpt} at step {start}/{cfg.steps + cfg.on_policy_steps}", file=sys.stderr)
     t0 = time.time()
-    for step in range(start, total):
-        g = step_generator(cfg.seed, step, acc.process_index)
-        if step < cfg.steps:
-            batch = make_batch(data, cfg.batch_size, student.mask_id, g, real_ratio=cfg.real_ratio,
-                               prefix_prob=cfg.prefix_prob)
-        else:
-            with acc.autocast():
-                batch = on_policy_batch(student, prior, data, cfg.batch_size, g, passes=cfg.passes,
-                                        prefix_prob=cfg.prefix_prob, prefix_cache=cfg.prefix_layout,
-                                        confidence_noise=cfg.confidence_noise or 0.0, temperature=cfg.temperature)
-        batch = {k: v.to(acc.device) for k, v in batch.items()}
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        losses = wrapped(**batch)
-        acc.backward(losses["loss"])
-        grad_norm = acc.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        if done % cfg.log_every == 0 or done in (cfg.steps, total):
-            names = [k for k in losses if k != "loss"]
-            vals = torch.stack([losses[k].float() for k in names]
-                               + [torch.as_tensor(grad_norm, dtype=torch.float32, device=acc.device)])
-            vals = acc.reduce(vals, reduction="mean").tolist()
-            rec = dict(step=done, **dict(zip(names, vals)), grad_norm=vals[-1], lr=lr,
-                       elapsed_s=round(time.time() - t0, 3))
-            if main:
-                with open(log, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            bar.set_postfix({k: f"{v:.3f}" for k, v in zip(names[:2], vals)})
-        if main and (done % cfg.ckpt_every == 0 or done in (cfg.steps, total)):
-            save_checkpoint(ckpt, student, optimizer, done, cfg)
-        bar.update(1)
-    bar.close()
-    acc.wait_for_everyone()
+    train_loop(DistillTask(cfg, student, prior, data), TrainConfig(
+        steps=cfg.steps + cfg.on_policy_steps, batch_size=cfg.batch_size, out_dir=str(out), run_dir=str(out),
+        save_component=False, lr=cfg.lr, warmup_steps=min(cfg.warmup, cfg.steps), min_lr_ratio=cfg.min_lr_ratio,
+        weight_decay=cfg.weight_decay, betas=(0.9, 0.95), clip=cfg.grad_clip, mixed_precision=mixed_precision,
+        device="cpu" if cpu else None, seed=cfg.seed, checkpoint_every=cfg.ckpt_every, log_every=cfg.log_every,
+        resume=cfg.resume, progress=cfg.progress), accelerator=acc)
+    student.eval()
 
     # 4. outputs
     digest = torch.tensor([int(weights_digest(student)[:15], 16)], dtype=torch.int64, device=acc.device)
@@ -498,7 +470,6 @@ def train(cfg: DistillConfig) -> dict:
                    train_seconds=round(time.time() - t0, 3), device=str(acc.device))
     result = summary
     if main:
-        student.eval()
         # the prefix layout has to be on while the noise is measured on hopped windows
         student.sampling = StudentSampling(passes=cfg.passes, prefix_cache=cfg.prefix_layout)
         student.sampling = StudentSampling(**_choose_sampling(cfg, prior, student, data, result),
@@ -580,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", dest="evaluate", action="store_false",
                    help="skip the final evaluation (default: evaluate into OUT/eval)")
     p.add_argument("--eval-windows", type=int, default=64, help="held-out windows of the final evaluation")
-    p.add_argument("--passes", type=int, default=4,
+    p.add_argument("--passes", type=int, default=DEFAULT_PASSES,
                    help="decoding passes per window: saved with the student (sampling.json), used by the noise "
                         "choice, the evaluation and sampling")
     p.add_argument("--confidence-noise", type=float, default=None,

@@ -103,4 +103,5 @@ def test_on_policy_steps_lower_the_divergence_on_fresh_samples():
         out["loss"].backward()
         opt.step()
     after = held_out()
-    assert after < 0.6 * before, (before, after)
+    # over seeds of the draws the ratio lands between 0.5 and 0.7; no learning leaves it near 1
+    assert after < 0.75 * before, (before, after)

@@ -198,7 +198,7 @@ def test_sigkill_then_resume_equals_uninterrupted(audio_dir, shard_dir, tmp_path
     # a different run is refused, naming the setting
     more = ("--no-eval", "--on-policy-steps", str(on_policy))
     assert train_main(_argv(audio_dir, shard_dir, killed, steps, "--resume", *more, "--lr", "5e-4")) == 1
-    assert "lr 0.001 (now 0.0005)" in capsys.readouterr().err
+    assert "lr: checkpoint 0.001 vs now 0.0005" in capsys.readouterr().err
     assert train_main(_argv(audio_dir, shard_dir, killed, steps, "--resume", *more)) == 0
     straight = tmp_path / "straight"
     assert train_main(_argv(audio_dir, shard_dir, straight, steps, *more)) == 0

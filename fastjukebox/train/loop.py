@@ -1,11 +1,14 @@
 """The training loop shared by the VQ-VAE and the priors.
 
-A *task* (``VQVAETask``, ``PriorTask``) owns the model, its data and any state outside the module
-(the codebook EMA); the loop owns optimisation and bookkeeping:
+A *task* (``VQVAETask``, ``PriorTask``, the distillation's ``distill.train.DistillTask``) owns the
+model, its data and any state outside the module (the codebook EMA); the loop owns optimisation
+and bookkeeping:
 
-* ``accelerate.Accelerator`` for device placement and mixed precision (``"no"``, ``"bf16"``,
-  ``"fp16"``), gradient clipping;
-* AdamW with linear warm-up and cosine decay to ``min_lr_ratio * lr``;
+* ``accelerate.Accelerator`` for device placement, mixed precision (``"no"``, ``"bf16"``,
+  ``"fp16"``), gradient clipping and several processes (``accelerate launch``: gradients are
+  synchronised, metrics averaged over the processes, only the main process writes);
+* AdamW with linear warm-up and cosine decay to ``min_lr_ratio * lr`` (or the task's own
+  ``lr_factor(step)``);
 * progress with the ETA and current loss (``fastjukebox.progress``: tqdm on a terminal, lines in a log), metrics appended to ``metrics.jsonl``;
 * periodic checkpoints ``checkpoint.pt`` (model, optimizer, scheduler, task state, RNG states,
   step), written atomically and read back with ``torch.load(weights_only=True)``, plus the
@@ -19,9 +22,17 @@ Run directory layout (``out_dir``)::
     <task.name>/              component directory (fastjukebox.load_vqvae / load_prior, fastjukebox.load)
     train_<task.name>/checkpoint.pt
     train_<task.name>/metrics.jsonl
+
+(``TrainConfig.run_dir`` puts the checkpoint and the log elsewhere; ``save_component=False``
+leaves the component directory to the caller.)
+
+Optional task hooks: ``bind(model, accelerator)`` is called once with the prepared module (the
+one whose forward synchronises gradients across processes) before the first step;
+``lr_factor(step)`` replaces the warm-up + cosine multiplier of the base ``lr``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -67,6 +78,8 @@ class TrainConfig:
     stop_at: int | None = None         # stop (after a checkpoint) at this step; resume continues
     progress: bool = True
     progress_position: int | None = None  # tqdm line (several trainings sharing one terminal)
+    run_dir: str | None = None         # checkpoint and metrics log; None: out_dir/train_<task.name>
+    save_component: bool = True        # write the component directory out_dir/<task.name> at checkpoints
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
@@ -226,24 +239,38 @@ def _scalar(v) -> float:
     return float(v.detach().float().mean()) if torch.is_tensor(v) else float(v)
 
 
-def train(task: TrainTask, cfg: TrainConfig) -> TrainResult:
-    """Train ``task.model`` for ``cfg.steps`` optimiser steps (see the module docstring)."""
+def _averaged(acc, values: dict[str, Any]) -> dict[str, float]:
+    """Scalars of this step, averaged over the processes (one collective call)."""
+    names = list(values)
+    t = torch.tensor([_scalar(values[k]) for k in names], dtype=torch.float32, device=acc.device)
+    if acc.num_processes > 1:
+        t = acc.reduce(t, reduction="mean")
+    return dict(zip(names, t.tolist()))
+
+
+def train(task: TrainTask, cfg: TrainConfig, accelerator=None) -> TrainResult:
+    """Train ``task.model`` for ``cfg.steps`` optimiser steps (see the module docstring);
+    ``accelerator``: an ``accelerate.Accelerator`` the caller already made (else one from ``cfg``)."""
     out = Path(cfg.out_dir)
-    run_dir = out / f"train_{task.name}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else out / f"train_{task.name}"
     ck_path, log_path, comp_dir = run_dir / CHECKPOINT_NAME, run_dir / METRICS_NAME, out / task.name
 
-    acc = _accelerator(cfg)
+    acc = accelerator if accelerator is not None else _accelerator(cfg)
+    main = acc.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     model = task.model
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio))
+    factor = getattr(task, "lr_factor", None) or (lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     model, opt, sched = acc.prepare(model, opt, sched)
     raw = acc.unwrap_model(model)
+    if hasattr(task, "bind"):
+        task.bind(model, acc)
 
     start = 0
     if cfg.resume and ck_path.exists():
@@ -255,23 +282,26 @@ def train(task: TrainTask, cfg: TrainConfig) -> TrainResult:
         task.load_state_dict(ck["task"])
         _set_rng_state(ck["rng"])
         start = int(ck["step"])
-        trim_log(log_path, start)
-    elif not cfg.resume:
+        if main:
+            trim_log(log_path, start)
+    elif not cfg.resume and main:
         for p in (ck_path, log_path):
             if p.exists():
                 p.unlink()
+    acc.wait_for_everyone()
 
     end = cfg.steps if cfg.stop_at is None else cfg.stop_at
     model.train()
     loss_val, t0, done = float("nan"), time.perf_counter(), 0
-    bar = progress_bar(cfg.steps, f"train {task.name}", "step", enabled=cfg.progress, initial=start,
+    bar = progress_bar(cfg.steps, f"train {task.name}", "step", enabled=cfg.progress and main, initial=start,
                        position=cfg.progress_position)
-    with open(log_path, "a", encoding="utf-8") as log:
+    with open(log_path, "a", encoding="utf-8") if main else contextlib.nullcontext() as log:
         for step in range(start, end):
             with acc.autocast():
                 loss, metrics = task.loss(step, cfg.batch_size, acc.device)
             acc.backward(loss)
             grad_norm = acc.clip_grad_norm_(params, cfg.clip) if cfg.clip > 0 else None
+            lr = sched.get_last_lr()[0]                      # this step's
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -283,18 +313,20 @@ def train(task: TrainTask, cfg: TrainConfig) -> TrainResult:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.4g}")
             if (step + 1) % cfg.log_every == 0 or step + 1 == end:
-                rec = {"step": step + 1, "loss": loss_val, "lr": sched.get_last_lr()[0],
-                       "time": round(time.perf_counter() - t0, 3)}
-                if grad_norm is not None:
-                    rec["grad_norm"] = _scalar(grad_norm)
-                rec.update({k: _scalar(v) for k, v in metrics.items()})
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
+                rec = _averaged(acc, {"loss": loss, **({"grad_norm": grad_norm} if grad_norm is not None else {}),
+                                      **metrics})
+                rec = {"step": step + 1, **rec, "lr": lr, "time": round(time.perf_counter() - t0, 3)}
+                if main:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
-                _save_checkpoint(ck_path, step + 1, raw, opt, sched, task, cfg)
-                save_component(raw, comp_dir)
+                if main:
+                    _save_checkpoint(ck_path, step + 1, raw, opt, sched, task, cfg)
+                    if cfg.save_component:
+                        save_component(raw, comp_dir)
+                acc.wait_for_everyone()
     bar.close()
-    if start >= end and not comp_dir.exists():
+    if main and cfg.save_component and start >= end and not comp_dir.exists():
         save_component(raw, comp_dir)
     elapsed = time.perf_counter() - t0
     model.eval()
