@@ -222,6 +222,9 @@ def format_markdown(r: dict) -> str:
              f"upper codes {r.get('upper', 'real')}, n_ctx {r['n_ctx']}, "
              f"K = {r['k']} passes, choice noise {r['confidence_noise']:g}, prefix cache {r['prefix_cache']}, "
              f"{r['device']})", "", f"Sampling settings: {r['sampling_settings_source']}.", ""]
+    if r.get("upper") == "sampled":
+        lines += ["The `real` column scores the encoded codes under sampled upper codes they do not belong to "
+                  "(a reference point, not a target).", ""]
     for name, s in r["settings"].items():
         what = "from scratch" if not s["known"] else f"hopped: first {s['known']} codes given by the teacher"
         rows = [

@@ -83,7 +83,7 @@ class DistillConfig:
     grad_clip: float = 1.0
     k: int = 8
     temperature: float = 1.0
-    real_ratio: float = 0.25
+    real_ratio: float | None = None    # None: 0.25 on real upper codes, 0 on sampled ones
     soft_weight: float = 0.25
     prefix_prob: float = 0.25
     prefix_layout: bool = True         # prefix examples train the prefix-cached layout (distill.prefix_layout)
@@ -126,6 +126,11 @@ class DistillConfig:
                      "log_every", "eval_windows", "passes", "tune_windows"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.real_ratio is None:
+            self.real_ratio = 0.25 if self.upper == "real" else 0.0
+        if self.upper == "sampled" and self.real_ratio > 0:
+            raise ValueError("--real-ratio must be 0 with --upper sampled: a window's real codes belong to its real "
+                             "upper codes, not to sampled ones")
         for name in ("real_ratio", "prefix_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
@@ -515,7 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping threshold")
     p.add_argument("--k", type=int, default=8, help="top-k soft targets stored per position")
     p.add_argument("--temperature", type=float, default=1.0, help="teacher sampling temperature")
-    p.add_argument("--real-ratio", type=float, default=0.25, help="fraction of examples on real codes")
+    p.add_argument("--real-ratio", type=float, default=None,
+                   help="fraction of examples on real codes (default: 0.25; 0 with --upper sampled)")
     p.add_argument("--soft-weight", type=float, default=0.25, help="weight of the top-k KL (0: off)")
     p.add_argument("--prefix-prob", type=float, default=0.25, help="chance of keeping the first half visible")
     p.add_argument("--no-prefix-layout", dest="prefix_layout", action="store_false",

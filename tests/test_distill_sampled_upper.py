@@ -120,3 +120,13 @@ def test_evaluation_in_the_users_setting_conditions_on_sampled_upper_codes(tiny,
     assert r["settings"]["hopped"]["teacher_nll_student"] > 0
     with pytest.raises(ValueError, match="level-2 upsampler"):
         ev.evaluate(tiny, ParallelStudent.from_teacher(tiny.prior(1)), data=str(d), windows=4, upper="sampled")
+
+
+def test_sampled_upper_training_takes_no_real_codes_and_only_the_bottom_teacher(capsys):
+    from distill.train import DistillConfig, main as train_main
+    assert DistillConfig(teacher="bottom", upper="sampled").real_ratio == 0.0
+    assert DistillConfig(teacher="bottom").real_ratio == 0.25
+    assert train_main(["--teacher", "bottom", "--upper", "sampled", "--real-ratio", "0.25"]) == 2
+    assert "belong to its real upper codes" in capsys.readouterr().err
+    assert train_main(["--teacher", "middle", "--upper", "sampled"]) == 2
+    assert "only --teacher bottom" in capsys.readouterr().err
