@@ -47,7 +47,7 @@ import torch.nn as nn
 
 from fastjukebox.atomic import atomic_path
 from fastjukebox.cli_options import HelpFormatter
-from fastjukebox.train.loop import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, lr_factor, read_checkpoint
+from fastjukebox.train.loop import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, lr_factor
 from fastjukebox.train.loop import train as train_loop
 
 from .data import UPPER_SOURCES, GenerationConfig, generate_shards, load_pieces, load_shards, read_meta
@@ -455,11 +455,8 @@ def train(cfg: DistillConfig) -> dict:
                              f"(level {student.config.level}, not the level-{cfg.level} teacher's architecture)")
     else:
         student = ParallelStudent.from_teacher(prior, cfg.input_layout).float().train()
-    start = int(read_checkpoint(ckpt)["step"]) if cfg.resume and ckpt.exists() else 0
-    if main and start:
-        print(f"resuming {ckpt} at step {start}/{cfg.steps + cfg.on_policy_steps}", file=sys.stderr)
     t0 = time.time()
-    train_loop(DistillTask(cfg, student, prior, data), TrainConfig(
+    run = train_loop(DistillTask(cfg, student, prior, data), TrainConfig(
         steps=cfg.steps + cfg.on_policy_steps, batch_size=cfg.batch_size, out_dir=str(out), run_dir=str(out),
         save_component=False, lr=cfg.lr, warmup_steps=min(cfg.warmup, cfg.steps), min_lr_ratio=cfg.min_lr_ratio,
         weight_decay=cfg.weight_decay, betas=(0.9, 0.95), clip=cfg.grad_clip, mixed_precision=mixed_precision,
@@ -470,8 +467,8 @@ def train(cfg: DistillConfig) -> dict:
     # 4. outputs
     digest = torch.tensor([int(weights_digest(student)[:15], 16)], dtype=torch.int64, device=acc.device)
     digests = [f"{int(d):015x}" for d in acc.gather(digest).tolist()]
-    summary = dict(config=asdict(cfg), steps=cfg.steps, on_policy_steps=cfg.on_policy_steps, resumed_from=start, world_size=acc.num_processes,
-                   rank_weight_digests=digests, windows=int(data["codes"].shape[0]),
+    summary = dict(config=asdict(cfg), steps=cfg.steps, on_policy_steps=cfg.on_policy_steps,
+                   resumed_from=run.resumed_from, world_size=acc.num_processes, rank_weight_digests=digests, windows=int(data["codes"].shape[0]),
                    train_seconds=round(time.time() - t0, 3), device=str(acc.device))
     result = summary
     if main:

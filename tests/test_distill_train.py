@@ -225,6 +225,11 @@ def test_two_processes_end_with_identical_weights(audio_dir, shard_dir, tmp_path
     assert summary["world_size"] == 2
     d = summary["rank_weight_digests"]
     assert len(d) == 2 and d[0] == d[1]
+    # the learning rate follows the step, whatever the number of processes
+    from distill.train import lr_at
+    cfg = DistillConfig(**summary["config"])
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4] and rows[0]["lr"] == pytest.approx(lr_at(3, cfg))
     # the ranks drew different batches, so equal weights mean synchronised gradients; and the
     # weights moved away from the teacher's copy
     from distill.student import ParallelStudent

@@ -1,6 +1,6 @@
-"""The training loop shared by the VQ-VAE and the priors.
+"""The project's one training loop: the VQ-VAE, the priors and any other ``TrainTask``.
 
-A *task* (``VQVAETask``, ``PriorTask``, the distillation's ``distill.train.DistillTask``) owns the
+A *task* (``VQVAETask``, ``PriorTask``, or any object with the ``TrainTask`` attributes) owns the
 model, its data and any state outside the module (the codebook EMA); the loop owns optimisation
 and bookkeeping:
 
@@ -8,8 +8,9 @@ and bookkeeping:
   ``"fp16"``), gradient clipping and several processes (``accelerate launch``: gradients are
   synchronised, metrics averaged over the processes, only the main process writes);
 * AdamW with linear warm-up and cosine decay to ``min_lr_ratio * lr`` (or the task's own
-  ``lr_factor(step)``);
-* progress with the ETA and current loss (``fastjukebox.progress``: tqdm on a terminal, lines in a log), metrics appended to ``metrics.jsonl``;
+  ``lr_factor(step)``), a function of the optimiser step whatever the number of processes;
+* progress with the ETA and current loss (``fastjukebox.progress``: tqdm on a terminal, lines in a
+  log), metrics appended to ``metrics.jsonl``;
 * periodic checkpoints ``checkpoint.pt`` (model, optimizer, scheduler, task state, RNG states,
   step), written atomically and read back with ``torch.load(weights_only=True)``, plus the
   component directory (``config.json`` + ``model.safetensors``) after each checkpoint.
@@ -38,6 +39,7 @@ import json
 import math
 import os
 import pickle
+import sys
 import time
 import zipfile
 from dataclasses import dataclass
@@ -124,6 +126,7 @@ class TrainTask(Protocol):
 @dataclass
 class TrainResult:
     step: int
+    resumed_from: int                  # the checkpoint's step the run continued from; 0: a fresh run
     loss: float
     component_dir: Path
     checkpoint: Path
@@ -267,7 +270,8 @@ def train(task: TrainTask, cfg: TrainConfig, accelerator=None) -> TrainResult:
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
     factor = getattr(task, "lr_factor", None) or (lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    model, opt, sched = acc.prepare(model, opt, sched)
+    # the scheduler stays unprepared: accelerate's wrapper steps it once per process at each step
+    model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
     if hasattr(task, "bind"):
         task.bind(model, acc)
@@ -284,6 +288,7 @@ def train(task: TrainTask, cfg: TrainConfig, accelerator=None) -> TrainResult:
         start = int(ck["step"])
         if main:
             trim_log(log_path, start)
+            print(f"resuming {ck_path} at step {start}/{cfg.steps}", file=sys.stderr)
     elif not cfg.resume and main:
         for p in (ck_path, log_path):
             if p.exists():
@@ -330,6 +335,6 @@ def train(task: TrainTask, cfg: TrainConfig, accelerator=None) -> TrainResult:
         save_component(raw, comp_dir)
     elapsed = time.perf_counter() - t0
     model.eval()
-    return TrainResult(step=max(end, start), loss=loss_val, component_dir=comp_dir, checkpoint=ck_path,
-                       metrics_log=log_path, steps_per_second=done / elapsed if elapsed > 0 else 0.0,
+    return TrainResult(step=max(end, start), resumed_from=start, loss=loss_val, component_dir=comp_dir,
+                       checkpoint=ck_path, metrics_log=log_path, steps_per_second=done / elapsed if elapsed > 0 else 0.0,
                        finished=max(end, start) >= cfg.steps)
