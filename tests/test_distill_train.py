@@ -212,6 +212,16 @@ def test_sigkill_then_resume_equals_uninterrupted(audio_dir, shard_dir, tmp_path
     assert all(("div_bits" in r) == (r["step"] > steps) for r in rows)
 
 
+def test_unreadable_checkpoint_is_named(audio_dir, shard_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short")
+    assert train_main(_argv(audio_dir, shard_dir, out, 2, "--resume", "--no-eval")) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint.pt: not a readable training checkpoint" in err
+    assert not (out / "student").exists()
+
+
 def test_two_processes_end_with_identical_weights(audio_dir, shard_dir, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
