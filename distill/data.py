@@ -183,6 +183,11 @@ def real_windows(vqvae: VQVAE, prior: Prior, pieces: Sequence[SourcePiece], n: i
     return Windows(codes[L].long().cpu(), codes[L + 1].long().cpu(), _window_labels(prior, where))
 
 
+def windows_per_upper(prior: Prior, upper_prior: Prior) -> int:
+    """Level-``L`` windows of ``prior`` in one window of the level-``L + 1`` ``upper_prior``."""
+    return upper_prior.config.sample_length // prior.config.sample_length
+
+
 def sampled_upper_windows(vqvae: VQVAE, prior: Prior, upper_prior: Prior, pieces: Sequence[SourcePiece], n: int,
                           generator: torch.Generator, *, temperature: float = 1.0, batch_size: int = 16,
                           sample_generator: torch.Generator | None = None, decoders: dict | None = None,
@@ -199,7 +204,7 @@ def sampled_upper_windows(vqvae: VQVAE, prior: Prior, upper_prior: Prior, pieces
     if cu.level != L + 1 or cu.is_top:
         raise ValueError(f"sampled upper codes for level {L} need the level-{L + 1} upsampler, got the "
                          f"level-{cu.level} {'top prior' if cu.is_top else 'upsampler'}")
-    per = cu.sample_length // c.sample_length                 # level-L windows in one upper window
+    per = windows_per_upper(prior, upper_prior)
     n_up = c.n_ctx // c.cond_downsample                       # upper codes under one level-L window
     if per * c.sample_length != cu.sample_length or per * n_up != cu.n_ctx:
         raise ValueError(f"a level-{L + 1} window ({cu.sample_length} samples, {cu.n_ctx} codes) is not a whole "
@@ -415,7 +420,7 @@ def generate_shards(prior: Prior, vqvae: VQVAE, pieces: Sequence[SourcePiece], d
         todo.append(i)
     per_shard = gen.shard_size
     if gen.upper == "sampled":       # and the upper windows they are cut from
-        per_shard += -(-gen.shard_size // (upper_prior.config.sample_length // prior.config.sample_length))
+        per_shard += -(-gen.shard_size // windows_per_upper(prior, upper_prior))
     bar = progress_bar(len(todo) * per_shard, f"teacher samples (rank {rank})", "win",
                        enabled=progress and bool(todo))
     decoders, upper_decoders = {}, {}

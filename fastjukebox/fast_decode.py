@@ -42,6 +42,7 @@ The sampler ``GraphWindowSampler`` (registered as ``"ar-graph"`` in ``fastjukebo
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Callable
 
@@ -56,7 +57,7 @@ from .block_forward import BlockWeights, block_forward, layer_table
 from .kv_cache import slot_index
 from .prior import Prior
 from .sample_seeds import SampleGenerators, fill_rows
-from .sampling import check_window_call, sample_window
+from .sampling import check_window_call, decode_window, sample_window
 
 __all__ = ["StaticStepDecoder", "GraphWindowSampler", "cuda_graphs_enabled", "resolve_backend", "GRAPHS_ENV"]
 
@@ -333,6 +334,11 @@ class StaticStepDecoder:
         dec.advance(count)
 
 
+# sample_window's own defaults of the knobs a caller may leave out (written once, there)
+_WINDOW_DEFAULTS = {k: v.default for k, v in inspect.signature(sample_window).parameters.items()
+                    if v.kind is v.KEYWORD_ONLY and k != "run_steps"}
+
+
 class GraphWindowSampler:
     """The ``"ar-graph"`` window sampler: ``ARWindowSampler``'s tokens through the fast step.
 
@@ -360,10 +366,11 @@ class GraphWindowSampler:
     def __call__(self, known, n_new: int, upper=None, labels=None, **knobs) -> torch.Tensor:
         """Prime ``known`` (N, K) codes, sample ``n_new`` more -> (N, K + n_new) codes
         (``sampling.sample_window``'s arguments; ``generator`` may be one per sample)."""
-        known = check_window_call(known, n_new, knobs.get("temperature", 1.0), knobs.get("top_k", 0),
-                                  knobs.get("top_p", 0.0), self.prior.config, self.device)
+        knobs = {**_WINDOW_DEFAULTS, **knobs}
+        known = check_window_call(known, n_new, knobs["temperature"], knobs["top_k"], knobs["top_p"],
+                                  self.prior.config, self.device)          # once, before choosing the decoder
         self._ensure(known.shape[0])
-        return sample_window(self.decoder, known, n_new, upper, labels, run_steps=self._run_steps, **knobs)
+        return decode_window(self.decoder, known, n_new, upper, labels, run_steps=self._run_steps, **knobs)
 
     def _run_steps(self, count: int, knobs: dict, on_step: Callable[[int], None]) -> None:
         self.fast.bind(**knobs)

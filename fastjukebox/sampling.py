@@ -114,6 +114,16 @@ def sample_window(decoder: WindowDecoder, known: torch.Tensor, n_new: int, upper
     the draw's temperature, top-k, top-p and generator; the first token of a window that starts
     at position 0 reads the start embedding and always takes the decoder's step."""
     known = check_window_call(known, n_new, temperature, top_k, top_p, decoder.config, decoder.device)
+    return decode_window(decoder, known, n_new, upper, labels, temperature=temperature, top_k=top_k, top_p=top_p,
+                         chunk_size=chunk_size, generator=generator, on_progress=on_progress,
+                         report_every=report_every, run_steps=run_steps)
+
+
+def decode_window(decoder: WindowDecoder, known: torch.Tensor, n_new: int, upper=None, labels=None, *,
+                  temperature: float, top_k: int, top_p: float, chunk_size: int, generator, on_progress,
+                  report_every: int, run_steps) -> torch.Tensor:
+    """``sample_window`` after its arguments were checked (``check_window_call``): for a sampler
+    that checks them itself before choosing its decoder."""
     decoder.begin(upper, labels, n=known.shape[0])
     decoder.prime(known, chunk_size)
 
