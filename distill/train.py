@@ -46,6 +46,7 @@ import torch
 import torch.nn as nn
 
 from fastjukebox.atomic import atomic_path
+from fastjukebox.process_group import end_at_exit
 from fastjukebox.cli_options import HelpFormatter
 from fastjukebox.train.loop import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, lr_factor
 from fastjukebox.train.loop import train as train_loop
@@ -58,9 +59,11 @@ from .student import DEFAULT_PASSES, TEACHERS
 
 # The default runs. On the demo family on 2 CPU cores, teacher data generation, the sampler
 # choice and the evaluation included: middle about 20 minutes, bottom about 30. Level 0 takes the
-# shifted input layout (its codes depend most on their left neighbour: ``level0-levers.md``).
-DEFAULTS = {"middle": dict(steps=800, shards=16, shard_size=32, input_layout="tokens"),
-            "bottom": dict(steps=2000, shards=16, shard_size=32, input_layout="shifted")}
+# shifted input layout (its codes depend most on their left neighbour) and trains on windows
+# whose level-1 codes the middle teacher sampled, the conditioning it meets in an upsample
+# (``benchmarks/results/level0-levers.md``, sections 3 and 9).
+DEFAULTS = {"middle": dict(steps=800, shards=16, shard_size=32, input_layout="tokens", upper="real"),
+            "bottom": dict(steps=2000, shards=16, shard_size=32, input_layout="shifted", upper="sampled")}
 
 
 @dataclass
@@ -89,7 +92,7 @@ class DistillConfig:
     prefix_layout: bool = True         # prefix examples train the prefix-cached layout (distill.prefix_layout)
     input_layout: str | None = None     # student input: own codes, or left neighbours' ("shifted"); None: DEFAULTS
     init_student: str | None = None    # start from this student directory instead of the teacher's weights
-    upper: str = "real"                # the shard windows' upper codes: real (encoded) or sampled (distill.data)
+    upper: str | None = None           # the shard windows' upper codes: real (encoded) or sampled (distill.data); None: DEFAULTS
     on_policy_steps: int = 0           # on-policy steps after the masked-token steps (distill.on_policy)
     on_policy_divergence: str = "reverse"
     on_policy_lr: float = 1e-4
@@ -413,6 +416,7 @@ def train(cfg: DistillConfig) -> dict:
     # CPU process group when asked for the CPU)
     mixed_precision, cpu = _mixed_precision(cfg.mixed_precision), cfg.cpu or not torch.cuda.is_available()
     acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    end_at_exit()
     main = acc.is_main_process
     out = cfg.out_dir
     ckpt, log = out / CHECKPOINT_NAME, out / METRICS_NAME
@@ -531,10 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-student", default=None,
                    help="start from this student directory (e.g. a shipped one) instead of the teacher's weights "
                         "(default: the teacher's weights)")
-    p.add_argument("--upper", choices=UPPER_SOURCES, default="real",
+    p.add_argument("--upper", choices=UPPER_SOURCES, default=None,
                    help="the training windows' upper codes: real (the encoding) or sampled by the upper teacher from "
                         "the real codes two levels up, the conditioning of a user's upsample (bottom only); the final "
-                        "evaluation uses the same")
+                        "evaluation uses the same (default: sampled for bottom, real for middle)")
     p.add_argument("--on-policy-steps", type=int, default=0,
                    help="on-policy steps after the masked-token steps: the student samples windows, the teacher "
                         "scores them (distill.on_policy)")

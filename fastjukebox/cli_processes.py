@@ -73,5 +73,8 @@ def current() -> Processes:
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return Processes()
     from accelerate import PartialState
+
+    from .process_group import end_at_exit
     state = PartialState(cpu=not torch.cuda.is_available())
+    end_at_exit()
     return Processes(state.process_index, state.num_processes, torch.device(state.device))

@@ -124,8 +124,13 @@ def test_evaluation_in_the_users_setting_conditions_on_sampled_upper_codes(tiny,
 
 def test_sampled_upper_training_takes_no_real_codes_and_only_the_bottom_teacher(capsys):
     from distill.train import DistillConfig, main as train_main
-    assert DistillConfig(teacher="bottom", upper="sampled").real_ratio == 0.0
-    assert DistillConfig(teacher="bottom").real_ratio == 0.25
+    bottom = DistillConfig(teacher="bottom")         # the default recipe: upper codes as an upsample samples them
+    assert (bottom.upper, bottom.real_ratio) == ("sampled", 0.0)
+    assert DistillConfig(teacher="bottom", upper="real").real_ratio == 0.25
+    middle = DistillConfig(teacher="middle")
+    assert (middle.upper, middle.real_ratio) == ("real", 0.25)
+    assert train_main(["--teacher", "bottom", "--real-ratio", "0.25"]) == 2
+    assert "belong to its real upper codes" in capsys.readouterr().err
     assert train_main(["--teacher", "bottom", "--upper", "sampled", "--real-ratio", "0.25"]) == 2
     assert "belong to its real upper codes" in capsys.readouterr().err
     assert train_main(["--teacher", "middle", "--upper", "sampled"]) == 2

@@ -112,3 +112,26 @@ def test_a_failing_process_names_itself_and_no_codes_file_appears(tmp_path):
     assert "1 of 2 processes failed; no codes file written" in run.stderr
     assert not (tmp_path / "up.npz").exists()
     assert (tmp_path / "up_0.wav").exists()   # the healthy process's own sample
+
+
+def test_processes_end_their_group_together_at_exit(tmp_path):
+    # the last exit step of every process (registered before the group's end, so it runs after
+    # it) finds the group destroyed, and the fast process gets there only after the slow one
+    # reached its own exit
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "import atexit, time, torch\n"
+        "def last():\n"
+        "    open(f'after_{rank}', 'w').write(f'{torch.distributed.is_initialized()} {time.time()!r}')\n"
+        "atexit.register(last)\n"
+        "from fastjukebox.cli_processes import current\n"
+        "rank = current().rank\n"
+        "if rank == 1:\n"
+        "    time.sleep(2.0)\n"
+        "open(f'before_{rank}', 'w').write(repr(time.time()))\n")
+    run = _launch(tmp_path, script=script)
+    assert run.returncode == 0, run.stderr[-2000:]
+    before = {r: float((tmp_path / f"before_{r}").read_text()) for r in (0, 1)}
+    after = {r: (tmp_path / f"after_{r}").read_text().split() for r in (0, 1)}
+    assert [after[r][0] for r in (0, 1)] == ["False", "False"]
+    assert float(after[0][1]) >= before[1] > before[0] + 1.5

@@ -51,6 +51,7 @@ import torch.nn as nn
 
 from ..atomic import atomic_path
 from ..checkpoint import CheckpointError, save_component
+from ..process_group import end_at_exit
 from ..progress import progress_bar
 
 __all__ = ["TrainConfig", "TrainTask", "TrainResult", "train", "lr_factor", "read_checkpoint", "trim_log",
@@ -160,7 +161,9 @@ def _accelerator(cfg: TrainConfig):
         # accelerate keeps one process-wide state; a second run in the same process (the demo
         # builder trains four models) may ask for another precision.
         AcceleratorState._reset_state(True)
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
+    end_at_exit()
+    return acc
 
 
 def _rng_state() -> dict[str, Any]:
