@@ -46,8 +46,8 @@ import torch
 import torch.nn as nn
 
 from fastjukebox.atomic import atomic_path
-from fastjukebox.process_group import end_at_exit
 from fastjukebox.cli_options import HelpFormatter
+from fastjukebox.process_group import end_at_exit
 from fastjukebox.train.loop import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, lr_factor
 from fastjukebox.train.loop import train as train_loop
 
@@ -58,10 +58,10 @@ from .schedules import sample_training_mask
 from .student import DEFAULT_PASSES, TEACHERS
 
 # The default runs. On the demo family on 2 CPU cores, teacher data generation, the sampler
-# choice and the evaluation included: middle about 20 minutes, bottom about 30. Level 0 takes the
-# shifted input layout (its codes depend most on their left neighbour) and trains on windows
-# whose level-1 codes the middle teacher sampled, the conditioning it meets in an upsample
-# (``benchmarks/results/level0-levers.md``, sections 3 and 9).
+# choice and the evaluation included: middle 25.5 minutes, bottom 21.5 (measured alone). Level 0
+# takes the shifted input layout (its codes depend most on their left neighbour) and trains on
+# windows whose level-1 codes the middle teacher sampled, the conditioning it meets in an
+# upsample (``benchmarks/results/level0-levers.md``, sections 3, 9 and 10).
 DEFAULTS = {"middle": dict(steps=800, shards=16, shard_size=32, input_layout="tokens", upper="real"),
             "bottom": dict(steps=2000, shards=16, shard_size=32, input_layout="shifted", upper="sampled")}
 
