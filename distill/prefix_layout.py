@@ -67,6 +67,31 @@ def _attend(L: BlockWeights, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     return a[:, P:]
 
 
+def _attend_suffix(L: BlockWeights, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   kp: torch.Tensor, vp: torch.Tensor) -> torch.Tensor:
+    """``_attend`` for queries at positions ``[P, T)`` with keys/values ``k``, ``v`` there and the
+    prefix's ``kp``, ``vp`` (``P = kp.shape[1]``). Where the prefix ends on a block boundary the
+    block-local patterns run over the keys they can see only: a block layer over the suffix's own
+    blocks, a previous-block layer from the prefix's last block on, and (whole blocks throughout) a
+    transpose layer as attention of each column's suffix queries to that whole column; any
+    other case pays for zero queries at the prefix positions."""
+    P, T, C = kp.shape[1], kp.shape[1] + k.shape[1], L.block_len
+    if C and P % C == 0:
+        if L.pattern == "block":
+            return attend(q, k, v, "block", block_len=C, causal=False)
+        if L.pattern == "prev_block":
+            return _attend(L, q, torch.cat([kp[:, P - C:], k], dim=1), torch.cat([vp[:, P - C:], v], dim=1))
+        if L.pattern == "transpose" and T % C == 0:
+            N, Tq, H, D = q.shape
+
+            def columns(x):     # [N, n * C, H, D] -> [N * C, n, H, D]: one row per column
+                return x.unflatten(1, (-1, C)).transpose(1, 2).reshape(N * C, -1, H, D)
+
+            a = attend(columns(q), columns(torch.cat([kp, k], dim=1)), columns(torch.cat([vp, v], dim=1)), "cross")
+            return a.view(N, C, Tq // C, H, D).transpose(1, 2).reshape(N, Tq, H, D)
+    return _attend(L, q, torch.cat([kp, k], dim=1), torch.cat([vp, v], dim=1))
+
+
 class _LayoutAttention:
     """``block_forward``'s attention under the layout, for rows of ``N`` samples:
 
@@ -88,8 +113,7 @@ class _LayoutAttention:
             self.values.append(v)
             a = _attend(L, q, k, v)
         elif self.mode == "suffix":
-            kp, vp = self.cache.keys[L.index], self.cache.values[L.index]
-            a = _attend(L, q, torch.cat([kp, k], dim=1), torch.cat([vp, v], dim=1))
+            a = _attend_suffix(L, q, k, v, self.cache.keys[L.index], self.cache.values[L.index])
         else:
             P = self.P
             a = torch.cat([_attend(L, q[:, :P], k[:, :P], v[:, :P]), _attend(L, q[:, P:], k, v)], dim=1)

@@ -97,14 +97,14 @@ def factored_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             if causal:
                 allowed = torch.ones(C, C, dtype=torch.bool, device=dev).tril()
             else:
-                allowed = real[:, None, :]                      # [nb, 1, C]
+                allowed = real[:, None, :] if nb * C != T else None    # [nb, 1, C]
             out = _softmax_attend(qb, kb, vb, allowed, scale)
         elif pattern == "transpose":
             qt, kt, vt = (x.transpose(2, 3) for x in (qb, kb, vb))  # [B, H, C, nb, D]
             if causal:
                 allowed = torch.ones(nb, nb, dtype=torch.bool, device=dev).tril()
             else:
-                allowed = real.t()[:, None, :]                  # [C, 1, nb]
+                allowed = real.t()[:, None, :] if nb * C != T else None   # [C, 1, nb]
             out = _softmax_attend(qt, kt, vt, allowed, scale).transpose(2, 3)
         elif pattern == "prev_block":
             kp = F.pad(kb[:, :, :-1], (0, 0, 0, 0, 1, 0))      # block b reads block b-1, block 0 zeros
