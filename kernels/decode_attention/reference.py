@@ -22,13 +22,18 @@ Each call is one ``scaled_dot_product_attention`` over the visible keys (views o
 copy for a single query); several queries of a causal pattern take an additive ``0 / -inf`` mask,
 a view of one template per dtype and device (a float mask takes the CPU's fused kernel without
 the conversion a boolean one costs).
+
+``cached_attention_rows`` is the per-row form: row ``n`` of the batch has its own first position
+``starts[n]`` (a tensor, read on the device, no host sync), so rows of one call may sit in
+different blocks. It is one ``scaled_dot_product_attention`` with a boolean mask over the rows'
+visible slots, on the CPU and on CUDA alike (a Triton per-row decode kernel is future work).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cached_attention", "decode_attention_reference"]
+__all__ = ["cached_attention", "cached_attention_rows", "decode_attention_reference"]
 
 _BIAS: dict[tuple, torch.Tensor] = {}
 
@@ -102,3 +107,58 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     """``cached_attention`` with zeros where no key is visible: ``[N, T, H, D]`` in and out."""
     a = cached_attention(q, k_cache, v_cache, pattern, pos, block_len, prime_len, scale)
     return torch.zeros_like(q) if a is None else a
+
+
+def cached_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pattern: str,
+                          starts: torch.Tensor, block_len: int, prime_len: int | None = None,
+                          scale: float | None = None) -> torch.Tensor:
+    """Queries ``q: [N, T, H, D]``, query ``(n, t)`` at position ``starts[n] + t``, against a layer's
+    cache -> ``[N, T, H, D]``. ``starts`` is an ``(N,)`` integer tensor on the queries' device.
+
+    Each query sees the keys ``cached_attention`` gives one query at its position: ``block``: its
+    block's slots up to its own; ``prev_block``: all of the previous block's ring slot (block 0:
+    exactly 0); ``transpose``: its column ``position % C``, blocks up to its own; ``dense``: slots
+    up to its position; ``prime``: those below ``prime_len`` too; ``cross``: every key. Positions
+    may run past their block or the window (a caller's padding): their outputs are finite and
+    meaningless."""
+    N, T, H, D = q.shape
+    C = block_len
+    if starts.dim() != 1 or starts.shape[0] != N or starts.dtype.is_floating_point or starts.dtype == torch.bool:
+        raise ValueError(f"starts must be an integer tensor of shape ({N},), got {tuple(starts.shape)} "
+                         f"{starts.dtype}")
+    pos = starts.to(q.device).long()[:, None] + torch.arange(T, device=q.device)   # (N, T)
+    b, s = pos // C, pos % C
+    if pattern == "transpose":   # each query gathers its own column [blocks, H, D]
+        nb = k_cache.shape[2]
+        col = s.reshape(N * T)
+        row = torch.arange(N, device=q.device).repeat_interleave(T)
+        k, v = (c[row, col].transpose(1, 2) for c in (k_cache, v_cache))       # (N T, H, nb, D)
+        keep = (torch.arange(nb, device=q.device) <= b.reshape(N * T, 1))[:, None, None]
+        a = F.scaled_dot_product_attention(q.reshape(N * T, H, 1, D), k, v, attn_mask=keep, scale=scale)
+        return a.view(N, T, H, D)
+    has_key = None
+    if pattern == "block":
+        k, v = k_cache, v_cache
+        keep = torch.arange(C, device=q.device) <= s[..., None]
+    elif pattern == "prev_block":
+        k, v = k_cache.flatten(1, 2), v_cache.flatten(1, 2)
+        ring = torch.arange(2 * C, device=q.device) // C
+        has_key = b >= 1
+        keep = (ring == (b[..., None] - 1) % 2) | ~has_key[..., None]   # keyless rows: any key, then 0
+    elif pattern == "cross":
+        k, v, keep = k_cache, v_cache, None
+    elif pattern in ("dense", "prime"):
+        if pattern == "prime" and prime_len is None:
+            raise ValueError("prime attention needs prime_len")
+        k, v = k_cache, v_cache
+        keep = torch.arange(k.shape[1], device=q.device) <= pos[..., None]
+    else:
+        raise ValueError(f"cached decoding does not support the {pattern!r} pattern")
+    if k.shape[1] == 0:
+        return torch.zeros_like(q)
+    mask = None if keep is None else keep[:, None]      # (N, 1, T, S), broadcast over heads
+    a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       scale=scale).transpose(1, 2)
+    if has_key is not None:
+        a = torch.where(has_key[..., None, None], a, torch.zeros((), dtype=a.dtype, device=a.device))
+    return a
