@@ -117,6 +117,38 @@ class KVCache:
         kv = torch.addmm(b, h, w).view(N, -1, 2, H, D)
         self.write(layer, kv[:, :, 0], kv[:, :, 1], pos)
 
+    def write_rows(self, layer: int, kv: torch.Tensor, starts: torch.Tensor, valid: torch.Tensor) -> None:
+        """Store keys/values ``kv: [N, T, 2 * H * D]`` (key then value per position, ``flat``'s slot
+        layout; ``[N, T, 2, H, D]`` also taken) where row ``n``'s position ``t`` is
+        ``starts[n] + t``. Only ``t < valid[n]`` is written (``1 <= valid[n]``, those positions inside
+        one block and the window); later positions are padding and touch no slot. ``starts`` and
+        ``valid`` are ``(N,)`` long tensors on the cache's device; nothing syncs with the host.
+
+        Each padding position is sent to the slot of its row's last written position with that
+        position's own values, so duplicate indices of one ``scatter_`` carry equal data. Prime
+        layers keep only positions below ``prime_len``; a row with none there rewrites slot 0 with
+        its current contents."""
+        p, flat = self.patterns[layer], self.flat[layer]
+        if p == "cross":
+            raise ValueError("cross-attention layers take keys from the lyric encoder, not per position")
+        N, T = kv.shape[:2]
+        if flat.shape[1] == 0:
+            return
+        kv = kv.reshape(N, T, -1)
+        keep = valid
+        if p == "prime":
+            keep = torch.minimum(valid, flat.shape[1] - starts)
+        last = (keep.clamp(min=1) - 1)[:, None]                                     # (N, 1)
+        t = torch.minimum(torch.arange(T, device=kv.device), last)                  # (N, T)
+        C = self.config.block_len
+        slots = slot_index(p, starts[:, None] + t, C, self.config.seq_len // C)
+        src = kv.gather(1, t[..., None].expand(-1, -1, kv.shape[2]))
+        if p == "prime":
+            none = (keep < 1)[:, None]
+            slots = slots.masked_fill(none, 0)
+            src = torch.where(none[..., None], flat[:, :1], src)
+        flat.scatter_(1, slots[..., None].expand(-1, -1, flat.shape[2]), src)
+
     def slot(self, layer: int, pos: int) -> torch.Tensor | None:
         """The key and value of position ``pos`` as one ``[N, 2 * H * D]`` view (key first), or None
         where the layer keeps no key for it (prime layers past the lyrics, cross layers)."""
