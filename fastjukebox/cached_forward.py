@@ -14,6 +14,12 @@ writing their keys/values into ``cache`` (a ``KVCache``). Each layer is
   on views of the cache); elsewhere through ``attention.attend_cached`` (the Triton kernel on
   CUDA).
 
+``CachedForward(model).rows(x, starts, valid, cache)`` is the per-row form: row ``n``'s inputs
+``x[n]: (T, W)`` are those of positions ``[starts[n], starts[n] + T)``, of which the first
+``valid[n]`` (inside one block and the window) write their keys (``KVCache.write_rows``); the
+rest are padding that write nothing. Its attention is
+``kernels.decode_attention.reference.cached_attention_rows`` on every device.
+
 A one-token step on a small model costs its number of tensor operations more than its
 arithmetic; this path keeps that count per layer at what the arithmetic needs, and a chunk of T
 positions costs as many operations as one token. Float64 parity with the teacher-forced forward
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.decode_attention.reference import cached_attention
+from kernels.decode_attention.reference import cached_attention, cached_attention_rows
 
 from .attention import attend_cached
 from .block_forward import BlockWeights, block_forward, layer_table
@@ -42,6 +48,7 @@ class CachedForward:
         # backend (the Triton kernel on CUDA) through attend_cached.
         self.sdpa = model.x_emb.weight.device.type == "cpu"
         self._pos, self._cache, self._shape = 0, None, (0, 0)
+        self._starts = self._valid = None
 
     def stale(self) -> bool:
         """Whether the model's parameters were replaced since construction (``model.to(...)``
@@ -57,6 +64,27 @@ class CachedForward:
             x = block_forward(L, x, self._attend)
         self._cache = None
         return x if one else x.view(N, T, W)
+
+    def rows(self, x: torch.Tensor, starts: torch.Tensor, valid: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Final activations ``(N, T, W)`` of inputs ``x: (N, T, W)`` at per-row positions
+        ``starts[n] + t``; keys of ``t < valid[n]`` enter ``cache`` (``starts``, ``valid``: ``(N,)``
+        long tensors on ``x``'s device)."""
+        N, T, W = x.shape
+        self._starts, self._valid, self._cache, self._shape = starts, valid, cache, (N, T)
+        h = x.reshape(N * T, W)
+        for L in self.layers:
+            h = block_forward(L, h, self._attend_rows)
+        self._starts = self._valid = self._cache = None
+        return h.view(N, T, W)
+
+    def _attend_rows(self, L: BlockWeights, h: torch.Tensor) -> torch.Tensor:
+        (N, T), cache = self._shape, self._cache
+        q = torch.addmm(L.b_q, h, L.w_q).view(N, T, L.heads, L.head_dim)
+        if L.pattern != "cross":
+            cache.write_rows(L.index, torch.addmm(L.b_kv, h, L.w_kv).view(N, T, -1), self._starts, self._valid)
+        a = cached_attention_rows(q, cache.k[L.index], cache.v[L.index], L.pattern, self._starts, L.block_len,
+                                  L.prime_len)
+        return a.reshape(N * T, L.n_state)
 
     def _attend(self, L: BlockWeights, h: torch.Tensor) -> torch.Tensor | None:
         (N, T), pos, cache = self._shape, self._pos, self._cache
