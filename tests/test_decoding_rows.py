@@ -211,6 +211,45 @@ def test_resume_hands_rows_back_to_the_shared_position():
         assert _rel(logits[n, :v], teacher[n, s:s + v]) < TOL
 
 
+# --- per-row cache writes -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["tiny_prior_1b_lyrics", "order9"])   # prime layers; dense layers
+def test_write_rows_stores_exactly_the_valid_positions(name):
+    """Against ``KVCache.write`` of each row's valid positions alone, on a cache of random contents:
+    padding positions (past the block, the window or ``prime_len``) leave every slot as it was."""
+    config = (load_prior(DATA / f"{name}.pth.tar").config if name.startswith("tiny_")
+              else _random_prior(9, 4, n_ctx=42, blocks=6, level=2).config)
+    C, L, H, D = config.block_len, config.seq_len, config.heads, config.head_dim
+    g = torch.Generator().manual_seed(2)
+    P = config.prime_len or 5
+    starts = torch.tensor([0, C - 2, P, P - 2, L - 3, 2 * C + 1])     # P - 2: a chunk across prime_len
+    N, T = len(starts), C + 3
+    valid = torch.minimum(torch.minimum(C - starts % C, L - starts), torch.tensor(T))
+    cache = KVCache(config, N, torch.float64, "cpu")
+    for kv in cache.kv:
+        kv.copy_(torch.randn(kv.shape, generator=g, dtype=torch.float64))
+    alone = []
+    for n in range(N):
+        one = KVCache(config, 1, torch.float64, "cpu")
+        for a, b in zip(one.kv, cache.kv):
+            a.copy_(b[n:n + 1])
+        alone.append(one)
+    for layer, pattern in enumerate(cache.patterns):
+        if pattern == "cross":
+            continue
+        kv = torch.randn(N, T, 2, H, D, generator=g, dtype=torch.float64)
+        before = cache.kv[layer].clone()
+        cache.write_rows(layer, kv, starts, valid)
+        for n in range(N):
+            v, s = int(valid[n]), int(starts[n])
+            alone[n].write(layer, kv[n:n + 1, :v, 0], kv[n:n + 1, :v, 1], s)
+            assert torch.equal(cache.kv[layer][n], alone[n].kv[layer][0]), (pattern, n)
+        assert not torch.equal(cache.kv[layer], before), pattern    # something was written
+    lyric = KVCache(load_prior(DATA / "tiny_prior_5b_lyrics.pth.tar").config, 1, torch.float64, "cpu")
+    with pytest.raises(ValueError, match="cross-attention layers"):
+        lyric.write_rows(lyric.patterns.index("cross"), torch.zeros(1, 1, 64), starts[:1], valid[:1])
+
+
 # --- the per-row attention reference ------------------------------------------------------
 
 def _caches(pattern, N, H, D, C, nb, P, S, g):
