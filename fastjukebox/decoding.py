@@ -195,7 +195,8 @@ class WindowDecoder:
         start, so row ``n`` may start anywhere from the start to the valid end of its last
         ``score_rows`` chunk, or, when the last call moved the shared position (``prime``,
         ``step``, ``score``, ``advance``, ``resume``), at that position (or inside the last
-        ``score`` chunk). Slots of positions from a row's start on are overwritten. Starting
+        ``score`` chunk). Slots of positions from a row's start on are overwritten; a row that is
+        done may re-run its last position, ``n_ctx - 1`` (its keys come out the same). Starting
         elsewhere, or outside ``[0, n_ctx)``, is a ValueError (one host sync per call). The shared
         ``position`` does not move: ``resume`` sets it before ``step``/``score``/``codes``.
         Merged-lyric priors are not supported here."""
