@@ -140,14 +140,15 @@ def test_padding_never_changes_the_cache(name, monkeypatch):
         assert _rel(logits[n, :v], teacher[n, s:s + v]) < TOL, n
 
     # the mutant that writes padding positions too is caught
-    write_rows = KVCache.write_rows
-    def padded(self, layer, kv, st, va):
-        return write_rows(self, layer, kv, st, torch.clamp(c.seq_len - st, max=kv.shape[1]))
-    monkeypatch.setattr(KVCache, "write_rows", padded)
+    row_slots = KVCache.row_slots
+
+    def padded(self, layer, st, va, T):
+        return row_slots(self, layer, st, torch.clamp(c.seq_len - st, max=T), T)
+    monkeypatch.setattr(KVCache, "row_slots", padded)
     bad = _decoder(prior, z, upper, y)
     _walk(bad, starts)
     bad.score_rows(C + 2, starts)
-    monkeypatch.setattr(KVCache, "write_rows", write_rows)
+    monkeypatch.setattr(KVCache, "row_slots", row_slots)
     diff = max(float((g - w).abs().max()) for n in range(4) for g, w in zip(_row_cache(bad.cache, n), alone(n)))
     assert diff > 1e-3
 

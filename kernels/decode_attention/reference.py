@@ -30,10 +30,12 @@ visible slots, on the CPU and on CUDA alike (a Triton per-row decode kernel is f
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cached_attention", "cached_attention_rows", "decode_attention_reference"]
+__all__ = ["RowKeys", "cached_attention", "cached_attention_rows", "decode_attention_reference", "row_keys"]
 
 _BIAS: dict[tuple, torch.Tensor] = {}
 
@@ -109,11 +111,49 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return torch.zeros_like(q) if a is None else a
 
 
+class RowKeys(NamedTuple):
+    """Which keys each query of a per-row call reads (``row_keys``): transpose layers gather query
+    ``(n, t)``'s column ``cols[n T + t]`` of row ``rows[n T + t]`` and keep blocks where ``mask``
+    (``(N T, 1, 1, blocks)``); the others keep slots where ``mask`` (``(N, 1, T, slots)``, None: all).
+    ``has_key: (N, T)``, or None where every query sees a key, marks queries with any."""
+    rows: torch.Tensor | None
+    cols: torch.Tensor | None
+    mask: torch.Tensor | None
+    has_key: torch.Tensor | None
+
+
+def row_keys(pattern: str, starts: torch.Tensor, T: int, block_len: int, k_cache: torch.Tensor) -> RowKeys:
+    """The ``RowKeys`` of queries ``(n, t)`` at positions ``starts[n] + t`` against a layer's cache
+    (only ``k_cache``'s shape and device are read): the same for every layer of a pattern in one
+    call, so a caller may compute them once and pass them to ``cached_attention_rows``."""
+    dev, C = k_cache.device, block_len
+    N = starts.shape[0]
+    pos = starts.to(dev).long()[:, None] + torch.arange(T, device=dev)   # (N, T)
+    if pattern == "transpose":
+        keep = torch.arange(k_cache.shape[2], device=dev) <= (pos // C).reshape(N * T, 1)
+        rows = torch.arange(N, device=dev).repeat_interleave(T)
+        return RowKeys(rows, (pos % C).reshape(N * T), keep[:, None, None], None)
+    if pattern == "block":
+        return RowKeys(None, None, (torch.arange(C, device=dev) <= (pos % C)[..., None])[:, None], None)
+    if pattern == "prev_block":
+        b = pos // C
+        has_key = b >= 1
+        ring = torch.arange(2 * C, device=dev) // C
+        keep = (ring == (b[..., None] - 1) % 2) | ~has_key[..., None]     # keyless queries: any key, then 0
+        return RowKeys(None, None, keep[:, None], has_key)
+    if pattern == "cross":
+        return RowKeys(None, None, None, None)
+    if pattern in ("dense", "prime"):
+        return RowKeys(None, None, (torch.arange(k_cache.shape[1], device=dev) <= pos[..., None])[:, None], None)
+    raise ValueError(f"cached decoding does not support the {pattern!r} pattern")
+
+
 def cached_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pattern: str,
                           starts: torch.Tensor, block_len: int, prime_len: int | None = None,
-                          scale: float | None = None) -> torch.Tensor:
+                          scale: float | None = None, keys: RowKeys | None = None) -> torch.Tensor:
     """Queries ``q: [N, T, H, D]``, query ``(n, t)`` at position ``starts[n] + t``, against a layer's
-    cache -> ``[N, T, H, D]``. ``starts`` is an ``(N,)`` integer tensor on the queries' device.
+    cache -> ``[N, T, H, D]``. ``starts`` is an ``(N,)`` integer tensor on the queries' device;
+    ``keys`` is its ``row_keys`` (computed here when None).
 
     Each query sees the keys ``cached_attention`` gives one query at its position: ``block``: its
     block's slots up to its own; ``prev_block``: all of the previous block's ring slot (block 0:
@@ -122,43 +162,22 @@ def cached_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     may run past their block or the window (a caller's padding): their outputs are finite and
     meaningless."""
     N, T, H, D = q.shape
-    C = block_len
     if starts.dim() != 1 or starts.shape[0] != N or starts.dtype.is_floating_point or starts.dtype == torch.bool:
         raise ValueError(f"starts must be an integer tensor of shape ({N},), got {tuple(starts.shape)} "
                          f"{starts.dtype}")
-    pos = starts.to(q.device).long()[:, None] + torch.arange(T, device=q.device)   # (N, T)
-    b, s = pos // C, pos % C
+    if pattern == "prime" and prime_len is None:
+        raise ValueError("prime attention needs prime_len")
+    if keys is None:
+        keys = row_keys(pattern, starts, T, block_len, k_cache)
     if pattern == "transpose":   # each query gathers its own column [blocks, H, D]
-        nb = k_cache.shape[2]
-        col = s.reshape(N * T)
-        row = torch.arange(N, device=q.device).repeat_interleave(T)
-        k, v = (c[row, col].transpose(1, 2) for c in (k_cache, v_cache))       # (N T, H, nb, D)
-        keep = (torch.arange(nb, device=q.device) <= b.reshape(N * T, 1))[:, None, None]
-        a = F.scaled_dot_product_attention(q.reshape(N * T, H, 1, D), k, v, attn_mask=keep, scale=scale)
+        k, v = (c[keys.rows, keys.cols].transpose(1, 2) for c in (k_cache, v_cache))   # (N T, H, nb, D)
+        a = F.scaled_dot_product_attention(q.reshape(N * T, H, 1, D), k, v, attn_mask=keys.mask, scale=scale)
         return a.view(N, T, H, D)
-    has_key = None
-    if pattern == "block":
-        k, v = k_cache, v_cache
-        keep = torch.arange(C, device=q.device) <= s[..., None]
-    elif pattern == "prev_block":
-        k, v = k_cache.flatten(1, 2), v_cache.flatten(1, 2)
-        ring = torch.arange(2 * C, device=q.device) // C
-        has_key = b >= 1
-        keep = (ring == (b[..., None] - 1) % 2) | ~has_key[..., None]   # keyless rows: any key, then 0
-    elif pattern == "cross":
-        k, v, keep = k_cache, v_cache, None
-    elif pattern in ("dense", "prime"):
-        if pattern == "prime" and prime_len is None:
-            raise ValueError("prime attention needs prime_len")
-        k, v = k_cache, v_cache
-        keep = torch.arange(k.shape[1], device=q.device) <= pos[..., None]
-    else:
-        raise ValueError(f"cached decoding does not support the {pattern!r} pattern")
+    k, v = (k_cache.flatten(1, 2), v_cache.flatten(1, 2)) if pattern == "prev_block" else (k_cache, v_cache)
     if k.shape[1] == 0:
         return torch.zeros_like(q)
-    mask = None if keep is None else keep[:, None]      # (N, 1, T, S), broadcast over heads
-    a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                       scale=scale).transpose(1, 2)
-    if has_key is not None:
-        a = torch.where(has_key[..., None, None], a, torch.zeros((), dtype=a.dtype, device=a.device))
+    a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=keys.mask, scale=scale).transpose(1, 2)
+    if keys.has_key is not None:
+        a = torch.where(keys.has_key[..., None, None], a, torch.zeros((), dtype=a.dtype, device=a.device))
     return a
