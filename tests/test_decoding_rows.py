@@ -8,7 +8,7 @@ import torch
 from fastjukebox import Prior, PriorConfig, load_prior
 from fastjukebox.decoding import WindowDecoder
 from fastjukebox.kv_cache import KVCache
-from kernels.decode_attention.reference import cached_attention, cached_attention_rows
+from kernels.decode_attention.reference import cached_attention, cached_attention_rows, row_keys
 
 from conftest import DATA
 
@@ -271,6 +271,8 @@ def test_rows_attention_equals_the_single_position_reference(pattern, D):
         q = torch.randn(N, T, H, D, generator=g, dtype=torch.float64)
         got = cached_attention_rows(q, k, v, pattern, starts, C, P)
         assert got.shape == q.shape and not got.isnan().any()
+        shared = cached_attention_rows(q, k, v, pattern, starts, C, P, keys=row_keys(pattern, starts, T, C, k))
+        assert torch.equal(shared, got)
         for n in range(N):
             for t in range(T):
                 p = int(starts[n]) + t
