@@ -14,6 +14,12 @@ writing their keys/values into ``cache`` (a ``KVCache``). Each layer is
   on views of the cache); elsewhere through ``attention.attend_cached`` (the Triton kernel on
   CUDA).
 
+``CachedForward(model).rows(x, starts, valid, cache)`` is the per-row form: row ``n``'s inputs
+``x[n]: (T, W)`` are those of positions ``[starts[n], starts[n] + T)``, of which the first
+``valid[n]`` (inside one block and the window) write their keys (``KVCache.write_rows``); the
+rest are padding that write nothing. Its attention is
+``kernels.decode_attention.reference.cached_attention_rows`` on every device.
+
 A one-token step on a small model costs its number of tensor operations more than its
 arithmetic; this path keeps that count per layer at what the arithmetic needs, and a chunk of T
 positions costs as many operations as one token. Float64 parity with the teacher-forced forward
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.decode_attention.reference import cached_attention
+from kernels.decode_attention.reference import cached_attention, cached_attention_rows, row_keys
 
 from .attention import attend_cached
 from .block_forward import BlockWeights, block_forward, layer_table
@@ -42,6 +48,7 @@ class CachedForward:
         # backend (the Triton kernel on CUDA) through attend_cached.
         self.sdpa = model.x_emb.weight.device.type == "cpu"
         self._pos, self._cache, self._shape = 0, None, (0, 0)
+        self._starts = self._valid = self._plans = None
 
     def stale(self) -> bool:
         """Whether the model's parameters were replaced since construction (``model.to(...)``
@@ -57,6 +64,33 @@ class CachedForward:
             x = block_forward(L, x, self._attend)
         self._cache = None
         return x if one else x.view(N, T, W)
+
+    def rows(self, x: torch.Tensor, starts: torch.Tensor, valid: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Final activations ``(N, T, W)`` of inputs ``x: (N, T, W)`` at per-row positions
+        ``starts[n] + t``; keys of ``t < valid[n]`` enter ``cache`` (``starts``, ``valid``: ``(N,)``
+        long tensors on ``x``'s device). Where each query reads and each key goes is worked out
+        once per pattern (``row_keys``, ``KVCache.row_slots``) and shared by its layers."""
+        N, T, W = x.shape
+        self._starts, self._valid, self._cache, self._shape = starts, valid, cache, (N, T)
+        self._plans = {}
+        h = x.reshape(N * T, W)
+        for L in self.layers:
+            h = block_forward(L, h, self._attend_rows)
+        self._starts = self._valid = self._cache = self._plans = None
+        return h.view(N, T, W)
+
+    def _attend_rows(self, L: BlockWeights, h: torch.Tensor) -> torch.Tensor:
+        (N, T), cache, starts = self._shape, self._cache, self._starts
+        kc, vc = cache.k[L.index], cache.v[L.index]
+        plan = self._plans.get(L.pattern)
+        if plan is None:
+            slots = None if L.pattern == "cross" else cache.row_slots(L.index, starts, self._valid, T)
+            plan = self._plans[L.pattern] = (slots, row_keys(L.pattern, starts, T, L.block_len, kc))
+        q = torch.addmm(L.b_q, h, L.w_q).view(N, T, L.heads, L.head_dim)
+        if L.pattern != "cross":
+            cache.write_rows(L.index, torch.addmm(L.b_kv, h, L.w_kv).view(N, T, -1), starts, self._valid, plan[0])
+        a = cached_attention_rows(q, kc, vc, L.pattern, starts, L.block_len, L.prime_len, keys=plan[1])
+        return a.reshape(N * T, L.n_state)
 
     def _attend(self, L: BlockWeights, h: torch.Tensor) -> torch.Tensor | None:
         (N, T), pos, cache = self._shape, self._pos, self._cache

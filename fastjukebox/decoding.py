@@ -17,6 +17,11 @@ Speculative samplers score several proposed positions in one cached forward and 
     logits = dec.score(T)              # (N, T, bins) for positions p .. p + T - 1
     dec.rewind(p + kept)               # a static cache forgets by moving the position back
 
+Speculative samplers whose rows advance at their own pace score each row from its own position::
+
+    logits, valid = dec.score_rows(T, starts)   # (N, T, bins) for positions starts[n] .. + T - 1
+    ...                                         # row n's next start: anywhere in its last chunk
+
 Positions are counted in music tokens. For merged-lyric (1b-style) priors the lyric prefix is
 primed by ``begin``; ``step`` scores the merged vocabulary, ``push`` takes merged ids (as the
 original feeds them back) and ``codes`` maps them to music codes, lyric ids becoming code 0.
@@ -29,6 +34,8 @@ from .cached_forward import CachedForward
 from .kv_cache import KVCache
 from .prior import Prior
 from .settings import DEFAULT_CHUNK_SIZE
+
+_RESUME = "rows moved apart in score_rows: resume(position) sets the shared position first"
 
 
 class WindowDecoder:
@@ -46,6 +53,7 @@ class WindowDecoder:
         self._pos = 0          # sequence positions whose keys are cached
         self._cond = None
         self._scored = (0, 0)  # sequence positions [from, to) of the last ``score`` chunk
+        self._rows = None      # (starts, ends) of the last ``score_rows`` chunks, per row
 
     @property
     def offset(self) -> int:
@@ -83,6 +91,7 @@ class WindowDecoder:
             raise ValueError(f"cannot advance {count} positions from {self.position} "
                              f"(window of {self.config.n_ctx})")
         self._pos += count
+        self._rows = None
 
     @torch.no_grad()
     def begin(self, upper=None, labels=None, n: int | None = None) -> None:
@@ -99,7 +108,7 @@ class WindowDecoder:
         if n > self.batch:
             raise ValueError(f"window batch {n} exceeds the decoder's batch {self.batch}")
         self.n, self._pos, self._cond = n, 0, cond
-        self._scored = (0, 0)
+        self._scored, self._rows = (0, 0), None
         self._window_tokens = self._tokens[:n]
         self._view = self._cache if n == self.batch else self._cache.narrow(n)
         if cond.encoder_kv is not None:
@@ -114,6 +123,7 @@ class WindowDecoder:
         tm, C, cond = self.prior.prior, self.config.block_len, self._cond
         tokens = self._window_tokens
         end = self._pos + count
+        self._rows = None
         while self._pos < end:
             p = self._pos
             T = min(end - p, chunk_size, C - p % C)
@@ -143,11 +153,11 @@ class WindowDecoder:
         """Pre-temperature logits (N, bins) of the next position; its input (the previous token)
         enters the cache. Follow with ``push``."""
         p, cond, tm = self._pos, self._cond, self.prior.prior
-        if p >= self.config.seq_len:
-            raise ValueError("the window is full")
+        if p >= self.config.seq_len or self._rows is not None:
+            raise ValueError("the window is full" if self._rows is None else _RESUME)
         xc = None if cond.x_cond is None else cond.x_cond[:, p]
         h = self._forward(tm.input_one(self._window_tokens, p, cond.start, xc), p, self._view)
-        self._pos = p + 1
+        self._pos, self._rows = p + 1, None
         return tm.head(h, xc)
 
     @torch.no_grad()
@@ -159,13 +169,79 @@ class WindowDecoder:
         p, C, cond, tm = self._pos, self.config.block_len, self._cond, self.prior.prior
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"count must be an integer >= 1, got {count!r}")
+        if self._rows is not None:
+            raise ValueError(_RESUME)
         if p + count > self.config.seq_len or p // C != (p + count - 1) // C:
             raise ValueError(f"cannot score {count} positions from {p}: a chunk stays inside one block of {C} "
                              f"and the window of {self.config.seq_len}")
         x_cond = None if cond.x_cond is None else cond.x_cond[:, p:p + count]
         h = self._forward(tm.inputs_at(self._window_tokens, p, count, cond.start, cond.x_cond), p, self._view)
-        self._scored, self._pos = (p, p + count), p + count
+        self._scored, self._pos, self._rows = (p, p + count), p + count, None
         return tm.head(h, x_cond)
+
+    @torch.no_grad()
+    def score_rows(self, count: int, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score every row from its own music position in one batched cached forward.
+
+        ``starts: (N,)`` long, row ``n``'s first position. Returns ``(logits, valid)``:
+        pre-temperature logits ``(N, count, bins)`` of positions ``starts[n] + t`` and ``valid: (N,)``
+        long, ``min(count, C - starts % C, seq_len - starts)``: row ``n``'s positions
+        ``t < valid[n]`` stay inside its block and the window; the rest are padding, their logits
+        meaningless and their keys never cached. As for ``score``, the input of position ``p`` is the
+        id at ``p - 1`` in ``token_buffer`` (position 0: the start embedding), plus its position's
+        embedding and the conditioning of its row at ``p``.
+
+        Contract (no separate rewind): a call needs the keys of every position before each row's
+        start, so row ``n`` may start anywhere from the start to the valid end of its last
+        ``score_rows`` chunk, or, when the last call moved the shared position (``prime``,
+        ``step``, ``score``, ``advance``, ``resume``), at that position (or inside the last
+        ``score`` chunk). Slots of positions from a row's start on are overwritten; a row that is
+        done may re-run its last position, ``n_ctx - 1`` (its keys come out the same). Starting
+        elsewhere, or outside ``[0, n_ctx)``, is a ValueError (one host sync per call). The shared
+        ``position`` does not move: ``resume`` sets it before ``step``/``score``/``codes``.
+        Merged-lyric priors are not supported here."""
+        c, C, cond, tm = self.config, self.config.block_len, self._cond, self.prior.prior
+        if self.offset:
+            raise ValueError("score_rows does not support merged-lyric (1b-style) priors")
+        if cond is None:
+            raise ValueError("score_rows before begin: no window")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be an integer >= 1, got {count!r}")
+        if not isinstance(starts, torch.Tensor) or starts.dtype != torch.long or tuple(starts.shape) != (self.n,):
+            got = (f"{tuple(starts.shape)} {starts.dtype}" if isinstance(starts, torch.Tensor)
+                   else type(starts).__name__)
+            raise ValueError(f"starts must be a long tensor of shape ({self.n},), got {got}")
+        starts = starts.to(self.device)
+        if self._rows is not None:
+            lo, hi = self._rows
+        else:
+            shared = self._scored[0] if self._scored[1] == self._pos else self._pos
+            lo, hi = torch.full_like(starts, shared), torch.full_like(starts, self._pos)
+        outside = (starts < 0) | (starts >= c.seq_len)
+        bad = outside | (starts < lo) | (starts > hi)
+        if bool(bad.any()):                       # the one host sync of a call
+            n = int(bad.nonzero()[0])
+            if bool(outside[n]):
+                raise ValueError(f"starts must lie in [0, {c.n_ctx}), row {n} starts at {int(starts[n])}")
+            raise ValueError(f"row {n} cannot start at {int(starts[n])}: its cached keys allow starts "
+                             f"{int(lo[n])}..{min(int(hi[n]), c.seq_len - 1)}")
+        valid = torch.minimum(torch.minimum(C - starts % C, c.seq_len - starts), torch.full_like(starts, count))
+        positions = (starts[:, None] + torch.arange(count, device=self.device)).clamp(max=c.seq_len - 1)
+        x_cond = None
+        if cond.x_cond is not None:
+            x_cond = cond.x_cond.gather(1, positions[..., None].expand(-1, -1, cond.x_cond.shape[2]))
+        x = tm.inputs_rows(self._window_tokens, positions, cond.start, x_cond)
+        h = self._forward.rows(x, starts, valid, self._view)
+        self._rows, self._scored = (starts, starts + valid), (0, 0)
+        return tm.head(h, x_cond), valid
+
+    def resume(self, position: int) -> None:
+        """Set the shared position to music position ``position`` after ``score_rows``: every
+        row's keys before it must be cached; ``step``, ``score``, ``push`` and ``codes`` go on from
+        there."""
+        if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position <= self.config.n_ctx:
+            raise ValueError(f"position must be an integer in [0, {self.config.n_ctx}], got {position!r}")
+        self._pos, self._scored, self._rows = position + self.offset, (0, 0), None
 
     def rewind(self, position: int) -> None:
         """Keep the cached positions before music position ``position`` and forget the rest of the
@@ -177,7 +253,7 @@ class WindowDecoder:
         if hi != self._pos or not lo < target <= hi:
             raise ValueError(f"can rewind only inside the chunk ``score`` just ran (music positions "
                              f"{lo - self.offset + 1}..{hi - self.offset} when nothing ran since), got {position}")
-        self._pos = target
+        self._pos, self._rows = target, None
 
     def push(self, ids: torch.Tensor) -> None:
         """The ids (N,) chosen for the position ``step`` just scored."""

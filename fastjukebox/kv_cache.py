@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -41,6 +42,15 @@ def slot_index(pattern: str, pos, block_len: int, blocks: int):
     if pattern in ("dense", "prime"):
         return pos
     raise ValueError(f"{pattern!r} layers keep no per-position slot")
+
+
+class RowSlots(NamedTuple):
+    """Per-row cache writes of one call (``KVCache.row_slots``), each ``(N, T, 2 H D)``: the slot
+    ``index`` and the chunk position ``source`` each position's key/value is stored from;
+    ``keep_none: (N, 1, 1)`` (prime layers, else None) marks rows that store nothing."""
+    index: torch.Tensor
+    source: torch.Tensor
+    keep_none: torch.Tensor | None
 
 
 class KVCache:
@@ -116,6 +126,47 @@ class KVCache:
         H, D = self.config.heads, self.config.head_dim
         kv = torch.addmm(b, h, w).view(N, -1, 2, H, D)
         self.write(layer, kv[:, :, 0], kv[:, :, 1], pos)
+
+    def row_slots(self, layer: int, starts: torch.Tensor, valid: torch.Tensor, T: int) -> RowSlots:
+        """Where ``write_rows`` puts row ``n``'s positions ``starts[n] + t`` (``t < T``) in ``flat[layer]``,
+        storing only ``t < valid[n]`` (``1 <= valid[n]``, those positions inside one block and the
+        window); the same for every layer of a pattern in one call.
+
+        Each padding position goes to the slot of its row's last stored position with that
+        position's own values, so duplicate indices of one ``scatter_`` carry equal data. Prime
+        layers keep only positions below ``prime_len``; a row with none there rewrites slot 0 with
+        its current contents (``keep_none``)."""
+        p, flat = self.patterns[layer], self.flat[layer]
+        if p == "cross":
+            raise ValueError("cross-attention layers take keys from the lyric encoder, not per position")
+        width = flat.shape[2]
+        stored = torch.minimum(valid, flat.shape[1] - starts) if p == "prime" else valid
+        t = torch.minimum(torch.arange(T, device=starts.device), (stored.clamp(min=1) - 1)[:, None])   # (N, T)
+        C = self.config.block_len
+        slots = slot_index(p, starts[:, None] + t, C, self.config.seq_len // C)
+        keep_none = None
+        if p == "prime":
+            keep_none = (stored < 1)[:, None, None]
+            slots = slots.masked_fill(keep_none[..., 0], 0)
+        return RowSlots(slots[..., None].expand(-1, -1, width), t[..., None].expand(-1, -1, width), keep_none)
+
+    def write_rows(self, layer: int, kv: torch.Tensor, starts: torch.Tensor, valid: torch.Tensor,
+                   slots: RowSlots | None = None) -> None:
+        """Store keys/values ``kv: [N, T, 2 * H * D]`` (key then value per position, ``flat``'s slot
+        layout; ``[N, T, 2, H, D]`` also taken) where row ``n``'s position ``t`` is ``starts[n] + t``;
+        only ``t < valid[n]`` is stored, later positions (padding) touch no slot. ``starts`` and
+        ``valid`` are ``(N,)`` long tensors on the cache's device, ``slots`` their ``row_slots``
+        (computed here when None); nothing syncs with the host."""
+        flat = self.flat[layer]
+        N, T = kv.shape[:2]
+        if slots is None:
+            slots = self.row_slots(layer, starts, valid, T)
+        if flat.shape[1] == 0:
+            return
+        src = kv.reshape(N, T, -1).gather(1, slots.source)
+        if slots.keep_none is not None:
+            src = torch.where(slots.keep_none, flat[:, :1], src)
+        flat.scatter_(1, slots.index, src)
 
     def slot(self, layer: int, pos: int) -> torch.Tensor | None:
         """The key and value of position ``pos`` as one ``[N, 2 * H * D]`` view (key first), or None

@@ -107,6 +107,19 @@ class TokenTransformer(nn.Module):
         x = self.x_emb(tokens[:, pos - 1]).add_(self.pos_emb.pos_emb[pos])
         return x if x_cond_at is None else x.add_(x_cond_at)
 
+    def inputs_rows(self, tokens: torch.Tensor, positions: torch.Tensor, start: torch.Tensor | None,
+                    x_cond_rows: torch.Tensor | None) -> torch.Tensor:
+        """Inputs (N, T, W) at per-row positions ``positions: (N, T)`` (long, inside the window),
+        read from the window's token buffer (N, seq_len): the embedding of the id at
+        ``position - 1`` (position 0: the start embedding) plus the position's embedding;
+        ``x_cond_rows`` is the conditioning at the same positions, (N, T, W)."""
+        N = tokens.shape[0]
+        x = self.x_emb(tokens.gather(1, (positions - 1).clamp(min=0)))
+        first = (positions == 0)[..., None]
+        x = torch.where(first, self.start_embedding(N, start).to(x.dtype), x)
+        x = x + self.pos_emb()[positions]
+        return x if x_cond_rows is None else x + x_cond_rows
+
     def set_cross_cache(self, cache, encoder_kv: torch.Tensor) -> None:
         """Project the lyric encoder's states once per window into the cross layers' cache."""
         for i, layer in enumerate(self.transformer._attn_mods):
