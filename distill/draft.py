@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.sampling.reference import categorical_draw, sampling_probs
+from fastjukebox.sample_seeds import fill_rows
+from kernels.sampling.reference import categorical_draw, exponential_noise_, sampling_probs
 
 from .student import ParallelStudent
 
@@ -75,9 +76,78 @@ class StudentDraft:
         for a, e in span_bounds(lo, hi, self.passes):
             logits = self.student.logits_unchecked(student_in, self._cond, a, e)          # (N, e - a, V)
             probs = proposal_probs(logits, temperature, top_k, top_p)
-            ids = torch.where(known[:, a:e], student_in[:, a:e], categorical_draw(probs, generator))
+            draws = categorical_draw(probs, noise=fill_rows(torch.empty_like(probs), generator, exponential_noise_))
+            ids = torch.where(known[:, a:e], student_in[:, a:e], draws)
             student_in[:, a:e] = ids
             tokens[:, a:e] = ids
             q[:, a:e] = probs
             self.evaluations += 1
         return int((~known[:, lo:hi]).sum())
+
+
+class FeatureDraft:
+    """Drafts the positions of one teacher call with a ``FeatureDrafter``, one position at a time
+    from the teacher's feature of the last decided position (``distill.drafter``).
+
+    ``begin`` takes the window's conditioning (the teacher's ``x_cond``); ``draft`` writes drafted
+    ids into a token buffer and their proposal distributions into ``q``.
+    """
+
+    def __init__(self, drafter):
+        from .drafter import FeatureDrafter
+        if not isinstance(drafter, FeatureDrafter):
+            raise TypeError(f"drafter must be a FeatureDrafter, got {type(drafter).__name__}")
+        self.drafter = drafter
+        self.evaluations = 0     # drafted positions run (each one drafter step for the batch)
+
+    def begin(self, x_cond: torch.Tensor | None, n: int) -> None:
+        self.drafter.begin(x_cond, n)
+
+    @torch.no_grad()
+    def draft(self, tokens: torch.Tensor, q: torch.Tensor, frontier: torch.Tensor | None, lo: int, hi: int,
+              feature: torch.Tensor, noise: torch.Tensor, *, temperature: float, top_k: int, top_p: float) -> int:
+        """Draft positions ``[lo, hi)`` (``lo >= 1``) of every row at or after its ``frontier`` (None:
+        every row from ``lo``), from ``feature`` (N, W): the teacher's final activation at ``lo - 1``.
+
+        tokens: (N, >= hi) codes, valid before each row's frontier; drafted ids are written into it.
+        q: (N, >= hi, V) fp32; ``q[:, lo:hi]`` receives the proposal distributions.
+        noise: (N, hi - lo, V) the Exp(1) noise of the draws (``categorical_draw``).
+        Returns the number of tokens drafted (over all rows).
+        """
+        d = self.drafter
+        for t in range(lo, hi):
+            feature = d.step(feature, tokens[:, t - 1], t)
+            probs = proposal_probs(d.logits(feature), temperature, top_k, top_p)
+            ids = categorical_draw(probs, noise=noise[:, t - lo])
+            tokens[:, t] = ids if frontier is None else torch.where(frontier > t, tokens[:, t], ids)
+            q[:, t] = probs
+            self.evaluations += 1
+        if frontier is None:
+            return tokens.shape[0] * (hi - lo)
+        return int((hi - frontier.clamp(lo, hi)).sum())
+
+    @torch.no_grad()
+    def draft_rows(self, tokens: torch.Tensor, frontier: torch.Tensor, counts: torch.Tensor, width: int,
+                   feature: torch.Tensor, noise: torch.Tensor, *, temperature: float, top_k: int,
+                   top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draft every row from its own ``frontier`` (N,) (``>= 1``): ``counts[n]`` positions of row
+        ``n`` (at most ``width``), from ``feature`` (N, W), the teacher's final activation at
+        ``frontier - 1``. Drafted ids go into ``tokens`` (N, seq_len) at ``frontier + j`` for
+        ``j < counts``; ``noise`` (N, seq_len, V) holds each position's Exp(1) draw noise.
+
+        Returns ids (N, width) and their proposal distributions (N, width, V) (columns past a
+        row's count are meaningless)."""
+        d = self.drafter
+        N, last = tokens.shape[0], tokens.shape[1] - 1
+        rows = torch.arange(N, device=tokens.device)
+        ids_out, q_out = [], []
+        for j in range(width):
+            t = (frontier + j).clamp_(max=last)
+            feature = d.step(feature, tokens[rows, t - 1], t)
+            probs = proposal_probs(d.logits(feature), temperature, top_k, top_p)
+            ids = categorical_draw(probs, noise=noise[rows, t])
+            tokens[rows, t] = torch.where(counts > j, ids, tokens[rows, t])
+            ids_out.append(ids)
+            q_out.append(probs)
+            self.evaluations += 1
+        return torch.stack(ids_out, 1), torch.stack(q_out, 1)

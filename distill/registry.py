@@ -1,12 +1,13 @@
 """What ``distill`` adds to fastjukebox, registered through the ``fastjukebox.plugins`` entry point
 (``pyproject.toml``): the ``"parallel"`` and ``"speculative"`` window samplers, which need a
-student beside the level's prior, with their options (``passes``, ``gamma``: their defaults and
-checks), and the loader of those students (``student_level_{L}/``)."""
+student (or, for ``"speculative"``, a drafter) beside the level's prior, with their options
+(``passes``, ``gamma``: their defaults and checks), and the loaders of those students
+(``student_level_{L}/``) and drafters (``drafter_level_{L}/``)."""
 from __future__ import annotations
 
 from functools import partial
 
-from fastjukebox.bundle import register_student_loader
+from fastjukebox.bundle import register_component_loader
 from fastjukebox.samplers import SamplerOption, register_sampler
 from fastjukebox.settings import check_count
 
@@ -26,7 +27,11 @@ def _parallel(jb, level: int, passes: int | None = None, **_):
 
 
 def _speculative(jb, level: int, gamma: int = GAMMA, **_):
-    """The level's prior, drafted by its student, ``gamma`` positions verified per prior call."""
+    """The level's prior, drafted by its drafter (or, without one, its student), ``gamma``
+    positions verified per prior call."""
+    drafter = jb.drafter(level)
+    if drafter is not None:
+        return SpeculativeWindowSampler(jb.prior(level), drafter=drafter, gamma=gamma)
     return SpeculativeWindowSampler(jb.prior(level), jb.student(level), gamma=gamma)
 
 
@@ -35,7 +40,13 @@ def _load_student(path, device=None, dtype=None):
     return ParallelStudent.load(path, device=device, dtype=dtype)
 
 
+def _load_drafter(path, device=None, dtype=None):
+    from .drafter import FeatureDrafter
+    return FeatureDrafter.load(path, device=device, dtype=dtype)
+
+
 def register() -> None:
     register_sampler("parallel", _parallel, needs_student=True, options={"passes": PASSES_OPTION})
-    register_sampler("speculative", _speculative, needs_student=True, options={"gamma": GAMMA_OPTION})
-    register_student_loader(_load_student)
+    register_sampler("speculative", _speculative, needs_student=True, drafts=True, options={"gamma": GAMMA_OPTION})
+    register_component_loader("student", _load_student)
+    register_component_loader("drafter", _load_drafter)

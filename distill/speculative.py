@@ -1,10 +1,13 @@
-"""Exact speculative sampling of an upsampler window: the student drafts, the teacher verifies.
+"""Exact speculative sampling of an upsampler window: a drafter proposes, the teacher verifies.
 
 The output has exactly the distribution the ``"ar"`` sampler draws from (the teacher ``p``, after
 the same temperature / top-k / top-p filter), whatever the draft's quality:
 
-1. the student drafts the rest of the window left to right (``distill.draft.StudentDraft``),
-   keeping every drafted token's proposal distribution ``q``;
+1. the drafter proposes, keeping every drafted token's proposal distribution ``q``: with a
+   ``distill.drafter.FeatureDrafter`` (when the level has one) the next ``gamma`` positions
+   before every teacher call, one at a time from the teacher's feature of the last decided
+   position (``distill.draft.FeatureDraft``); otherwise the parallel student drafts the rest of
+   the window left to right (``distill.draft.StudentDraft``);
 2. the teacher scores the next ``gamma`` positions in one chunked cached forward
    (``WindowDecoder.score``; a chunk also stops at a block boundary), its inputs being the
    decided tokens and the drafts after them;
@@ -14,7 +17,7 @@ the same temperature / top-k / top-p filter), whatever the draft's quality:
 4. the teacher's static cache is rolled back to the decided length (``WindowDecoder.rewind``:
    a position reset) and the next chunk starts there.
 
-Drafts after a rejection stay valid proposals (their ``q`` is known given every token left of
+Student drafts after a rejection stay valid proposals (their ``q`` is known given every token left of
 them, and no decision has looked at them yet) but were drawn without the correction, so they
 are accepted less often. **Re-draft policy**: the student drafts the rest of the window again,
 from the decided prefix, when the acceptance of the last ``lookback`` teacher calls falls below
@@ -34,11 +37,13 @@ import torch
 
 from fastjukebox.decoding import WindowDecoder
 from fastjukebox.prior import Prior
+from fastjukebox.sample_seeds import SampleGenerators, fill_rows
 from fastjukebox.sampling import check_window_call
 from fastjukebox.settings import DEFAULT_CHUNK_SIZE
 from kernels.sampling.reference import categorical_draw, exponential_noise_
 
-from .draft import StudentDraft, proposal_probs
+from .draft import FeatureDraft, StudentDraft, proposal_probs
+from .drafter import FeatureDrafter, check_drafter_for
 from .student import ParallelStudent
 
 __all__ = ["GAMMA", "SpeculativeWindowSampler", "WindowReport", "accept", "residual"]
@@ -50,6 +55,10 @@ def accept(p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor) -> torch.Tenso
     """The speculative rule: keep a draft ``x`` drawn from ``q`` iff ``u * q(x) < p(x)``,
     ``u ~ U[0, 1)``, i.e. with probability ``min(1, p(x) / q(x))``."""
     return u * q_x < p_x
+
+
+def _uniform_(out: torch.Tensor, generator) -> torch.Tensor:
+    return out.uniform_(generator=generator)
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -66,7 +75,9 @@ class WindowReport:
     rows: samples in the window; new_tokens: tokens sampled (all rows); drafted: tokens the student
     drafted (re-drafts included);
     verified: drafts the teacher judged; accepted: drafts it kept; teacher_calls: chunked
-    teacher forwards; student_passes: student evaluations."""
+    teacher forwards (and the first position's step where a window starts empty with a feature
+    drafter); student_passes: student evaluations; drafter_steps: feature-drafter positions run
+    (each one step for the batch)."""
 
     rows: int = 0
     new_tokens: int = 0
@@ -75,6 +86,7 @@ class WindowReport:
     accepted: int = 0
     teacher_calls: int = 0
     student_passes: int = 0
+    drafter_steps: int = 0
 
     @property
     def acceptance(self) -> float:
@@ -90,7 +102,8 @@ class SpeculativeWindowSampler:
 
     Args:
         prior: the teacher (an upsampler ``Prior``).
-        student: its ``ParallelStudent`` (same codebook and window).
+        student: its ``ParallelStudent`` (same codebook and window), or None with a ``drafter``.
+        drafter: a ``FeatureDrafter`` made for this prior; drafts in place of the student.
         gamma: positions the teacher scores per call (drafts judged per call), >= 1.
         draft_passes: student evaluations per draft of the rest of the window.
         redraft_below, lookback: the re-draft policy (module docstring).
@@ -99,24 +112,37 @@ class SpeculativeWindowSampler:
     ``WindowReport`` per call, ``progress_note()`` the acceptance so far (for progress bars).
     """
 
+    per_sample_generators = True   # takes SampleGenerators: one generator per row
+
+    # a feature drafter's batch scores each row from its own position (``_rows_apart``); off, the
+    # rows share one position (the slowest row's) and rows ahead wait with their tokens fixed
+    rows_apart = True
+
     # batch 1 judges a chunk with Python numbers (the same decisions as the batched rule, in a
     # third of its tensor operations); tests switch it off to compare the two
     one_row_fast_path = True
 
-    def __init__(self, prior: Prior, student: ParallelStudent, gamma: int = GAMMA, draft_passes: int = 1,
-                 redraft_below: float = 0.0, lookback: int = 4):
+    def __init__(self, prior: Prior, student: ParallelStudent | None = None, gamma: int = GAMMA,
+                 draft_passes: int = 1, redraft_below: float = 0.0, lookback: int = 4,
+                 drafter: FeatureDrafter | None = None):
         if not isinstance(prior, Prior):
             raise TypeError(f"prior must be a Prior, got {type(prior).__name__}")
-        if not isinstance(student, ParallelStudent):
-            raise TypeError(f"student must be a ParallelStudent, got {type(student).__name__}")
-        tc, sc = prior.config, student.config
+        tc = prior.config
         if tc.is_top or tc.lyrics is not None:
             raise ValueError(f"speculative sampling covers the upsamplers; level {tc.level} is "
                              f"{'the top level' if tc.is_top else 'lyric-conditioned'}")
-        if sc.l_bins != tc.l_bins:
-            raise ValueError(f"the student's codebook has {sc.l_bins} codes, the teacher's {tc.l_bins}")
-        if sc.n_ctx != tc.n_ctx:
-            raise ValueError(f"the student's window is n_ctx={sc.n_ctx}, the teacher's n_ctx={tc.n_ctx}")
+        if drafter is not None:
+            if not isinstance(drafter, FeatureDrafter):
+                raise TypeError(f"drafter must be a FeatureDrafter, got {type(drafter).__name__}")
+            check_drafter_for(drafter, prior)
+        elif not isinstance(student, ParallelStudent):
+            raise TypeError(f"student must be a ParallelStudent (or give a drafter), got {type(student).__name__}")
+        else:
+            sc = student.config
+            if sc.l_bins != tc.l_bins:
+                raise ValueError(f"the student's codebook has {sc.l_bins} codes, the teacher's {tc.l_bins}")
+            if sc.n_ctx != tc.n_ctx:
+                raise ValueError(f"the student's window is n_ctx={sc.n_ctx}, the teacher's n_ctx={tc.n_ctx}")
         if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
             raise ValueError(f"gamma (positions the teacher verifies per call) must be an integer >= 1, got {gamma!r}")
         if not 0.0 <= redraft_below <= 1.0:
@@ -125,9 +151,62 @@ class SpeculativeWindowSampler:
             raise ValueError(f"lookback must be an integer >= 1, got {lookback!r}")
         self.prior, self.student, self.config = prior, student, tc
         self.gamma, self.redraft_below, self.lookback = gamma, float(redraft_below), lookback
-        self.drafter = StudentDraft(student, draft_passes)
+        self.drafter = FeatureDraft(drafter) if drafter is not None else StudentDraft(student, draft_passes)
         self.decoder: WindowDecoder | None = None
         self.reports: list[WindowReport] = []
+
+    @torch.no_grad()
+    def _rows_apart(self, dec: WindowDecoder, report: WindowReport, hi: int, feature: torch.Tensor, knobs: dict,
+                    generator, on_progress) -> torch.Tensor:
+        """The feature drafter's loop for a batch whose rows move on by themselves: every teacher call
+        scores each row from its own frontier (``WindowDecoder.score_rows``), so no row waits for
+        another; each row drafts, is judged and advances as it would alone."""
+        c, N, dev = self.config, dec.n, dec.device
+        tokens, C, gamma = dec.token_buffer, c.block_len, self.gamma
+        lo = dec.position
+        # each position's random numbers, per row (from its own generator with SampleGenerators)
+        draft_noise = torch.empty(N, c.n_ctx, c.l_bins, device=dev)
+        noise = torch.empty(N, c.n_ctx, c.l_bins, device=dev)
+        u = torch.zeros(N, c.n_ctx, device=dev)
+        fill_rows(draft_noise[:, lo:hi], generator, exponential_noise_)
+        fill_rows(u[:, lo:hi], generator, _uniform_)
+        fill_rows(noise[:, lo:hi], generator, exponential_noise_)
+        rows, steps = torch.arange(N, device=dev), torch.arange(gamma, device=dev)[None, :]
+        frontier = torch.full((N,), lo, dtype=torch.long, device=dev)
+        accepted = verified = drafted = 0
+        done_before = lo
+        while done_before < hi:
+            counts = torch.minimum(torch.minimum(C - frontier % C, hi - frontier), torch.full_like(frontier, gamma))
+            before = self.drafter.evaluations
+            x, q = self.drafter.draft_rows(tokens, frontier, counts, gamma, feature, draft_noise, **knobs)
+            report.drafter_steps += self.drafter.evaluations - before
+            starts = frontier.clamp(max=c.n_ctx - 1)         # a finished row re-runs its last position
+            logits, _ = dec.score_rows(gamma, starts)
+            report.teacher_calls += 1
+            p = proposal_probs(logits, **knobs)                                     # (N, gamma, V)
+            at = (frontier[:, None] + steps).clamp_(max=c.n_ctx - 1)               # (N, gamma)
+            live = steps < counts[:, None]
+            ok = accept(p.gather(-1, x[..., None])[..., 0], q.gather(-1, x[..., None])[..., 0], u.gather(1, at)) & live
+            kept = ok.long().cumprod(dim=1).sum(dim=1)                              # (N,) accepted run
+            rejected = kept < counts
+            j = kept.clamp(max=gamma - 1)
+            spot = at[rows, j]
+            fix = categorical_draw(residual(p[rows, j], q[rows, j]), noise=noise[rows, spot])
+            tokens[rows, spot] = torch.where(rejected, fix, tokens[rows, spot])
+            decided = kept + rejected
+            moved = decided > 0
+            # the teacher's feature at each row's new last decided position (this call ran it)
+            feature = torch.where(moved[:, None], dec.hidden_rows(torch.where(moved, frontier + decided - 1, starts)),
+                                  feature)
+            frontier = frontier + decided
+            accepted, verified, drafted = accepted + kept.sum(), verified + decided.sum(), drafted + counts.sum()
+            done = int(frontier.min())
+            if on_progress is not None and done > done_before:
+                on_progress(done - done_before)
+            done_before = done
+        dec.resume(hi)
+        report.accepted, report.verified, report.drafted = int(accepted), int(verified), report.drafted + int(drafted)
+        return dec.codes()
 
     def progress_note(self) -> str:
         """Acceptance over the windows sampled so far, for a progress bar's postfix."""
@@ -150,11 +229,13 @@ class SpeculativeWindowSampler:
 
     @torch.no_grad()
     def __call__(self, known, n_new: int, upper=None, labels=None, *, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE, generator: torch.Generator | None = None,
+                 top_p: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 generator: torch.Generator | SampleGenerators | None = None,
                  on_progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Prime ``known`` (N, K) codes, sample ``n_new`` more: (N, K + n_new) codes. Temperature 0
-        is greedy (the teacher's argmax at every position). ``on_progress(k)``: ``k`` more
-        positions decided in every row."""
+        is greedy (the teacher's argmax at every position). ``generator``: one for the batch, or
+        ``SampleGenerators`` (one per row: each row's random numbers come from its own). ``on_progress(k)``:
+        ``k`` more positions decided in every row."""
         z = self._check(known, n_new, temperature, top_k, top_p)
         N, K = z.shape
         hi = K + n_new
@@ -166,33 +247,62 @@ class SpeculativeWindowSampler:
         if n_new == 0:
             return dec.codes()
         knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-        self.drafter.begin(upper, labels, N)
         dev, c = z.device, self.config
+        features = isinstance(self.drafter, FeatureDraft)
+        if features:
+            self.drafter.begin(dec.conditioning.x_cond, N)
+            if K == 0:     # no feature before the first position: the teacher draws it (one step)
+                probs = proposal_probs(dec.step(), **knobs)
+                dec.push(categorical_draw(probs, noise=fill_rows(torch.empty_like(probs), generator, exponential_noise_)))
+                report.teacher_calls += 1
+                if on_progress is not None:
+                    on_progress(1)
+                if n_new == 1:
+                    return dec.codes()
+            feature = dec.hidden(dec.position - 1)
+            if N > 1 and self.rows_apart:
+                return self._rows_apart(dec, report, hi, feature, knobs, generator, on_progress)
+        else:
+            self.drafter.begin(upper, labels, N)
         tokens = dec.token_buffer                                   # decided codes, then drafts
         q = torch.zeros(N, c.n_ctx, c.l_bins, device=dev)           # proposal distributions
         # Per drafted position, drawn with its draft: q(x), the acceptance uniform and the Exp(1)
         # noise of its residual draw (each is used at most once: a position is decided once).
         q_x, u = torch.zeros(N, c.n_ctx, device=dev), torch.zeros(N, c.n_ctx, device=dev)
         noise = torch.empty(N, c.n_ctx, c.l_bins, device=dev)
-        frontier = torch.full((N,), K, dtype=torch.long, device=dev)   # row b decided before frontier[b]
+        if features:
+            # A feature drafter's draws, drawn once per window: a position drafted again after a
+            # rejection earlier in its chunk reuses its noise (the draft it replaces decided nothing).
+            draft_noise = fill_rows(torch.empty(N, c.n_ctx, c.l_bins, device=dev)[:, dec.position:hi], generator,
+                                    exponential_noise_)
+            fill_rows(u[:, dec.position:hi], generator, _uniform_)
+            fill_rows(noise[:, dec.position:hi], generator, exponential_noise_)
+        frontier = torch.full((N,), dec.position, dtype=torch.long, device=dev)   # row b decided before frontier[b]
         rows, steps = torch.arange(N, device=dev), torch.arange(self.gamma, device=dev)[None, :]
         accepted, verified = 0, 0                    # ints, or 0-dim tensors once rows add to them
-        C, pos, even = c.block_len, K, True          # even: every row's frontier is at pos
+        C, pos, even = c.block_len, dec.position, True   # even: every row's frontier is at pos
+        dec_start = pos
         recent: list[tuple[int, int]] = []           # (accepted, verified) per call since the draft
-        redraft = True
+        redraft = not features
         while pos < hi:
-            if redraft:
+            T = min(self.gamma, C - pos % C, hi - pos)
+            if features:         # the next T positions, from the teacher's feature at pos - 1
+                steps_before = self.drafter.evaluations
+                report.drafted += self.drafter.draft(tokens, q, None if even else frontier, pos, pos + T, feature,
+                                                     draft_noise[:, pos - dec_start:pos - dec_start + T], **knobs)
+                report.drafter_steps += self.drafter.evaluations - steps_before
+                q_x[:, pos:pos + T] = q[:, pos:pos + T].gather(-1, tokens[:, pos:pos + T, None])[..., 0]
+            elif redraft:
                 if N == 1 and self.one_row_fast_path:
                     frontier.fill_(pos)          # the scalar path keeps the frontier as ``pos`` only
                 passes_before = self.drafter.evaluations
                 report.drafted += self.drafter.draft(tokens, q, frontier, pos, hi, generator=generator, **knobs)
                 report.student_passes += self.drafter.evaluations - passes_before
                 q_x[:, pos:hi] = q[:, pos:hi].gather(-1, tokens[:, pos:hi, None])[..., 0]
-                u[:, pos:hi].uniform_(generator=generator)
-                exponential_noise_(noise[:, pos:hi], generator)
+                fill_rows(u[:, pos:hi], generator, _uniform_)
+                fill_rows(noise[:, pos:hi], generator, exponential_noise_)
                 recent.clear()
                 redraft = False
-            T = min(self.gamma, C - pos % C, hi - pos)
             p = proposal_probs(dec.score(T), **knobs)                # (N, T, V)
             report.teacher_calls += 1
             x = tokens[:, pos:pos + T]
@@ -224,6 +334,8 @@ class SpeculativeWindowSampler:
                 frontier = pos + decided if even else torch.maximum(frontier, pos + decided)
                 lo, far = torch.aminmax(frontier)
                 new_pos, even = int(lo), bool(far == lo)
+            if features:
+                feature = dec.hidden(new_pos - 1)
             dec.rewind(new_pos)
             if on_progress is not None:
                 on_progress(new_pos - pos)

@@ -9,9 +9,10 @@ Directory layouts understood by ``load``:
   :mod:`.hf_checkpoint`), read without transformers.
 
 Missing prior levels are allowed (e.g. upsamplers only); the VQ-VAE is required. Distilled
-parallel upsamplers are found beside the priors as ``student_level_{0,1}/`` (read by the loader an
-extension registers, ``register_student_loader``: the project's ``distill``), and
-the family's recommended sampling settings in ``sampling.json`` (:mod:`.sampling_defaults`).
+parallel upsamplers are found beside the priors as ``student_level_{0,1}/`` and the drafters of
+speculative sampling as ``drafter_level_{0,1}/`` (each read by the loader an extension registers
+for its kind, ``register_component_loader``: the project's ``distill``), and the family's
+recommended sampling settings in ``sampling.json`` (:mod:`.sampling_defaults`).
 """
 from __future__ import annotations
 
@@ -30,17 +31,21 @@ from .settings import (SettingsError, check_codes, check_count, check_device, ch
 from .vqvae import VQVAE
 
 ASSETS = Path(__file__).parent / "assets"
-_STUDENT_LOADERS: list = []      # loader(path, device=, dtype=) -> student module; see register_student_loader
+# per-level components an extension can read, by kind: loader(path, device=, dtype=) -> module
+_LOADERS: dict[str, list] = {"student": [], "drafter": []}
 
 
-def register_student_loader(loader) -> None:
-    """Let ``load`` read ``student_level_{L}/`` directories with ``loader(path, device=..., dtype=...)``
-    (the student's module; it has ``config.level``). Registered by an extension
-    (``fastjukebox.plugins``); without one, student directories are left unread."""
+def register_component_loader(kind: str, loader) -> None:
+    """Let ``load`` read ``{kind}_level_{L}/`` directories (``kind``: ``"student"``, a parallel
+    upsampler; ``"drafter"``, a speculative drafter) with ``loader(path, device=..., dtype=...)``
+    (a module that has ``config.level``). Registered by an extension (``fastjukebox.plugins``);
+    without one, such directories are left unread."""
+    if kind not in _LOADERS:
+        raise ValueError(f"unknown component kind {kind!r}; known: {', '.join(_LOADERS)}")
     if not callable(loader):
-        raise ValueError(f"a student loader must be callable, got {loader!r}")
-    if loader not in _STUDENT_LOADERS:
-        _STUDENT_LOADERS.append(loader)
+        raise ValueError(f"a {kind} loader must be callable, got {loader!r}")
+    if loader not in _LOADERS[kind]:
+        _LOADERS[kind].append(loader)
 
 
 class ConfigNote(UserWarning):
@@ -51,7 +56,7 @@ class Jukebox(nn.Module):
     """``vqvae`` plus ``priors[level]``; level 0 is the finest (bottom) level."""
 
     def __init__(self, vqvae: VQVAE, priors: dict[int, Prior], students: dict[int, nn.Module] | None = None,
-                 sampling: SamplingDefaults | dict | None = None):
+                 sampling: SamplingDefaults | dict | None = None, drafters: dict[int, nn.Module] | None = None):
         super().__init__()
         if not isinstance(sampling, SamplingDefaults):
             sampling = SamplingDefaults(vqvae.config.levels, sampling)
@@ -59,6 +64,7 @@ class Jukebox(nn.Module):
         self.vqvae = vqvae
         self.priors = nn.ModuleDict({str(level): p for level, p in sorted(priors.items())})
         self.students = nn.ModuleDict({str(level): s for level, s in sorted((students or {}).items())})
+        self.drafters = nn.ModuleDict({str(level): d for level, d in sorted((drafters or {}).items())})
         for level, p in priors.items():
             if p.config.level != level:
                 raise ValueError(f"prior given for level {level} models level {p.config.level}")
@@ -78,6 +84,10 @@ class Jukebox(nn.Module):
                              f"`python -m distill.train --teacher {'bottom' if level == 0 else 'middle'}` and "
                              f"put its directory beside the priors as student_level_{level}/")
         return self.students[str(level)]
+
+    def drafter(self, level: int) -> nn.Module | None:
+        """The drafter of ``level``'s speculative sampling, or None (the student drafts)."""
+        return self.drafters[str(level)] if str(level) in self.drafters else None
 
     @property
     def levels(self) -> list[int]:
@@ -210,8 +220,9 @@ class Jukebox(nn.Module):
         save_component(self.vqvae, directory / "vqvae", dtype)
         for level in self.levels:
             save_component(self.prior(level), directory / f"prior_level_{level}", dtype)
-        for level, student in self.students.items():
-            student.save(directory / f"student_level_{level}", dtype=dtype)
+        for kind, modules in (("student", self.students), ("drafter", self.drafters)):
+            for level, module in modules.items():
+                module.save(directory / f"{kind}_level_{level}", dtype=dtype)
         self.sampling_defaults.save(directory)
         return directory
 
@@ -265,12 +276,13 @@ def load(path_or_name: str | os.PathLike = "demo", *, dtype: torch.dtype | None 
         raise CheckpointError(f"{path}: no prior_level_* components")
     from .plugins import load_plugins
     load_plugins()
-    students = {}
-    for level in range(vqvae.config.levels - 1):
-        p = path / f"student_level_{level}"
-        if p.is_dir() and _STUDENT_LOADERS:
-            students[level] = _STUDENT_LOADERS[-1](p, device=device, dtype=dtype)
-            if students[level].config.level != level:
-                raise CheckpointError(f"{p}: holds a student for level {students[level].config.level}, "
-                                      f"not level {level}")
-    return Jukebox(vqvae, priors, students, SamplingDefaults.load(path, vqvae.config.levels))
+    found: dict[str, dict[int, nn.Module]] = {kind: {} for kind in _LOADERS}
+    for kind, loaders in _LOADERS.items():
+        for level in range(vqvae.config.levels - 1):
+            p = path / f"{kind}_level_{level}"
+            if p.is_dir() and loaders:
+                module = found[kind][level] = loaders[-1](p, device=device, dtype=dtype)
+                if module.config.level != level:
+                    raise CheckpointError(f"{p}: holds a {kind} for level {module.config.level}, not level {level}")
+    return Jukebox(vqvae, priors, found["student"], SamplingDefaults.load(path, vqvae.config.levels),
+                   drafters=found["drafter"])

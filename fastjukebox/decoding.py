@@ -54,6 +54,7 @@ class WindowDecoder:
         self._cond = None
         self._scored = (0, 0)  # sequence positions [from, to) of the last ``score`` chunk
         self._rows = None      # (starts, ends) of the last ``score_rows`` chunks, per row
+        self._hidden = (0, None)  # first sequence position and final activations (N, T, W) of the last forward
 
     @property
     def offset(self) -> int:
@@ -108,7 +109,7 @@ class WindowDecoder:
         if n > self.batch:
             raise ValueError(f"window batch {n} exceeds the decoder's batch {self.batch}")
         self.n, self._pos, self._cond = n, 0, cond
-        self._scored, self._rows = (0, 0), None
+        self._scored, self._rows, self._hidden = (0, 0), None, (0, None)
         self._window_tokens = self._tokens[:n]
         self._view = self._cache if n == self.batch else self._cache.narrow(n)
         if cond.encoder_kv is not None:
@@ -127,7 +128,7 @@ class WindowDecoder:
         while self._pos < end:
             p = self._pos
             T = min(end - p, chunk_size, C - p % C)
-            self._forward(tm.inputs_at(tokens, p, T, cond.start, cond.x_cond), p, self._view)
+            self._hidden = (p, self._forward(tm.inputs_at(tokens, p, T, cond.start, cond.x_cond), p, self._view))
             self._pos += T
 
     @torch.no_grad()
@@ -157,7 +158,7 @@ class WindowDecoder:
             raise ValueError("the window is full" if self._rows is None else _RESUME)
         xc = None if cond.x_cond is None else cond.x_cond[:, p]
         h = self._forward(tm.input_one(self._window_tokens, p, cond.start, xc), p, self._view)
-        self._pos, self._rows = p + 1, None
+        self._pos, self._rows, self._hidden = p + 1, None, (p, h[:, None])
         return tm.head(h, xc)
 
     @torch.no_grad()
@@ -177,6 +178,7 @@ class WindowDecoder:
         x_cond = None if cond.x_cond is None else cond.x_cond[:, p:p + count]
         h = self._forward(tm.inputs_at(self._window_tokens, p, count, cond.start, cond.x_cond), p, self._view)
         self._scored, self._pos, self._rows = (p, p + count), p + count, None
+        self._hidden = (p, h)
         return tm.head(h, x_cond)
 
     @torch.no_grad()
@@ -232,7 +234,7 @@ class WindowDecoder:
             x_cond = cond.x_cond.gather(1, positions[..., None].expand(-1, -1, cond.x_cond.shape[2]))
         x = tm.inputs_rows(self._window_tokens, positions, cond.start, x_cond)
         h = self._forward.rows(x, starts, valid, self._view)
-        self._rows, self._scored = (starts, starts + valid), (0, 0)
+        self._rows, self._scored, self._hidden = (starts, starts + valid), (0, 0), (starts, h)
         return tm.head(h, x_cond), valid
 
     def resume(self, position: int) -> None:
@@ -242,6 +244,30 @@ class WindowDecoder:
         if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position <= self.config.n_ctx:
             raise ValueError(f"position must be an integer in [0, {self.config.n_ctx}], got {position!r}")
         self._pos, self._scored, self._rows = position + self.offset, (0, 0), None
+
+    def hidden(self, position: int) -> torch.Tensor:
+        """Final activations (N, W) of music position ``position`` (the prior's feature that gives
+        its distribution, before the output head), which the last forward (a ``prime`` chunk, a
+        ``step`` or a ``score``) must have run; a drafter reads them (``distill.drafter``)."""
+        lo, h = self._hidden
+        if isinstance(lo, torch.Tensor):
+            raise ValueError("the last forward was score_rows: read its features with hidden_rows")
+        t = position + self.offset - lo
+        if h is None or not 0 <= t < h.shape[1]:
+            ran = "nothing" if h is None else f"music positions {lo - self.offset}..{lo - self.offset + h.shape[1] - 1}"
+            raise ValueError(f"the last forward ran {ran}, not position {position}")
+        return h[:, t]
+
+    def hidden_rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """Final activations (N, W) of row ``n`` at music position ``positions[n]``, which the last
+        ``score_rows`` must have run for that row (from its start, inside its chunk)."""
+        starts, h = self._hidden
+        if not isinstance(starts, torch.Tensor):
+            raise ValueError("the last forward was not score_rows: read its features with hidden")
+        t = positions - starts
+        if bool(((t < 0) | (t >= h.shape[1])).any()):
+            raise ValueError(f"positions outside the chunks score_rows just ran (rows start at {starts.tolist()})")
+        return h[torch.arange(h.shape[0], device=h.device), t]
 
     def rewind(self, position: int) -> None:
         """Keep the cached positions before music position ``position`` and forget the rest of the

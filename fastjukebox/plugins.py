@@ -4,7 +4,7 @@ A package that adds window samplers or student models (this project's ``distill`
 ``"parallel"`` and ``"speculative"`` samplers and the parallel students) declares an entry point
 in that group naming a function of no arguments. ``load_plugins`` calls each such function once;
 the function registers what its package adds (``samplers.register_sampler``,
-``bundle.register_student_loader``). fastjukebox imports none of them by name, so the layers
+``bundle.register_component_loader``). fastjukebox imports none of them by name, so the layers
 stay one-way: extensions import fastjukebox, never the reverse.
 
 The entry points are package metadata: a source tree that is not installed (``pip install -e .``)

@@ -26,7 +26,7 @@ import torch
 
 from .settings import SETTING_NAMES, SettingsError, check_level_keys
 
-__all__ = ["WindowSampler", "SamplerOption", "SAMPLERS", "STUDENT_SAMPLERS", "register_sampler", "options_of",
+__all__ = ["WindowSampler", "SamplerOption", "SAMPLERS", "STUDENT_SAMPLERS", "DRAFTER_SAMPLERS", "register_sampler", "options_of",
            "describe_options", "choose_samplers", "check_sampler_options", "build_window_samplers",
            "options_record"]
 
@@ -71,15 +71,17 @@ class SamplerOption:
 #: exact autoregressive sampling
 SAMPLERS = {"ar": None, "ar-graph": _graph_sampler}
 STUDENT_SAMPLERS: set[str] = set()   # need a student: upsampler levels only
+DRAFTER_SAMPLERS: set[str] = set()   # of those, the ones a level's drafter serves in place of its student
 SAMPLER_OPTIONS: dict[str, dict[str, SamplerOption]] = {}   # name -> the options it declares
 
 
-def register_sampler(name: str, factory, *, needs_student: bool = False,
+def register_sampler(name: str, factory, *, needs_student: bool = False, drafts: bool = False,
                      options: Mapping[str, SamplerOption | Any] | None = None) -> None:
     """Make ``name`` usable as a per-level sampler: ``factory(jb, level, **options)`` builds the
     level's window sampler from the values of the ``options`` it declares (option name ->
     ``SamplerOption``, or a plain default). ``needs_student``: it uses the level's student
-    (``Jukebox.student``), so it serves the upsampler levels only."""
+    (``Jukebox.student``), so it serves the upsampler levels only; ``drafts``: a level's drafter
+    (``Jukebox.drafter``), where there is one, does instead."""
     if not isinstance(name, str) or not name or not callable(factory):
         raise ValueError(f"a sampler needs a name and a factory, got {name!r}, {factory!r}")
     declared = {}
@@ -98,6 +100,7 @@ def register_sampler(name: str, factory, *, needs_student: bool = False,
     SAMPLERS[name] = factory
     SAMPLER_OPTIONS[name] = declared
     (STUDENT_SAMPLERS.add if needs_student else STUDENT_SAMPLERS.discard)(name)
+    (DRAFTER_SAMPLERS.add if drafts else DRAFTER_SAMPLERS.discard)(name)
 
 
 def options_of(name: str) -> dict[str, SamplerOption]:
@@ -145,8 +148,8 @@ def choose_samplers(jb, sampler, levels: tuple[int, ...]) -> dict[int, str]:
                 raise SettingsError(f"the {name} sampler covers the upsamplers (levels {top - 1}..0); the top "
                                     f"level {top} is sampled autoregressively ('ar')")
             names[l] = "ar"   # one name for every level: the student's sampler where there is a student
-        if names[l] in STUDENT_SAMPLERS:
-            jb.student(l)     # named error when the family has no student for the level
+        if names[l] in STUDENT_SAMPLERS and not (names[l] in DRAFTER_SAMPLERS and jb.drafter(l) is not None):
+            jb.student(l)     # named error when the family has no student (nor drafter) for the level
     return names
 
 

@@ -1,0 +1,221 @@
+"""A drafter that reads the teacher's own features: the proposal model of speculative sampling.
+
+An upsampler's final activation ``h[t]`` at position ``t`` (its input is the code at ``t - 1``)
+gives the teacher's distribution of the code at ``t``. The drafter continues that chain cheaply:
+from a feature ``f`` of position ``t - 1`` and the code ``x[t - 1]`` drawn there it predicts the
+feature of position ``t``,
+
+    f[t] = mlp(fuse([norm(f[t - 1]), x_emb(x[t - 1]) + pos_emb[t] + x_cond[t]]))
+    q[t] = softmax(x_out(norm(f[t])))
+
+(``x_cond`` the teacher's conditioning on the level above, the same tensor the teacher adds to its
+input). The first drafted position after a verification reads the teacher's feature of the last
+decided position (the verify chunk computed it: no extra teacher work); each later one reads the
+drafter's own. Drafts are sequential, so every drafted token's ``q`` given everything to its left
+is exact, as speculative sampling needs.
+
+Per drafted token the work is one fused projection, ``depth`` residual MLP blocks and the output
+head (``begin`` folds the embedding tables and the window's conditioning into the projection
+once per window), against the teacher's whole transformer per position.
+
+Trained by ``distill.train_drafter`` on teacher samples against the teacher's distributions,
+unrolled over several drafted positions so that it learns to read its own features. Stored as
+``drafter_level_{L}/`` beside the priors (``config.json`` with ``kind: "drafter"`` and
+``model.safetensors``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastjukebox.checkpoint import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, CheckpointError, check_state_dict, read_weights
+from fastjukebox.prior import Prior
+
+__all__ = ["DrafterConfig", "FeatureDrafter", "DRAFTER_KIND", "check_drafter_for"]
+
+DRAFTER_KIND = "drafter"
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    """level, l_bins, n_ctx, width: the teacher's (its level, codebook, window, activation width);
+    hidden: the MLP blocks' inner width; depth: how many blocks."""
+
+    level: int
+    l_bins: int
+    n_ctx: int
+    width: int
+    hidden: int = 512
+    depth: int = 2
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if f.name == "level" else 1):
+                raise ValueError(f"drafter config {f.name} must be an integer >= {0 if f.name == 'level' else 1}, "
+                                 f"got {v!r}")
+
+    @classmethod
+    def for_teacher(cls, prior: Prior, hidden: int = 512, depth: int = 2) -> "DrafterConfig":
+        c = prior.config
+        return cls(level=c.level, l_bins=c.l_bins, n_ctx=c.n_ctx, width=c.width, hidden=hidden, depth=depth)
+
+
+def check_drafter_for(drafter: "FeatureDrafter", prior: Prior) -> None:
+    """A named error unless ``drafter`` was made for ``prior``: same level, codebook, window, width."""
+    d, c = drafter.config, prior.config
+    for name, mine, theirs in (("level", d.level, c.level), ("codebook size", d.l_bins, c.l_bins),
+                               ("window (n_ctx)", d.n_ctx, c.n_ctx), ("width", d.width, c.width)):
+        if mine != theirs:
+            raise ValueError(f"this drafter is for another prior: its {name} is {mine}, the prior's {theirs}")
+
+
+class _Block(nn.Module):
+    """x + fc2(gelu(fc1(norm(x))))."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class FeatureDrafter(nn.Module):
+    """The drafter (module docstring). ``forward`` is one drafted position for any leading shape;
+    ``begin`` / ``step`` are the sampler's per-window and per-position path."""
+
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        if not isinstance(config, DrafterConfig):
+            raise TypeError(f"config must be a DrafterConfig, got {type(config).__name__}")
+        self.config = c = config
+        W = c.width
+        self.x_emb = nn.Embedding(c.l_bins, W)
+        self.pos_emb = nn.Parameter(torch.zeros(c.n_ctx, W))
+        self.feature_norm = nn.LayerNorm(W)
+        self.fuse = nn.Linear(2 * W, W)
+        self.blocks = nn.ModuleList([_Block(W, c.hidden) for _ in range(c.depth)])
+        self.out_norm = nn.LayerNorm(W)
+        self.x_out = nn.Linear(W, c.l_bins, bias=False)
+        self._window = None           # (input table, conditioning projection) of the current window
+
+    @classmethod
+    def from_teacher(cls, prior: Prior, hidden: int = 512, depth: int = 2) -> "FeatureDrafter":
+        """A drafter whose code embedding, position embedding and output head start as the teacher's."""
+        tm = prior.prior
+        w = tm.x_emb.weight
+        with torch.device(w.device):
+            d = cls(DrafterConfig.for_teacher(prior, hidden, depth)).to(w.dtype)
+        with torch.no_grad():
+            d.x_emb.weight.copy_(w[: d.config.l_bins])
+            d.pos_emb.copy_(tm.pos_emb()[: d.config.n_ctx])
+            d.x_out.weight.copy_(tm.x_out.weight[: d.config.l_bins])
+        return d
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_emb.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_emb.weight.dtype
+
+    # --- the drafted position, any leading shape (training) ---------------------------------
+    def inputs(self, prev_codes: torch.Tensor, positions: torch.Tensor, x_cond: torch.Tensor | None) -> torch.Tensor:
+        """What the teacher adds at its input for these positions: the embedding of the code
+        before each, its position embedding and the conditioning there (``x_cond`` at the same
+        positions, shaped like the result, or None)."""
+        u = self.x_emb(prev_codes) + self.pos_emb[positions]
+        return u if x_cond is None else u + x_cond
+
+    def forward(self, feature: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """The feature of a position from the feature of the one before and its ``inputs``."""
+        x = self.fuse(torch.cat([self.feature_norm(feature), inputs], dim=-1))
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def logits(self, feature: torch.Tensor) -> torch.Tensor:
+        return self.x_out(self.out_norm(feature))
+
+    # --- sampling: one window, one position at a time ---------------------------------------
+    @torch.no_grad()
+    def begin(self, x_cond: torch.Tensor | None, n: int) -> None:
+        """Fold the input embeddings into the projection for a window of ``n`` rows with the
+        teacher's conditioning ``x_cond`` (N, >= n_ctx, W) or None."""
+        W = self.config.width
+        w_feature, w_input = self.fuse.weight[:, :W], self.fuse.weight[:, W:]
+        table = self.x_emb.weight @ w_input.t()                                   # (l_bins, W)
+        where = self.pos_emb if x_cond is None else self.pos_emb + x_cond[:n, : self.config.n_ctx].to(self.dtype)
+        cond = (where @ w_input.t() + self.fuse.bias).expand(n, -1, -1)            # (n, n_ctx, W)
+        self._window = (w_feature.t().contiguous(), table, cond)
+
+    @torch.no_grad()
+    def step(self, feature: torch.Tensor, prev_codes: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
+        """``forward`` at ``position`` (one for every row, or (N,) long: each row's own) for rows
+        (N, W) whose previous codes are ``prev_codes`` (N,), after ``begin``: the feature (N, W)."""
+        if self._window is None:
+            raise RuntimeError("FeatureDrafter.step before begin")
+        w_feature, table, cond = self._window
+        at = cond[:, position] if isinstance(position, int) else cond[torch.arange(cond.shape[0]), position]
+        x = torch.addmm(at, self.feature_norm(feature), w_feature).add_(table[prev_codes])
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write a component directory (``config.json`` with ``kind: "drafter"``, ``model.safetensors``),
+        atomically: a finished directory replaces ``path`` at the end."""
+        from safetensors.torch import save_file
+        directory = Path(path)
+        sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+              for k, v in self.state_dict().items()}
+        tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file(sd, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
+            json.dump({"kind": DRAFTER_KIND, "format": FORMAT_VERSION, **asdict(self.config)}, f, indent=1)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.{os.getpid()}.old")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, directory)
+        return directory
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
+             dtype: torch.dtype | None = None) -> "FeatureDrafter":
+        """Load a directory written by ``save`` (weights in ``dtype``, default float32), in eval mode."""
+        directory = Path(path)
+        cfg_path = directory / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{directory}: not a drafter directory (no {CONFIG_NAME})")
+        try:
+            d = json.loads(cfg_path.read_text(encoding="utf-8"))
+            if not isinstance(d, dict) or d.get("kind") != DRAFTER_KIND:
+                raise ValueError(f"kind is {d.get('kind') if isinstance(d, dict) else None!r}, not {DRAFTER_KIND!r}")
+            if d.get("format") != FORMAT_VERSION:
+                raise ValueError(f"format {d.get('format')!r}, this version reads {FORMAT_VERSION}")
+            config = DrafterConfig(**{f.name: d[f.name] for f in fields(DrafterConfig) if f.name in d})
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{cfg_path}: not a valid drafter config ({e})") from None
+        sd = read_weights(directory)
+        with torch.device("meta"):
+            model = cls(config)
+        check_state_dict(model.state_dict(), sd, str(directory), "this drafter architecture")
+        dtype = dtype or torch.float32
+        model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
+        return model.eval()

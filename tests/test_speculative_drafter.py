@@ -1,0 +1,211 @@
+"""Speculative sampling drafted by a ``FeatureDrafter`` (``distill.drafter``): exact, greedy, named errors."""
+import numpy as np
+import pytest
+import torch
+
+import distill.speculative as spec
+from distill.drafter import DrafterConfig, FeatureDrafter
+from distill.speculative import SpeculativeWindowSampler
+from fastjukebox import Prior, PriorConfig, load_prior
+from fastjukebox.checkpoint import CheckpointError
+from fastjukebox.decoding import WindowDecoder
+from fastjukebox.sample_seeds import SampleGenerators
+from test_speculative import LEVEL, _chi_square_pvalue, _random_pair, _teacher_joint
+
+from conftest import DATA
+
+DRAWS = 20000
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+def _random_drafter(teacher: Prior, seed=0, scale=0.4) -> FeatureDrafter:
+    """A drafter with random weights: its proposals have little to do with the teacher's."""
+    torch.manual_seed(seed)
+    d = FeatureDrafter.from_teacher(teacher, hidden=24, depth=2).to(teacher.dtype).eval()
+    for p in d.parameters():
+        p.normal_(0, scale)
+    return d
+
+
+def _histogram(teacher, drafter, upper, known, n_new, temperature, top_k, gamma, seed=1, rows_apart=True):
+    sampler = SpeculativeWindowSampler(teacher, drafter=drafter, gamma=gamma)
+    sampler.rows_apart = rows_apart
+    out = sampler(known.expand(DRAWS, -1), n_new, upper.expand(DRAWS, -1), None, temperature=temperature,
+                  top_k=top_k, generator=torch.Generator().manual_seed(seed))
+    V = teacher.config.l_bins
+    index = (out[:, known.shape[1]:] * V ** torch.arange(n_new - 1, -1, -1)).sum(dim=1)
+    return torch.bincount(index, minlength=V ** n_new).double(), sampler.reports[-1]
+
+
+# K 0: the teacher draws the first position itself; K 2: chunks stop at the block boundary (4);
+# K 5: top-k and a lower temperature. Batch DRAWS: rows decide different lengths per call.
+CASES = [dict(known=0, n_new=3, temperature=1.0, top_k=0, gamma=4),
+         dict(known=2, n_new=3, temperature=1.0, top_k=0, gamma=4),
+         dict(known=5, n_new=3, temperature=0.7, top_k=3, gamma=2)]
+
+
+@pytest.mark.parametrize("rows_apart", [True, False], ids=["rows-apart", "shared-position"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"K{c['known']}-T{c['temperature']}-k{c['top_k']}")
+def test_samples_follow_the_teacher_exactly(case, rows_apart):
+    """Batch DRAWS: rows move on by themselves (each from its own position), or share the
+    slowest row's position with the others' tokens held."""
+    teacher, _, upper = _random_pair()
+    drafter = _random_drafter(teacher)
+    known = torch.randint(0, 4, (1, case["known"]), generator=torch.Generator().manual_seed(3))
+    joint = _teacher_joint(teacher, upper, known, case["n_new"], case["temperature"], case["top_k"])
+    counts, report = _histogram(teacher, drafter, upper, known, case["n_new"], case["temperature"],
+                                case["top_k"], case["gamma"], rows_apart=rows_apart)
+    assert 0.2 < report.acceptance < 0.9          # rejected often: the residual path runs throughout
+    assert report.drafter_steps > 0 and report.student_passes == 0
+    assert _chi_square_pvalue(counts, joint) > LEVEL
+
+
+@pytest.mark.parametrize("mutation", ["accept all", "correct from p", "draw not from q"])
+def test_a_wrong_rule_fails_the_same_test(mutation, monkeypatch):
+    """Keeping every draft, correcting from p, or drafts drawn from another distribution than the
+    stored q each make the chi-square test fail."""
+    if mutation == "accept all":
+        monkeypatch.setattr(spec, "accept", lambda p_x, q_x, u: torch.ones_like(u, dtype=torch.bool))
+    elif mutation == "correct from p":
+        monkeypatch.setattr(spec, "residual", lambda p, q: p)
+    else:
+        import distill.draft as draft
+        real = draft.categorical_draw
+        monkeypatch.setattr(draft, "categorical_draw", lambda probs, generator=None, noise=None: real(probs ** 3, generator, noise))
+    case = CASES[1]
+    teacher, _, upper = _random_pair()
+    known = torch.randint(0, 4, (1, case["known"]), generator=torch.Generator().manual_seed(3))
+    joint = _teacher_joint(teacher, upper, known, case["n_new"], case["temperature"], case["top_k"])
+    counts, _ = _histogram(teacher, _random_drafter(teacher), upper, known, case["n_new"], case["temperature"],
+                           case["top_k"], case["gamma"])
+    assert _chi_square_pvalue(counts, joint) < LEVEL
+
+
+@pytest.mark.parametrize("temperature,top_k,gamma", [(1.0, 0, 3), (0.7, 3, 8)])
+def test_one_row_path_makes_the_batched_decisions(temperature, top_k, gamma):
+    teacher, _, upper = _random_pair(l_bins=8, n_ctx=8)
+    drafter = _random_drafter(teacher)
+    fast = SpeculativeWindowSampler(teacher, drafter=drafter, gamma=gamma)
+    slow = SpeculativeWindowSampler(teacher, drafter=drafter, gamma=gamma)
+    slow.one_row_fast_path = False
+    corrections = 0
+    for seed in range(30):
+        known = torch.randint(0, 8, (1, seed % 4))
+        kw = dict(temperature=temperature, top_k=top_k)
+        a = fast(known, 8 - known.shape[1], upper, None, generator=torch.Generator().manual_seed(seed), **kw)
+        b = slow(known, 8 - known.shape[1], upper, None, generator=torch.Generator().manual_seed(seed), **kw)
+        assert torch.equal(a, b), seed
+        assert fast.reports[-1] == slow.reports[-1], seed
+        corrections += fast.reports[-1].verified - fast.reports[-1].accepted
+    assert corrections > 20
+
+
+def test_rows_of_a_batch_draw_what_they_would_alone():
+    """With one generator per row, a row's sample does not depend on the rest of its batch: each
+    row drafts, is judged and advances from its own position. (With the rows sharing the slowest
+    one's position, rows ahead draft from another feature and some samples change.)"""
+    teacher, _, _ = _random_pair(l_bins=4, n_ctx=16)
+    teacher = teacher.double()
+    drafter = _random_drafter(teacher, scale=1.0)
+    c = teacher.config
+    g = torch.Generator().manual_seed(4)
+    upper = torch.randint(0, 4, (8, c.n_ctx // c.cond_downsample), generator=g)
+    known = torch.randint(0, 4, (8, 3), generator=g)
+    seeds = list(range(11, 19))
+    changed = {}
+    for rows_apart in (True, False):
+        sampler = SpeculativeWindowSampler(teacher, drafter=drafter, gamma=3)
+        sampler.rows_apart = rows_apart
+        batch = sampler(known, 13, upper, None, generator=SampleGenerators(seeds))
+        alone = torch.cat([sampler(known[i:i + 1], 13, upper[i:i + 1], None, generator=SampleGenerators(seeds[i:i + 1]))
+                           for i in range(8)])
+        changed[rows_apart] = int((batch != alone).sum())
+    assert changed[True] == 0
+    assert changed[False] > 0
+
+
+@pytest.mark.parametrize("name", ["tiny_upsampler_level_0", "tiny_upsampler_level_1"])
+@pytest.mark.parametrize("gamma", [1, 3, 16])
+def test_greedy_reproduces_the_original_fixtures(name, gamma):
+    prior = load_prior(DATA / f"{name}.pth.tar", dtype=torch.float64)
+    io = np.load(DATA / f"{name}_io.npz")
+    z, upper, y = (torch.from_numpy(io[k]) for k in ("z", "z_cond", "y"))
+    sampler = SpeculativeWindowSampler(prior, drafter=_random_drafter(prior, scale=0.1), gamma=gamma)
+    prefix = int(io["greedy_prefix_len"])
+    for K, key in ((0, "greedy_ancestral"), (prefix, "greedy_primed")):
+        out = sampler(z[:, :K], prior.config.n_ctx - K, upper, y, temperature=0.0,
+                      chunk_size=int(io["greedy_chunk_size"]))
+        assert np.array_equal(out.numpy(), io[key])
+
+
+def test_folded_step_equals_the_plain_forward():
+    """``begin`` + ``step`` (embeddings folded into the projection) compute ``forward``."""
+    teacher, _, upper = _random_pair()
+    teacher = teacher.double()
+    d = _random_drafter(teacher)
+    c = teacher.config
+    x_cond = teacher.condition(upper.expand(3, -1)).x_cond
+    g = torch.Generator().manual_seed(0)
+    feature, prev = torch.randn(3, c.width, generator=g, dtype=torch.float64), torch.randint(0, c.l_bins, (3,), generator=g)
+    d.begin(x_cond, 3)
+    for t in (1, 5, 7):
+        plain = d(feature, d.inputs(prev, torch.full((3,), t), x_cond[:, t]))
+        torch.testing.assert_close(d.step(feature, prev, t), plain, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(d.step(feature, prev, 1), d.step(feature, prev, 2))
+
+
+def test_decoder_hands_out_the_features_of_the_last_forward():
+    teacher, _, upper = _random_pair()
+    c = teacher.config
+    z = torch.randint(0, c.l_bins, (2, c.n_ctx), generator=torch.Generator().manual_seed(1))
+    dec = WindowDecoder(teacher, 2)
+    dec.begin(upper.expand(2, -1), None)
+    dec.prime(z[:, :3], chunk_size=2)
+    primed = dec.hidden(2)
+    dec.token_buffer[:, 3:6] = z[:, 3:6]
+    logits = dec.score(1)
+    torch.testing.assert_close(teacher.prior.head(dec.hidden(3)[:, None], dec.conditioning.x_cond[:, 3:4])[:, 0],
+                               logits[:, 0])
+    cond = teacher.condition(upper.expand(2, -1))
+    full = teacher.prior.transformer(teacher.prior.inputs(z, cond.start, cond.x_cond))
+    torch.testing.assert_close(primed, full[:, 2], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not position 2"):
+        dec.hidden(2)                     # the score ran position 3 only
+
+
+def test_save_and_load_round_trip(tmp_path):
+    teacher, _, _ = _random_pair()
+    d = _random_drafter(teacher)
+    d.save(tmp_path / "drafter_level_0")
+    back = FeatureDrafter.load(tmp_path / "drafter_level_0")
+    assert back.config == d.config
+    for (name, a), (_, b) in zip(d.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), name
+    (tmp_path / "drafter_level_0" / "config.json").write_text('{"kind": "student", "format": 1}')
+    with pytest.raises(CheckpointError, match="not a valid drafter config"):
+        FeatureDrafter.load(tmp_path / "drafter_level_0")
+    with pytest.raises(CheckpointError, match="not a drafter directory"):
+        FeatureDrafter.load(tmp_path)
+
+
+def test_bad_input_is_named():
+    teacher, student, _ = _random_pair()
+    drafter = _random_drafter(teacher)
+    with pytest.raises(ValueError, match="gamma .* >= 1, got 0"):
+        SpeculativeWindowSampler(teacher, drafter=drafter, gamma=0)
+    for change, what in ((dict(level=1), "level is 1, the prior's 0"), (dict(l_bins=5), "codebook size is 5"),
+                         (dict(width=8), "width is 8, the prior's 16"), (dict(n_ctx=16), "window \\(n_ctx\\) is 16")):
+        other = FeatureDrafter(DrafterConfig(**{**vars(drafter.config), **change}))
+        with pytest.raises(ValueError, match=f"another prior: its {what}"):
+            SpeculativeWindowSampler(teacher, drafter=other)
+    with pytest.raises(TypeError, match="FeatureDrafter"):
+        SpeculativeWindowSampler(teacher, drafter=student)
+    with pytest.raises(ValueError, match="hidden must be an integer >= 1"):
+        DrafterConfig(level=0, l_bins=4, n_ctx=8, width=16, hidden=0)
+    with pytest.raises(ValueError, match="exceed the window"):
+        SpeculativeWindowSampler(teacher, drafter=drafter)(torch.zeros(1, 4, dtype=torch.long), 5)
