@@ -45,29 +45,49 @@ FLOP_USE = 0.5                      # share of peak a full-window student pass r
 RELEASED_PARAMS = 981_298_176       # upsampler_level_0 / _1 (README presets table)
 RELEASED_N_CTX = 8192
 RELEASED_HOP_NEW = 4096             # new tokens of a hopped released-upsampler window
+RELEASED_WIDTH, RELEASED_BINS = 1920, 2048
+DRAFTER_HIDDEN, DRAFTER_DEPTH = 512, 1   # the FeatureDrafter defaults
+DRAFTER_KERNELS = 16                # kernels one drafted position launches (projection, blocks, head, draw)
+KERNEL_LATENCY_S = 4e-6             # launch + completion of one small kernel, no CUDA graph
 
 # Draft policies (``SpeculativeWindowSampler`` options): the default at every gamma, the others at
 # gamma 8 only.
 POLICIES = {"draft once": {}, "2-pass draft": {"draft_passes": 2},
             "re-draft below 50%": {"redraft_below": 0.5, "lookback": 4}}
 DEFAULT_POLICY = "draft once"
+DRAFTER = "feature drafter"         # the level's drafter_level_{L}/ (every gamma), where the family has one
 
 
-def project_h100(tokens_per_call: float, student_passes: float) -> dict:
+def drafter_weights_read(width: int = RELEASED_WIDTH, bins: int = RELEASED_BINS, hidden: int = DRAFTER_HIDDEN,
+                         depth: int = DRAFTER_DEPTH) -> int:
+    """Weights one drafted position reads: the fused projection (feature half), the MLP blocks and
+    the output head (one embedding row and one conditioning row besides: negligible)."""
+    return width * width + depth * 2 * width * hidden + width * bins
+
+
+def project_h100(tokens_per_call: float, student_passes: float, drafter_steps: float = 0.0) -> dict:
     """Projected speed-up of ``"speculative"`` over ``"ar"`` for one hopped window of the released
     upsampler on one H100 at batch 1, bf16 (a projection: nothing ran on an H100).
 
     t_step = 2 * P / (BANDWIDTH_USE * HBM)  (a step, or a teacher chunk of <= 16 positions, reads
         every weight once and does little arithmetic)
     t_pass = 2 * P * n_ctx / (FLOP_USE * bf16 peak)  (a student pass: every weight on every position)
+    t_draft = max(2 * D / (BANDWIDTH_USE * HBM), DRAFTER_KERNELS * KERNEL_LATENCY_S)  (a feature-
+        drafter position: D weights read, or the latency of its kernels, whichever is longer)
     ar = new * t_step;  speculative = new / tokens_per_call * t_step + student_passes * t_pass
-    with ``tokens_per_call`` and ``student_passes`` (per window) as measured on the demo."""
+        + drafter_steps * new / demo_new * t_draft
+    with ``tokens_per_call``, ``student_passes`` (per window) and ``drafter_steps`` (per new token)
+    as measured on the demo."""
     t_step = 2 * RELEASED_PARAMS / (BANDWIDTH_USE * H100_HBM_BYTES_PER_S)
     t_pass = 2 * RELEASED_PARAMS * RELEASED_N_CTX / (FLOP_USE * H100_BF16_FLOP_PER_S)
+    t_draft = max(2 * drafter_weights_read() / (BANDWIDTH_USE * H100_HBM_BYTES_PER_S),
+                  DRAFTER_KERNELS * KERNEL_LATENCY_S)
     ar = RELEASED_HOP_NEW * t_step
-    spec = RELEASED_HOP_NEW / tokens_per_call * t_step + student_passes * t_pass
-    return dict(t_step_ms=t_step * 1e3, t_pass_ms=t_pass * 1e3, ar_ms=ar * 1e3, speculative_ms=spec * 1e3,
-                speedup=ar / spec, tokens_per_call=tokens_per_call, student_passes=student_passes)
+    spec = (RELEASED_HOP_NEW / tokens_per_call * t_step + student_passes * t_pass
+            + drafter_steps * RELEASED_HOP_NEW * t_draft)
+    return dict(t_step_ms=t_step * 1e3, t_pass_ms=t_pass * 1e3, t_draft_ms=t_draft * 1e3, ar_ms=ar * 1e3,
+                speculative_ms=spec * 1e3, speedup=ar / spec, tokens_per_call=tokens_per_call,
+                student_passes=student_passes, drafter_steps_per_token=drafter_steps)
 
 
 def _chord_audio(seconds: float) -> torch.Tensor:
@@ -128,6 +148,9 @@ def run(levels=(0, 1), batches=(1, 16), gammas=(4, 8, 16), repeats: int = 2, see
         variants += [(8, name) for name in POLICIES if name != DEFAULT_POLICY and 8 in gammas]
         samplers = {v: SpeculativeWindowSampler(prior, jb.student(level), gamma=v[0], **POLICIES[v[1]])
                     for v in variants}
+        if jb.drafter(level) is not None:       # the feature drafter at every gamma
+            samplers.update({(g, DRAFTER): SpeculativeWindowSampler(prior, drafter=jb.drafter(level), gamma=g)
+                             for g in gammas})
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             first = ar(*win.args(0), temperature=DEFAULT_TEMPERATURE, generator=gen)
@@ -155,7 +178,8 @@ def run(levels=(0, 1), batches=(1, 16), gammas=(4, 8, 16), repeats: int = 2, see
                                  ar_tokens_per_s=ar_tps, speculative_tokens_per_s=tps, ratio=tps / ar_tps,
                                  acceptance=statistics.mean(x.acceptance for x in rep),
                                  teacher_calls=calls, tokens_per_call=n_tok / batch / calls,
-                                 student_passes=statistics.mean(x.student_passes for x in rep)))
+                                 student_passes=statistics.mean(x.student_passes for x in rep),
+                                 drafter_steps_per_token=statistics.mean(x.drafter_steps for x in rep) / (n_tok // batch)))
     bar.close()
     return dict(rows=rows, projections=projections(rows), repeats=repeats,
                 machine=dict(cpu=platform.processor() or platform.machine(), torch=torch.__version__,
@@ -167,9 +191,10 @@ def projections(rows: list[dict]) -> list[dict]:
     """``project_h100`` per level and gamma from the batch-1 hopped rows of the default policy."""
     out = []
     for r in rows:
-        if r["window"] == "hopped" and r["batch"] == 1 and r["policy"] == DEFAULT_POLICY:
-            out.append(dict(level=r["level"], gamma=r["gamma"], **project_h100(r["tokens_per_call"],
-                                                                                r["student_passes"])))
+        if r["window"] == "hopped" and r["batch"] == 1 and r["policy"] in (DEFAULT_POLICY, DRAFTER):
+            out.append(dict(level=r["level"], gamma=r["gamma"], policy=r["policy"],
+                            **project_h100(r["tokens_per_call"], r["student_passes"],
+                                           r.get("drafter_steps_per_token", 0.0))))
     return out
 
 
@@ -179,27 +204,32 @@ def render_markdown(res: dict) -> str:
              f"median of {res['repeats']} rounds; both samplers in the same run, temperature {DEFAULT_TEMPERATURE}. "
              "tokens/s = new tokens (all rows) per wall second of the window call (priming and drafts included).", "",
              "| level | batch | window | gamma | draft policy | ar tok/s | speculative tok/s | speculative / ar | "
-             "acceptance | tokens per teacher call | student passes |",
-             "|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "acceptance | tokens per teacher call | student passes | drafter steps per token |",
+             "|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         lines.append(f"| {r['level']} | {r['batch']} | {r['window']} ({r['new_tokens']} new) | {r['gamma']} | "
                      f"{r['policy']} | "
                      f"{r['ar_tokens_per_s']:.0f} | {r['speculative_tokens_per_s']:.0f} | **{r['ratio']:.2f}x** | "
-                     f"{r['acceptance']:.2f} | {r['tokens_per_call']:.2f} | {r['student_passes']:.0f} |")
+                     f"{r['acceptance']:.2f} | {r['tokens_per_call']:.2f} | {r['student_passes']:.0f} | "
+                     f"{r.get('drafter_steps_per_token', 0.0):.2f} |")
     if res["projections"]:
         lines += ["", "## Projection (not measured): one H100, released upsampler size, batch 1, hopped window", "",
-                  "From the batch-1 hopped rows above (default draft policy), assuming the released student's "
-                  "drafts are accepted as often as the demo's at the same level:", "",
+                  "From the batch-1 hopped rows above (the student's default draft policy and the feature drafter), "
+                  "assuming the released student's or drafter's drafts are accepted as often as the demo's at the "
+                  "same level:", "",
                   "- t_step = 2 P / (0.8 x 3.35 TB/s) = " f"{project_h100(1, 0)['t_step_ms']:.3f} ms "
                   "(P = 981,298,176 bf16 weights, read once per AR step or per teacher chunk of <= 16 positions)",
                   "- t_pass = 2 P n_ctx / (0.5 x 989 TFLOP/s) = " f"{project_h100(1, 0)['t_pass_ms']:.1f} ms "
                   "(a student pass over the n_ctx = 8192 window)",
+                  "- t_draft = max(2 D / (0.8 x 3.35 TB/s), 16 kernels x 4 us) = "
+                  f"{project_h100(1, 0)['t_draft_ms']:.3f} ms (a feature-drafter position; D = "
+                  f"{drafter_weights_read():,} weights read at width 1920, 2048 codes, one MLP block of 512)",
                   "- ar = 4096 t_step; speculative = 4096 / (tokens per teacher call) x t_step + "
-                  "(student passes) x t_pass", "",
-                  "| level | gamma | tokens per teacher call | ar ms / window | speculative ms / window | "
-                  "projected speculative / ar |", "|---:|---:|---:|---:|---:|---:|"]
+                  "(student passes) x t_pass + (drafter steps per token) x 4096 x t_draft", "",
+                  "| level | gamma | draft | tokens per teacher call | ar ms / window | speculative ms / window | "
+                  "projected speculative / ar |", "|---:|---:|---|---:|---:|---:|---:|"]
         for p in res["projections"]:
-            lines.append(f"| {p['level']} | {p['gamma']} | {p['tokens_per_call']:.2f} | {p['ar_ms']:.0f} | "
+            lines.append(f"| {p['level']} | {p['gamma']} | {p['policy']} | {p['tokens_per_call']:.2f} | {p['ar_ms']:.0f} | "
                          f"{p['speculative_ms']:.0f} | {p['speedup']:.2f}x |")
     return "\n".join(lines) + "\n"
 

@@ -13,9 +13,8 @@ teacher-forced under that level's autoregressive prior, scored at its new positi
 each code counts once (``level_teacher_nll``). Runs alternate the samplers within a round, so a
 change of the machine's load hits all of them.
 
-At batches above 1 the samplers that use ``"speculative"`` are left out unless
-``--speculative-batches`` (it decodes the rows of a batch one at a time: 16 times its batch-1
-time at batch 16).
+``"speculative"`` drafts with the level's drafter (``drafter_level_{L}/``) where the family has one,
+else with its student; the rows of a batch move on by themselves (``WindowDecoder.score_rows``).
 
 Level-1 NLLs of all samplers are comparable (the same top-level codes); a level-0 NLL is
 compared with ``"ar"``'s directly only where the level-1 codes are ``"ar"``'s too (samplers
@@ -160,8 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--name", default=None, help="results file stem (default: upsample-<device>)")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where the results go")
-    p.add_argument("--speculative-batches", action="store_true",
-                   help="run the speculative samplers at batches above 1 too (default: batch 1 only)")
     p.add_argument("--quick", action="store_true", help="3 s, batch 1, ar and parallel: a smoke run")
     return p
 
@@ -185,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, argparse.ArgumentTypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    runs = [(e, b, s) for _ in range(args.rounds) for e in excerpts for b in args.batch for s in args.samplers
-            if b == 1 or args.speculative_batches or "speculative" not in s]
+    runs = [(e, b, s) for _ in range(args.rounds) for e in excerpts for b in args.batch for s in args.samplers]
     rows = []
     bar = progress_bar(len(runs), "upsample", "run")
     for e, b, s in runs:

@@ -117,7 +117,7 @@ class FeatureDraft:
         d = self.drafter
         for t in range(lo, hi):
             feature = d.step(feature, tokens[:, t - 1], t)
-            probs = proposal_probs(d.logits(feature), temperature, top_k, top_p)
+            probs = proposal_probs(d.step_logits(feature), temperature, top_k, top_p)
             ids = categorical_draw(probs, noise=noise[:, t - lo])
             tokens[:, t] = ids if frontier is None else torch.where(frontier > t, tokens[:, t], ids)
             q[:, t] = probs
@@ -144,7 +144,7 @@ class FeatureDraft:
         for j in range(width):
             t = (frontier + j).clamp_(max=last)
             feature = d.step(feature, tokens[rows, t - 1], t)
-            probs = proposal_probs(d.logits(feature), temperature, top_k, top_p)
+            probs = proposal_probs(d.step_logits(feature), temperature, top_k, top_p)
             ids = categorical_draw(probs, noise=noise[rows, t])
             tokens[rows, t] = torch.where(counts > j, ids, tokens[rows, t])
             ids_out.append(ids)

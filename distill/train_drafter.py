@@ -68,7 +68,7 @@ class DrafterTrainConfig:
     starts: int = 64                   # unrolled chains per window and step
     unroll: int = 6                    # drafted positions per chain
     hidden: int = 512
-    depth: int = 2
+    depth: int = 1
     feature_weight: float = 0.1
     lr: float = 1e-3
     min_lr_ratio: float = 0.05

@@ -317,3 +317,6 @@ def test_h100_projection_behaves():
     a, b = project_h100(2.0, 1), project_h100(3.0, 1)
     assert 1.0 < a["speedup"] < 2.0 and a["speedup"] < b["speedup"] < 3.0
     assert project_h100(2.0, 2)["speedup"] < a["speedup"] < project_h100(2.0, 0)["speedup"] == pytest.approx(2.0)
+    drafted = project_h100(2.0, 0, drafter_steps=1.0)
+    assert 1.0 < drafted["speedup"] < project_h100(2.0, 0)["speedup"]     # every drafted position costs time
+    assert drafted["t_draft_ms"] < drafted["t_step_ms"] / 10               # ... far less than a teacher step

@@ -156,6 +156,11 @@ def test_folded_step_equals_the_plain_forward():
     for t in (1, 5, 7):
         plain = d(feature, d.inputs(prev, torch.full((3,), t), x_cond[:, t]))
         torch.testing.assert_close(d.step(feature, prev, t), plain, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(d.step_logits(plain), d.logits(plain), rtol=1e-12, atol=1e-12)
+    rows = d.step(feature, prev, torch.tensor([1, 5, 7]))          # each row its own position
+    for n, t in enumerate((1, 5, 7)):
+        torch.testing.assert_close(rows[n], d(feature, d.inputs(prev, torch.full((3,), t), x_cond[:, t]))[n],
+                                   rtol=1e-12, atol=1e-12)
     assert not torch.allclose(d.step(feature, prev, 1), d.step(feature, prev, 2))
 
 
@@ -209,3 +214,28 @@ def test_bad_input_is_named():
         DrafterConfig(level=0, l_bins=4, n_ctx=8, width=16, hidden=0)
     with pytest.raises(ValueError, match="exceed the window"):
         SpeculativeWindowSampler(teacher, drafter=drafter)(torch.zeros(1, 4, dtype=torch.long), 5)
+
+
+def test_a_family_reads_its_drafters_and_names_a_misplaced_one(tmp_path):
+    """``drafter_level_{L}/`` beside the priors: ``"speculative"`` drafts with it (no student
+    needed); a drafter of another level in the slot is a named error at load."""
+    import shutil
+
+    import fastjukebox
+    from distill.draft import FeatureDraft
+    from fastjukebox.bundle import ASSETS
+    from fastjukebox.samplers import SAMPLERS, choose_samplers
+    family = tmp_path / "demo"
+    shutil.copytree(ASSETS / "demo", family)
+    shutil.rmtree(family / "student_level_1")
+    jb = fastjukebox.load(family)
+    assert jb.drafter(0).config.level == 0 and jb.drafter(1).config.level == 1
+    assert choose_samplers(jb, "speculative", jb.upsampler_levels) == {1: "speculative", 0: "speculative"}
+    assert isinstance(SAMPLERS["speculative"](jb, 1).drafter, FeatureDraft)
+    shutil.rmtree(family / "drafter_level_1")
+    with pytest.raises(ValueError, match="no parallel student for level 1"):
+        choose_samplers(fastjukebox.load(family), "speculative", (1, 0))
+    shutil.rmtree(family / "drafter_level_0")
+    shutil.copytree(ASSETS / "demo" / "drafter_level_1", family / "drafter_level_0")
+    with pytest.raises(CheckpointError, match="holds a drafter for level 1, not level 0"):
+        fastjukebox.load(family)
