@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -35,7 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastjukebox.checkpoint import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, CheckpointError, check_state_dict, read_weights
+from fastjukebox.checkpoint import (CONFIG_NAME, FORMAT_VERSION, CheckpointError, check_state_dict, read_weights,
+                                    write_component_dir)
 from fastjukebox.prior import Prior
 
 __all__ = ["DrafterConfig", "FeatureDrafter", "DRAFTER_KIND", "check_drafter_for"]
@@ -189,23 +189,8 @@ class FeatureDrafter(nn.Module):
     def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write a component directory (``config.json`` with ``kind: "drafter"``, ``model.safetensors``),
         atomically: a finished directory replaces ``path`` at the end."""
-        from safetensors.torch import save_file
-        directory = Path(path)
-        sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-              for k, v in self.state_dict().items()}
-        tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file(sd, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
-            json.dump({"kind": DRAFTER_KIND, "format": FORMAT_VERSION, **asdict(self.config)}, f, indent=1)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.{os.getpid()}.old")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, directory)
-        return directory
+        return write_component_dir(path, self.state_dict(),
+                                   {"kind": DRAFTER_KIND, "format": FORMAT_VERSION, **asdict(self.config)}, dtype=dtype)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu",

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -41,8 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastjukebox.token_model import PositionEmbedding
-from fastjukebox.checkpoint import (CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, CheckpointError, check_state_dict,
-                                    read_config_and_extras, read_weights)
+from fastjukebox.checkpoint import (CONFIG_NAME, FORMAT_VERSION, CheckpointError, check_state_dict,
+                                    read_config_and_extras, read_weights, write_component_dir)
 from fastjukebox.config import PriorConfig
 from fastjukebox.prior import Conditioning, Prior, label_conditioner, upsampler_conditioner
 from fastjukebox.transformer import Transformer
@@ -330,26 +329,10 @@ class ParallelStudent(nn.Module):
     def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write a component directory (``config.json`` with ``kind: "student"``, and
         ``model.safetensors``), atomically: a finished directory replaces ``path`` at the end."""
-        from safetensors.torch import save_file
-        directory = Path(path)
-        sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-              for k, v in self.state_dict().items()}
-        tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file(sd, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
-            layout = {} if self.prior.input_layout == "tokens" else {"input_layout": self.prior.input_layout}
-            json.dump({"kind": STUDENT_KIND, "format": FORMAT_VERSION, **layout, **self.config.to_dict()}, f, indent=1)
-        with open(tmp / SAMPLING_NAME, "w", encoding="utf-8") as f:
-            json.dump(asdict(self.sampling), f, indent=1)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.{os.getpid()}.old")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, directory)
-        return directory
+        layout = {} if self.prior.input_layout == "tokens" else {"input_layout": self.prior.input_layout}
+        return write_component_dir(path, self.state_dict(),
+                                   {"kind": STUDENT_KIND, "format": FORMAT_VERSION, **layout, **self.config.to_dict()},
+                                   {SAMPLING_NAME: asdict(self.sampling)}, dtype)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu",

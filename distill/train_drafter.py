@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fastjukebox.atomic import atomic_path
 from fastjukebox.cli_options import HelpFormatter

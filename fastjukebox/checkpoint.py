@@ -260,6 +260,33 @@ def save_component(model, directory: str | os.PathLike, dtype: torch.dtype | Non
     return directory
 
 
+def write_component_dir(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict,
+                        extra_json: dict[str, dict] | None = None, dtype: torch.dtype | None = None) -> Path:
+    """A component directory: ``model.safetensors`` (floating tensors in ``dtype`` when given),
+    ``config.json`` holding ``config`` and one JSON file per ``extra_json`` entry (name -> object),
+    written beside it and put in place of ``path`` only once complete."""
+    import shutil
+
+    from safetensors.torch import save_file
+    directory = Path(path)
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+          for k, v in state_dict.items()}
+    tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(sd, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+    for name, obj in {CONFIG_NAME: config, **(extra_json or {})}.items():
+        with open(tmp / name, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.{os.getpid()}.old")
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, directory)
+    return directory
+
+
 def save_original(model, path: str | os.PathLike) -> Path:
     """Write the weights in the original file layout ``{"model": state_dict}``."""
     path = Path(path)

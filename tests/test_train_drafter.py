@@ -9,28 +9,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from distill.drafter import FeatureDrafter
 from distill.train_drafter import main as drafter_main
+from test_distill_train import audio_dir  # noqa: F401  (the fixture: fresh random tone files)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def audio_dir(tmp_path_factory):
-    """Two files of fresh random tone mixtures."""
-    import soundfile as sf
-    d = tmp_path_factory.mktemp("audio")
-    rng = np.random.default_rng()
-    for i, n in enumerate((30011, 26987)):
-        t = np.arange(n) / 44100
-        x = sum(rng.uniform(0.05, 0.3) * np.sin(2 * np.pi * rng.uniform(80, 4000) * t + rng.uniform(0, 6))
-                for _ in range(4)) + 0.02 * rng.standard_normal(n)
-        sf.write(d / f"piece{i}.wav", np.clip(x, -1, 1).astype(np.float32), 44100)
-    return d
 
 
 def _argv(audio_dir, out, steps, *extra, shards=None):
