@@ -24,9 +24,11 @@ from the decided prefix, when the acceptance of the last ``lookback`` teacher ca
 ``redraft_below`` (and at least ``lookback`` calls ran since the last draft); ``redraft_below=0``
 drafts once per window. ``benchmarks.speculative`` measures the choices.
 
-Rows of a batch accept different lengths but share the cache position: the position moves to the
-shortest decided prefix, and a row that decided further keeps those tokens fixed (``forced``)
-until the position catches up: no draft is ever judged twice.
+Rows of a batch accept different lengths. With a feature drafter each row goes on from its own
+decided length (``WindowDecoder.score_rows``: per-row positions in one batched teacher call), so a
+row's sample is what it would be alone. With the student's draft (or ``rows_apart`` off) the rows
+share the cache position: it moves to the shortest decided prefix, and a row that decided further
+keeps those tokens fixed (``forced``) until the position catches up: no draft is judged twice.
 """
 from __future__ import annotations
 
