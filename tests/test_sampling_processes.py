@@ -43,6 +43,12 @@ def _launch(tmp_path, *argv, script: Path | None = None) -> subprocess.Completed
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
+def _failure(run: subprocess.CompletedProcess) -> str:
+    """What the processes said, without the launcher's own traceback (which only says a child failed)."""
+    child = run.stderr.split("Traceback (most recent call last):")[0]
+    return f"exit {run.returncode}; the processes' stderr:\n{child[-3000:]}\n(launcher: {run.stderr[-600:]})"
+
+
 def test_shares_are_contiguous_and_cover_the_run():
     for n in range(0, 7):
         for world in (1, 2, 3):
@@ -68,7 +74,7 @@ def test_per_sample_seeds_do_not_depend_on_the_batch():
 def test_two_processes_sample_and_continue_as_one(tmp_path):
     assert main(["sample", *TINY, "--n-samples", "3", "--seed", "5", "--out", str(tmp_path / "one.wav")]) == 0
     run = _launch(tmp_path, "sample", *TINY, "--n-samples", "3", "--seed", "5", "--out", tmp_path / "two.wav")
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.returncode == 0, _failure(run)
     one, two = _codes(tmp_path / "one.npz"), _codes(tmp_path / "two.npz")
     assert sorted(two) == [0, 1, 2]
     for level in one:
@@ -84,7 +90,7 @@ def test_two_processes_sample_and_continue_as_one(tmp_path):
             "--seed", "4", "-q"]
     assert main([*map(str, cont), "--out", str(tmp_path / "c1.wav")]) == 0
     run = _launch(tmp_path, *cont, "--out", tmp_path / "c2.wav")
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.returncode == 0, _failure(run)
     np.testing.assert_array_equal(_codes(tmp_path / "c2.npz")[2], _codes(tmp_path / "c1.npz")[2])
 
 
@@ -130,7 +136,7 @@ def test_processes_end_their_group_together_at_exit(tmp_path):
         "    time.sleep(2.0)\n"
         "open(f'before_{rank}', 'w').write(repr(time.time()))\n")
     run = _launch(tmp_path, script=script)
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.returncode == 0, _failure(run)
     before = {r: float((tmp_path / f"before_{r}").read_text()) for r in (0, 1)}
     after = {r: (tmp_path / f"after_{r}").read_text().split() for r in (0, 1)}
     assert [after[r][0] for r in (0, 1)] == ["False", "False"]
