@@ -127,21 +127,40 @@ class FeatureDraft:
         return int((hi - frontier.clamp(lo, hi)).sum())
 
     @torch.no_grad()
-    def draft_rows(self, tokens: torch.Tensor, frontier: torch.Tensor, counts: torch.Tensor, width: int,
-                   feature: torch.Tensor, noise: torch.Tensor, *, temperature: float, top_k: int,
-                   top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draft every row from its own ``frontier`` (N,) (``>= 1``): ``counts[n]`` positions of row
-        ``n`` (at most ``width``), from ``feature`` (N, W), the teacher's final activation at
-        ``frontier - 1``. Drafted ids go into ``tokens`` (N, seq_len) at ``frontier + j`` for
-        ``j < counts``; ``noise`` (N, seq_len, V) holds each position's Exp(1) draw noise.
+    def draft_one(self, tokens: torch.Tensor, lo: int, count: int, feature: torch.Tensor, noise: torch.Tensor,
+                  q: torch.Tensor, *, temperature: float, top_k: int, top_p: float) -> int:
+        """Draft up to ``count`` positions from ``lo`` (``>= 1``) of a single row from ``feature`` (1, W),
+        the teacher's final activation at ``lo - 1``. Ids go into
+        ``tokens`` (1, seq_len), proposal distributions into ``q[j]`` (rows of a (>= count, V)
+        buffer); ``noise`` (1, seq_len, V) holds each position's Exp(1) draw noise.
+        Returns the number drafted."""
+        d = self.drafter
+        for j in range(count):
+            t = lo + j
+            feature = d.step(feature, tokens[:, t - 1], t)
+            probs = proposal_probs(d.step_logits(feature), temperature, top_k, top_p)
+            ids = categorical_draw(probs, noise=noise[:, t])
+            tokens[:, t] = ids
+            q[j] = probs[0]
+            self.evaluations += 1
+        return count
 
-        Returns ids (N, width) and their proposal distributions (N, width, V) (columns past a
-        row's count are meaningless)."""
+    @torch.no_grad()
+    def draft_rows(self, tokens: torch.Tensor, frontier: torch.Tensor, counts: torch.Tensor, feature: torch.Tensor,
+                   noise: torch.Tensor, *, temperature: float, top_k: int,
+                   top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draft every row from its own ``frontier`` (N,) (``>= 1``): up to ``counts[n]`` positions of
+        row ``n``, from ``feature`` (N, W), the teacher's final activation at ``frontier - 1``.
+        Drafted ids go into ``tokens`` (N, seq_len) at ``frontier + j`` for ``j < counts[n]``;
+        ``noise`` (N, seq_len, V) holds each position's Exp(1) draw noise.
+
+        Returns ids (N, width) and their proposal distributions (N, width, V), ``width`` the largest
+        count (the batch's drafter steps; columns past a row's count are meaningless)."""
         d = self.drafter
         N, last = tokens.shape[0], tokens.shape[1] - 1
         rows = torch.arange(N, device=tokens.device)
         ids_out, q_out = [], []
-        for j in range(width):
+        for j in range(int(counts.max())):
             t = (frontier + j).clamp_(max=last)
             feature = d.step(feature, tokens[rows, t - 1], t)
             probs = proposal_probs(d.step_logits(feature), temperature, top_k, top_p)
@@ -150,4 +169,8 @@ class FeatureDraft:
             ids_out.append(ids)
             q_out.append(probs)
             self.evaluations += 1
+        if not ids_out:
+            V = self.drafter.config.l_bins
+            return (torch.empty(N, 0, dtype=torch.long, device=tokens.device),
+                    torch.empty(N, 0, V, device=tokens.device))
         return torch.stack(ids_out, 1), torch.stack(q_out, 1)

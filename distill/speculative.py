@@ -8,12 +8,15 @@ the same temperature / top-k / top-p filter), whatever the draft's quality:
    before every teacher call, one at a time from the teacher's feature of the last decided
    position (``distill.draft.FeatureDraft``); otherwise the parallel student drafts the rest of
    the window left to right (``distill.draft.StudentDraft``);
-2. the teacher scores the next ``gamma`` positions in one chunked cached forward
-   (``WindowDecoder.score``; a chunk also stops at a block boundary), its inputs being the
-   decided tokens and the drafts after them;
+2. the teacher scores the drafted positions in one chunked cached forward (``WindowDecoder.score``
+   / ``score_rows``; a chunk also stops at a block boundary), its inputs being the decided tokens
+   and the drafts after them; with the feature drafter the chunk also scores the position after
+   the last draft (its input is that draft: the same forward);
 3. left to right, a draft ``x`` is accepted with probability ``min(1, p(x) / q(x))``; at the
    first rejection the position is drawn from ``normalize(max(0, p - q))`` instead and the
-   rest of the chunk is dropped (every chunk decides at least one token, ``gamma`` at most);
+   rest of the chunk is dropped; with the feature drafter, when every draft is kept the position
+   after them is drawn from the teacher's ``p`` there (so a call decides 1 to ``gamma + 1``
+   tokens; with the student's draft 1 to ``gamma``);
 4. the teacher's static cache is rolled back to the decided length (``WindowDecoder.rewind``:
    a position reset) and the next chunk starts there.
 
@@ -50,7 +53,7 @@ from .student import ParallelStudent
 
 __all__ = ["GAMMA", "SpeculativeWindowSampler", "WindowReport", "accept", "residual"]
 
-GAMMA = 8   # positions the teacher verifies per call unless told otherwise (the "speculative" sampler's default)
+GAMMA = 8   # drafts the teacher judges per call unless told otherwise (the "speculative" sampler's default)
 
 
 def accept(p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -74,7 +77,7 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 class WindowReport:
     """One window (one call) of the speculative sampler, summed over the rows.
 
-    rows: samples in the window; new_tokens: tokens sampled (all rows); drafted: tokens the student
+    rows: samples in the window; new_tokens: tokens sampled (all rows); drafted: tokens the drafter
     drafted (re-drafts included);
     verified: drafts the teacher judged; accepted: drafts it kept; teacher_calls: chunked
     teacher forwards (and the first position's step where a window starts empty with a feature
@@ -106,7 +109,8 @@ class SpeculativeWindowSampler:
         prior: the teacher (an upsampler ``Prior``).
         student: its ``ParallelStudent`` (same codebook and window), or None with a ``drafter``.
         drafter: a ``FeatureDrafter`` made for this prior; drafts in place of the student.
-        gamma: positions the teacher scores per call (drafts judged per call), >= 1.
+        gamma: drafts judged per teacher call, >= 1 (with a feature drafter the call scores one
+            position more: the one after the drafts).
         draft_passes: student evaluations per draft of the rest of the window.
         redraft_below, lookback: the re-draft policy (module docstring).
 
@@ -157,6 +161,51 @@ class SpeculativeWindowSampler:
         self.decoder: WindowDecoder | None = None
         self.reports: list[WindowReport] = []
 
+    def _window_noise(self, n: int, lo: int, hi: int, generator):
+        """Each position's random numbers for a feature drafter's window, per row (from its own
+        generator with SampleGenerators), indexed by music position: the drafts' Exp(1) noise, the
+        acceptance uniforms and the Exp(1) noise of the position's teacher draw (residual or next
+        position). A position drafted again after an earlier rejection in its chunk reuses its draft
+        noise (the draft it replaces decided nothing); the others are used once, when it is decided."""
+        c, dev = self.config, self.prior.device
+        draft_noise = torch.empty(n, c.n_ctx, c.l_bins, device=dev)
+        u = torch.zeros(n, c.n_ctx, device=dev)
+        noise = torch.empty(n, c.n_ctx, c.l_bins, device=dev)
+        fill_rows(draft_noise[:, lo:hi], generator, exponential_noise_)
+        fill_rows(u[:, lo:hi], generator, _uniform_)
+        fill_rows(noise[:, lo:hi], generator, exponential_noise_)
+        return draft_noise, u, noise
+
+    @torch.no_grad()
+    def _one_row(self, dec: WindowDecoder, report: WindowReport, hi: int, feature: torch.Tensor, knobs: dict,
+                 generator, on_progress) -> torch.Tensor:
+        """The feature drafter's loop for one row, its decisions as Python numbers (the same as
+        ``_rows_apart`` makes for a batch of one, in fewer tensor operations)."""
+        c, C, gamma = self.config, self.config.block_len, self.gamma
+        tokens, pos = dec.token_buffer, dec.position
+        draft_noise, u, noise = self._window_noise(1, pos, hi, generator)
+        q = torch.empty(gamma, c.l_bins, device=dec.device)
+        while pos < hi:
+            drafts = min(gamma, C - pos % C - 1, hi - pos - 1)    # the position after the drafts is scored too
+            n = self.drafter.draft_one(tokens, pos, drafts, feature, draft_noise, q, **knobs)
+            p = proposal_probs(dec.score(n + 1), **knobs)[0]                          # (n + 1, V)
+            report.teacher_calls += 1
+            kept = n
+            if n:
+                x = tokens[0, pos:pos + n, None]
+                run = accept(p[:n].gather(1, x)[:, 0], q[:n].gather(1, x)[:, 0], u[0, pos:pos + n]).tolist()
+                kept = run.index(False) if False in run else n
+            at = pos + kept              # decided: the kept drafts, then this position from the teacher
+            tokens[0, at] = categorical_draw(residual(p[kept], q[kept]) if kept < n else p[n], noise=noise[0, at])
+            report.drafted, report.drafter_steps = report.drafted + n, report.drafter_steps + n
+            report.accepted, report.verified = report.accepted + kept, report.verified + min(kept + 1, n)
+            feature = dec.hidden(at)
+            dec.rewind(at + 1)
+            if on_progress is not None:
+                on_progress(at + 1 - pos)
+            pos = at + 1
+        return dec.codes()
+
     @torch.no_grad()
     def _rows_apart(self, dec: WindowDecoder, report: WindowReport, hi: int, feature: torch.Tensor, knobs: dict,
                     generator, on_progress) -> torch.Tensor:
@@ -166,42 +215,40 @@ class SpeculativeWindowSampler:
         c, N, dev = self.config, dec.n, dec.device
         tokens, C, gamma = dec.token_buffer, c.block_len, self.gamma
         lo = dec.position
-        # each position's random numbers, per row (from its own generator with SampleGenerators)
-        draft_noise = torch.empty(N, c.n_ctx, c.l_bins, device=dev)
-        noise = torch.empty(N, c.n_ctx, c.l_bins, device=dev)
-        u = torch.zeros(N, c.n_ctx, device=dev)
-        fill_rows(draft_noise[:, lo:hi], generator, exponential_noise_)
-        fill_rows(u[:, lo:hi], generator, _uniform_)
-        fill_rows(noise[:, lo:hi], generator, exponential_noise_)
+        draft_noise, u, noise = self._window_noise(N, lo, hi, generator)
         rows, steps = torch.arange(N, device=dev), torch.arange(gamma, device=dev)[None, :]
         frontier = torch.full((N,), lo, dtype=torch.long, device=dev)
         accepted = verified = drafted = 0
         done_before = lo
         while done_before < hi:
-            counts = torch.minimum(torch.minimum(C - frontier % C, hi - frontier), torch.full_like(frontier, gamma))
+            room = torch.minimum(C - frontier % C, hi - frontier)               # 0 once a row is done
+            active = room > 0
+            n = (room - 1).clamp_(0, gamma)                  # drafts; the position after them is scored too
             before = self.drafter.evaluations
-            x, q = self.drafter.draft_rows(tokens, frontier, counts, gamma, feature, draft_noise, **knobs)
+            x, q = self.drafter.draft_rows(tokens, frontier, n, feature, draft_noise, **knobs)
             report.drafter_steps += self.drafter.evaluations - before
+            width = x.shape[1]
             starts = frontier.clamp(max=c.n_ctx - 1)         # a finished row re-runs its last position
-            logits, _ = dec.score_rows(gamma, starts)
+            logits, _ = dec.score_rows(width + 1, starts)
             report.teacher_calls += 1
-            p = proposal_probs(logits, **knobs)                                     # (N, gamma, V)
-            at = (frontier[:, None] + steps).clamp_(max=c.n_ctx - 1)               # (N, gamma)
-            live = steps < counts[:, None]
-            ok = accept(p.gather(-1, x[..., None])[..., 0], q.gather(-1, x[..., None])[..., 0], u.gather(1, at)) & live
-            kept = ok.long().cumprod(dim=1).sum(dim=1)                              # (N,) accepted run
-            rejected = kept < counts
-            j = kept.clamp(max=gamma - 1)
-            spot = at[rows, j]
-            fix = categorical_draw(residual(p[rows, j], q[rows, j]), noise=noise[rows, spot])
-            tokens[rows, spot] = torch.where(rejected, fix, tokens[rows, spot])
-            decided = kept + rejected
-            moved = decided > 0
+            p = proposal_probs(logits, **knobs)                                     # (N, width + 1, V)
+            kept = torch.zeros_like(n)
+            if width:
+                at = (frontier[:, None] + steps[:, :width]).clamp_(max=c.n_ctx - 1)
+                ok = accept(p[:, :width].gather(-1, x[..., None])[..., 0], q.gather(-1, x[..., None])[..., 0],
+                            u.gather(1, at)) & (steps[:, :width] < n[:, None])
+                kept = ok.long().cumprod(dim=1).sum(dim=1)                          # (N,) accepted run
+            spot = (frontier + kept).clamp(max=c.n_ctx - 1)
+            dist = p[rows, kept]
+            if width:
+                dist = torch.where((kept < n)[:, None], residual(dist, q[rows, kept.clamp(max=width - 1)]), dist)
+            tokens[rows, spot] = torch.where(active, categorical_draw(dist, noise=noise[rows, spot]), tokens[rows, spot])
+            decided = (kept + 1) * active
             # the teacher's feature at each row's new last decided position (this call ran it)
-            feature = torch.where(moved[:, None], dec.hidden_rows(torch.where(moved, frontier + decided - 1, starts)),
-                                  feature)
+            feature = torch.where(active[:, None], dec.hidden_rows(torch.where(active, spot, starts)), feature)
             frontier = frontier + decided
-            accepted, verified, drafted = accepted + kept.sum(), verified + decided.sum(), drafted + counts.sum()
+            accepted, drafted = accepted + kept.sum(), drafted + n.sum()
+            verified = verified + torch.minimum(kept + 1, n).sum()
             done = int(frontier.min())
             if on_progress is not None and done > done_before:
                 on_progress(done - done_before)
@@ -262,7 +309,9 @@ class SpeculativeWindowSampler:
                 if n_new == 1:
                     return dec.codes()
             feature = dec.hidden(dec.position - 1)
-            if N > 1 and self.rows_apart:
+            if N == 1 and self.one_row_fast_path:
+                return self._one_row(dec, report, hi, feature, knobs, generator, on_progress)
+            if self.rows_apart:
                 return self._rows_apart(dec, report, hi, feature, knobs, generator, on_progress)
         else:
             self.drafter.begin(upper, labels, N)

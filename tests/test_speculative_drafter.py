@@ -62,6 +62,9 @@ def test_samples_follow_the_teacher_exactly(case, rows_apart):
                                 case["top_k"], case["gamma"], rows_apart=rows_apart)
     assert 0.2 < report.acceptance < 0.9          # rejected often: the residual path runs throughout
     assert report.drafter_steps > 0 and report.student_passes == 0
+    if rows_apart:   # positions drawn from the teacher after a kept chunk (no draft judged there) too
+        after_kept = report.new_tokens - report.verified - (DRAWS if case["known"] == 0 else 0)
+        assert after_kept > DRAWS // 10
     assert _chi_square_pvalue(counts, joint) > LEVEL
 
 
