@@ -117,7 +117,7 @@ class FeatureDraft:
         d = self.drafter
         for t in range(lo, hi):
             feature = d.step(feature, tokens[:, t - 1], t)
-            probs = proposal_probs(d.step_logits(feature), temperature, top_k, top_p)
+            probs = d.step_probs(feature, temperature, top_k, top_p)
             ids = categorical_draw(probs, noise=noise[:, t - lo])
             tokens[:, t] = ids if frontier is None else torch.where(frontier > t, tokens[:, t], ids)
             q[:, t] = probs
@@ -135,13 +135,13 @@ class FeatureDraft:
         buffer); ``noise`` (1, seq_len, V) holds each position's Exp(1) draw noise.
         Returns the number drafted."""
         d = self.drafter
+        prev = int(tokens[0, lo - 1])
         for j in range(count):
             t = lo + j
-            feature = d.step(feature, tokens[:, t - 1], t)
-            probs = proposal_probs(d.step_logits(feature), temperature, top_k, top_p)
-            ids = categorical_draw(probs, noise=noise[:, t])
-            tokens[:, t] = ids
-            q[j] = probs[0]
+            feature = d.step(feature, prev, t)
+            probs = d.step_probs(feature, temperature, top_k, top_p, out=q[j:j + 1])
+            prev = int(categorical_draw(probs, noise=noise[:, t]))
+            tokens[0, t] = prev
             self.evaluations += 1
         return count
 
@@ -163,7 +163,7 @@ class FeatureDraft:
         for j in range(int(counts.max())):
             t = (frontier + j).clamp_(max=last)
             feature = d.step(feature, tokens[rows, t - 1], t)
-            probs = proposal_probs(d.step_logits(feature), temperature, top_k, top_p)
+            probs = d.step_probs(feature, temperature, top_k, top_p)
             ids = categorical_draw(probs, noise=noise[rows, t])
             tokens[rows, t] = torch.where(counts > j, ids, tokens[rows, t])
             ids_out.append(ids)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from fastjukebox.checkpoint import (CONFIG_NAME, FORMAT_VERSION, CheckpointError, check_state_dict, read_weights,
                                     write_component_dir)
 from fastjukebox.prior import Prior
+from kernels.sampling.reference import sampling_probs
 
 __all__ = ["DrafterConfig", "FeatureDrafter", "DRAFTER_KIND", "check_drafter_for"]
 
@@ -108,6 +109,7 @@ class FeatureDrafter(nn.Module):
         self.out_norm = nn.LayerNorm(W)
         self.x_out = nn.Linear(W, c.l_bins, bias=False)
         self._window = None           # (input table, conditioning projection) of the current window
+        self._heads = {}
 
     @classmethod
     def from_teacher(cls, prior: Prior, hidden: int = 512, depth: int = 1) -> "FeatureDrafter":
@@ -162,11 +164,13 @@ class FeatureDrafter(nn.Module):
         blocks = [(b.norm.weight, b.norm.bias, b.norm.eps, b.fc1.weight.t().contiguous(), b.fc1.bias,
                    b.fc2.weight.t().contiguous(), b.fc2.bias) for b in self.blocks]
         self._window = (w_feature.t().contiguous(), table, cond, blocks, self.x_out.weight.t().contiguous())
+        self._heads = {}             # temperature -> output head divided by it (``step_probs``)
 
     @torch.no_grad()
-    def step(self, feature: torch.Tensor, prev_codes: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
+    def step(self, feature: torch.Tensor, prev_codes: torch.Tensor | int, position: int | torch.Tensor) -> torch.Tensor:
         """``forward`` at ``position`` (one for every row, or (N,) long: each row's own) for rows
-        (N, W) whose previous codes are ``prev_codes`` (N,), after ``begin``: the feature (N, W)."""
+        (N, W) whose previous codes are ``prev_codes`` ((N,), or one int for every row), after
+        ``begin``: the feature (N, W)."""
         if self._window is None:
             raise RuntimeError("FeatureDrafter.step before begin")
         w_feature, table, cond, blocks, _ = self._window
@@ -184,6 +188,23 @@ class FeatureDrafter(nn.Module):
         """``logits`` with ``begin``'s weight layout."""
         norm = self.out_norm
         return torch.mm(F.layer_norm(feature, (self.config.width,), norm.weight, norm.bias, norm.eps), self._window[4])
+
+    @torch.no_grad()
+    def step_probs(self, feature: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 0.0,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """The proposal distribution (N, V) fp32 of the drafted position whose feature is ``feature``:
+        ``sampling_probs(step_logits(feature), temperature, top_k, top_p)``, written into ``out``
+        when given. Without top-k / top-p the temperature is folded into the head (one matrix
+        product and a softmax; the same distribution up to rounding)."""
+        if temperature > 0 and not top_k and not top_p and self.dtype == torch.float32:
+            head = self._heads.get(temperature)
+            if head is None:
+                head = self._heads[temperature] = self._window[4] / temperature
+            norm = self.out_norm
+            logits = torch.mm(F.layer_norm(feature, (self.config.width,), norm.weight, norm.bias, norm.eps), head)
+            return torch.softmax(logits, -1) if out is None else torch.softmax(logits, -1, out=out)
+        probs = sampling_probs(self.step_logits(feature), temperature, top_k, top_p)
+        return probs if out is None else out.copy_(probs)
 
     # --- checkpoints ------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:

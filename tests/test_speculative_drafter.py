@@ -167,6 +167,30 @@ def test_folded_step_equals_the_plain_forward():
     assert not torch.allclose(d.step(feature, prev, 1), d.step(feature, prev, 2))
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 0.0), (0.7, 0, 0.0), (0.7, 3, 0.0), (0.9, 0, 0.8),
+                                                     (0.0, 0, 0.0)])
+def test_step_probs_is_the_filtered_distribution_of_the_step_logits(temperature, top_k, top_p):
+    """The head with the temperature folded in gives the distribution the sampler's filter gives
+    for the step's logits (fp32 rounding), for every filter; one int previous code is that code in
+    every row."""
+    teacher, _, upper = _random_pair()
+    d = _random_drafter(teacher, scale=1.0)
+    c = teacher.config
+    d.begin(teacher.condition(upper.expand(3, -1)).x_cond, 3)
+    g = torch.Generator().manual_seed(5)
+    feature = torch.randn(3, c.width, generator=g)
+    h = d.step(feature, 2, 4)
+    torch.testing.assert_close(h, d.step(feature, torch.full((3,), 2), 4), rtol=0, atol=0)
+    want = spec.proposal_probs(d.step_logits(h), temperature, top_k, top_p)
+    out = torch.full_like(want, float("nan"))
+    got = d.step_probs(h, temperature, top_k, top_p, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d.step_probs(h, temperature, top_k, top_p), want, rtol=1e-5, atol=1e-6)
+    if temperature > 0:     # not one-hot: the temperature matters
+        assert float(want.max(-1).values.min()) < 0.99
+
+
 def test_decoder_hands_out_the_features_of_the_last_forward():
     teacher, _, upper = _random_pair()
     c = teacher.config
