@@ -135,13 +135,11 @@ class FeatureDraft:
         buffer); ``noise`` (1, seq_len, V) holds each position's Exp(1) draw noise.
         Returns the number drafted."""
         d = self.drafter
-        prev = int(tokens[0, lo - 1])
-        for j in range(count):
+        for j in range(count):      # no host sync: the ids stay on the device
             t = lo + j
-            feature = d.step(feature, prev, t)
+            feature = d.step(feature, tokens[:, t - 1], t)
             probs = d.step_probs(feature, temperature, top_k, top_p, out=q[j:j + 1])
-            prev = int(categorical_draw(probs, noise=noise[:, t]))
-            tokens[0, t] = prev
+            tokens[:, t] = categorical_draw(probs, noise=noise[:, t])
             self.evaluations += 1
         return count
 

@@ -167,10 +167,9 @@ class FeatureDrafter(nn.Module):
         self._heads = {}             # temperature -> output head divided by it (``step_probs``)
 
     @torch.no_grad()
-    def step(self, feature: torch.Tensor, prev_codes: torch.Tensor | int, position: int | torch.Tensor) -> torch.Tensor:
+    def step(self, feature: torch.Tensor, prev_codes: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
         """``forward`` at ``position`` (one for every row, or (N,) long: each row's own) for rows
-        (N, W) whose previous codes are ``prev_codes`` ((N,), or one int for every row), after
-        ``begin``: the feature (N, W)."""
+        (N, W) whose previous codes are ``prev_codes`` (N,), after ``begin``: the feature (N, W)."""
         if self._window is None:
             raise RuntimeError("FeatureDrafter.step before begin")
         w_feature, table, cond, blocks, _ = self._window
