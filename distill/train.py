@@ -571,27 +571,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_training(args: argparse.Namespace, make_config, run) -> tuple[int, dict | None]:
+    """A training command's body: ``make_config(**vars(args))`` (``--pieces 0``: every piece), then
+    ``run(config)``. Returns ``(0, result)``, or ``(2, None)`` for bad input (named before the run
+    directory is created) and ``(1, None)`` for bad data or a mismatched resume, the error printed."""
     try:
         if args.pieces == 0:
             args.pieces = None
-        cfg = DistillConfig(**vars(args))
+        cfg = make_config(**vars(args))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 2, None
     try:
-        result = train(cfg)
-    except InputError as e:                       # bad input, named before --out is created
+        return 0, run(cfg)
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileExistsError) as e:    # bad data, mismatched resume
+        return 2, None
+    except (ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    if "eval" in result:
+        return 1, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    code, result = run_training(build_parser().parse_args(argv), DistillConfig, train)
+    if result is not None and "eval" in result:
         from .evaluate import format_markdown
         print(format_markdown(result["eval"]))
-    return 0
+    return code
 
 
 if __name__ == "__main__":

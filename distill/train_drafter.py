@@ -44,7 +44,7 @@ from fastjukebox.train.loop import train as train_loop
 from .data import UPPER_SOURCES, GenerationConfig, generate_shards, load_pieces, load_shards, read_meta
 from .drafter import FeatureDrafter
 from .student import TEACHERS
-from .train import InputError, plot_metrics, step_generator, weights_digest, _mixed_precision
+from .train import InputError, plot_metrics, run_training, step_generator, weights_digest, _mixed_precision
 
 __all__ = ["DrafterTrainConfig", "DrafterTask", "teacher_features", "unrolled_losses", "train", "main"]
 
@@ -341,24 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.pieces == 0:
-            args.pieces = None
-        cfg = DrafterTrainConfig(**vars(args))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = train(cfg)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps({k: result[k] for k in ("train_seconds", "heldout_acceptance_by_depth") if k in result}))
-    return 0
+    code, result = run_training(build_parser().parse_args(argv), DrafterTrainConfig, train)
+    if result is not None:
+        print(json.dumps({k: result[k] for k in ("train_seconds", "heldout_acceptance_by_depth") if k in result}))
+    return code
 
 
 if __name__ == "__main__":
