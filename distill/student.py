@@ -185,6 +185,10 @@ class MaskedTokenModel(nn.Module):
         the positions scored must then lie in [P, n_ctx)."""
         if cache is not None:
             P = cache.prefix_len
+            if positions is not None:       # the last layer past attention and the head: those rows only
+                h = self.suffix_hidden(tokens[:, P:], start, x_cond, cache, left=tokens[:, P - 1:P],
+                                       rows=positions - P)
+                return self.head(h, x_cond, positions)
             h = self.suffix_hidden(tokens[:, P:], start, x_cond, cache, left=tokens[:, P - 1:P])
         else:
             P = 0
@@ -201,11 +205,14 @@ class MaskedTokenModel(nn.Module):
         return encode_prefix(self.transformer, self.embed(prefix, start, x_cond))
 
     def suffix_hidden(self, suffix: torch.Tensor, start: torch.Tensor | None, x_cond: torch.Tensor | None,
-                      cache: PrefixCache, left: torch.Tensor | None = None) -> torch.Tensor:
+                      cache: PrefixCache, left: torch.Tensor | None = None,
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states (N, n_ctx - P, W) of positions [P, n_ctx) (``suffix`` their ids) after
-        the cached prefix; ``left`` (N, 1): the prefix's last code (read by the shifted layout)."""
+        the cached prefix; ``left`` (N, 1): the prefix's last code (read by the shifted layout);
+        ``rows`` ((N, S) long, indices into the suffix): only those, (N, S, W)
+        (``prefix_layout.suffix_forward``)."""
         x = self.embed(suffix, start, x_cond, cache.prefix_len, left)
-        return suffix_forward(self.transformer, x, cache)
+        return suffix_forward(self.transformer, x, cache, rows)
 
 
 class ParallelStudent(nn.Module):
