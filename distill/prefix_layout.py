@@ -32,7 +32,8 @@ other devices (the registered kernels), every layer goes through ``attend``.
 
 ``suffix_forward(..., rows=...)`` computes the last layer's attention output, MLP and norms only
 at the rows asked for (every row is still a key and value of that layer): a pass that scores
-only the positions still masked runs the rest of its last layer on those alone.
+only the positions still masked runs the rest of its last layer on those alone; a prefix's last
+layer runs only as far as its keys and values.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from fastjukebox.attention import attend
-from fastjukebox.block_forward import BlockWeights, block_forward, layer_table
+from fastjukebox.block_forward import BlockWeights, block_forward, layer_norm, layer_table
 from fastjukebox.transformer import Transformer
 
 __all__ = ["PrefixCache", "encode_prefix", "suffix_forward", "full_forward", "check_prefix_len"]
@@ -172,11 +173,17 @@ class _LayoutAttention:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
-    def __call__(self, L: BlockWeights, h: torch.Tensor) -> torch.Tensor:
+    def project(self, L: BlockWeights, h: torch.Tensor):
+        """Queries, keys and values of the rows ``h``; the prefix's keys and values are kept."""
         q, k, v = _qkv(L, h, self.N)
         if self.mode == "prefix":
             self.keys.append(k)
             self.values.append(v)
+        return q, k, v
+
+    def __call__(self, L: BlockWeights, h: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project(L, h)
+        if self.mode == "prefix":
             a = _block_local(L, q, k, v)
             if a is None:
                 a = _attend(L, q, k, v)
@@ -193,7 +200,8 @@ class _LayoutAttention:
 
 def _run(transformer: Transformer, x: torch.Tensor, attention: _LayoutAttention,
          rows: torch.Tensor | None = None) -> torch.Tensor:
-    """``[N, T, W]`` -> ``[N, T, W]``, or ``[N, S, W]`` at ``rows`` ((N, S) long, indices in [0, T))."""
+    """``[N, T, W]`` -> ``[N, T, W]``, or ``[N, S, W]`` at ``rows`` ((N, S) long, indices in [0, T));
+    None for a prefix (``attention`` keeps its keys and values)."""
     N, T, W = x.shape
     layers = layer_table(transformer)
     if any(L.pattern == "cross" for L in layers):
@@ -201,6 +209,9 @@ def _run(transformer: Transformer, x: torch.Tensor, attention: _LayoutAttention,
     x = x.reshape(N * T, W)
     for L in layers[:-1]:
         x = block_forward(L, x, attention)
+    if attention.mode == "prefix":     # the cache is all a prefix gives: its last layer's keys and values
+        attention.project(layers[-1], layer_norm(x, layers[-1].ln_0))
+        return None
     if rows is None:
         return block_forward(layers[-1], x, attention).view(N, T, W)
     flat = (rows + torch.arange(0, N * T, T, device=rows.device)[:, None]).reshape(-1)
@@ -208,7 +219,8 @@ def _run(transformer: Transformer, x: torch.Tensor, attention: _LayoutAttention,
 
 
 def encode_prefix(transformer: Transformer, x_prefix: torch.Tensor) -> PrefixCache:
-    """Run the prefix ``x_prefix [N, P, W]`` (its input embeddings) once; returns its cache."""
+    """Run the prefix ``x_prefix [N, P, W]`` (its input embeddings) once; returns its cache. Its
+    last layer runs only as far as its keys and values (the prefix's outputs are never used)."""
     attention = _LayoutAttention(x_prefix.shape[0], "prefix")
     _run(transformer, x_prefix, attention)
     return PrefixCache(attention.keys, attention.values)
