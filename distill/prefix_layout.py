@@ -57,10 +57,14 @@ def check_prefix_len(prefix_len, n_ctx: int) -> int:
 
 @dataclass
 class PrefixCache:
-    """Keys and values ``[N, P, H, D]`` of the known prefix, one pair per layer."""
+    """Keys and values ``[N, P, H, D]`` of the known prefix, one pair per layer; ``suffix_inputs``:
+    the part of the later positions' input embeddings that does not depend on their codes (their
+    position embeddings and conditioning, summed once per window by the student's
+    ``encode_prefix``), or None."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    suffix_inputs: torch.Tensor | None = None
 
     @property
     def prefix_len(self) -> int:

@@ -335,3 +335,27 @@ def test_sampler_draws_what_the_attend_path_draws(monkeypatch, K, order):
     slow = sample()
     assert torch.equal(fast, slow)
     assert (fast[:, K:] != fast[:1, K:]).any()          # rows drew differently: a real comparison
+
+
+def test_passes_add_the_positions_inputs_summed_once_per_window():
+    """``encode_prefix`` sums the later positions' position embeddings, label start and
+    conditioning once (``position_inputs``); every pass adds that sum to its code embeddings,
+    which equals ``embed``'s own sum to rounding, and is what the passes read."""
+    student = _patterns_student(layout="shifted")
+    c = student.config
+    g = torch.Generator().manual_seed(3)
+    upper, labels = _inputs(c, 2, g)
+    tokens = torch.randint(0, c.l_bins + 1, (2, c.n_ctx), generator=g)
+    m = student.prior
+    with torch.no_grad():
+        cond = student.condition(upper, labels)
+        cache = student.prefix_cache(tokens[:, :16], cond)
+        assert cache.suffix_inputs.shape == (2, c.n_ctx - 16, c.width)
+        summed = m.embed(tokens[:, 16:], cond.start, cond.x_cond, 16, tokens[:, 15:16], cache.suffix_inputs)
+        plain = m.embed(tokens[:, 16:], cond.start, cond.x_cond, 16, tokens[:, 15:16])
+        torch.testing.assert_close(summed, plain, rtol=1e-14, atol=1e-14)
+        assert m.position_inputs(None, None, 16, c.n_ctx).shape == (c.n_ctx - 16, c.width)
+        positions = torch.tensor([[16, 40], [30, 47]])
+        before = m(tokens, cond.start, cond.x_cond, cache=cache, positions=positions)
+        cache.suffix_inputs = cache.suffix_inputs + 1.0
+        assert (m(tokens, cond.start, cond.x_cond, cache=cache, positions=positions) - before).abs().max() > 1e-3
