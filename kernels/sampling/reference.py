@@ -66,11 +66,11 @@ def categorical_draw(probs: torch.Tensor, generator: torch.Generator | None = No
     this function (the fused kernel computes the same race from the same noise).
 
     ``inplace``: divide ``probs`` by the noise in place (for callers that own ``probs`` and need
-    them no more: one allocation fewer). The index is ``max``'s, the first of tied maxima as
-    ``argmax``'s (the same ids; ``max`` is the faster reduction on the CPU)."""
+    them no more: one allocation fewer). On the CPU the index is ``max``'s, the first of tied
+    maxima as ``argmax``'s (the same ids; ``max`` is the faster reduction there)."""
     e = exponential_noise(tuple(probs.shape), probs.device, generator) if noise is None else noise
     race = probs.div_(e) if inplace else probs / e
-    return race.max(dim=-1).indices
+    return race.max(dim=-1).indices if race.device.type == "cpu" else race.argmax(dim=-1)
 
 
 def sample_logits_reference(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
