@@ -20,15 +20,30 @@ pattern's key set is cut, through ``fastjukebox.attention.attend`` (``causal=Fal
 queries run the pattern over the prefix alone, and the other queries run it over the whole
 window (their queries placed after zero queries at the prefix positions, whose outputs are
 dropped).
+
+On the CPU, where the prefix (and so the window) ends on a block boundary, the block-local
+patterns run as single ``scaled_dot_product_attention`` calls on views of the queries, keys and
+values (``_block_local``): a block layer is attention within each block, a previous-block layer
+attention of each block to the keys of the block before it, a transpose layer attention of each
+column's queries to that column (the column index folded into the heads). They are the same
+softmax-weighted sums as ``attend`` computes (the same numbers to rounding: float64 parity with
+``full_forward`` is tested), without its block reshapes, copies and masks. Elsewhere, and on
+other devices (the registered kernels), every layer goes through ``attend``.
+
+``suffix_forward(..., rows=...)`` computes the last layer's attention output, MLP and norms only
+at the rows asked for (every row is still a key and value of that layer): a pass that scores
+only the positions still masked runs the rest of its last layer on those alone; a prefix's last
+layer runs only as far as its keys and values.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from fastjukebox.attention import attend
-from fastjukebox.block_forward import BlockWeights, block_forward, layer_table
+from fastjukebox.block_forward import BlockWeights, block_forward, layer_norm, layer_table
 from fastjukebox.transformer import Transformer
 
 __all__ = ["PrefixCache", "encode_prefix", "suffix_forward", "full_forward", "check_prefix_len"]
@@ -42,10 +57,14 @@ def check_prefix_len(prefix_len, n_ctx: int) -> int:
 
 @dataclass
 class PrefixCache:
-    """Keys and values ``[N, P, H, D]`` of the known prefix, one pair per layer."""
+    """Keys and values ``[N, P, H, D]`` of the known prefix, one pair per layer; ``suffix_inputs``:
+    the part of the later positions' input embeddings that does not depend on their codes (their
+    position embeddings and conditioning, summed once per window by the student's
+    ``encode_prefix``), or None."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    suffix_inputs: torch.Tensor | None = None
 
     @property
     def prefix_len(self) -> int:
@@ -65,6 +84,58 @@ def _attend(L: BlockWeights, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
         q = torch.cat([q.new_zeros(q.shape[0], P, *q.shape[2:]), q], dim=1)
     a = attend(q, k, v, L.pattern, block_len=L.block_len, causal=False, prime_len=L.prime_len)
     return a[:, P:]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bidirectional attention of ``q [B, Tq, G, D]`` to ``k``, ``v [B, Tk, G, D]`` (any strides with
+    the last dimension contiguous: views go in without a copy) -> ``[B, Tq, G, D]``, for each of
+    the ``G`` groups (heads) apart; scale ``1 / sqrt(D)``."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def _blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, C: int) -> torch.Tensor:
+    """Each block of ``C`` queries of ``q [N, T, H, D]`` (``T % C == 0``) attends to the block of
+    ``k``, ``v`` at the same place -> ``[N, T, H, D]``."""
+    N, T, H, D = q.shape
+    a = _sdpa(*(x.reshape(N * (T // C), C, H, D) for x in (q, k, v)))
+    return a.reshape(N, T, H, D)
+
+
+def _columns(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, C: int) -> torch.Tensor:
+    """Each query of ``q [N, Tq, H, D]`` attends to the keys of ``k``, ``v [N, Tk, H, D]`` in its
+    column (same index modulo ``C``; ``Tq``, ``Tk`` whole blocks, the queries' blocks aligned with
+    the keys' last ones) -> ``[N, Tq, H, D]``. The column index joins the heads: one attention of
+    ``C * H`` groups over the blocks."""
+    N, Tq, H, D = q.shape
+    a = _sdpa(*(x.reshape(N, x.shape[1] // C, C * H, D) for x in (q, k, v)))
+    return a.reshape(N, Tq, H, D)
+
+
+def _block_local(L: BlockWeights, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 kp: torch.Tensor | None = None, vp: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``_attend`` (``kp`` None: the rows are the prefix, attending within it) or ``_attend_suffix``
+    (queries after the prefix's ``kp``, ``vp``) through ``_blocks`` / ``_columns``, or None where
+    that does not apply: another device (the registered kernels serve it), another pattern, or a
+    prefix or window that does not end on a block boundary."""
+    C = L.block_len
+    if q.device.type != "cpu" or not C or L.pattern not in ("block", "prev_block", "transpose"):
+        return None
+    P, Tq = (0, q.shape[1]) if kp is None else (kp.shape[1], q.shape[1])
+    if P % C or Tq % C:
+        return None
+    if L.pattern == "block":
+        return _blocks(q, k, v, C)
+    if L.pattern == "transpose":
+        if kp is not None:
+            k, v = torch.cat([kp, k], dim=1), torch.cat([vp, v], dim=1)
+        return _columns(q, k, v, C)
+    # prev_block: block b reads block b - 1, all of it; the window's block 0 reads zero keys and
+    # values (its output is exactly 0)
+    if kp is None:
+        if Tq == C:
+            return torch.zeros_like(q)
+        return torch.cat([q.new_zeros(q.shape[0], C, *q.shape[2:]), _blocks(q[:, C:], k[:, :-C], v[:, :-C], C)], dim=1)
+    return _blocks(q, torch.cat([kp[:, P - C:], k[:, :Tq - C]], dim=1), torch.cat([vp[:, P - C:], v[:, :Tq - C]], dim=1), C)
 
 
 def _attend_suffix(L: BlockWeights, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -106,42 +177,66 @@ class _LayoutAttention:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
-    def __call__(self, L: BlockWeights, h: torch.Tensor) -> torch.Tensor:
+    def project(self, L: BlockWeights, h: torch.Tensor):
+        """Queries, keys and values of the rows ``h``; the prefix's keys and values are kept."""
         q, k, v = _qkv(L, h, self.N)
         if self.mode == "prefix":
             self.keys.append(k)
             self.values.append(v)
-            a = _attend(L, q, k, v)
+        return q, k, v
+
+    def __call__(self, L: BlockWeights, h: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project(L, h)
+        if self.mode == "prefix":
+            a = _block_local(L, q, k, v)
+            if a is None:
+                a = _attend(L, q, k, v)
         elif self.mode == "suffix":
-            a = _attend_suffix(L, q, k, v, self.cache.keys[L.index], self.cache.values[L.index])
+            kp, vp = self.cache.keys[L.index], self.cache.values[L.index]
+            a = _block_local(L, q, k, v, kp, vp)
+            if a is None:
+                a = _attend_suffix(L, q, k, v, kp, vp)
         else:
             P = self.P
             a = torch.cat([_attend(L, q[:, :P], k[:, :P], v[:, :P]), _attend(L, q[:, P:], k, v)], dim=1)
         return a.reshape(h.shape[0], L.n_state)
 
 
-def _run(transformer: Transformer, x: torch.Tensor, attention: _LayoutAttention) -> torch.Tensor:
+def _run(transformer: Transformer, x: torch.Tensor, attention: _LayoutAttention,
+         rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``[N, T, W]`` -> ``[N, T, W]``, or ``[N, S, W]`` at ``rows`` ((N, S) long, indices in [0, T));
+    None for a prefix (``attention`` keeps its keys and values)."""
     N, T, W = x.shape
     layers = layer_table(transformer)
     if any(L.pattern == "cross" for L in layers):
         raise ValueError("the prefix layout has no cross-attention (students have no lyric encoder)")
     x = x.reshape(N * T, W)
-    for L in layers:
+    for L in layers[:-1]:
         x = block_forward(L, x, attention)
-    return x.view(N, T, W)
+    if attention.mode == "prefix":     # the cache is all a prefix gives: its last layer's keys and values
+        attention.project(layers[-1], layer_norm(x, layers[-1].ln_0))
+        return None
+    if rows is None:
+        return block_forward(layers[-1], x, attention).view(N, T, W)
+    flat = (rows + torch.arange(0, N * T, T, device=rows.device)[:, None]).reshape(-1)
+    return block_forward(layers[-1], x, attention, rows=flat).view(N, rows.shape[1], W)
 
 
 def encode_prefix(transformer: Transformer, x_prefix: torch.Tensor) -> PrefixCache:
-    """Run the prefix ``x_prefix [N, P, W]`` (its input embeddings) once; returns its cache."""
+    """Run the prefix ``x_prefix [N, P, W]`` (its input embeddings) once; returns its cache. Its
+    last layer runs only as far as its keys and values (the prefix's outputs are never used)."""
     attention = _LayoutAttention(x_prefix.shape[0], "prefix")
     _run(transformer, x_prefix, attention)
     return PrefixCache(attention.keys, attention.values)
 
 
-def suffix_forward(transformer: Transformer, x_suffix: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
+def suffix_forward(transformer: Transformer, x_suffix: torch.Tensor, cache: PrefixCache,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
     """Hidden states ``[N, T - P, W]`` of positions ``[P, T)`` from their input embeddings and
-    the prefix cache (``P = cache.prefix_len``)."""
-    return _run(transformer, x_suffix, _LayoutAttention(x_suffix.shape[0], "suffix", cache=cache))
+    the prefix cache (``P = cache.prefix_len``); with ``rows`` ((N, S) long, indices into the
+    suffix: position ``P + rows[n, s]``) only theirs, ``[N, S, W]`` (the last layer's attention
+    output, MLP and norms run at those rows alone)."""
+    return _run(transformer, x_suffix, _LayoutAttention(x_suffix.shape[0], "suffix", cache=cache), rows)
 
 
 def full_forward(transformer: Transformer, x: torch.Tensor, prefix_len: int) -> torch.Tensor:

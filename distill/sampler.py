@@ -36,16 +36,22 @@ __all__ = ["ParallelWindowSampler", "draw_codes"]
 
 
 def draw_codes(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-          generator) -> tuple[torch.Tensor, torch.Tensor]:
+          generator, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A code per position from ``softmax(filter(logits / temperature))`` (argmax when the
     temperature is 0) and its log-probability under that distribution (under the filtered
     temperature-1 distribution for argmax).
 
-    logits: (N, T, V) fp32 -> ids (N, T) long, logp (N, T) fp32.
+    logits: (N, T, V) fp32 -> ids (N, T) long, logp (N, T) fp32. ``noise``: a contiguous fp32
+    buffer of at least N * T * V elements that the draws' Exp(1) noise is written into (a sampler
+    reuses one over its passes instead of allocating it anew); the draws are the same.
     """
     if temperature > 0:
-        logp = torch.log_softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
-        ids = categorical_draw(logp.exp(), noise=fill_rows(torch.empty_like(logp), generator, exponential_noise_))
+        x = filter_logits(logits / temperature, top_k, top_p)        # a new tensor, ours to overwrite
+        logp = torch.log_softmax(x, dim=-1)
+        reuse = noise is not None and noise.dtype == logp.dtype and noise.device == logp.device
+        e = noise[:logp.numel()].view(logp.shape) if reuse else torch.empty_like(logp)
+        fill_rows(e, generator, exponential_noise_)
+        ids = categorical_draw(torch.exp(logp, out=x), noise=e, inplace=True)
     else:
         logp = torch.log_softmax(filter_logits(logits, top_k, top_p), dim=-1)
         ids = logp.argmax(dim=-1)
@@ -168,6 +174,8 @@ class ParallelWindowSampler:
         masked = K + offsets
         remaining = n_new
         temperature = float(temperature) * self.temperature_scale
+        # every pass's draw noise goes into one buffer (the first pass's is the largest)
+        noise = torch.empty(N * n_new * c.l_bins, dtype=torch.float32, device=z.device) if temperature > 0 else None
         for i, still in enumerate(masks_per_pass(n_new, passes)):
             t = pass_temperature(temperature, i, passes) if self.temperature_anneal else temperature
             if on_pass is not None:
@@ -175,11 +183,11 @@ class ParallelWindowSampler:
             if fixed:                   # the next positions of the order become final; heads only there
                 final, masked = masked[:, :remaining - still], masked[:, remaining - still:]
                 ids, _ = draw_codes(student.logits_unchecked(tokens, cond, cache=cache, positions=final),
-                               t, top_k, top_p, generator)
+                                    t, top_k, top_p, generator, noise)
                 tokens.scatter_(1, final, ids)
             else:
                 logits = student.logits_unchecked(tokens, cond, cache=cache, positions=masked)  # (N, remaining, V)
-                ids, conf = draw_codes(logits, t, top_k, top_p, generator)                         # (N, remaining) each
+                ids, conf = draw_codes(logits, t, top_k, top_p, generator, noise)                  # (N, remaining) each
                 if self.confidence_noise:
                     e = fill_rows(torch.empty_like(conf), generator, exponential_noise_)
                     conf = conf - self.confidence_noise * (1.0 - i / passes) * e.log()   # + scaled Gumbel(0, 1)

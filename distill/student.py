@@ -145,9 +145,10 @@ class MaskedTokenModel(nn.Module):
         return self.x_emb.weight[: self.l_bins] if self.tied else self.x_out.weight
 
     def embed(self, tokens: torch.Tensor, start: torch.Tensor | None, x_cond: torch.Tensor | None,
-              lo: int = 0, left: torch.Tensor | None = None) -> torch.Tensor:
+              lo: int = 0, left: torch.Tensor | None = None, inputs: torch.Tensor | None = None) -> torch.Tensor:
         """Input embeddings (N, T, W) of ``tokens`` (N, T) at positions [lo, lo + T). The shifted
-        layout needs ``left`` (N, 1), the code at ``lo - 1``, when ``lo`` > 0."""
+        layout needs ``left`` (N, 1), the code at ``lo - 1``, when ``lo`` > 0. ``inputs``: the
+        positions' ``position_inputs`` (then ``start`` and ``x_cond`` are not read again)."""
         hi = lo + tokens.shape[1]
         if self.input_layout == "shifted":     # position t reads the code at t - 1 (mask: unknown)
             if lo == 0:
@@ -156,9 +157,24 @@ class MaskedTokenModel(nn.Module):
                 raise ValueError("the shifted input layout needs the code left of position "
                                  f"{lo} to embed positions [{lo}, {hi})")
             tokens = torch.cat([left, tokens[:, :-1]], dim=1)
+        if inputs is not None:
+            return self.x_emb(tokens).add_(inputs)
         x = self.x_emb(tokens) + self.pos_emb()[lo:hi]          # (N, T, W)
         if start is not None:
             x = x + start                                       # (N, 1, W) broadcast over positions
+        if x_cond is not None:
+            x = x + x_cond[:, lo:hi]
+        return x
+
+    def position_inputs(self, start: torch.Tensor | None, x_cond: torch.Tensor | None, lo: int,
+                        hi: int) -> torch.Tensor:
+        """What ``embed`` adds to the code embeddings of positions [lo, hi): position embeddings,
+        the label start embedding and the conditioning, (N, hi - lo, W) (or (hi - lo, W) with
+        neither). Summed once, it spares a window's passes two additions each (the same sum in
+        another order: equal to rounding)."""
+        x = self.pos_emb()[lo:hi]
+        if start is not None:
+            x = x + start
         if x_cond is not None:
             x = x + x_cond[:, lo:hi]
         return x
@@ -185,6 +201,10 @@ class MaskedTokenModel(nn.Module):
         the positions scored must then lie in [P, n_ctx)."""
         if cache is not None:
             P = cache.prefix_len
+            if positions is not None:       # the last layer past attention and the head: those rows only
+                h = self.suffix_hidden(tokens[:, P:], start, x_cond, cache, left=tokens[:, P - 1:P],
+                                       rows=positions - P)
+                return self.head(h, x_cond, positions)
             h = self.suffix_hidden(tokens[:, P:], start, x_cond, cache, left=tokens[:, P - 1:P])
         else:
             P = 0
@@ -197,15 +217,21 @@ class MaskedTokenModel(nn.Module):
 
     def encode_prefix(self, prefix: torch.Tensor, start: torch.Tensor | None,
                       x_cond: torch.Tensor | None) -> PrefixCache:
-        """The known prefix (N, P) codes, run once: its keys and values for every later pass."""
-        return encode_prefix(self.transformer, self.embed(prefix, start, x_cond))
+        """The known prefix (N, P) codes, run once: its keys and values for every later pass, and
+        the later positions' ``position_inputs`` (passes must use the same ``start``, ``x_cond``)."""
+        cache = encode_prefix(self.transformer, self.embed(prefix, start, x_cond))
+        cache.suffix_inputs = self.position_inputs(start, x_cond, prefix.shape[1], self.pos_emb().shape[0])
+        return cache
 
     def suffix_hidden(self, suffix: torch.Tensor, start: torch.Tensor | None, x_cond: torch.Tensor | None,
-                      cache: PrefixCache, left: torch.Tensor | None = None) -> torch.Tensor:
+                      cache: PrefixCache, left: torch.Tensor | None = None,
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states (N, n_ctx - P, W) of positions [P, n_ctx) (``suffix`` their ids) after
-        the cached prefix; ``left`` (N, 1): the prefix's last code (read by the shifted layout)."""
-        x = self.embed(suffix, start, x_cond, cache.prefix_len, left)
-        return suffix_forward(self.transformer, x, cache)
+        the cached prefix; ``left`` (N, 1): the prefix's last code (read by the shifted layout);
+        ``rows`` ((N, S) long, indices into the suffix): only those, (N, S, W)
+        (``prefix_layout.suffix_forward``)."""
+        x = self.embed(suffix, start, x_cond, cache.prefix_len, left, cache.suffix_inputs)
+        return suffix_forward(self.transformer, x, cache, rows)
 
 
 class ParallelStudent(nn.Module):

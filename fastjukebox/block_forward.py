@@ -94,11 +94,18 @@ def encoder_keys(L: BlockWeights, encoder_kv: torch.Tensor) -> tuple[torch.Tenso
 Attention = Callable[[BlockWeights, torch.Tensor], Optional[torch.Tensor]]
 
 
-def block_forward(L: BlockWeights, x: torch.Tensor, attention: Attention) -> torch.Tensor:
+def block_forward(L: BlockWeights, x: torch.Tensor, attention: Attention,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
     """One residual block over rows ``x: (R, W)`` -> ``(R, W)``; ``attention(L, ln_0(x))`` gives the
     attention output before its output projection, ``(R, n_state)``, or None where no key is
-    visible (the output projection is then its bias)."""
+    visible (the output projection is then its bias). With ``rows`` ((S,) long indices into the
+    R rows) the block's output at those rows only, ``(S, W)``: attention still runs over every row
+    (each is a key and value), the output projection, MLP and norms at ``rows`` alone (each row's
+    arithmetic is its own: the same numbers as the full block's rows)."""
     a = attention(L, layer_norm(x, L.ln_0))
+    if rows is not None:
+        x = x.index_select(0, rows)
+        a = None if a is None else a.index_select(0, rows)
     a = L.b_proj.expand(x.shape[0], -1) if a is None else torch.addmm(L.b_proj, a, L.w_proj)
     xa = x + a
     m = torch.addmm(L.b_fc, layer_norm(xa, L.ln_1), L.w_fc, beta=QUICK_GELU_SCALE, alpha=QUICK_GELU_SCALE)

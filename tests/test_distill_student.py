@@ -594,3 +594,36 @@ def test_one_generator_per_row_gives_each_row_what_it_draws_alone(order, gen):
     assert torch.equal(batch, alone)
     again = sampler(known, 30, upper, labels, generator=SampleGenerators([11, 99, 13]))
     assert torch.equal(again[[0, 2]], batch[[0, 2]]) and not torch.equal(again[1], batch[1])
+
+
+def test_categorical_draw_takes_the_first_of_tied_maxima_in_place_or_not(gen):
+    from kernels.sampling.reference import categorical_draw
+    for V in (7, 256, 300):
+        probs = torch.randint(0, 3, (64, V), generator=gen).float()      # many tied maxima
+        noise = torch.ones(64, V)
+        want = (probs / noise).argmax(-1)
+        assert torch.equal(categorical_draw(probs, noise=noise), want)
+        before = probs.clone()
+        assert torch.equal(categorical_draw(probs, noise=noise), want) and torch.equal(probs, before)
+        noise = torch.empty(64, V).exponential_(generator=gen)
+        want = (probs / noise).argmax(-1)
+        assert torch.equal(categorical_draw(probs.clone(), noise=noise, inplace=True), want)
+        inplace = probs.clone()
+        categorical_draw(inplace, noise=noise, inplace=True)
+        assert torch.equal(inplace, probs / noise)                           # divided in place
+
+
+def test_draw_codes_with_a_noise_buffer_draws_the_same_codes(gen):
+    from fastjukebox.sample_seeds import SampleGenerators
+    logits = torch.randn(3, 17, 29, generator=gen) * 3
+    kept = logits.clone()
+    for t, k, p in ((0.7, 0, 0.0), (1.0, 5, 0.9)):
+        for make in (lambda: torch.Generator().manual_seed(4), lambda: SampleGenerators([4, 5, 6])):
+            want = sampler_mod.draw_codes(logits, t, k, p, make())
+            buffer = torch.full((3 * 17 * 29 + 11,), float("nan"))
+            got = sampler_mod.draw_codes(logits, t, k, p, make(), buffer)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+            wrong = torch.zeros(3 * 17 * 29, dtype=torch.float64)          # another dtype: not used
+            got = sampler_mod.draw_codes(logits, t, k, p, make(), wrong)
+            assert torch.equal(got[0], want[0]) and (wrong == 0).all()
+    assert torch.equal(logits, kept)                                          # the caller's logits untouched

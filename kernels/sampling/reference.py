@@ -59,13 +59,18 @@ def exponential_noise(shape: tuple[int, ...], device: torch.device | str,
 
 
 def categorical_draw(probs: torch.Tensor, generator: torch.Generator | None = None,
-                     noise: torch.Tensor | None = None) -> torch.Tensor:
+                     noise: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
     """One categorical draw per row of ``probs`` (``(..., V)``, non-negative, need not sum to 1)
     -> ids ``(...)``: the exponential race ``argmax(probs / E)``, ``E`` the given ``noise``
     (same shape) or Exp(1) drawn from ``generator``. Every sampler of the project draws through
-    this function (the fused kernel computes the same race from the same noise)."""
+    this function (the fused kernel computes the same race from the same noise).
+
+    ``inplace``: divide ``probs`` by the noise in place (for callers that own ``probs`` and need
+    them no more: one allocation fewer). On the CPU the index is ``max``'s, the first of tied
+    maxima as ``argmax``'s (the same ids; ``max`` is the faster reduction there)."""
     e = exponential_noise(tuple(probs.shape), probs.device, generator) if noise is None else noise
-    return (probs / e).argmax(dim=-1)
+    race = probs.div_(e) if inplace else probs / e
+    return race.max(dim=-1).indices if race.device.type == "cpu" else race.argmax(dim=-1)
 
 
 def sample_logits_reference(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
