@@ -100,6 +100,10 @@ class FeatureDraft:
         self.drafter = drafter
         self.evaluations = 0     # drafted positions run (each one drafter step for the batch)
 
+    # ``draft_one`` and ``draft_rows`` draft with ``FeatureDrafter.chain`` where it covers the settings
+    # (the same draws from the same noise, up to rounding); tests switch it off to compare
+    chained = True
+
     def begin(self, x_cond: torch.Tensor | None, n: int) -> None:
         self.drafter.begin(x_cond, n)
 
@@ -135,6 +139,14 @@ class FeatureDraft:
         buffer); ``noise`` (1, seq_len, V) holds each position's Exp(1) draw noise.
         Returns the number drafted."""
         d = self.drafter
+        if not count:
+            return 0
+        if self.chained and d.chains(temperature, top_k, top_p):
+            logits = d.chain(feature, tokens[:, lo - 1], lo, count, noise[0, lo:lo + count, None].log(), temperature,
+                             tokens[0, lo:lo + count, None])
+            torch.softmax(logits[:, 0], -1, dtype=torch.float32, out=q[:count])
+            self.evaluations += count
+            return count
         for j in range(count):      # no host sync: the ids stay on the device
             t = lo + j
             feature = d.step(feature, tokens[:, t - 1], t)
@@ -157,8 +169,19 @@ class FeatureDraft:
         d = self.drafter
         N, last = tokens.shape[0], tokens.shape[1] - 1
         rows = torch.arange(N, device=tokens.device)
+        width = int(counts.max())
+        if width and self.chained and d.chains(temperature, top_k, top_p):
+            at = (frontier[:, None] + torch.arange(width, device=tokens.device)).clamp_(max=last)     # (N, width)
+            ids = torch.empty(width, N, dtype=torch.long, device=tokens.device)
+            logits = d.chain(feature, tokens[rows, frontier - 1], frontier, width,
+                             noise[rows[:, None], at].log_().transpose(0, 1), temperature, ids)
+            ids = ids.t()
+            drafted = torch.arange(width, device=tokens.device) < counts[:, None]
+            tokens[rows[:, None], at] = torch.where(drafted, ids, tokens[rows[:, None], at])
+            self.evaluations += width
+            return ids, torch.softmax(logits.transpose(0, 1), -1, dtype=torch.float32)
         ids_out, q_out = [], []
-        for j in range(int(counts.max())):
+        for j in range(width):
             t = (frontier + j).clamp_(max=last)
             feature = d.step(feature, tokens[rows, t - 1], t)
             probs = d.step_probs(feature, temperature, top_k, top_p)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from fastjukebox.checkpoint import (CONFIG_NAME, FORMAT_VERSION, CheckpointError, check_state_dict, read_weights,
                                     write_component_dir)
 from fastjukebox.prior import Prior
-from kernels.sampling.reference import sampling_probs
+from kernels.sampling.reference import categorical_draw_logits, sampling_probs
 
 __all__ = ["DrafterConfig", "FeatureDrafter", "DRAFTER_KIND", "check_drafter_for"]
 
@@ -110,6 +110,7 @@ class FeatureDrafter(nn.Module):
         self.x_out = nn.Linear(W, c.l_bins, bias=False)
         self._window = None           # (input table, conditioning projection) of the current window
         self._heads = {}
+        self._chains = {}
 
     @classmethod
     def from_teacher(cls, prior: Prior, hidden: int = 512, depth: int = 1) -> "FeatureDrafter":
@@ -160,11 +161,14 @@ class FeatureDrafter(nn.Module):
         w_feature, w_input = self.fuse.weight[:, :W], self.fuse.weight[:, W:]
         table = self.x_emb.weight @ w_input.t()                                   # (l_bins, W)
         where = self.pos_emb if x_cond is None else self.pos_emb + x_cond[:n, : self.config.n_ctx].to(self.dtype)
-        cond = (where @ w_input.t() + self.fuse.bias).expand(n, -1, -1)            # (n, n_ctx, W)
+        cond_rows = where @ w_input.t() + self.fuse.bias                          # (n_ctx, W) or (n, n_ctx, W)
+        cond = cond_rows.expand(n, -1, -1)                                          # (n, n_ctx, W)
         blocks = [(b.norm.weight, b.norm.bias, b.norm.eps, b.fc1.weight.t().contiguous(), b.fc1.bias,
                    b.fc2.weight.t().contiguous(), b.fc2.bias) for b in self.blocks]
         self._window = (w_feature.t().contiguous(), table, cond, blocks, self.x_out.weight.t().contiguous())
+        self._cond_rows = cond_rows if cond_rows.dim() == 3 else cond_rows[None]
         self._heads = {}             # temperature -> output head divided by it (``step_probs``)
+        self._chains = {}            # temperature -> ``chain``'s folded weights
 
     @torch.no_grad()
     def step(self, feature: torch.Tensor, prev_codes: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
@@ -204,6 +208,74 @@ class FeatureDrafter(nn.Module):
             return torch.softmax(logits, -1) if out is None else torch.softmax(logits, -1, out=out)
         probs = sampling_probs(self.step_logits(feature), temperature, top_k, top_p)
         return probs if out is None else out.copy_(probs)
+
+    # --- sampling: a run of drafted positions, the norms' scales folded into the weights ------
+    def chains(self, temperature: float, top_k: int = 0, top_p: float = 0.0) -> bool:
+        """Whether ``chain`` drafts with these settings: a positive temperature, no top-k / top-p
+        (the filters need each position's sorted logits: ``step_probs`` covers them), float weights."""
+        return temperature > 0 and not top_k and not top_p and self.dtype in (torch.float32, torch.float64)
+
+    def _chain_weights(self, temperature: float):
+        """``chain``'s weights at ``temperature``, once per window and temperature. A drafted feature is
+        normalised once for two uses (the output head and the next position's projection: both
+        norms have the same statistics), so their scales and shifts go into one (W, V + W) matrix
+        and a bias per position: ``[head bias / T | conditioning projection at t + shift term]``
+        (row ``n_ctx`` closes the last position's run). Each block's norm is folded into ``fc1``."""
+        got = self._chains.get(temperature)
+        if got is None:
+            c, W, V = self.config, self.config.width, self.config.l_bins
+            fn, on, w_feature = self.feature_norm, self.out_norm, self.fuse.weight[:, :W]
+            if fn.eps != on.eps:
+                raise ValueError("chain needs the feature and output norms to share eps")
+            weights = torch.cat([self.x_out.weight.t() * (on.weight[:, None] / temperature),
+                                 w_feature.t() * fn.weight[:, None]], 1).contiguous()
+            cond = self._cond_rows
+            biases = torch.zeros(cond.shape[0], c.n_ctx + 1, V + W, dtype=self.dtype, device=self.device)
+            biases[..., :V] = self.x_out.weight @ on.bias / temperature
+            biases[:, : c.n_ctx, V:] = cond + w_feature @ fn.bias
+            blocks = [((b.fc1.weight * b.norm.weight).t().contiguous(), b.fc1.bias + b.fc1.weight @ b.norm.bias,
+                       b.fc2.weight.t().contiguous(), b.fc2.bias, b.norm.eps) for b in self.blocks]
+            got = self._chains[temperature] = (weights, biases, blocks, fn.eps)
+        return got
+
+    @torch.no_grad()
+    def chain(self, feature: torch.Tensor, prev: torch.Tensor, lo: int | torch.Tensor, count: int,
+              log_noise: torch.Tensor, temperature: float, ids: torch.Tensor) -> torch.Tensor:
+        """Draft ``count`` positions in sequence from ``lo`` (an int for every row, or (N,) long: each
+        row's own), after ``begin``, with ``chains(temperature)``: each drafted code is drawn from
+        ``softmax(logits / T)`` of its position by the race ``categorical_draw_logits`` and is the
+        next position's input.
+
+        feature: (N, W) the teacher's final activation at ``lo - 1``; prev: (N,) the code there.
+        log_noise: (count, N, V) ``log E`` of each drafted position's Exp(1) draw noise.
+        ids: (count, N) long, receives the drafted codes (a view of a token buffer works).
+        Returns the drafted positions' logits / T, (count, N, V): ``step_logits(step(...)) / T``
+        up to rounding; their softmax is the proposal ``q``."""
+        W, V, last = self.config.width, self.config.l_bins, self.config.n_ctx
+        weights, biases, blocks, eps = self._chain_weights(temperature)
+        N = feature.shape[0]
+        per_row = not isinstance(lo, int)
+        if per_row:
+            which = torch.arange(N, device=self.device) if biases.shape[0] == N else \
+                torch.zeros(N, dtype=torch.long, device=self.device)
+        out = torch.empty(count + 1, N, V + W, dtype=self.dtype, device=self.device)
+        f = feature
+        for j in range(count + 1):
+            # row j: the logits of position lo + j - 1 (the teacher's own for j = 0: unused) and the
+            # feature's part of position lo + j's input
+            bias = biases[which, (lo + j).clamp(max=last)] if per_row else biases[:, lo + j]
+            y = torch.addmm(bias, F.layer_norm(f, (W,), None, None, eps), weights, out=out[j])
+            if j:
+                prev = categorical_draw_logits(y[:, :V], log_noise[j - 1], out=ids[j - 1])
+            if j == count:
+                break
+            x = y[:, V:].add_(self._window[1][prev])
+            for w1, b1, w2, b2, block_eps in blocks:
+                h = torch.ops.aten.gelu_(torch.addmm(b1, F.layer_norm(x, (W,), None, None, block_eps), w1),
+                                         approximate="tanh")
+                x = torch.addmm(b2, h, w2).add_(x)
+            f = x
+        return out[1:, :, :V]
 
     # --- checkpoints ------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:

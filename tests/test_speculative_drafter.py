@@ -76,10 +76,13 @@ def test_a_wrong_rule_fails_the_same_test(mutation, monkeypatch):
         monkeypatch.setattr(spec, "accept", lambda p_x, q_x, u: torch.ones_like(u, dtype=torch.bool))
     elif mutation == "correct from p":
         monkeypatch.setattr(spec, "residual", lambda p, q: p)
-    else:
+    else:      # drafts from probs ** 3 while q stays probs (on the step loop and on ``chain``)
         import distill.draft as draft
-        real = draft.categorical_draw
+        import distill.drafter as drafter_module
+        real, real_logits = draft.categorical_draw, drafter_module.categorical_draw_logits
         monkeypatch.setattr(draft, "categorical_draw", lambda probs, generator=None, noise=None: real(probs ** 3, generator, noise))
+        monkeypatch.setattr(drafter_module, "categorical_draw_logits",
+                            lambda logits, log_noise, out=None: real_logits(3 * logits, log_noise, out))
     case = CASES[1]
     teacher, _, upper = _random_pair()
     known = torch.randint(0, 4, (1, case["known"]), generator=torch.Generator().manual_seed(3))
@@ -165,6 +168,63 @@ def test_folded_step_equals_the_plain_forward():
         torch.testing.assert_close(rows[n], d(feature, d.inputs(prev, torch.full((3,), t), x_cond[:, t]))[n],
                                    rtol=1e-12, atol=1e-12)
     assert not torch.allclose(d.step(feature, prev, 1), d.step(feature, prev, 2))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_chain_drafts_what_the_steps_draft(temperature, per_row):
+    """``chain`` (one norm per drafted feature, the norms' scales folded into the weights, the race
+    on the logits) gives the logits / T of ``step`` + ``step_logits`` and draws the ids the
+    exponential race on their softmax draws from the same noise, each drafted id being the next
+    position's input; in float64, one start for the batch or each row its own."""
+    teacher, _, _ = _random_pair()
+    teacher = teacher.double()
+    d = _random_drafter(teacher, scale=0.3)
+    c = teacher.config
+    g = torch.Generator().manual_seed(6)
+    upper = torch.randint(0, c.l_bins, (3, c.n_ctx // c.cond_downsample), generator=g)
+    x_cond = teacher.condition(upper).x_cond
+    d.begin(x_cond, 3)
+    for p in d.parameters():      # nonzero shifts and scales in every norm, so the folding matters
+        assert p.abs().sum() > 0
+    count = 4
+    lo = torch.tensor([1, 3, 2]) if per_row else 2
+    feature = torch.randn(3, c.width, generator=g, dtype=torch.float64)
+    prev = torch.randint(0, c.l_bins, (3,), generator=g)
+    noise = torch.empty(count, 3, c.l_bins, dtype=torch.float64).exponential_(generator=g)
+    ids = torch.full((count, 3), -1, dtype=torch.long)
+    logits = d.chain(feature, prev, lo, count, noise.log(), temperature, ids)
+    f, x = feature, prev
+    for j in range(count):
+        f = d.step(f, x, lo + j)
+        want = d.step_logits(f) / temperature
+        torch.testing.assert_close(logits[j], want, rtol=1e-10, atol=1e-10)
+        x = spec.categorical_draw(torch.softmax(want, -1), noise=noise[j])
+        assert torch.equal(ids[j], x), j
+    assert len(set(ids.flatten().tolist())) > 1
+
+
+def test_chained_drafts_are_the_step_loops_drafts():
+    """The sampler drafting with ``chain`` returns the step loop's samples and reports, batch 1 and
+    a batch whose rows move apart (fp32: the same draws up to rounding)."""
+    teacher, _, upper = _random_pair(l_bins=8, n_ctx=16)
+    drafter = _random_drafter(teacher)
+    c = teacher.config
+    g = torch.Generator().manual_seed(8)
+    uppers = torch.randint(0, 8, (4, c.n_ctx // c.cond_downsample), generator=g)
+    samples = {}
+    for chained in (True, False):
+        sampler = SpeculativeWindowSampler(teacher, drafter=drafter, gamma=5)
+        sampler.drafter.chained = chained
+        one = [sampler(torch.randint(0, 8, (1, 3), generator=torch.Generator().manual_seed(s)), 13, upper, None,
+                       generator=torch.Generator().manual_seed(s)) for s in range(12)]
+        batch = sampler(torch.randint(0, 8, (4, 2), generator=g.manual_seed(9)), 14, uppers, None,
+                        generator=SampleGenerators([3, 4, 5, 6]))
+        samples[chained] = (torch.cat(one), batch, [r.to_dict() for r in sampler.reports])
+    assert torch.equal(samples[True][0], samples[False][0])
+    assert torch.equal(samples[True][1], samples[False][1])
+    assert samples[True][2] == samples[False][2]
+    assert sum(r["drafter_steps"] for r in samples[True][2]) > 50
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 0.0), (0.7, 0, 0.0), (0.7, 3, 0.0), (0.9, 0, 0.8),

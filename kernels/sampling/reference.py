@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["filter_logits", "sampling_probs", "categorical_draw", "sample_logits_reference", "exponential_noise",
-           "exponential_noise_"]
+__all__ = ["filter_logits", "sampling_probs", "categorical_draw", "categorical_draw_logits", "sample_logits_reference",
+           "exponential_noise", "exponential_noise_"]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
@@ -71,6 +71,23 @@ def categorical_draw(probs: torch.Tensor, generator: torch.Generator | None = No
     e = exponential_noise(tuple(probs.shape), probs.device, generator) if noise is None else noise
     race = probs.div_(e) if inplace else probs / e
     return race.max(dim=-1).indices if race.device.type == "cpu" else race.argmax(dim=-1)
+
+
+def categorical_draw_logits(logits: torch.Tensor, log_noise: torch.Tensor,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """``categorical_draw(softmax(logits), noise=E)`` from the logits themselves: the race in log
+    space, ``argmax(logits - log E)`` (the same winner: ``log`` is increasing and the softmax's
+    normaliser is shared by the row), given ``log_noise = log E``. For callers that draw from
+    unfiltered logits and need the softmax of a whole run of positions at once, not one at a time.
+    ``out``: the (...) long tensor the ids are written into (a view of a token buffer works)."""
+    race = torch.sub(logits, log_noise)
+    if out is None:
+        return race.max(dim=-1).indices if race.device.type == "cpu" else race.argmax(dim=-1)
+    if race.device.type == "cpu":
+        torch.max(race, -1, out=(torch.empty(out.shape, dtype=race.dtype), out))
+    else:
+        torch.argmax(race, -1, out=out)
+    return out
 
 
 def sample_logits_reference(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
