@@ -161,12 +161,10 @@ class FeatureDrafter(nn.Module):
         w_feature, w_input = self.fuse.weight[:, :W], self.fuse.weight[:, W:]
         table = self.x_emb.weight @ w_input.t()                                   # (l_bins, W)
         where = self.pos_emb if x_cond is None else self.pos_emb + x_cond[:n, : self.config.n_ctx].to(self.dtype)
-        cond_rows = where @ w_input.t() + self.fuse.bias                          # (n_ctx, W) or (n, n_ctx, W)
-        cond = cond_rows.expand(n, -1, -1)                                          # (n, n_ctx, W)
+        cond = (where @ w_input.t() + self.fuse.bias).expand(n, -1, -1)            # (n, n_ctx, W)
         blocks = [(b.norm.weight, b.norm.bias, b.norm.eps, b.fc1.weight.t().contiguous(), b.fc1.bias,
                    b.fc2.weight.t().contiguous(), b.fc2.bias) for b in self.blocks]
         self._window = (w_feature.t().contiguous(), table, cond, blocks, self.x_out.weight.t().contiguous())
-        self._cond_rows = cond_rows if cond_rows.dim() == 3 else cond_rows[None]
         self._heads = {}             # temperature -> output head divided by it (``step_probs``)
         self._chains = {}            # temperature -> ``chain``'s folded weights
 
@@ -220,22 +218,21 @@ class FeatureDrafter(nn.Module):
         normalised once for two uses (the output head and the next position's projection: both
         norms have the same statistics), so their scales and shifts go into one (W, V + W) matrix
         and a bias per position: ``[head bias / T | conditioning projection at t + shift term]``
-        (row ``n_ctx`` closes the last position's run). Each block's norm is folded into ``fc1``."""
+        (row ``n_ctx`` closes the last position's run; both norms are built with the same eps).
+        Each block's norm is folded into ``fc1``."""
         got = self._chains.get(temperature)
         if got is None:
             c, W, V = self.config, self.config.width, self.config.l_bins
             fn, on, w_feature = self.feature_norm, self.out_norm, self.fuse.weight[:, :W]
-            if fn.eps != on.eps:
-                raise ValueError("chain needs the feature and output norms to share eps")
+            _, table, cond, _, _ = self._window
             weights = torch.cat([self.x_out.weight.t() * (on.weight[:, None] / temperature),
                                  w_feature.t() * fn.weight[:, None]], 1).contiguous()
-            cond = self._cond_rows
             biases = torch.zeros(cond.shape[0], c.n_ctx + 1, V + W, dtype=self.dtype, device=self.device)
             biases[..., :V] = self.x_out.weight @ on.bias / temperature
             biases[:, : c.n_ctx, V:] = cond + w_feature @ fn.bias
             blocks = [((b.fc1.weight * b.norm.weight).t().contiguous(), b.fc1.bias + b.fc1.weight @ b.norm.bias,
                        b.fc2.weight.t().contiguous(), b.fc2.bias, b.norm.eps) for b in self.blocks]
-            got = self._chains[temperature] = (weights, biases, blocks, fn.eps)
+            got = self._chains[temperature] = (weights, biases, table, blocks, fn.eps)
         return got
 
     @torch.no_grad()
@@ -251,25 +248,25 @@ class FeatureDrafter(nn.Module):
         ids: (count, N) long, receives the drafted codes (a view of a token buffer works).
         Returns the drafted positions' logits / T, (count, N, V): ``step_logits(step(...)) / T``
         up to rounding; their softmax is the proposal ``q``."""
-        W, V, last = self.config.width, self.config.l_bins, self.config.n_ctx
-        weights, biases, blocks, eps = self._chain_weights(temperature)
+        W, V = self.config.width, self.config.l_bins
+        weights, biases, table, blocks, eps = self._chain_weights(temperature)
         N = feature.shape[0]
-        per_row = not isinstance(lo, int)
-        if per_row:
-            which = torch.arange(N, device=self.device) if biases.shape[0] == N else \
-                torch.zeros(N, dtype=torch.long, device=self.device)
+        if isinstance(lo, int):
+            run = biases[:, lo:lo + count + 1]                                      # (N, count + 1, V + W)
+        else:
+            at = (lo[:, None] + torch.arange(count + 1, device=self.device)).clamp_(max=self.config.n_ctx)
+            run = biases[torch.arange(N, device=self.device)[:, None], at]
         out = torch.empty(count + 1, N, V + W, dtype=self.dtype, device=self.device)
         f = feature
         for j in range(count + 1):
             # row j: the logits of position lo + j - 1 (the teacher's own for j = 0: unused) and the
             # feature's part of position lo + j's input
-            bias = biases[which, (lo + j).clamp(max=last)] if per_row else biases[:, lo + j]
-            y = torch.addmm(bias, F.layer_norm(f, (W,), None, None, eps), weights, out=out[j])
+            y = torch.addmm(run[:, j], F.layer_norm(f, (W,), None, None, eps), weights, out=out[j])
             if j:
                 prev = categorical_draw_logits(y[:, :V], log_noise[j - 1], out=ids[j - 1])
             if j == count:
                 break
-            x = y[:, V:].add_(self._window[1][prev])
+            x = y[:, V:].add_(table[prev])
             for w1, b1, w2, b2, block_eps in blocks:
                 h = torch.ops.aten.gelu_(torch.addmm(b1, F.layer_norm(x, (W,), None, None, block_eps), w1),
                                          approximate="tanh")
