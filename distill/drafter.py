@@ -257,16 +257,19 @@ class FeatureDrafter(nn.Module):
             at = (lo[:, None] + torch.arange(count + 1, device=self.device)).clamp_(max=self.config.n_ctx)
             run = biases[torch.arange(N, device=self.device)[:, None], at]
         out = torch.empty(count + 1, N, V + W, dtype=self.dtype, device=self.device)
+        # views unbound once: indexing inside the loop costs an operation per view per position
+        rows, heads, inputs = out.unbind(0), out[..., :V].unbind(0), out[..., V:].unbind(0)
+        biases_at, noise_at, ids_at = run.unbind(1), log_noise.unbind(0), ids.unbind(0)
         f = feature
         for j in range(count + 1):
             # row j: the logits of position lo + j - 1 (the teacher's own for j = 0: unused) and the
             # feature's part of position lo + j's input
-            y = torch.addmm(run[:, j], F.layer_norm(f, (W,), None, None, eps), weights, out=out[j])
+            torch.addmm(biases_at[j], F.layer_norm(f, (W,), None, None, eps), weights, out=rows[j])
             if j:
-                prev = categorical_draw_logits(y[:, :V], log_noise[j - 1], out=ids[j - 1])
+                prev = categorical_draw_logits(heads[j], noise_at[j - 1], out=ids_at[j - 1])
             if j == count:
                 break
-            x = y[:, V:].add_(table[prev])
+            x = inputs[j].add_(table.index_select(0, prev))
             for w1, b1, w2, b2, block_eps in blocks:
                 h = torch.ops.aten.gelu_(torch.addmm(b1, F.layer_norm(x, (W,), None, None, block_eps), w1),
                                          approximate="tanh")
