@@ -3,6 +3,10 @@
     python -m benchmarks upsample                     # the strings excerpt, batch 1 and 16, every sampler
     python -m benchmarks upsample --excerpts all --batch 1
     python -m benchmarks upsample --quick             # 3 s of the excerpt, batch 1, ar and parallel (a smoke run)
+    python -m benchmarks upsample --batch 16 --samplers ar speculative speculative@disable_at_batch=99
+
+A sampler entry is ``--sampler``'s value, optionally followed by ``@OPTION=INT`` (the sampler
+option ``OPTION``: ``speculative@disable_at_batch=99`` speculates at every batch size below 99).
 
 Each run is ``fastjukebox upsample --from-audio demo:<excerpt> --sampler S --seed SEED`` through
 the API (``demo.excerpts.upsample_excerpt``: the excerpt encoded to top-level codes, levels 1
@@ -65,14 +69,28 @@ def level_teacher_nll(prior, codes: torch.Tensor, upper: torch.Tensor | None, la
     return out
 
 
+def sampler_entry(entry: str) -> tuple[str, dict[str, int]]:
+    """``"NAME[@OPTION=INT]"`` -> (``--sampler`` value, sampler options)."""
+    sampler, at, option = entry.partition("@")
+    if not at:
+        return sampler, {}
+    key, eq, value = option.partition("=")
+    if not (key and eq and value.lstrip("-").isdigit()):
+        raise ValueError(f"sampler entry {entry!r}: write NAME@OPTION=INTEGER")
+    return sampler, {key: int(value)}
+
+
 def run_one(jb, excerpt, sampler: str, batch: int, seed: int, seconds: float | None) -> dict:
-    """One upsample of ``excerpt`` (``batch`` samples) with ``sampler``: times and NLLs."""
+    """One upsample of ``excerpt`` (``batch`` samples) with ``sampler`` (a ``sampler_entry``): times
+    and NLLs."""
     from fastjukebox.cli_values import parse_sampler
     from fastjukebox.demo.excerpts import excerpt_agreement, upsample_excerpt
     from fastjukebox.sample_seeds import sample_seed
+    name, options = sampler_entry(sampler)
     began = time.perf_counter()
     with torch.inference_mode():
-        result = upsample_excerpt(jb, excerpt, seconds=seconds, n_samples=batch, sampler=parse_sampler(sampler), seed=seed,
+        result = upsample_excerpt(jb, excerpt, seconds=seconds, n_samples=batch, sampler=parse_sampler(name),
+                                  sampler_options=options, seed=seed,
                                   sample_seeds=[sample_seed(seed, i) for i in range(batch)], progress=False)
     wall = time.perf_counter() - began
     hop_fraction = result.settings["hop_fraction"]
@@ -87,7 +105,7 @@ def run_one(jb, excerpt, sampler: str, batch: int, seed: int, seconds: float | N
         row[f"level{level}_nll"] = float(nll.mean())
         row[f"level{level}_codes"] = int(nll.numel())
     row["score_agreement"] = excerpt_agreement(result.audio[0].float().cpu().numpy(), excerpt)["own"]
-    row["level1_as_ar"] = _level_sampler(sampler, 1) == "ar"
+    row["level1_as_ar"] = _level_sampler(name, 1) == "ar"
     return row
 
 
@@ -178,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         excerpts = read_manifest() if args.excerpts == ["all"] else [get_excerpt(e) for e in args.excerpts]
         jb = fj.load(args.model, device=args.device)
         for s in args.samplers:
-            jb.resolve_sampling(jb.upsampler_levels, {"sampler": parse_sampler(s)})
+            name, options = sampler_entry(s)
+            jb.resolve_sampling(jb.upsampler_levels, {"sampler": parse_sampler(name), "sampler_options": options})
     except (ValueError, OSError, argparse.ArgumentTypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

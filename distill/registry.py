@@ -12,13 +12,17 @@ from fastjukebox.samplers import SamplerOption, register_sampler
 from fastjukebox.settings import check_count
 
 from .sampler import ParallelWindowSampler
-from .speculative import GAMMA, SpeculativeWindowSampler
+from .speculative import DISABLE_AT_BATCH, GAMMA, SpeculativeWindowSampler
 
 __all__ = ["register"]
 
 PASSES_OPTION = SamplerOption(None, partial(check_count, allow_none=True), read_back=lambda sampler: sampler.passes,
                               help="decoding passes per window; default: the student's own, from its sampling.json")
 GAMMA_OPTION = SamplerOption(GAMMA, check_count, help=f"positions the prior verifies per call; default: {GAMMA}")
+DISABLE_OPTION = SamplerOption(None, partial(check_count, allow_none=True),
+                               read_back=lambda sampler: sampler.disable_at_batch,
+                               help="batch size from which a window is decoded token by token, without drafts; "
+                                    f"default: the device's measured crossover ({DISABLE_AT_BATCH}; others: never)")
 
 
 def _parallel(jb, level: int, passes: int | None = None, **_):
@@ -26,13 +30,16 @@ def _parallel(jb, level: int, passes: int | None = None, **_):
     return ParallelWindowSampler(jb.student(level), passes=passes, level=level)
 
 
-def _speculative(jb, level: int, gamma: int = GAMMA, **_):
+def _speculative(jb, level: int, gamma: int = GAMMA, disable_at_batch: int | None = None, **_):
     """The level's prior, drafted by its drafter (or, without one, its student), ``gamma``
-    positions verified per prior call."""
-    drafter = jb.drafter(level)
+    positions verified per prior call; from ``disable_at_batch`` rows on (None: the prior's device
+    type's ``DISABLE_AT_BATCH``) token by token."""
+    prior, drafter = jb.prior(level), jb.drafter(level)
+    if disable_at_batch is None:
+        disable_at_batch = DISABLE_AT_BATCH.get(prior.device.type)
     if drafter is not None:
-        return SpeculativeWindowSampler(jb.prior(level), drafter=drafter, gamma=gamma)
-    return SpeculativeWindowSampler(jb.prior(level), jb.student(level), gamma=gamma)
+        return SpeculativeWindowSampler(prior, drafter=drafter, gamma=gamma, disable_at_batch=disable_at_batch)
+    return SpeculativeWindowSampler(prior, jb.student(level), gamma=gamma, disable_at_batch=disable_at_batch)
 
 
 def _load_student(path, device=None, dtype=None):
@@ -47,6 +54,6 @@ def _load_drafter(path, device=None, dtype=None):
 
 def register() -> None:
     register_sampler("parallel", _parallel, needs_student=True, options={"passes": PASSES_OPTION})
-    register_sampler("speculative", _speculative, needs_student=True, drafts=True, options={"gamma": GAMMA_OPTION})
+    register_sampler("speculative", _speculative, needs_student=True, drafts=True, options={"gamma": GAMMA_OPTION, "disable_at_batch": DISABLE_OPTION})
     register_component_loader("student", _load_student)
     register_component_loader("drafter", _load_drafter)

@@ -32,6 +32,14 @@ decided length (``WindowDecoder.score_rows``: per-row positions in one batched t
 row's sample is what it would be alone. With the student's draft (or ``rows_apart`` off) the rows
 share the cache position: it moves to the shortest decided prefix, and a row that decided further
 keeps those tokens fixed (``forced``) until the position catches up: no draft is judged twice.
+
+Where verification is bound by arithmetic, speculation loses to plain steps: the teacher computes
+every drafted position of every row, and the rejected ones are thrown away. From
+``disable_at_batch`` rows on, the sampler decodes the window token by token with the teacher
+(``fastjukebox.sampling.sample_window``, what ``"ar"`` runs: the same distribution) and drafts
+nothing, as vLLM's ``speculative_disable_by_batch_size`` does. ``DISABLE_AT_BATCH`` holds the
+measured crossover per device type (``docs/speculative.md``); the ``"speculative"`` sampler uses it
+unless told otherwise.
 """
 from __future__ import annotations
 
@@ -43,7 +51,7 @@ import torch
 from fastjukebox.decoding import WindowDecoder
 from fastjukebox.prior import Prior
 from fastjukebox.sample_seeds import SampleGenerators, fill_rows
-from fastjukebox.sampling import check_window_call
+from fastjukebox.sampling import check_window_call, sample_window
 from fastjukebox.settings import DEFAULT_CHUNK_SIZE
 from kernels.sampling.reference import categorical_draw, exponential_noise_
 
@@ -51,9 +59,15 @@ from .draft import FeatureDraft, StudentDraft, proposal_probs
 from .drafter import FeatureDrafter, check_drafter_for
 from .student import ParallelStudent
 
-__all__ = ["GAMMA", "SpeculativeWindowSampler", "WindowReport", "accept", "residual"]
+__all__ = ["DISABLE_AT_BATCH", "GAMMA", "SpeculativeWindowSampler", "WindowReport", "accept", "residual"]
 
 GAMMA = 8   # drafts the teacher judges per call unless told otherwise (the "speculative" sampler's default)
+
+# Device type -> the batch size from which the "speculative" sampler decodes token by token: the
+# smallest batch at which speculation measured slower than "ar" at both demo upsamplers (2-core
+# Intel Xeon, one thread, gamma 8, per hopped window: batch 3 0.98x / 1.08x, batch 4 0.91x / 0.93x;
+# docs/speculative.md). Device types not listed always speculate (not measured).
+DISABLE_AT_BATCH = {"cpu": 4}
 
 
 def accept(p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -113,6 +127,8 @@ class SpeculativeWindowSampler:
             position more: the one after the drafts).
         draft_passes: student evaluations per draft of the rest of the window.
         redraft_below, lookback: the re-draft policy (module docstring).
+        disable_at_batch: from this many rows on, decode token by token without drafts (module
+            docstring); None: always speculate.
 
     Same call signature as ``fastjukebox.sampling.ARWindowSampler``; ``reports`` lists a
     ``WindowReport`` per call, ``progress_note()`` the acceptance so far (for progress bars).
@@ -130,7 +146,7 @@ class SpeculativeWindowSampler:
 
     def __init__(self, prior: Prior, student: ParallelStudent | None = None, gamma: int = GAMMA,
                  draft_passes: int = 1, redraft_below: float = 0.0, lookback: int = 4,
-                 drafter: FeatureDrafter | None = None):
+                 drafter: FeatureDrafter | None = None, disable_at_batch: int | None = None):
         if not isinstance(prior, Prior):
             raise TypeError(f"prior must be a Prior, got {type(prior).__name__}")
         tc = prior.config
@@ -155,6 +171,10 @@ class SpeculativeWindowSampler:
             raise ValueError(f"redraft_below must be in [0, 1], got {redraft_below}")
         if isinstance(lookback, bool) or not isinstance(lookback, int) or lookback < 1:
             raise ValueError(f"lookback must be an integer >= 1, got {lookback!r}")
+        if disable_at_batch is not None and (isinstance(disable_at_batch, bool) or not isinstance(disable_at_batch, int)
+                                             or disable_at_batch < 1):
+            raise ValueError(f"disable_at_batch must be an integer >= 1 or None, got {disable_at_batch!r}")
+        self.disable_at_batch = disable_at_batch
         self.prior, self.student, self.config = prior, student, tc
         self.gamma, self.redraft_below, self.lookback = gamma, float(redraft_below), lookback
         self.drafter = FeatureDraft(drafter) if drafter is not None else StudentDraft(student, draft_passes)
@@ -289,6 +309,10 @@ class SpeculativeWindowSampler:
         N, K = z.shape
         hi = K + n_new
         dec = self._decoder(N)
+        if self.disable_at_batch is not None and N >= self.disable_at_batch:     # token by token, no drafts
+            self.reports.append(WindowReport(rows=N, new_tokens=N * n_new, teacher_calls=n_new))
+            return sample_window(dec, z, n_new, upper, labels, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 chunk_size=chunk_size, generator=generator, on_progress=on_progress)
         dec.begin(upper, labels, n=N)
         dec.prime(z, chunk_size)
         report = WindowReport(rows=N, new_tokens=N * n_new)

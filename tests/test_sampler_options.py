@@ -10,7 +10,7 @@ import torch
 import fastjukebox
 import fastjukebox.generate as generate
 from distill.sampler import ParallelWindowSampler
-from distill.speculative import GAMMA
+from distill.speculative import DISABLE_AT_BATCH, GAMMA
 from distill.student import ParallelStudent
 from fastjukebox.bundle import Jukebox
 from fastjukebox.cli import build_parser
@@ -88,24 +88,27 @@ def test_an_option_reaches_the_sampler(with_students):
     built = build_window_samplers(with_students, used["sampler"], used["sampler_options"])
     assert all(isinstance(s, ParallelWindowSampler) and s.passes == 2 for s in built.values())
     assert set(built) == {1, 0}
-    assert options_record(used["sampler"], used["sampler_options"], built) == {"passes": {1: 2, 0: 2}, "gamma": None}
+    assert options_record(used["sampler"], used["sampler_options"], built) == {"passes": {1: 2, 0: 2}, "gamma": None,
+                                                                                   "disable_at_batch": None}
 
 
 def test_defaults_come_from_the_registration(with_students):
-    """Nothing given: "speculative" verifies ``distill.speculative.GAMMA`` positions per call and
-    "parallel" runs each student's own passes; the record says so."""
+    """Nothing given: "speculative" verifies ``distill.speculative.GAMMA`` positions per call, decodes
+    token by token from the device's ``DISABLE_AT_BATCH`` rows, and "parallel" runs each student's own
+    passes; the record says so."""
     names = {1: "speculative", 0: "parallel"}
     built = build_window_samplers(with_students, names, {})
     own = with_students.student(0).sampling.passes
-    assert built[1].gamma == GAMMA and built[0].passes == own
-    assert options_record(names, {}, built) == {"passes": {0: own}, "gamma": GAMMA}
+    crossover = DISABLE_AT_BATCH.get(with_students.prior(1).device.type)
+    assert built[1].gamma == GAMMA and built[0].passes == own and built[1].disable_at_batch == crossover
+    assert options_record(names, {}, built) == {"passes": {0: own}, "gamma": GAMMA, "disable_at_batch": {1: crossover}}
 
 
 def test_the_run_records_the_options_as_used(with_students):
     z = _top(with_students)
     res = with_students.upsample(z, sampler={1: "ar", 0: "parallel"}, sampler_options={"passes": 2}, seed=0,
                                  progress=False)
-    assert res.settings["passes"] == {0: 2} and res.settings["gamma"] is None
+    assert res.settings["passes"] == {0: 2} and res.settings["gamma"] is None and res.settings["disable_at_batch"] is None
     assert res.settings["sampler"] == {1: "ar", 0: "parallel"}
 
 

@@ -301,6 +301,39 @@ def test_bad_input_is_named():
         SpeculativeWindowSampler(teacher, drafter=drafter)(torch.zeros(1, 4, dtype=torch.long), 5)
 
 
+def test_from_disable_at_batch_rows_the_window_is_decoded_token_by_token():
+    """At ``disable_at_batch`` rows or more the sampler draws what ``"ar"`` draws from the same
+    generator, drafting nothing; below, it drafts (and is exact either way: the chi-square tests)."""
+    from fastjukebox.sampling import ARWindowSampler
+    teacher, _, upper = _random_pair(l_bins=16, n_ctx=16)
+    drafter = _random_drafter(teacher, scale=0.1)
+    sampler = SpeculativeWindowSampler(teacher, drafter=drafter, gamma=3, disable_at_batch=3)
+    known = torch.randint(0, 16, (3, 5), generator=torch.Generator().manual_seed(2))
+    up = upper.expand(3, -1)
+    for rows in (3, 4):
+        z = known[:1].expand(rows, -1) if rows == 4 else known
+        got = sampler(z, 9, upper.expand(rows, -1), None, temperature=0.9, generator=torch.Generator().manual_seed(5))
+        want = ARWindowSampler(teacher, rows)(z, 9, upper.expand(rows, -1), None, temperature=0.9,
+                                              generator=torch.Generator().manual_seed(5))
+        assert torch.equal(got, want)
+        report = sampler.reports[-1]
+        assert report.drafted == 0 and report.teacher_calls == 9 and report.new_tokens == rows * 9
+    two = sampler(known[:2], 9, up[:2], None, temperature=0.9, generator=torch.Generator().manual_seed(5))
+    assert sampler.reports[-1].drafted > 0 and sampler.reports[-1].teacher_calls < 9
+    assert torch.equal(two[:, :5], known[:2]) and two.shape == (2, 14)
+    for bad in (0, -1, True, 2.0, "4"):
+        with pytest.raises(ValueError, match="disable_at_batch must be an integer >= 1 or None"):
+            SpeculativeWindowSampler(teacher, drafter=drafter, disable_at_batch=bad)
+
+
+def test_the_speculative_sampler_takes_the_devices_crossover_unless_told():
+    import fastjukebox
+    from fastjukebox.samplers import SAMPLERS
+    jb = fastjukebox.load("demo")
+    assert SAMPLERS["speculative"](jb, 0).disable_at_batch == spec.DISABLE_AT_BATCH["cpu"]
+    assert SAMPLERS["speculative"](jb, 0, disable_at_batch=64).disable_at_batch == 64
+
+
 def test_a_family_reads_its_drafters_and_names_a_misplaced_one(tmp_path):
     """``drafter_level_{L}/`` beside the priors: ``"speculative"`` drafts with it (no student
     needed); a drafter of another level in the slot is a named error at load."""

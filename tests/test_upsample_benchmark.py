@@ -95,3 +95,22 @@ def test_the_command_writes_a_table_per_sampler(tmp_path):
         assert s["level1_s"] > 0 and s["level0_s"] > 0 and 0 < s["level0_nll"] < 8 and 0 < s["level1_nll"] < 8
     assert by["ar"]["speedup"] == 1.0 and by["parallel"]["level0_nll_ratio"] > 0
     assert "| strings | 1 | `parallel` |" in (tmp_path / "t.md").read_text()
+
+
+def test_a_sampler_entry_may_carry_an_option_and_a_bad_one_is_named(tmp_path):
+    """``speculative@disable_at_batch=99`` reaches the sampler: at batch 2 with the option 2 the
+    window is decoded token by token (the codes ``"ar"`` draws with the same seeds), with 99 it is
+    drafted (other codes, the same distribution)."""
+    import json
+    from benchmarks.upsample import main, sampler_entry
+    assert sampler_entry("speculative") == ("speculative", {})
+    assert sampler_entry("1=ar,0=speculative@gamma=4") == ("1=ar,0=speculative", {"gamma": 4})
+    for bad in ("speculative@gamma", "speculative@=4", "speculative@gamma=x"):
+        with pytest.raises(ValueError, match="write NAME@OPTION=INTEGER"):
+            sampler_entry(bad)
+    assert main(["--seconds", "1", "--batch", "2", "--samplers", "ar", "speculative@disable_at_batch=2",
+                 "speculative@disable_at_batch=99", "--out-dir", str(tmp_path), "--name", "t"]) == 0
+    by = {s["sampler"]: s for s in json.loads((tmp_path / "t.json").read_text())["summary"]}
+    assert by["speculative@disable_at_batch=2"]["level1_nll"] == by["ar"]["level1_nll"]
+    assert by["speculative@disable_at_batch=99"]["level1_nll"] != by["ar"]["level1_nll"]
+    assert main(["--samplers", "speculative@gamma", "--out-dir", str(tmp_path)]) == 2
