@@ -30,16 +30,19 @@ def _parallel(jb, level: int, passes: int | None = None, **_):
     return ParallelWindowSampler(jb.student(level), passes=passes, level=level)
 
 
-def _speculative(jb, level: int, gamma: int = GAMMA, disable_at_batch: int | None = None, **_):
+def _speculative(jb, level: int, gamma: int = GAMMA, disable_at_batch: int | None = None, batch: int | None = None,
+                 **_):
     """The level's prior, drafted by its drafter (or, without one, its student), ``gamma``
-    positions verified per prior call; from ``disable_at_batch`` rows on (None: the prior's device
-    type's ``DISABLE_AT_BATCH``) token by token."""
+    positions verified per prior call; token by token where the run's ``batch`` (else each
+    window's rows) reaches ``disable_at_batch`` (None: the prior's device type's
+    ``DISABLE_AT_BATCH``)."""
     prior, drafter = jb.prior(level), jb.drafter(level)
     if disable_at_batch is None:
         disable_at_batch = DISABLE_AT_BATCH.get(prior.device.type)
+    kw = dict(gamma=gamma, disable_at_batch=disable_at_batch, run_batch=batch)
     if drafter is not None:
-        return SpeculativeWindowSampler(prior, drafter=drafter, gamma=gamma, disable_at_batch=disable_at_batch)
-    return SpeculativeWindowSampler(prior, jb.student(level), gamma=gamma, disable_at_batch=disable_at_batch)
+        return SpeculativeWindowSampler(prior, drafter=drafter, **kw)
+    return SpeculativeWindowSampler(prior, jb.student(level), **kw)
 
 
 def _load_student(path, device=None, dtype=None):

@@ -39,7 +39,8 @@ every drafted position of every row, and the rejected ones are thrown away. From
 (``fastjukebox.sampling.sample_window``, what ``"ar"`` runs: the same distribution) and drafts
 nothing, as vLLM's ``speculative_disable_by_batch_size`` does. ``DISABLE_AT_BATCH`` holds the
 measured crossover per device type (``docs/speculative.md``); the ``"speculative"`` sampler uses it
-unless told otherwise.
+unless told otherwise, and compares it with the run's batch size (``run_batch``), so the batches of
+one run, and the processes of a launch, all speculate or all step.
 """
 from __future__ import annotations
 
@@ -129,6 +130,9 @@ class SpeculativeWindowSampler:
         redraft_below, lookback: the re-draft policy (module docstring).
         disable_at_batch: from this many rows on, decode token by token without drafts (module
             docstring); None: always speculate.
+        run_batch: the rows of the run's batches (``fastjukebox.samplers.build_window_samplers``):
+            ``disable_at_batch`` is compared with it instead of each window's rows, so every batch of
+            a run (and every process of a launch) decodes alike; None: each window's rows.
 
     Same call signature as ``fastjukebox.sampling.ARWindowSampler``; ``reports`` lists a
     ``WindowReport`` per call, ``progress_note()`` the acceptance so far (for progress bars).
@@ -146,7 +150,8 @@ class SpeculativeWindowSampler:
 
     def __init__(self, prior: Prior, student: ParallelStudent | None = None, gamma: int = GAMMA,
                  draft_passes: int = 1, redraft_below: float = 0.0, lookback: int = 4,
-                 drafter: FeatureDrafter | None = None, disable_at_batch: int | None = None):
+                 drafter: FeatureDrafter | None = None, disable_at_batch: int | None = None,
+                 run_batch: int | None = None):
         if not isinstance(prior, Prior):
             raise TypeError(f"prior must be a Prior, got {type(prior).__name__}")
         tc = prior.config
@@ -174,7 +179,9 @@ class SpeculativeWindowSampler:
         if disable_at_batch is not None and (isinstance(disable_at_batch, bool) or not isinstance(disable_at_batch, int)
                                              or disable_at_batch < 1):
             raise ValueError(f"disable_at_batch must be an integer >= 1 or None, got {disable_at_batch!r}")
-        self.disable_at_batch = disable_at_batch
+        if run_batch is not None and (isinstance(run_batch, bool) or not isinstance(run_batch, int) or run_batch < 1):
+            raise ValueError(f"run_batch must be an integer >= 1 or None, got {run_batch!r}")
+        self.disable_at_batch, self.run_batch = disable_at_batch, run_batch
         self.prior, self.student, self.config = prior, student, tc
         self.gamma, self.redraft_below, self.lookback = gamma, float(redraft_below), lookback
         self.drafter = FeatureDraft(drafter) if drafter is not None else StudentDraft(student, draft_passes)
@@ -309,7 +316,8 @@ class SpeculativeWindowSampler:
         N, K = z.shape
         hi = K + n_new
         dec = self._decoder(N)
-        if self.disable_at_batch is not None and N >= self.disable_at_batch:     # token by token, no drafts
+        rows = N if self.run_batch is None else self.run_batch
+        if self.disable_at_batch is not None and rows >= self.disable_at_batch:     # token by token, no drafts
             self.reports.append(WindowReport(rows=N, new_tokens=N * n_new, teacher_calls=n_new))
             return sample_window(dec, z, n_new, upper, labels, temperature=temperature, top_k=top_k, top_p=top_p,
                                  chunk_size=chunk_size, generator=generator, on_progress=on_progress)

@@ -152,7 +152,9 @@ class Jukebox(nn.Module):
             per window; default: each student's own, from its sampling.json), "speculative" gamma
             (positions the teacher verifies per call); ``passes=`` and ``gamma=`` are short for
             these), progress, sample_seeds (one seed per sample: each sample is drawn from its own
-            generator, see ``sample_seeds``).
+            generator, see ``sample_seeds``), run_samples (the samples of the whole run when this
+            call draws a share of them: samplers that choose their strategy by the batch size, as
+            "speculative" does, choose by the run's).
         Every setting is checked before any model work (``fastjukebox.settings``: a
         ``SettingsError`` names a bad one).
         Returns a ``SampleResult`` (codes per level, level 0 first; audio (N, T) in [-1, 1];

@@ -72,17 +72,19 @@ def _agreed_seed(args, procs: Processes) -> int:
     return procs.agree(args.seed if args.seed is not None else secrets.randbelow(2**31))
 
 
-def _sampling_kw(args, seed: int, rows: range) -> dict:
+def _sampling_kw(args, seed: int, rows: range, total: int) -> dict:
     """The sampling options as given; ``Jukebox`` resolves them (``settings.resolve_sampling``:
     the model's ``sampling.json`` for the knobs and levels left out) and the run's settings
     record what was used. ``--passes`` / ``--gamma`` go as the API's aliases of the sampler
     options of those names (``settings.SAMPLER_OPTION_ALIASES``), ``--sampler-opt`` as
     ``sampler_options``. ``rows``: the run's samples this process draws, each from its own seed
-    (``sample_seeds.sample_seed``)."""
+    (``sample_seeds.sample_seed``), of ``total`` in the run (``run_samples``: every process's
+    samplers decide by the run's batch size, not by their share)."""
     from .sample_seeds import sample_seed
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, chunk_size=args.chunk_size,
                 sampler=args.sampler, sampler_options=args.sampler_opt, passes=args.passes, gamma=args.gamma,
-                max_batch_size=args.max_batch_size, seed=seed, sample_seeds=[sample_seed(seed, i) for i in rows],
+                max_batch_size=args.max_batch_size, run_samples=total, seed=seed,
+                sample_seeds=[sample_seed(seed, i) for i in rows],
                 progress=not args.quiet)
 
 
@@ -110,7 +112,7 @@ def cmd_sample(args) -> int:
     def body(rows):
         jb = _load_model(args, procs)
         levels = args.levels if args.levels else tuple(sorted(jb.levels, reverse=True))
-        sampling = jb.resolve_sampling(levels, _sampling_kw(args, seed, rows))   # named errors before model work
+        sampling = jb.resolve_sampling(levels, _sampling_kw(args, seed, rows, args.n_samples))   # named errors before model work
         prompt = None if args.prompt is None else load_audio(args.prompt, sr=jb.sr, duration=args.seconds)
         result = None
         if rows:
@@ -142,7 +144,7 @@ def _upsample_audio(args) -> int:
 
     def body(rows):
         jb = _load_model(args, procs)
-        sampling = jb.resolve_sampling(jb.upsampler_levels, _sampling_kw(args, seed, rows))   # before the encoding
+        sampling = jb.resolve_sampling(jb.upsampler_levels, _sampling_kw(args, seed, rows, 1))   # before the encoding
         if excerpt is None:
             audio = load_audio(src, sr=jb.sr, duration=args.seconds)
         else:
@@ -194,7 +196,7 @@ def cmd_upsample(args) -> int:
             present = [l for l, z in enumerate(codes) if z is not None]
             raise ValueError(f"codes file '{args.codes}' has no top-level codes ({CODES_KEY.format(top)}); "
                              f"it has level(s) {', '.join(map(str, present))}")
-        sampling = jb.resolve_sampling(jb.upsampler_levels, _sampling_kw(args, seed, rows))
+        sampling = jb.resolve_sampling(jb.upsampler_levels, _sampling_kw(args, seed, rows, sample_count(codes)))
         result = None
         if rows:
             with torch.inference_mode():
@@ -234,7 +236,7 @@ def cmd_continue(args) -> int:
             levels = tuple(l for l in range(n - 1, -1, -1) if given[l] is not None and l in jb.levels)
             if not levels:
                 raise ValueError(f"this model has no prior for the levels in '{args.codes}'")
-        sampling = jb.resolve_sampling(levels, _sampling_kw(args, seed, rows))
+        sampling = jb.resolve_sampling(levels, _sampling_kw(args, seed, rows, sample_count(codes)))
         result = None
         if rows:
             with torch.inference_mode():

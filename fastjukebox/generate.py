@@ -13,6 +13,7 @@ import torch
 from .labels import LabelIds, Labeller, Labels
 from .samplers import build_window_samplers, options_record
 from .sampling import sample_levels
+from .settings import SettingsError
 
 
 @dataclass
@@ -95,14 +96,22 @@ def _label_record(labels_kw: dict, total: int, sr: int) -> dict:
 
 def run(jb, *, codes, levels, labels_kw: dict, sample_length: int, sampler: Mapping[int, str],
         sampler_options: Mapping[str, object], temperature, top_k, top_p, chunk_size, hop_fraction,
-        max_batch_size: int, seed: int, progress: bool = True, sample_seeds=None) -> SampleResult:
+        max_batch_size: int, seed: int, progress: bool = True, sample_seeds=None,
+        run_samples: int | None = None) -> SampleResult:
     """Sample ``levels`` with settings resolved by ``fastjukebox.settings.resolve_sampling``;
     ``sample_seeds``: one seed per sample (``fastjukebox.sample_seeds``), or None. The settings
-    record the sampler options as used by name (``fastjukebox.samplers.options_record``)."""
-    window_samplers = build_window_samplers(jb, sampler, sampler_options)
+    record the sampler options as used by name (``fastjukebox.samplers.options_record``).
+    ``run_samples``: the samples of the whole run when this call draws a share of them (a process
+    of a launch); the window samplers are built for the run's batch size,
+    ``min(run_samples, max_batch_size)``, so every share decides alike."""
+    given = next((z.shape[0] for z in (codes or ()) if z is not None), labels_kw["n_samples"])
+    if run_samples is not None and run_samples < given:
+        raise SettingsError(f"run_samples ({run_samples}) is fewer than the {given} samples of this call")
+    window_samplers = build_window_samplers(jb, sampler, sampler_options,
+                                            batch=min(run_samples or given, max_batch_size))
     settings = dict(sampler=dict(sampler), **{k: _uniform(v) for k, v in dict(
         temperature=temperature, top_k=top_k, top_p=top_p, chunk_size=chunk_size, hop_fraction=hop_fraction).items()},
-        max_batch_size=max_batch_size, seed=seed, **options_record(sampler, sampler_options, window_samplers),
+        max_batch_size=max_batch_size, run_samples=run_samples, seed=seed, **options_record(sampler, sampler_options, window_samplers),
         per_sample_seeds=sample_seeds is not None)
     top = jb.prior(max(levels)).config
     total = labels_kw.pop("total_length", None)

@@ -77,8 +77,9 @@ SAMPLER_OPTIONS: dict[str, dict[str, SamplerOption]] = {}   # name -> the option
 
 def register_sampler(name: str, factory, *, needs_student: bool = False, drafts: bool = False,
                      options: Mapping[str, SamplerOption | Any] | None = None) -> None:
-    """Make ``name`` usable as a per-level sampler: ``factory(jb, level, **options)`` builds the
-    level's window sampler from the values of the ``options`` it declares (option name ->
+    """Make ``name`` usable as a per-level sampler: ``factory(jb, level, batch=..., **options)``
+    builds the level's window sampler from the run's batch size (``build_window_samplers``) and the
+    values of the ``options`` it declares (option name ->
     ``SamplerOption``, or a plain default). ``needs_student``: it uses the level's student
     (``Jukebox.student``), so it serves the upsampler levels only; ``drafts``: a level's drafter
     (``Jukebox.drafter``), where there is one, does instead."""
@@ -178,10 +179,13 @@ def _values(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     return {opt: options.get(opt, spec.default) for opt, spec in options_of(name).items()}
 
 
-def build_window_samplers(jb, names: Mapping[int, str], options: Mapping[str, Any]) -> dict[int, WindowSampler]:
+def build_window_samplers(jb, names: Mapping[int, str], options: Mapping[str, Any],
+                          batch: int | None = None) -> dict[int, WindowSampler]:
     """Level -> window sampler for the levels not sampled autoregressively; each factory gets the
-    options its sampler declares (``options``: ``check_sampler_options``'s, the rest defaulted)."""
-    return {level: SAMPLERS[name](jb, level, **_values(name, options))
+    options its sampler declares (``options``: ``check_sampler_options``'s, the rest defaulted) and
+    ``batch``: the rows the run decodes together (the same in every process of a launch; None:
+    unknown), for a sampler whose best strategy depends on it."""
+    return {level: SAMPLERS[name](jb, level, batch=batch, **_values(name, options))
             for level, name in names.items() if SAMPLERS[name] is not None}
 
 

@@ -71,7 +71,7 @@ KNOB_RULES = {
     "hop_fraction": (lambda v: _is_real(v) and 0 < v <= 1, "a number in (0, 1]", (0.5, 0.5, 0.125)),
 }
 PER_LEVEL = tuple(KNOB_RULES) + ("sampler",)
-_OTHER = ("max_batch_size", "seed", "progress", "sample_seeds", "sampler_options")
+_OTHER = ("max_batch_size", "run_samples", "seed", "progress", "sample_seeds", "sampler_options")
 #: sampling keywords kept from before ``sampler_options``: each is short for the sampler option of
 #: its name (``passes=2`` is ``sampler_options={"passes": 2}``), which the sampler declaring it
 #: checks and defaults (``fastjukebox.samplers``)
@@ -251,6 +251,7 @@ def resolve_sampling(jb, levels, sampling: dict, choose_samplers, check_sampler_
     out["sampler"] = choose_samplers(jb, sampling.get("sampler"), levels)
     out["sampler_options"] = check_sampler_options(out["sampler"], _given_sampler_options(sampling))
     out["max_batch_size"] = check_count(sampling.get("max_batch_size", 16), "max_batch_size")
+    out["run_samples"] = check_count(sampling.get("run_samples"), "run_samples", allow_none=True)
     seed = sampling.get("seed")
     if seed is not None and not _is_int(seed):
         raise SettingsError(f"seed must be an integer or None, got {seed!r}")

@@ -197,3 +197,25 @@ def test_cli_sampler_opt_reaches_the_sampler_and_the_record(family, tmp_path):
     with np.load(out.with_suffix(".npz")) as f:
         settings = json.loads(str(f["settings"]))
     assert settings["passes"] == {"0": 3} and settings["gamma"] is None
+
+
+def test_speculative_decides_by_the_runs_batch_so_a_share_draws_what_the_run_draws(with_students):
+    """A call drawing 2 samples of an 8-sample run (``run_samples``, as a process of a launch does)
+    builds its samplers for the run's batch, min(8, max_batch_size): at the crossover or above,
+    "speculative" decodes token by token, so the share's codes are "ar"'s with the same per-sample
+    seeds; below, it drafts (other codes from the same distribution). Bad values are named."""
+    z = _top(with_students, 2)
+    kw = dict(sampler_options={"disable_at_batch": 4}, sample_seeds=[5, 6], progress=False)
+    ar = with_students.upsample(z, sampler="ar", sample_seeds=[5, 6], progress=False)
+    share = with_students.upsample(z, sampler="speculative", run_samples=8, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(ar.codes[:2], share.codes[:2]))
+    assert share.settings["run_samples"] == 8
+    small = with_students.upsample(z, sampler="speculative", run_samples=8, max_batch_size=2, **kw)
+    alone = with_students.upsample(z, sampler="speculative", **kw)
+    assert torch.equal(small.codes[0], alone.codes[0]) and not torch.equal(alone.codes[0], ar.codes[0])
+    built = build_window_samplers(with_students, {1: "speculative", 0: "speculative"}, {}, batch=8)
+    assert all(s.run_batch == 8 for s in built.values())
+    with pytest.raises(SettingsError, match=r"run_samples \(1\) is fewer than the 2 samples of this call"):
+        with_students.upsample(z, sampler="speculative", run_samples=1, progress=False)
+    with pytest.raises(SettingsError, match="run_samples must be an integer >= 1, got 0"):
+        with_students.upsample(z, sampler="speculative", run_samples=0, progress=False)
