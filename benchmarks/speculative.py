@@ -2,6 +2,7 @@
 
     python -m benchmarks speculative                 # levels 0 and 1, batch 1 and 16, gamma 4 / 8 / 16
     python -m benchmarks speculative --quick         # level 0, batch 1, gamma 8, one round (a smoke run)
+    python -m benchmarks speculative --crossover     # feature drafter vs ar, batch 1 to 16: DISABLE_AT_BATCH
 
 Per level and batch: the upper-level codes are the demo VQ-VAE's encoding of a rendered chord
 progression (``fastjukebox.demo.synth``); the *first* window has no known codes and 1024 new
@@ -234,18 +235,106 @@ def render_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+CROSSOVER_BATCHES = (1, 2, 3, 4, 8, 16)
+
+
+def crossover_batch(rows: list[dict]) -> int | None:
+    """The rule behind ``distill.speculative.DISABLE_AT_BATCH``, fixed before the measurement: the
+    smallest measured batch size from which speculation is slower than ``"ar"`` (ratio < 1) at
+    every level, at that batch and every larger one measured; None if there is none."""
+    batches = sorted({r["batch"] for r in rows})
+    slower = {b: all(r["ratio"] < 1.0 for r in rows if r["batch"] == b) for b in batches}
+    for i, b in enumerate(batches):
+        if all(slower[c] for c in batches[i:]):
+            return b
+    return None
+
+
+def crossover(levels=(0, 1), batches=CROSSOVER_BATCHES, repeats: int = 3, seed: int = 0) -> dict:
+    """Per level and batch size: the hopped window sampled by ``"ar"`` and by ``"speculative"``
+    with the level's feature drafter at gamma ``GAMMA`` (always speculating), rounds alternating;
+    medians of the window's wall time."""
+    import fastjukebox
+    from distill.speculative import GAMMA, SpeculativeWindowSampler
+    from fastjukebox.sample_seeds import SampleGenerators
+    from fastjukebox.sampling import ARWindowSampler
+    torch.set_num_threads(1)
+    jb = fastjukebox.load("demo")
+    with torch.no_grad():
+        codes = jb.vqvae.encode(_chord_audio(2.0)[None])
+    rows = []
+    bar = progress_bar(len(levels) * len(batches) * repeats * 2, "speculation crossover", "window")
+    for level in levels:
+        prior = jb.prior(level)
+        for batch in batches:
+            win = Window(jb, level, batch, codes)
+            ar = ARWindowSampler(prior, batch)
+            knobs = dict(temperature=DEFAULT_TEMPERATURE)
+            with torch.no_grad():
+                win.known[HOP] = ar(*win.args(0), **knobs, generator=torch.Generator().manual_seed(seed))[:, HOP:]
+            spec = SpeculativeWindowSampler(prior, drafter=jb.drafter(level), gamma=GAMMA)
+            times = {"ar": [], "speculative": []}
+            for r in range(repeats):
+                seeds = [seed + 1 + r * batch + i for i in range(batch)]
+                for name, sampler in (("ar", ar), ("speculative", spec)):
+                    with torch.no_grad():
+                        times[name].append(_timed(lambda: sampler(*win.args(HOP), **knobs,
+                                                                  generator=SampleGenerators(seeds)))[0])
+                    bar.update(1)
+            rep = spec.reports[-repeats:]
+            calls = statistics.mean(x.teacher_calls for x in rep)
+            t_ar, t_spec = statistics.median(times["ar"]), statistics.median(times["speculative"])
+            rows.append(dict(level=level, batch=batch, gamma=GAMMA, ar_s=t_ar, speculative_s=t_spec,
+                             ratio=t_ar / t_spec, acceptance=statistics.mean(x.acceptance for x in rep),
+                             tokens_per_call=(win.config.n_ctx - HOP) / calls))
+    bar.close()
+    from .sampling_speed import machine
+    return dict(rows=rows, crossover=crossover_batch(rows), repeats=repeats,
+                machine=dict(cpu=machine()["cpu"], torch=torch.__version__,
+                             threads=torch.get_num_threads()),
+                date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+
+def render_crossover(res: dict) -> str:
+    lines = ["# Where speculation stops paying: batch size, demo upsamplers (CPU)", "",
+             f"{res['date']}; {res['machine']['cpu']}, torch {res['machine']['torch']}, "
+             f"{res['machine']['threads']} thread; hopped window ({HOP} new positions per row), feature drafter, "
+             f"median of {res['repeats']} rounds, rounds alternating the samplers. Ratio: `ar`'s wall time over "
+             "`speculative`'s.", "",
+             "    OMP_NUM_THREADS=1 python -m benchmarks speculative --crossover", "",
+             "| level | batch | gamma | ar s | speculative s | speculative / ar | acceptance | positions per call |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['level']} | {r['batch']} | {r['gamma']} | {r['ar_s']:.3f} | {r['speculative_s']:.3f} | "
+                     f"**{r['ratio']:.2f}x** | {r['acceptance']:.2f} | {r['tokens_per_call']:.2f} |")
+    lines += ["", "Rule (`crossover_batch`, fixed before the measurement): the smallest batch from which "
+              "speculation is slower than `ar` at every level, there and at every larger batch measured. "
+              f"Here: **{res['crossover']}** (`distill.speculative.DISABLE_AT_BATCH['cpu']`)."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks speculative", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="level 0, batch 1, gamma 8, one round; writes *-quick files")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--crossover", action="store_true",
+                    help="feature drafter vs ar at batch 1 to 16, both levels: writes speculative-crossover-cpu.*")
+    ap.add_argument("--repeats", type=int, default=None, help="rounds (default: 2; --crossover: 3)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    if args.repeats < 1:
+    if args.repeats is not None and args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    if args.crossover:
+        res = crossover(repeats=args.repeats or 3)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "speculative-crossover-cpu.json").write_text(json.dumps(res, indent=1))
+        text = render_crossover(res)
+        (args.out / "speculative-crossover-cpu.md").write_text(text)
+        print(text)
+        return 0
     if args.quick:
         res = run(levels=(0,), batches=(1,), gammas=(8,), repeats=1)
     else:
-        res = run(repeats=args.repeats)
+        res = run(repeats=args.repeats or 2)
     name = "speculative-cpu-quick" if args.quick else "speculative-cpu"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(res, indent=1))

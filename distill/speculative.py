@@ -64,11 +64,12 @@ __all__ = ["DISABLE_AT_BATCH", "GAMMA", "SpeculativeWindowSampler", "WindowRepor
 
 GAMMA = 8   # drafts the teacher judges per call unless told otherwise (the "speculative" sampler's default)
 
-# Device type -> the batch size from which the "speculative" sampler decodes token by token: the
-# smallest batch at which speculation measured slower than "ar" at both demo upsamplers (2-core
-# Intel Xeon, one thread, gamma 8, per hopped window: batch 3 0.98x / 1.08x, batch 4 0.91x / 0.93x;
-# docs/speculative.md). Device types not listed always speculate (not measured).
-DISABLE_AT_BATCH = {"cpu": 4}
+# Device type -> the batch size from which the "speculative" sampler decodes token by token:
+# ``benchmarks.speculative.crossover_batch`` of ``python -m benchmarks speculative --crossover``
+# (benchmarks/results/speculative-crossover-cpu.md: 2-core Intel Xeon, one thread, gamma 8, per
+# hopped window, level 0 / level 1: batch 4 0.98x / 1.10x, batch 8 0.88x / 0.95x, batch 16 0.79x /
+# 0.85x). Device types not listed always speculate (not measured).
+DISABLE_AT_BATCH = {"cpu": 8}
 
 
 def accept(p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -320,3 +320,16 @@ def test_h100_projection_behaves():
     drafted = project_h100(2.0, 0, drafter_steps=1.0)
     assert 1.0 < drafted["speedup"] < project_h100(2.0, 0)["speedup"]     # every drafted position costs time
     assert drafted["t_draft_ms"] < drafted["t_step_ms"] / 10               # ... far less than a teacher step
+
+
+def test_the_crossover_is_the_first_batch_from_which_every_level_is_slower():
+    """``crossover_batch``: a batch where one level still gains is not the crossover, nor one
+    followed by a batch that gains again; no slower batch at all gives None."""
+    from benchmarks.speculative import crossover_batch
+
+    def rows(ratios):   # {batch: (level-0 ratio, level-1 ratio)}
+        return [dict(batch=b, level=l, ratio=r) for b, pair in ratios.items() for l, r in enumerate(pair)]
+    assert crossover_batch(rows({1: (1.7, 1.8), 2: (1.1, 1.2), 3: (0.98, 1.08), 4: (0.9, 0.93), 16: (0.7, 0.8)})) == 4
+    assert crossover_batch(rows({1: (1.7, 1.8), 2: (0.95, 0.9), 4: (1.01, 0.9), 8: (0.9, 0.9)})) == 8
+    assert crossover_batch(rows({1: (1.7, 1.8), 16: (1.2, 1.1)})) is None
+    assert crossover_batch(rows({1: (0.9, 0.8), 2: (0.9, 0.9)})) == 1
