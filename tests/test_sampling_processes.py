@@ -141,3 +141,17 @@ def test_processes_end_their_group_together_at_exit(tmp_path):
     after = {r: (tmp_path / f"after_{r}").read_text().split() for r in (0, 1)}
     assert [after[r][0] for r in (0, 1)] == ["False", "False"]
     assert float(after[0][1]) >= before[1] > before[0] + 1.5
+
+
+def test_speculative_steps_in_every_process_when_the_runs_batch_reaches_its_crossover(tmp_path):
+    """Three samples over two processes (shares of 2 and 1) with ``disable_at_batch=3``: each process
+    is told the run's sample count, so the 1-sample share decodes token by token too, and the codes
+    are the one-process run's (a share deciding by its own rows would speculate: other codes)."""
+    argv = ["sample", "--model", "demo", "--seconds", "0.8", "-q", "--n-samples", "3", "--seed", "5",
+            "--sampler", "1=speculative,0=speculative", "--sampler-opt", "disable_at_batch=3"]
+    assert main([*argv, "--out", str(tmp_path / "one.wav")]) == 0
+    run = _launch(tmp_path, *argv, "--out", tmp_path / "two.wav")
+    assert run.returncode == 0, _failure(run)
+    one, two = _codes(tmp_path / "one.npz"), _codes(tmp_path / "two.npz")
+    for level in (0, 1):
+        np.testing.assert_array_equal(two[level], one[level])
