@@ -57,6 +57,7 @@ def _load_drafter(path, device=None, dtype=None):
 
 def register() -> None:
     register_sampler("parallel", _parallel, needs_student=True, options={"passes": PASSES_OPTION})
-    register_sampler("speculative", _speculative, needs_student=True, drafts=True, options={"gamma": GAMMA_OPTION, "disable_at_batch": DISABLE_OPTION})
+    register_sampler("speculative", _speculative, needs_student=True, drafts=True,
+                     options={"gamma": GAMMA_OPTION, "disable_at_batch": DISABLE_OPTION})
     register_component_loader("student", _load_student)
     register_component_loader("drafter", _load_drafter)

@@ -111,7 +111,8 @@ def run(jb, *, codes, levels, labels_kw: dict, sample_length: int, sampler: Mapp
                                             batch=min(run_samples or given, max_batch_size))
     settings = dict(sampler=dict(sampler), **{k: _uniform(v) for k, v in dict(
         temperature=temperature, top_k=top_k, top_p=top_p, chunk_size=chunk_size, hop_fraction=hop_fraction).items()},
-        max_batch_size=max_batch_size, run_samples=run_samples, seed=seed, **options_record(sampler, sampler_options, window_samplers),
+        max_batch_size=max_batch_size, run_samples=run_samples, seed=seed,
+        **options_record(sampler, sampler_options, window_samplers),
         per_sample_seeds=sample_seeds is not None)
     top = jb.prior(max(levels)).config
     total = labels_kw.pop("total_length", None)

@@ -91,6 +91,8 @@ def register_sampler(name: str, factory, *, needs_student: bool = False, drafts:
             raise ValueError(f"sampler {name!r}: an option name must be an identifier, got {opt!r}")
         if opt in SETTING_NAMES:
             raise ValueError(f"sampler {name!r}: option {opt!r} is the name of a sampling setting")
+        if opt == "batch":
+            raise ValueError(f"sampler {name!r}: option 'batch' is taken (the run's batch size every factory gets)")
         spec = spec if isinstance(spec, SamplerOption) else SamplerOption(spec)
         if spec.check is not None:
             try:

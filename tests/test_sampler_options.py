@@ -138,6 +138,8 @@ def test_register_sampler_names_bad_options(registry):
     f = lambda jb, level, **_: None   # noqa: E731
     with pytest.raises(ValueError, match="option 'seed' is the name of a sampling setting"):
         register_sampler("test-x", f, options={"seed": 1})
+    with pytest.raises(ValueError, match="option 'batch' is taken"):
+        register_sampler("test-x", f, options={"batch": 1})
     with pytest.raises(ValueError, match="an option name must be an identifier, got 'a-b'"):
         register_sampler("test-x", f, options={"a-b": 1})
     with pytest.raises(ValueError, match="the default of option 'n' fails its check"):
