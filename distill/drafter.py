@@ -161,7 +161,8 @@ class FeatureDrafter(nn.Module):
         w_feature, w_input = self.fuse.weight[:, :W], self.fuse.weight[:, W:]
         table = self.x_emb.weight @ w_input.t()                                   # (l_bins, W)
         where = self.pos_emb if x_cond is None else self.pos_emb + x_cond[:n, : self.config.n_ctx].to(self.dtype)
-        cond = (where @ w_input.t() + self.fuse.bias).expand(n, -1, -1)            # (n, n_ctx, W)
+        # (n, n_ctx, W), with the feature norm's shift projected: ``step`` and ``chain`` apply its scale only
+        cond = (where @ w_input.t() + self.fuse.bias + w_feature @ self.feature_norm.bias).expand(n, -1, -1)
         blocks = [(b.norm.weight, b.norm.bias, b.norm.eps, b.fc1.weight.t().contiguous(), b.fc1.bias,
                    b.fc2.weight.t().contiguous(), b.fc2.bias) for b in self.blocks]
         self._window = (w_feature.t().contiguous(), table, cond, blocks, self.x_out.weight.t().contiguous())
@@ -177,7 +178,7 @@ class FeatureDrafter(nn.Module):
         w_feature, table, cond, blocks, _ = self._window
         W, norm = self.config.width, self.feature_norm
         at = cond[:, position] if isinstance(position, int) else cond[torch.arange(cond.shape[0]), position]
-        x = torch.addmm(at, F.layer_norm(feature, (W,), norm.weight, norm.bias, norm.eps), w_feature)
+        x = torch.addmm(at, F.layer_norm(feature, (W,), norm.weight, None, norm.eps), w_feature)
         x.add_(table[prev_codes])
         for ln_w, ln_b, eps, w1, b1, w2, b2 in blocks:
             h = F.gelu(torch.addmm(b1, F.layer_norm(x, (W,), ln_w, ln_b, eps), w1), approximate="tanh")
@@ -216,23 +217,18 @@ class FeatureDrafter(nn.Module):
     def _chain_weights(self, temperature: float):
         """``chain``'s weights at ``temperature``, once per window and temperature. A drafted feature is
         normalised once for two uses (the output head and the next position's projection: both
-        norms have the same statistics), so their scales and shifts go into one (W, V + W) matrix
-        and a bias per position: ``[head bias / T | conditioning projection at t + shift term]``
-        (row ``n_ctx`` closes the last position's run; both norms are built with the same eps).
-        Each block's norm is folded into ``fc1``."""
+        norms have the same statistics), so their scales go into one (W, V + W) matrix and the output
+        norm's shift into a head bias (V,), with 1 / T (the feature norm's shift is in ``begin``'s
+        conditioning projection; both norms are built with the same eps). Each block's norm is folded
+        into ``fc1``."""
         got = self._chains.get(temperature)
         if got is None:
-            c, W, V = self.config, self.config.width, self.config.l_bins
-            fn, on, w_feature = self.feature_norm, self.out_norm, self.fuse.weight[:, :W]
-            _, table, cond, _, _ = self._window
+            fn, on, w_feature = self.feature_norm, self.out_norm, self.fuse.weight[:, :self.config.width]
             weights = torch.cat([self.x_out.weight.t() * (on.weight[:, None] / temperature),
                                  w_feature.t() * fn.weight[:, None]], 1).contiguous()
-            biases = torch.zeros(cond.shape[0], c.n_ctx + 1, V + W, dtype=self.dtype, device=self.device)
-            biases[..., :V] = self.x_out.weight @ on.bias / temperature
-            biases[:, : c.n_ctx, V:] = cond + w_feature @ fn.bias
             blocks = [((b.fc1.weight * b.norm.weight).t().contiguous(), b.fc1.bias + b.fc1.weight @ b.norm.bias,
                        b.fc2.weight.t().contiguous(), b.fc2.bias, b.norm.eps) for b in self.blocks]
-            got = self._chains[temperature] = (weights, biases, table, blocks, fn.eps)
+            got = self._chains[temperature] = (weights, self.x_out.weight @ on.bias / temperature, blocks, fn.eps)
         return got
 
     @torch.no_grad()
@@ -249,22 +245,32 @@ class FeatureDrafter(nn.Module):
         Returns the drafted positions' logits / T, (count, N, V): ``step_logits(step(...)) / T``
         up to rounding; their softmax is the proposal ``q``."""
         W, V = self.config.width, self.config.l_bins
-        weights, biases, table, blocks, eps = self._chain_weights(temperature)
+        weights, head_bias, blocks, eps = self._chain_weights(temperature)
+        _, table, cond, _, _ = self._window
         N = feature.shape[0]
         if isinstance(lo, int):
-            run = biases[:, lo:lo + count + 1]                                      # (N, count + 1, V + W)
+            cond = cond[:, lo:lo + count]                                           # (N, count, W)
         else:
-            at = (lo[:, None] + torch.arange(count + 1, device=self.device)).clamp_(max=self.config.n_ctx)
-            run = biases[torch.arange(N, device=self.device)[:, None], at]
+            # a row's positions past the window are padding (the caller keeps none of their drafts)
+            at = (lo[:, None] + torch.arange(count, device=self.device)).clamp_(max=self.config.n_ctx - 1)
+            cond = cond[torch.arange(N, device=self.device)[:, None], at]
+        # row j of the biases: [the head's (for position lo + j - 1) | position lo + j's input]
+        biases = torch.cat([head_bias.expand(N, count, V), cond], -1).unbind(1)
         out = torch.empty(count + 1, N, V + W, dtype=self.dtype, device=self.device)
         # views unbound once: indexing inside the loop costs an operation per view per position
         rows, heads, inputs = out.unbind(0), out[..., :V].unbind(0), out[..., V:].unbind(0)
-        biases_at, noise_at, ids_at = run.unbind(1), log_noise.unbind(0), ids.unbind(0)
+        noise_at, ids_at = log_noise.unbind(0), ids.unbind(0)
         f = feature
         for j in range(count + 1):
-            # row j: the logits of position lo + j - 1 (the teacher's own for j = 0: unused) and the
-            # feature's part of position lo + j's input
-            torch.addmm(biases_at[j], F.layer_norm(f, (W,), None, None, eps), weights, out=rows[j])
+            # row j: the logits of position lo + j - 1 and the feature's part of position lo + j's
+            # input; the first row needs only the input, the last only the logits
+            y = F.layer_norm(f, (W,), None, None, eps)
+            if j == 0:
+                torch.addmm(biases[0][:, V:], y, weights[:, V:], out=inputs[0])
+            elif j < count:
+                torch.addmm(biases[j], y, weights, out=rows[j])
+            else:
+                torch.addmm(head_bias, y, weights[:, :V], out=heads[j])
             if j:
                 prev = categorical_draw_logits(heads[j], noise_at[j - 1], out=ids_at[j - 1])
             if j == count:
