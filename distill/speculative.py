@@ -36,7 +36,7 @@ keeps those tokens fixed (``forced``) until the position catches up: no draft is
 Where verification is bound by arithmetic, speculation loses to plain steps: the teacher computes
 every drafted position of every row, and the rejected ones are thrown away. From
 ``disable_at_batch`` rows on, the sampler decodes the window token by token with the teacher
-(``fastjukebox.sampling.sample_window``, what ``"ar"`` runs: the same distribution) and drafts
+(``fastjukebox.sampling.decode_window``, what ``"ar"`` runs: the same distribution) and drafts
 nothing, as vLLM's ``speculative_disable_by_batch_size`` does. ``DISABLE_AT_BATCH`` holds the
 measured crossover per device type (``docs/speculative.md``); the ``"speculative"`` sampler uses it
 unless told otherwise, and compares it with the run's batch size (``run_batch``), so the batches of
@@ -52,7 +52,7 @@ import torch
 from fastjukebox.decoding import WindowDecoder
 from fastjukebox.prior import Prior
 from fastjukebox.sample_seeds import SampleGenerators, fill_rows
-from fastjukebox.sampling import check_window_call, sample_window
+from fastjukebox.sampling import check_window_call, decode_window
 from fastjukebox.settings import DEFAULT_CHUNK_SIZE
 from kernels.sampling.reference import categorical_draw, exponential_noise_
 
@@ -320,7 +320,7 @@ class SpeculativeWindowSampler:
         rows = N if self.run_batch is None else self.run_batch
         if self.disable_at_batch is not None and rows >= self.disable_at_batch:     # token by token, no drafts
             self.reports.append(WindowReport(rows=N, new_tokens=N * n_new, teacher_calls=n_new))
-            return sample_window(dec, z, n_new, upper, labels, temperature=temperature, top_k=top_k, top_p=top_p,
+            return decode_window(dec, z, n_new, upper, labels, temperature=temperature, top_k=top_k, top_p=top_p,
                                  chunk_size=chunk_size, generator=generator, on_progress=on_progress)
         dec.begin(upper, labels, n=N)
         dec.prime(z, chunk_size)

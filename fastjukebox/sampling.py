@@ -100,10 +100,13 @@ def check_window_call(known, n_new, temperature, top_k, top_p, config, device) -
     return z
 
 
+REPORT_EVERY = 64   # sampled positions per progress report of a window
+
+
 def sample_window(decoder: WindowDecoder, known: torch.Tensor, n_new: int, upper=None, labels=None, *,
                   temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
                   generator: torch.Generator | SampleGenerators | None = None,
-                  on_progress: Callable[[int], None] | None = None, report_every: int = 64,
+                  on_progress: Callable[[int], None] | None = None, report_every: int = REPORT_EVERY,
                   run_steps: Callable[[int, dict, Callable[[int], None]], None] | None = None) -> torch.Tensor:
     """Prime ``known`` (N, K) codes, sample ``n_new`` more; returns the window's (N, K + n_new) codes.
     ``on_progress(k)`` is told about every ``report_every`` sampled positions.
@@ -121,7 +124,7 @@ def sample_window(decoder: WindowDecoder, known: torch.Tensor, n_new: int, upper
 
 def decode_window(decoder: WindowDecoder, known: torch.Tensor, n_new: int, upper=None, labels=None, *,
                   temperature: float, top_k: int, top_p: float, chunk_size: int, generator, on_progress,
-                  report_every: int, run_steps) -> torch.Tensor:
+                  report_every: int = REPORT_EVERY, run_steps=None) -> torch.Tensor:
     """``sample_window`` after its arguments were checked (``check_window_call``): for a sampler
     that checks them itself before choosing its decoder."""
     decoder.begin(upper, labels, n=known.shape[0])
