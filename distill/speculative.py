@@ -177,11 +177,9 @@ class SpeculativeWindowSampler:
             raise ValueError(f"redraft_below must be in [0, 1], got {redraft_below}")
         if isinstance(lookback, bool) or not isinstance(lookback, int) or lookback < 1:
             raise ValueError(f"lookback must be an integer >= 1, got {lookback!r}")
-        if disable_at_batch is not None and (isinstance(disable_at_batch, bool) or not isinstance(disable_at_batch, int)
-                                             or disable_at_batch < 1):
-            raise ValueError(f"disable_at_batch must be an integer >= 1 or None, got {disable_at_batch!r}")
-        if run_batch is not None and (isinstance(run_batch, bool) or not isinstance(run_batch, int) or run_batch < 1):
-            raise ValueError(f"run_batch must be an integer >= 1 or None, got {run_batch!r}")
+        for name, value in (("disable_at_batch", disable_at_batch), ("run_batch", run_batch)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
         self.disable_at_batch, self.run_batch = disable_at_batch, run_batch
         self.prior, self.student, self.config = prior, student, tc
         self.gamma, self.redraft_below, self.lookback = gamma, float(redraft_below), lookback

@@ -104,7 +104,7 @@ def run(jb, *, codes, levels, labels_kw: dict, sample_length: int, sampler: Mapp
     ``run_samples``: the samples of the whole run when this call draws a share of them (a process
     of a launch); the window samplers are built for the run's batch size,
     ``min(run_samples, max_batch_size)``, so every share decides alike."""
-    given = next((z.shape[0] for z in (codes or ()) if z is not None), labels_kw["n_samples"])
+    given = labels_kw["n_samples"]
     if run_samples is not None and run_samples < given:
         raise SettingsError(f"run_samples ({run_samples}) is fewer than the {given} samples of this call")
     window_samplers = build_window_samplers(jb, sampler, sampler_options,
