@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from fastjukebox.checkpoint import (CONFIG_NAME, FORMAT_VERSION, CheckpointError, check_state_dict, read_weights,
                                     write_component_dir)
 from fastjukebox.prior import Prior
-from kernels.sampling.reference import categorical_draw_logits, sampling_probs
+from kernels.sampling.reference import race_winner, sampling_probs
 
 __all__ = ["DrafterConfig", "FeatureDrafter", "DRAFTER_KIND", "check_drafter_for"]
 
@@ -91,6 +91,25 @@ class _Block(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm(x)), approximate="tanh"))
 
 
+class _ChainScratch:
+    """``FeatureDrafter.chain``'s per-window buffers for ``n`` rows and up to ``capacity`` drafts, with
+    their per-row views made once (making a view is an operation per position and call):
+    ``out`` (capacity + 1, n, V + W) the products, row j ``[race of position j - 1 | input of
+    position j]``; ``bias`` the same shape, what each product row adds."""
+
+    def __init__(self, n: int, capacity: int, bins: int, width: int, dtype: torch.dtype, device: torch.device):
+        V = bins
+        self.n, self.capacity = n, capacity
+        self.out = torch.empty(capacity + 1, n, V + width, dtype=dtype, device=device)
+        self.bias = torch.empty_like(self.out)
+        self.rows_out, self.heads, self.inputs = (self.out.unbind(0), self.out[..., :V].unbind(0),
+                                                  self.out[..., V:].unbind(0))
+        self.bias_rows, self.bias_heads = self.bias.unbind(0), self.bias[..., :V].unbind(0)
+        self.first_bias = self.bias[0, :, V:]
+        self.rows = torch.arange(n, device=device)[:, None]
+        self.steps = torch.arange(capacity, device=device)
+
+
 class FeatureDrafter(nn.Module):
     """The drafter (module docstring). ``forward`` is one drafted position for any leading shape;
     ``begin`` / ``step`` are the sampler's per-window and per-position path."""
@@ -111,6 +130,7 @@ class FeatureDrafter(nn.Module):
         self._window = None           # (input table, conditioning projection) of the current window
         self._heads = {}
         self._chains = {}
+        self._chain_scratch = None
 
     @classmethod
     def from_teacher(cls, prior: Prior, hidden: int = 512, depth: int = 1) -> "FeatureDrafter":
@@ -168,6 +188,7 @@ class FeatureDrafter(nn.Module):
         self._window = (w_feature.t().contiguous(), table, cond, blocks, self.x_out.weight.t().contiguous())
         self._heads = {}             # temperature -> output head divided by it (``step_probs``)
         self._chains = {}            # temperature -> ``chain``'s folded weights
+        self._chain_scratch = None   # ``chain``'s buffers (``_scratch``)
 
     @torch.no_grad()
     def step(self, feature: torch.Tensor, prev_codes: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
@@ -231,48 +252,58 @@ class FeatureDrafter(nn.Module):
             got = self._chains[temperature] = (weights, self.x_out.weight @ on.bias / temperature, blocks, fn.eps)
         return got
 
+    def _scratch(self, n: int, count: int) -> "_ChainScratch":
+        """``chain``'s buffers for ``n`` rows and up to ``count`` drafts, kept for the window (a call
+        with more drafts or other rows replaces them)."""
+        got = self._chain_scratch
+        if got is None or got.n != n or got.capacity < count:
+            got = self._chain_scratch = _ChainScratch(n, count, self.config.l_bins, self.config.width,
+                                                      self.dtype, self.device)
+        return got
+
     @torch.no_grad()
     def chain(self, feature: torch.Tensor, prev: torch.Tensor, lo: int | torch.Tensor, count: int,
               log_noise: torch.Tensor, temperature: float, ids: torch.Tensor) -> torch.Tensor:
         """Draft ``count`` positions in sequence from ``lo`` (an int for every row, or (N,) long: each
         row's own), after ``begin``, with ``chains(temperature)``: each drafted code is drawn from
-        ``softmax(logits / T)`` of its position by the race ``categorical_draw_logits`` and is the
-        next position's input.
+        ``softmax(logits / T)`` of its position by the exponential race (``race_winner`` of
+        ``logits / T - log E``) and is the next position's input.
 
         feature: (N, W) the teacher's final activation at ``lo - 1``; prev: (N,) the code there.
         log_noise: (count, N, V) ``log E`` of each drafted position's Exp(1) draw noise.
         ids: (count, N) long, receives the drafted codes (a view of a token buffer works).
         Returns the drafted positions' logits / T, (count, N, V): ``step_logits(step(...)) / T``
-        up to rounding; their softmax is the proposal ``q``."""
+        up to rounding; their softmax is the proposal ``q``. The result lives in the drafter's
+        scratch: read it before the next call."""
         W, V = self.config.width, self.config.l_bins
         weights, head_bias, blocks, eps = self._chain_weights(temperature)
         _, table, cond, _, _ = self._window
         N = feature.shape[0]
+        s = self._scratch(N, count)
         if isinstance(lo, int):
             cond = cond[:, lo:lo + count]                                           # (N, count, W)
         else:
             # a row's positions past the window are padding (the caller keeps none of their drafts)
-            at = (lo[:, None] + torch.arange(count, device=self.device)).clamp_(max=self.config.n_ctx - 1)
-            cond = cond[torch.arange(N, device=self.device)[:, None], at]
-        # row j of the biases: [the head's (for position lo + j - 1) | position lo + j's input]
-        biases = torch.cat([head_bias.expand(N, count, V), cond], -1).unbind(1)
-        out = torch.empty(count + 1, N, V + W, dtype=self.dtype, device=self.device)
-        # views unbound once: indexing inside the loop costs an operation per view per position
-        rows, heads, inputs = out.unbind(0), out[..., :V].unbind(0), out[..., V:].unbind(0)
-        noise_at, ids_at = log_noise.unbind(0), ids.unbind(0)
+            at = (lo[:, None] + s.steps[:count]).clamp_(max=self.config.n_ctx - 1)
+            cond = cond[s.rows, at]
+        # bias row j: [the head's for position lo + j - 1, less its draw's log-noise | position lo + j's
+        # input], so each product row holds that position's race (the logits come back after the loop)
+        torch.sub(head_bias, log_noise, out=s.bias[1:count + 1, :, :V])
+        s.bias[:count, :, V:].copy_(cond.transpose(0, 1))
+        rows, heads, inputs, biases, ids_at = s.rows_out, s.heads, s.inputs, s.bias_rows, ids.unbind(0)
         f = feature
         for j in range(count + 1):
-            # row j: the logits of position lo + j - 1 and the feature's part of position lo + j's
-            # input; the first row needs only the input, the last only the logits
+            # row j: the race of position lo + j - 1 and the feature's part of position lo + j's
+            # input; the first row needs only the input, the last only the race
             y = F.layer_norm(f, (W,), None, None, eps)
             if j == 0:
-                torch.addmm(biases[0][:, V:], y, weights[:, V:], out=inputs[0])
+                torch.addmm(s.first_bias, y, weights[:, V:], out=inputs[0])
             elif j < count:
                 torch.addmm(biases[j], y, weights, out=rows[j])
             else:
-                torch.addmm(head_bias, y, weights[:, :V], out=heads[j])
+                torch.addmm(s.bias_heads[j], y, weights[:, :V], out=heads[j])
             if j:
-                prev = categorical_draw_logits(heads[j], noise_at[j - 1], out=ids_at[j - 1])
+                prev = race_winner(heads[j], out=ids_at[j - 1])
             if j == count:
                 break
             x = inputs[j].add_(table.index_select(0, prev))
@@ -281,7 +312,7 @@ class FeatureDrafter(nn.Module):
                                          approximate="tanh")
                 x = torch.addmm(b2, h, w2).add_(x)
             f = x
-        return out[1:, :, :V]
+        return s.out[1:count + 1, :, :V].add_(log_noise)
 
     # --- checkpoints ------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:

@@ -246,21 +246,21 @@ def test_a_bad_window_call_is_named_before_any_step(monkeypatch, known_shape, n_
 
 
 def test_the_race_on_logits_draws_what_the_race_on_probabilities_draws():
-    """``categorical_draw_logits(logits, log E)`` picks ``categorical_draw(softmax(logits), E)``'s
-    ids (the first of tied maxima too), and writes them into a strided view without touching the
-    rest of its buffer."""
-    from kernels.sampling.reference import categorical_draw, categorical_draw_logits
+    """``race_winner(logits - log E)`` picks ``categorical_draw(softmax(logits), E)``'s ids (the
+    first of tied maxima too), and writes them into a strided view without touching the rest of
+    its buffer."""
+    from kernels.sampling.reference import categorical_draw, race_winner
     g = torch.Generator().manual_seed(21)
     for V in (2, 7, 256):
         logits = torch.randn(500, V, generator=g) * 3
         noise = torch.empty(500, V).exponential_(generator=g)
         want = categorical_draw(torch.softmax(logits, -1), noise=noise)
-        assert torch.equal(categorical_draw_logits(logits, noise.log()), want)
+        assert torch.equal(race_winner(logits - noise.log()), want)
         buffer = torch.full((500, 3), -1, dtype=torch.long)
-        assert torch.equal(categorical_draw_logits(logits, noise.log(), out=buffer[:, 1]), want)
+        assert torch.equal(race_winner(logits - noise.log(), out=buffer[:, 1]), want)
         assert torch.equal(buffer[:, 1], want) and bool((buffer[:, [0, 2]] == -1).all())
     tied = torch.randint(0, 2, (64, 9), generator=g).float()
-    assert torch.equal(categorical_draw_logits(tied, torch.zeros(64, 9)), tied.argmax(-1))
-    counts = torch.bincount(categorical_draw_logits(torch.tensor([[0.0, 1.0, 2.0]]).expand(30000, 3),
-                                                    torch.empty(30000, 3).exponential_(generator=g).log()), minlength=3)
+    assert torch.equal(race_winner(tied), tied.argmax(-1))
+    counts = torch.bincount(race_winner(torch.tensor([[0.0, 1.0, 2.0]]).expand(30000, 3)
+                                        - torch.empty(30000, 3).exponential_(generator=g).log()), minlength=3)
     torch.testing.assert_close(counts / 30000., torch.softmax(torch.tensor([0.0, 1.0, 2.0]), -1), atol=0.015, rtol=0)

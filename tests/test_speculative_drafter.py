@@ -76,13 +76,14 @@ def test_a_wrong_rule_fails_the_same_test(mutation, monkeypatch):
         monkeypatch.setattr(spec, "accept", lambda p_x, q_x, u: torch.ones_like(u, dtype=torch.bool))
     elif mutation == "correct from p":
         monkeypatch.setattr(spec, "residual", lambda p, q: p)
-    else:      # drafts from probs ** 3 while q stays probs (on the step loop and on ``chain``)
+    else:      # drafts from another distribution than the stored q (probs ** 3 on the step loop, a tilted race on ``chain``)
         import distill.draft as draft
         import distill.drafter as drafter_module
-        real, real_logits = draft.categorical_draw, drafter_module.categorical_draw_logits
+        real, real_winner = draft.categorical_draw, drafter_module.race_winner
         monkeypatch.setattr(draft, "categorical_draw", lambda probs, generator=None, noise=None: real(probs ** 3, generator, noise))
-        monkeypatch.setattr(drafter_module, "categorical_draw_logits",
-                            lambda logits, log_noise, out=None: real_logits(3 * logits, log_noise, out))
+        # ``chain``'s race is ``logits - log E``: a tilt towards higher codes draws from another distribution
+        monkeypatch.setattr(drafter_module, "race_winner",
+                            lambda race, out=None: real_winner(race + torch.arange(race.shape[-1]), out))
     case = CASES[1]
     teacher, _, upper = _random_pair()
     known = torch.randint(0, 4, (1, case["known"]), generator=torch.Generator().manual_seed(3))

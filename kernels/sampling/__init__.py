@@ -4,8 +4,8 @@
 (import ``kernels.sampling.ops``; needs Triton) launches the one-program-per-row kernel of
 ``kernel.py``.
 """
-from .reference import (categorical_draw, categorical_draw_logits, exponential_noise, exponential_noise_, filter_logits,
+from .reference import (categorical_draw, exponential_noise, exponential_noise_, filter_logits, race_winner,
                         sample_logits_reference)
 
-__all__ = ["categorical_draw", "categorical_draw_logits", "exponential_noise", "exponential_noise_", "filter_logits",
+__all__ = ["categorical_draw", "exponential_noise", "exponential_noise_", "filter_logits", "race_winner",
            "sample_logits_reference"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["filter_logits", "sampling_probs", "categorical_draw", "categorical_draw_logits", "sample_logits_reference",
+__all__ = ["filter_logits", "sampling_probs", "categorical_draw", "race_winner", "sample_logits_reference",
            "exponential_noise", "exponential_noise_"]
 
 
@@ -69,28 +69,22 @@ def categorical_draw(probs: torch.Tensor, generator: torch.Generator | None = No
     them no more: one allocation fewer). On the CPU the index is ``max``'s, the first of tied
     maxima as ``argmax``'s (the same ids; ``max`` is the faster reduction there)."""
     e = exponential_noise(tuple(probs.shape), probs.device, generator) if noise is None else noise
-    return _winner(probs.div_(e) if inplace else probs / e)
+    return race_winner(probs.div_(e) if inplace else probs / e)
 
 
-def _winner(race: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The index of each row's largest entry (the first of ties), written into ``out`` when given:
-    ``max``'s indices on the CPU (the faster reduction there), ``argmax`` elsewhere."""
+def race_winner(race: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The winner of an exponential race: the index of each row's largest entry (the first of ties),
+    written into ``out`` when given (a (...) long view of a token buffer works). With
+    ``race = logits - log E`` it is ``categorical_draw(softmax(logits), noise=E)``'s id (``log`` is
+    increasing and the softmax's normaliser is shared by the row): for callers that draw from
+    unfiltered logits, or have folded ``-log E`` into a bias. ``max``'s indices on the CPU (the
+    faster reduction there), ``argmax`` elsewhere."""
     if race.device.type == "cpu":
         if out is None:
             return race.max(dim=-1).indices
         torch.max(race, -1, out=(torch.empty(out.shape, dtype=race.dtype), out))
         return out
     return race.argmax(dim=-1) if out is None else torch.argmax(race, -1, out=out)
-
-
-def categorical_draw_logits(logits: torch.Tensor, log_noise: torch.Tensor,
-                            out: torch.Tensor | None = None) -> torch.Tensor:
-    """``categorical_draw(softmax(logits), noise=E)`` from the logits themselves: the race in log
-    space, ``argmax(logits - log E)`` (the same winner: ``log`` is increasing and the softmax's
-    normaliser is shared by the row), given ``log_noise = log E``. For callers that draw from
-    unfiltered logits and need the softmax of a whole run of positions at once, not one at a time.
-    ``out``: the (...) long tensor the ids are written into (a view of a token buffer works)."""
-    return _winner(torch.sub(logits, log_noise), out)
 
 
 def sample_logits_reference(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
