@@ -274,8 +274,19 @@ class DistillLoss(nn.Module):
 # logs
 # --------------------------------------------------------------------------------------------
 
-def plot_metrics(log: Path, png: Path) -> Path | None:
-    """Loss curves of the JSONL log as a PNG (matplotlib, imported only here)."""
+# curves per panel of ``plot_metrics``: (log key, label); the learning rate goes on the second
+# panel's right axis
+STUDENT_PANELS = ([("ce_bits", "masked CE (bits/token)"), ("soft_kl_bits", "KL to teacher top-k (bits)")],
+                  [("acc", "masked accuracy")])
+ON_POLICY_PANEL = [("div_bits", "on-policy divergence (bits/token)"),
+                   ("teacher_nll_bits", "teacher NLL of the student's samples (bits/token)")]
+
+
+def plot_metrics(log: Path, png: Path, panels=None) -> Path | None:
+    """Training curves of the JSONL log as a PNG (matplotlib, imported only here): ``panels`` a list
+    of panels, each a list of (log key, label); default: the student's (``STUDENT_PANELS``, and
+    ``ON_POLICY_PANEL`` when the log has on-policy rows). Writes nothing, with a warning, when a
+    panel has none of its keys in the log (a plot of empty axes)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -286,25 +297,27 @@ def plot_metrics(log: Path, png: Path) -> Path | None:
     rows = [json.loads(l) for l in log.read_text().splitlines() if l.strip()] if log.exists() else []
     if not rows:
         return None
+    if panels is None:
+        panels = list(STUDENT_PANELS) + ([ON_POLICY_PANEL] if any("div_bits" in r for r in rows) else [])
+    logged = set().union(*rows)
+    for panel in panels:
+        if not logged.intersection(key for key, _ in panel):
+            print(f"warning: the log has none of {[key for key, _ in panel]}: no plot written", file=sys.stderr)
+            return None
+
     def series(key):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    on_policy = any("div_bits" in r for r in rows)
-    fig, axes = plt.subplots(1, 3 if on_policy else 2, figsize=(15 if on_policy else 10, 3.5))
-    a, b = axes[0], axes[1]
-    a.plot(*series("ce_bits"), label="masked CE (bits/token)")
-    a.plot(*series("soft_kl_bits"), label="KL to teacher top-k (bits)")
-    a.set_xlabel("step"), a.legend(), a.grid(alpha=0.3)
-    b.plot(*series("acc"), label="masked accuracy")
-    b2 = b.twinx()
-    b2.plot(*series("lr"), color="gray", ls="--", label="lr")
-    b.set_xlabel("step"), b.legend(loc="upper left"), b2.legend(loc="lower right"), b.grid(alpha=0.3)
-    if on_policy:
-        c = axes[2]
-        c.plot(*series("div_bits"), label="on-policy divergence (bits/token)")
-        c.plot(*series("teacher_nll_bits"), label="teacher NLL of the student's samples (bits/token)")
-        c.set_xlabel("step"), c.legend(), c.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for i, (ax, panel) in enumerate(zip(axes[0], panels)):
+        for key, label in panel:
+            ax.plot(*series(key), label=label)
+        ax.set_xlabel("step"), ax.legend(loc="center right" if i == 1 else "best"), ax.grid(alpha=0.3)
+        if i == 1:
+            lr_axis = ax.twinx()
+            lr_axis.plot(*series("lr"), color="gray", ls="--", label="lr")
+            lr_axis.legend(loc="lower right")
     fig.tight_layout()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

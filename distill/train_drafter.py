@@ -217,6 +217,12 @@ class DrafterTask:
         return self.cfg.identity()
 
 
+# ``OUT/metrics.png``: the loss and its KL part, then the acceptance at the first and last unrolled
+# position (``DrafterTask``'s log keys)
+PLOT_PANELS = ([("loss", "loss (nats)"), ("kl", "KL(teacher || drafter) (nats)")],
+               [("accept_first", "acceptance, first drafted position"), ("accept_last", "acceptance, last")])
+
+
 @torch.no_grad()
 def heldout_acceptance(drafter: FeatureDrafter, head, h, x_cond, codes, depth: int, seed: int) -> list[float]:
     """``sum(min(p, q))`` per drafted depth 1..``depth`` on held-out windows, teacher-forced, from
@@ -291,7 +297,7 @@ def train(cfg: DrafterTrainConfig) -> dict:
             result["heldout_acceptance_by_depth"] = heldout_acceptance(
                 drafter, head, h[-held:], x_cond[-held:], codes[-held:], depth=8, seed=cfg.seed + 1)
         drafter.save(out / "drafter")
-        plot_metrics(log, out / "metrics.png")
+        plot_metrics(log, out / "metrics.png", panels=PLOT_PANELS)
         with atomic_path(out / "train_summary.json") as tmp:
             tmp.write_text(json.dumps(result, indent=1, default=str))
     acc.wait_for_everyone()

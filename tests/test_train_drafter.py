@@ -42,6 +42,21 @@ def test_the_drafter_learns_the_teacher(trained):
     assert len(acceptance) == 8 and all(0.0 < a <= 1.0 for a in acceptance)
     d = FeatureDrafter.load(trained / "drafter")
     assert d.config.level == 1 and d.config.hidden == 32
+    assert (trained / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_plot_of_empty_panels_is_not_written(tmp_path):
+    """``plot_metrics`` draws the drafter's curves from its own log keys; given a log without any key
+    of a panel (the student's panels on a drafter log) it writes nothing."""
+    from distill.train import STUDENT_PANELS, plot_metrics
+    from distill.train_drafter import PLOT_PANELS
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps(dict(step=s, loss=1.0 / s, kl=0.9 / s, accept_first=0.5, accept_last=0.4,
+                                           lr=1e-3)) + "\n" for s in range(1, 6)))
+    assert plot_metrics(log, tmp_path / "student.png", panels=STUDENT_PANELS) is None
+    assert not (tmp_path / "student.png").exists()
+    assert plot_metrics(log, tmp_path / "drafter.png", panels=PLOT_PANELS) == tmp_path / "drafter.png"
+    assert (tmp_path / "drafter.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_sigkill_then_resume_equals_uninterrupted(audio_dir, trained, tmp_path):
