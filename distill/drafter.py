@@ -118,6 +118,7 @@ class _ChainScratch:
         self.bias_rows, self.bias_heads = self.bias.unbind(0), self.bias[..., :V].unbind(0)
         self.first_bias = self.bias[0, :, V:]
         self.rows = torch.arange(n, device=device)[:, None]
+        self.maxima = torch.empty(n, dtype=dtype, device=device)     # the race's maxima (``race_winner``)
         self.steps = torch.arange(capacity, device=device)
 
 
@@ -332,14 +333,14 @@ class FeatureDrafter(nn.Module):
             else:
                 torch.addmm(s.bias_heads[j], y, weights[:, :V], out=heads[j])
             if j:
-                prev = race_winner(heads[j], out=ids_at[j - 1])
+                prev = race_winner(heads[j], out=ids_at[j - 1], values=s.maxima)
             if j == count:
                 break
             x = inputs[j].add_(table.index_select(0, prev))
             for w1, b1, w2, b2, block_eps in blocks:
                 if block_eps is None:           # no norm: the output bias is in x already
                     h = torch.ops.aten.gelu_(torch.addmm(b1, x, w1), approximate="tanh")
-                    x = torch.addmm(x, h, w2)
+                    x = x.addmm_(h, w2)         # in the scratch row: no allocation per position
                     continue
                 h = torch.ops.aten.gelu_(torch.addmm(b1, F.layer_norm(x, (W,), None, None, block_eps), w1),
                                          approximate="tanh")

@@ -83,7 +83,8 @@ def test_a_wrong_rule_fails_the_same_test(mutation, monkeypatch):
         monkeypatch.setattr(draft, "categorical_draw", lambda probs, generator=None, noise=None: real(probs ** 3, generator, noise))
         # ``chain``'s race is ``logits - log E``: a tilt towards higher codes draws from another distribution
         monkeypatch.setattr(drafter_module, "race_winner",
-                            lambda race, out=None: real_winner(race + torch.arange(race.shape[-1]), out))
+                            lambda race, out=None, values=None:
+                            real_winner(race + torch.arange(race.shape[-1]), out, values))
     case = CASES[1]
     teacher, _, upper = _random_pair()
     known = torch.randint(0, 4, (1, case["known"]), generator=torch.Generator().manual_seed(3))

@@ -72,17 +72,21 @@ def categorical_draw(probs: torch.Tensor, generator: torch.Generator | None = No
     return race_winner(probs.div_(e) if inplace else probs / e)
 
 
-def race_winner(race: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def race_winner(race: torch.Tensor, out: torch.Tensor | None = None,
+                values: torch.Tensor | None = None) -> torch.Tensor:
     """The winner of an exponential race: the index of each row's largest entry (the first of ties),
     written into ``out`` when given (a (...) long view of a token buffer works). With
     ``race = logits - log E`` it is ``categorical_draw(softmax(logits), noise=E)``'s id (``log`` is
     increasing and the softmax's normaliser is shared by the row): for callers that draw from
     unfiltered logits, or have folded ``-log E`` into a bias. ``max``'s indices on the CPU (the
-    faster reduction there), ``argmax`` elsewhere."""
+    faster reduction there; ``values``, a buffer like ``out`` in ``race``'s dtype, takes its maxima
+    for a caller that draws in a loop), ``argmax`` elsewhere."""
     if race.device.type == "cpu":
         if out is None:
             return race.max(dim=-1).indices
-        torch.max(race, -1, out=(torch.empty(out.shape, dtype=race.dtype), out))
+        if values is None:
+            values = torch.empty(out.shape, dtype=race.dtype)
+        torch.max(race, -1, out=(values, out))
         return out
     return race.argmax(dim=-1) if out is None else torch.argmax(race, -1, out=out)
 
